@@ -1,0 +1,35 @@
+"""hf-distill: knowledge distillation for Hugging Face Transformers."""
+
+from .collator import DistillationDataCollator
+from .config import DistillationConfig
+from .losses import (
+    attention_loss,
+    ensemble_logits,
+    hidden_state_loss,
+    jsd_loss,
+    kd_loss,
+    kl_div_loss,
+    mse_logits_loss,
+    reverse_kl_loss,
+    topk_kl_div_loss,
+)
+from .student import build_student, select_teacher_layers
+from .trainer import DistillationTrainer, TeacherOutput
+
+__all__ = [
+    "DistillationConfig",
+    "DistillationDataCollator",
+    "DistillationTrainer",
+    "TeacherOutput",
+    "attention_loss",
+    "build_student",
+    "ensemble_logits",
+    "hidden_state_loss",
+    "jsd_loss",
+    "kd_loss",
+    "kl_div_loss",
+    "mse_logits_loss",
+    "reverse_kl_loss",
+    "select_teacher_layers",
+    "topk_kl_div_loss",
+]

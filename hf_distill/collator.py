@@ -1,0 +1,84 @@
+"""Batching for distillation: the student's inputs as usual, plus the teacher's columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import (
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+    default_data_collator,
+)
+
+# Precomputed teacher outputs (see ``hf_distill.teacher_cache``).
+TEACHER_LOGIT_COLUMNS = ("teacher_logits", "teacher_topk_values", "teacher_topk_indices")
+# The teacher's own tokenization, used when teacher and student tokenizers differ.
+TEACHER_INPUT_PREFIX = "teacher_"
+
+
+@dataclass
+class DistillationDataCollator:
+    """Pads the student's features with ``base_collator`` and the ``teacher_*`` columns alongside.
+
+    - ``teacher_input_ids`` / ``teacher_attention_mask`` / ``teacher_token_type_ids`` (the teacher's
+      own tokenization) are padded to their longest row with ``teacher_pad_token_id`` / 0.
+    - ``teacher_logits`` is stacked: ``(B, C)`` for sequence-level tasks, ``(B, L, C)`` for token-level
+      ones, padded with zeros on the side the tokenizer pads to the student's padded length ``L``
+      (padded positions are masked out of the loss). Likewise ``teacher_topk_values`` /
+      ``teacher_topk_indices`` ``(B, L, k)``.
+
+    Without a ``base_collator``: ``DataCollatorForTokenClassification`` when the labels are lists,
+    ``DataCollatorWithPadding`` for scalar labels, ``default_data_collator`` with no tokenizer.
+    """
+
+    tokenizer: PreTrainedTokenizerBase | None = None
+    base_collator: Any = None
+    teacher_pad_token_id: int = 0
+
+    def _base(self, features: list[dict[str, Any]]):
+        if self.base_collator is not None:
+            return self.base_collator
+        if self.tokenizer is None:
+            return default_data_collator
+        label = features[0].get("labels", features[0].get("label"))
+        if isinstance(label, list | tuple) or (torch.is_tensor(label) and label.dim() > 0):
+            return DataCollatorForTokenClassification(self.tokenizer)
+        return DataCollatorWithPadding(self.tokenizer)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        teacher_features = [
+            {k: f.pop(k) for k in list(f) if k.startswith(TEACHER_INPUT_PREFIX)} for f in features
+        ]
+        batch = dict(self._base(features)(features))
+        if not teacher_features[0]:
+            return batch
+        left = self.tokenizer is not None and self.tokenizer.padding_side == "left"
+        length = batch["input_ids"].shape[1] if "input_ids" in batch else None
+        for key in teacher_features[0]:
+            rows = [torch.as_tensor(f[key]) for f in teacher_features]
+            if key in TEACHER_LOGIT_COLUMNS:
+                if key != "teacher_topk_indices":
+                    rows = [r.float() for r in rows]
+                if rows[0].dim() == 1:  # one vector per example: sequence-level logits
+                    batch[key] = torch.stack(rows)
+                    continue
+                batch[key] = _pad(rows, length or max(len(r) for r in rows), 0, left)
+            else:
+                pad = self.teacher_pad_token_id if key == "teacher_input_ids" else 0
+                batch[key] = _pad(rows, max(len(r) for r in rows), pad, left)
+        return batch
+
+
+def _pad(rows: list[torch.Tensor], length: int, value: float, left: bool) -> torch.Tensor:
+    """Stack ``rows`` (each ``(L_i, ...)``) into ``(B, length, ...)``, padding with ``value``."""
+    out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), value)
+    for i, row in enumerate(rows):
+        row = row[:length]
+        if left:
+            out[i, length - len(row) :] = row
+        else:
+            out[i, : len(row)] = row
+    return out

@@ -1,0 +1,95 @@
+"""The settings of a distillation run: one ``TrainingArguments`` subclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .losses import KD_LOSSES
+
+HIDDEN_LOSSES = ("cosine", "mse")
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    """``TrainingArguments`` plus the distillation settings.
+
+    The loss is ``alpha * KD + beta * CE + hidden_loss_weight * H + attention_loss_weight * A`` where
+    ``KD`` is the soft-label loss at ``temperature`` (scaled by ``T**2``), ``CE`` the student's own
+    hard-label loss at ``T = 1``, ``H`` the hidden-state loss and ``A`` the attention-map loss.
+    """
+
+    temperature: float = field(
+        default=2.0,
+        metadata={"help": "Softmax temperature T > 0 of the soft labels. Evaluation always uses T = 1."},
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the soft-label KD term (teacher). >= 0; alpha=1, beta=0 is pure distillation."},
+    )
+    beta: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the hard-label CE term (true labels). >= 0; needs a 'labels' column if > 0."},
+    )
+    kd_loss: str = field(
+        default="kl",
+        metadata={
+            "help": "Soft-label loss: 'kl' (forward KL, Hinton), 'reverse_kl', 'jsd' or 'mse' (on logits). "
+            "Regression heads (num_labels=1) always use MSE on the teacher's score.",
+            "choices": list(KD_LOSSES),
+        },
+    )
+    hidden_loss: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hidden-state loss: 'cosine' (DistilBERT) or 'mse' (TinyBERT); None for no hidden-state loss.",
+            "choices": [*HIDDEN_LOSSES, None],
+        },
+    )
+    hidden_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the hidden-state loss (>= 0; > 0 needs hidden_loss)."}
+    )
+    attention_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the attention-map MSE (TinyBERT) over mapped layers (>= 0)."},
+    )
+    layer_map: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Teacher layer matched by each student layer, for the hidden-state and attention losses: "
+            "entry i is the teacher layer (1-based; 0 is the embeddings) for student layer i + 1. "
+            "Default: evenly spaced, the last student layer matched to the last teacher layer."
+        },
+    )
+    teacher_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "Weights of an ensemble of teachers (one per teacher, >= 0); default equal weights."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}. Typical values are 1 to 10.")
+        for name in ("alpha", "beta", "hidden_loss_weight", "attention_loss_weight"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}.")
+        if self.alpha == 0 and self.beta == 0 and self.hidden_loss_weight == 0 and self.attention_loss_weight == 0:
+            raise ValueError("alpha, beta, hidden_loss_weight and attention_loss_weight are all 0: nothing to learn.")
+        if self.kd_loss not in KD_LOSSES:
+            raise ValueError(f"kd_loss must be one of {KD_LOSSES}, got {self.kd_loss!r}.")
+        if self.hidden_loss is not None and self.hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"hidden_loss must be one of {HIDDEN_LOSSES} or None, got {self.hidden_loss!r}.")
+        if self.hidden_loss_weight > 0 and self.hidden_loss is None:
+            raise ValueError(
+                f"hidden_loss_weight={self.hidden_loss_weight} but hidden_loss is None: set hidden_loss to "
+                f"one of {HIDDEN_LOSSES} or hidden_loss_weight to 0."
+            )
+        if self.layer_map is not None and any(i < 0 for i in self.layer_map):
+            raise ValueError(f"layer_map entries are teacher layer numbers >= 0, got {self.layer_map}.")
+        if self.teacher_weights is not None:
+            if any(w < 0 for w in self.teacher_weights) or sum(self.teacher_weights) <= 0:
+                raise ValueError(
+                    f"teacher_weights must be >= 0 with a positive sum, got {self.teacher_weights}."
+                )

@@ -1,0 +1,54 @@
+"""Which kind of head a model has, read off its class (no probing of attributes)."""
+
+from __future__ import annotations
+
+from peft import PeftModel
+from torch import nn
+from transformers.models.auto import modeling_auto
+
+SEQUENCE_CLASSIFICATION = "sequence_classification"
+TOKEN_CLASSIFICATION = "token_classification"
+QUESTION_ANSWERING = "question_answering"
+MASKED_LM = "masked_lm"
+CAUSAL_LM = "causal_lm"
+
+_MAPPINGS = {
+    SEQUENCE_CLASSIFICATION: modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    TOKEN_CLASSIFICATION: modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+    QUESTION_ANSWERING: modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
+    MASKED_LM: modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    CAUSAL_LM: modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+}
+# Tasks whose logits have one row per token, compared over the vocabulary or the tag set.
+TOKEN_LEVEL = (TOKEN_CLASSIFICATION, MASKED_LM, CAUSAL_LM)
+# Tasks whose classes are a vocabulary (teacher and student must share it).
+VOCABULARY_TASKS = (MASKED_LM, CAUSAL_LM)
+
+
+def _class_names(mapping) -> set[str]:
+    names = set()
+    for value in mapping.values():
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
+_CLASS_TO_TASK = {name: task for task, mapping in _MAPPINGS.items() for name in _class_names(mapping)}
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def task_of(model: nn.Module) -> str:
+    """The task of ``model``'s head: one of the five constants of this module.
+
+    Raises ``ValueError`` for a head hf-distill does not distil (e.g. a bare ``BertModel``).
+    """
+    name = type(base_model(model)).__name__
+    if name not in _CLASS_TO_TASK:
+        raise ValueError(
+            f"{name} has no head hf-distill can distil. Use a ...ForSequenceClassification, "
+            "...ForTokenClassification, ...ForQuestionAnswering, ...ForMaskedLM or ...ForCausalLM model."
+        )
+    return _CLASS_TO_TASK[name]

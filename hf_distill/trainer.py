@@ -1,0 +1,405 @@
+"""``DistillationTrainer``: a ``transformers.Trainer`` whose loss is ``alpha * KD + beta * CE``."""
+
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+from . import losses, tasks
+from .collator import TEACHER_INPUT_PREFIX, TEACHER_LOGIT_COLUMNS, DistillationDataCollator
+from .config import DistillationConfig
+from .tasks import base_model, task_of
+from .teachers import check_compatible, load_teacher, prepare_teacher
+
+# Arguments never passed to the teacher: its loss and output switches are ours to set.
+_NOT_FOR_TEACHER = {"labels", "start_positions", "end_positions", "return_dict", "use_cache"}
+
+
+@dataclass
+class TeacherOutput:
+    """What the loss needs from the teacher(s), live or precomputed.
+
+    ``logits``: ``(B, C)``, ``(B, L, C)``, or ``(B, L, 2)`` for question answering (start, end);
+    ``topk_values`` / ``topk_indices``: ``(B, L, k)`` sparse teacher logits; ``hidden_states`` /
+    ``attentions``: the teacher model's, when a hidden-state or attention loss asks for them.
+    """
+
+    logits: torch.Tensor | None = None
+    topk_values: torch.Tensor | None = None
+    topk_indices: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    params = inspect.signature(base_model(model).forward).parameters.values()
+    return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def default_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
+    """Evenly spaced teacher layers (1-based) for student layers ``1..M``; the last maps to the last."""
+    return [round((i + 1) * num_teacher_layers / num_student_layers) for i in range(num_student_layers)]
+
+
+class DistillationTrainer(Trainer):
+    """Distils one teacher, or a weighted ensemble, into ``model`` (the student).
+
+    The loss (see :mod:`hf_distill.losses` for the formulas)::
+
+        alpha * KD(student, teacher, T) + beta * CE(student, labels)
+            + hidden_loss_weight * H + attention_loss_weight * A
+
+    Teachers are frozen, in eval mode, outside the optimizer, and run under ``torch.no_grad()``.
+    When a batch carries precomputed ``teacher_logits`` (or ``teacher_topk_values`` and
+    ``teacher_topk_indices``), no teacher runs. Evaluation reports the student's own loss and
+    metrics at ``T = 1``.
+
+    To change the loss, override :meth:`compute_teacher_outputs`, :meth:`compute_kd_loss` or
+    :meth:`combine_losses`.
+    """
+
+    # compute_loss returns the mean over its micro-batch; the Trainer divides it by the number of
+    # accumulation steps (transformers 5.x skips that division for models whose forward takes
+    # **kwargs, expecting a loss normalised by num_items_in_batch, which ours is not).
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        teacher_model: PreTrainedModel | str | list[PreTrainedModel | str] | None = None,
+        args: DistillationConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        teacher_processing_class: PreTrainedTokenizerBase | None = None,
+        teacher_init_kwargs: dict[str, Any] | None = None,
+        **kwargs,
+    ):
+        if not isinstance(args, DistillationConfig):
+            raise TypeError(
+                f"args must be a DistillationConfig, got {type(args).__name__}: "
+                "use hf_distill.DistillationConfig(output_dir=..., temperature=..., alpha=..., beta=...)."
+            )
+        if model is None:
+            raise ValueError("DistillationTrainer needs the student as `model`.")
+        self.task = task_of(model)
+        listed = teacher_model if isinstance(teacher_model, list | tuple) else [teacher_model]
+        teachers = [load_teacher(t, self.task, **(teacher_init_kwargs or {})) for t in listed if t is not None]
+        for teacher in teachers:
+            check_compatible(
+                model, teacher, student_tokenizer=processing_class, teacher_tokenizer=teacher_processing_class
+            )
+        weights = args.teacher_weights or [1.0] * len(teachers)
+        if teachers and len(weights) != len(teachers):
+            raise ValueError(f"teacher_weights has {len(weights)} entries for {len(teachers)} teachers.")
+        if len(teachers) > 1 and (args.hidden_loss_weight > 0 or args.attention_loss_weight > 0):
+            raise ValueError("Hidden-state and attention losses take one teacher; an ensemble gives logits only.")
+        if data_collator is None:
+            data_collator = DistillationDataCollator(processing_class)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        # For transformers versions without `loss_is_scaled_for_ga`.
+        self.model_accepts_loss_kwargs = False
+        self.teacher_weights = [w / sum(weights) for w in weights]
+        self._student_params = _forward_params(self.model)
+        self._teacher_params = set().union(*(_forward_params(t) for t in teachers)) if teachers else set()
+        self.teachers = [prepare_teacher(t, self.accelerator) for t in teachers]
+        self._check_train_dataset(train_dataset)
+        self.hidden_projection = self._make_hidden_projection()
+        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The (first) teacher, placed for inference."""
+        return self.teachers[0] if self.teachers else None
+
+    # ---- setup checks -----------------------------------------------------------------------
+
+    def _check_train_dataset(self, dataset) -> None:
+        columns = getattr(dataset, "column_names", None)
+        if columns is None:
+            return
+        label_columns = set(self.label_names) | {"label", "label_ids"}
+        if self.args.beta > 0 and not label_columns & set(columns):
+            raise ValueError(
+                f"beta={self.args.beta} weights the hard-label loss but the training dataset has no label column "
+                f"(columns: {columns}). Add labels, or set beta=0 to learn from the teacher's soft labels alone."
+            )
+        cached = "teacher_logits" in columns or "teacher_topk_values" in columns
+        if not self.teachers and not cached:
+            raise ValueError(
+                "No teacher: pass teacher_model, or a training dataset with precomputed teacher logits "
+                "(hf_distill.precompute_teacher_logits)."
+            )
+        if not self.teachers and (self.args.hidden_loss_weight > 0 or self.args.attention_loss_weight > 0):
+            raise ValueError("Hidden-state and attention losses need a live teacher_model, not cached logits.")
+
+    def _make_hidden_projection(self) -> nn.Module | None:
+        """A learned linear map from the student's width to the teacher's, when they differ (TinyBERT)."""
+        if self.args.hidden_loss_weight == 0 or self.teacher is None:
+            return None
+        d_s = base_model(self.model).config.hidden_size
+        d_t = base_model(self.teacher).config.hidden_size
+        if d_s == d_t:
+            return None
+        return nn.Linear(d_s, d_t).to(self.args.device)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.hidden_projection is not None:
+            optimizer.add_param_group({"params": list(self.hidden_projection.parameters()), "weight_decay": 0.0})
+        return optimizer
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # Keep what the teacher needs (e.g. token_type_ids for a BERT teacher of a DistilBERT
+        # student) and the precomputed teacher columns: `remove_unused_columns` must not drop them.
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            extra = [*self._teacher_params, *TEACHER_LOGIT_COLUMNS]
+            extra += [TEACHER_INPUT_PREFIX + p for p in self._teacher_params]
+            self._signature_columns += [c for c in extra if c not in self._signature_columns]
+
+    # ---- inputs -----------------------------------------------------------------------------
+
+    def _student_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in inputs.items() if k in self._student_params}
+
+    def _teacher_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for name in self._teacher_params - _NOT_FOR_TEACHER:
+            value = inputs.get(TEACHER_INPUT_PREFIX + name, inputs.get(name))
+            if value is not None:
+                out[name] = value
+        return out
+
+    def _has_labels(self, inputs: dict[str, Any]) -> bool:
+        return all(inputs.get(name) is not None for name in self.label_names)
+
+    # ---- the loss ---------------------------------------------------------------------------
+
+    def compute_teacher_outputs(
+        self, inputs: dict[str, Any], *, hidden_states: bool = False, attentions: bool = False
+    ) -> TeacherOutput:
+        """The teacher's logits for this batch: precomputed if the batch has them, else live.
+
+        An ensemble gives the logits of the weighted mixture of its teachers' soft labels
+        (:func:`hf_distill.losses.ensemble_logits`).
+        """
+        if "teacher_logits" in inputs and not (hidden_states or attentions):
+            return TeacherOutput(logits=inputs["teacher_logits"])
+        if "teacher_topk_values" in inputs and not (hidden_states or attentions):
+            return TeacherOutput(topk_values=inputs["teacher_topk_values"], topk_indices=inputs["teacher_topk_indices"])
+        if not self.teachers:
+            raise ValueError(
+                "This batch has no precomputed teacher logits and no teacher_model was given: pass teacher_model, "
+                "or precompute teacher_logits for every example."
+            )
+        teacher_inputs = self._teacher_inputs(inputs)
+        extra = {}
+        if hidden_states:
+            extra["output_hidden_states"] = True
+        if attentions:
+            extra["output_attentions"] = True
+        all_logits, outputs = [], None
+        with torch.no_grad():
+            for teacher in self.teachers:
+                outputs = teacher(**teacher_inputs, **extra)
+                all_logits.append(self._logits(outputs))
+        if len(all_logits) == 1:
+            logits = all_logits[0]
+        else:
+            logits = losses.ensemble_logits(all_logits, self.teacher_weights, self.args.temperature, self.args.kd_loss)
+        return TeacherOutput(
+            logits=logits,
+            hidden_states=outputs.hidden_states if hidden_states else None,
+            attentions=outputs.attentions if attentions else None,
+        )
+
+    def _logits(self, outputs) -> torch.Tensor:
+        if self.task == tasks.QUESTION_ANSWERING:
+            return torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)
+        return outputs.logits
+
+    def _kd_mask(self, inputs: dict[str, Any], length: int) -> torch.Tensor | None:
+        """Which positions the KD term counts, ``(B, L)``; None for sequence-level tasks.
+
+        Token-level rows with labels count the labelled positions (for masked LM: the masked
+        tokens, as in DistilBERT); rows without any label count every real token.
+        """
+        if self.task not in tasks.TOKEN_LEVEL:
+            return None
+        attention = inputs.get("attention_mask")
+        real = attention.bool() if attention is not None else None
+        labels = inputs.get("labels")
+        if labels is None:
+            return real
+        labelled = labels != -100
+        if real is None:
+            return labelled
+        row_has_labels = labelled.any(dim=-1, keepdim=True)
+        return torch.where(row_has_labels, labelled, real)[:, :length]
+
+    def compute_kd_loss(self, student_logits: torch.Tensor, teacher: TeacherOutput, inputs: dict[str, Any]):
+        """The soft-label term at temperature ``T`` (``losses.kd_loss``), masked for the task.
+
+        Regression heads (one output) use MSE on the teacher's score; causal LMs compare the
+        positions that predict a next token; question answering averages the start and end terms.
+        """
+        T, name = self.args.temperature, self.args.kd_loss
+        if self.task == tasks.SEQUENCE_CLASSIFICATION and student_logits.shape[-1] == 1:
+            name = "mse"
+        mask = self._kd_mask(inputs, student_logits.shape[1]) if student_logits.dim() > 2 else None
+        t_logits = teacher.logits
+        if self.task == tasks.CAUSAL_LM:
+            student_logits = student_logits[:, :-1]
+            mask = mask[:, 1:] if mask is not None else None
+            t_logits = t_logits[:, :-1] if t_logits is not None else None
+            if teacher.topk_values is not None:
+                teacher = TeacherOutput(topk_values=teacher.topk_values[:, :-1], topk_indices=teacher.topk_indices[:, :-1])
+        if teacher.topk_values is not None:
+            return losses.topk_kl_div_loss(student_logits, teacher.topk_values, teacher.topk_indices, T, mask=mask)
+        if t_logits.shape[-1] != student_logits.shape[-1] and self.task != tasks.QUESTION_ANSWERING:
+            raise ValueError(
+                f"Teacher logits have {t_logits.shape[-1]} classes but the student has {student_logits.shape[-1]}: "
+                "were the cached teacher_logits computed for another task or label set?"
+            )
+        if self.task == tasks.QUESTION_ANSWERING:
+            # Distributions over positions; padding positions are excluded from both softmaxes.
+            real = inputs.get("attention_mask")
+            terms = []
+            for i in range(2):
+                s, t = student_logits[..., i].float(), t_logits[..., i].float()
+                if real is not None:
+                    s = s.masked_fill(~real.bool(), -1e4)
+                    t = t.masked_fill(~real.bool(), -1e4)
+                terms.append(losses.kd_loss(name, s, t, T))
+            return (terms[0] + terms[1]) / 2
+        return losses.kd_loss(name, student_logits, t_logits.to(student_logits.device), T, mask=mask)
+
+    def compute_hidden_loss(self, student_outputs, teacher: TeacherOutput, inputs: dict[str, Any]) -> torch.Tensor:
+        """Mean over mapped layers of ``losses.hidden_state_loss`` (student projected to the teacher's width)."""
+        s_hidden, t_hidden = student_outputs.hidden_states, teacher.hidden_states
+        layer_map = self.args.layer_map or default_layer_map(len(s_hidden) - 1, len(t_hidden) - 1)
+        if len(layer_map) != len(s_hidden) - 1 or max(layer_map) > len(t_hidden) - 1:
+            raise ValueError(
+                f"layer_map={layer_map} must have one entry per student layer ({len(s_hidden) - 1}) with teacher "
+                f"layers between 0 and {len(t_hidden) - 1}."
+            )
+        mask = inputs.get("attention_mask")
+        terms = []
+        for s_layer, t_layer in enumerate(layer_map, start=1):
+            h = s_hidden[s_layer]
+            if self.hidden_projection is not None:
+                h = self.hidden_projection(h)
+            terms.append(losses.hidden_state_loss(self.args.hidden_loss, h, t_hidden[t_layer], mask=mask))
+        return torch.stack(terms).mean()
+
+    def compute_attention_loss(self, student_outputs, teacher: TeacherOutput, inputs: dict[str, Any]):
+        """Mean over mapped layers of ``losses.attention_loss`` (needs eager attention, same head count)."""
+        s_att, t_att = student_outputs.attentions, teacher.attentions
+        if s_att is None or t_att is None or any(a is None for a in (*s_att, *t_att)):
+            raise ValueError(
+                "attention_loss_weight > 0 needs attention maps: load student and teacher with "
+                "attn_implementation='eager'."
+            )
+        layer_map = self.args.layer_map or default_layer_map(len(s_att), len(t_att))
+        if s_att[0].shape[1] != t_att[0].shape[1]:
+            raise ValueError(
+                f"The attention loss needs as many heads in the student ({s_att[0].shape[1]}) as in the teacher "
+                f"({t_att[0].shape[1]})."
+            )
+        mask = inputs.get("attention_mask")
+        terms = [
+            losses.attention_loss(s_att[i], t_att[max(t - 1, 0)], mask=mask) for i, t in enumerate(layer_map)
+        ]
+        return torch.stack(terms).mean()
+
+    def combine_losses(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``alpha * kd + beta * ce + hidden_loss_weight * hidden + attention_loss_weight * attention``."""
+        weights = {
+            "kd": self.args.alpha,
+            "ce": self.args.beta,
+            "hidden": self.args.hidden_loss_weight,
+            "attention": self.args.attention_loss_weight,
+        }
+        return sum(weights[name] * value for name, value in components.items())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:  # evaluation: the student's own loss at T = 1
+            outputs = model(**self._student_inputs(inputs))
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+        args = self.args
+        has_labels = self._has_labels(inputs)
+        if args.beta > 0 and not has_labels:
+            raise ValueError(
+                f"beta={args.beta} weights the hard-label loss but the batch has no {self.label_names}. Add labels "
+                "(label -100 marks an unlabelled example), or set beta=0 to learn from the teacher alone."
+            )
+        student_inputs = self._student_inputs(inputs)
+        labelled = has_labels and args.beta > 0 and any((inputs[n] != -100).any() for n in self.label_names)
+        if not labelled:
+            for name in self.label_names:
+                student_inputs.pop(name, None)
+        want_hidden, want_attention = args.hidden_loss_weight > 0, args.attention_loss_weight > 0
+        if want_hidden:
+            student_inputs["output_hidden_states"] = True
+        if want_attention:
+            student_inputs["output_attentions"] = True
+        outputs = model(**student_inputs)
+
+        components: dict[str, torch.Tensor] = {}
+        if args.alpha > 0 or want_hidden or want_attention:
+            teacher = self.compute_teacher_outputs(inputs, hidden_states=want_hidden, attentions=want_attention)
+            if args.alpha > 0:
+                components["kd"] = self.compute_kd_loss(self._logits(outputs), teacher, inputs)
+            if want_hidden:
+                components["hidden"] = self.compute_hidden_loss(outputs, teacher, inputs)
+            if want_attention:
+                components["attention"] = self.compute_attention_loss(outputs, teacher, inputs)
+        if args.beta > 0:
+            # A batch of unlabelled examples only (label -100) has no hard-label term.
+            components["ce"] = outputs.loss if labelled else self._logits(outputs).sum() * 0.0
+        loss = self.combine_losses(components)
+        for name, value in components.items():
+            self._metrics[f"{name}_loss"].append(value.detach())
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.hidden_projection is not None and self.accelerator.num_processes > 1:
+            # The projection lives outside the DDP-wrapped student: average its gradients by hand.
+            for param in self.hidden_projection.parameters():
+                if param.grad is not None:
+                    param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Evaluation sees the student's inputs only: its own metrics at T = 1.
+        keep = self._student_params | set(self.label_names)
+        inputs = {k: v for k, v in inputs.items() if k in keep}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs carry the mean of each loss component since the last log, over all processes.
+        if "loss" in logs and self._metrics:
+            for name, values in self._metrics.items():
+                mean = torch.stack(values).mean()
+                logs[name] = self.accelerator.reduce(mean.to(self.args.device), reduction="mean").item()
+            self._metrics.clear()
+        super().log(logs, start_time)

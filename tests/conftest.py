@@ -1,0 +1,52 @@
+"""Tiny models and datasets built in-process: no downloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]
+
+
+def tiny_bert_config(num_layers: int = 2, hidden: int = 32, num_labels: int = 3, **kwargs) -> BertConfig:
+    defaults = dict(
+        vocab_size=len(VOCAB),
+        hidden_size=hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+    )
+    defaults.update(kwargs)
+    return BertConfig(**defaults)
+
+
+def tiny_bert(seed: int = 0, **kwargs) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config(**kwargs))
+
+
+@pytest.fixture
+def tokenizer(tmp_path) -> BertTokenizerFast:
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    return BertTokenizerFast(vocab_file=str(vocab))
+
+
+def random_classification_dataset(n: int = 16, num_labels: int = 3, seed: int = 0, max_len: int = 12) -> Dataset:
+    """Rows of random word ids of varying length with a [CLS] ... [SEP] frame and a random label."""
+    g = torch.Generator().manual_seed(seed)
+    rows = {"input_ids": [], "attention_mask": [], "token_type_ids": [], "labels": []}
+    for _ in range(n):
+        length = int(torch.randint(3, max_len - 2, (1,), generator=g))
+        ids = [2] + torch.randint(5, len(VOCAB), (length,), generator=g).tolist() + [3]
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append([1] * len(ids))
+        rows["token_type_ids"].append([0] * len(ids))
+        rows["labels"].append(int(torch.randint(0, num_labels, (1,), generator=g)))
+    return Dataset.from_dict(rows)
