@@ -1,0 +1,619 @@
+"""Precomputed teacher logits: computed once into a ``datasets`` cache file, reused only when they match.
+
+:func:`precompute_teacher_logits` runs the teacher once over a tokenized dataset and returns it with
+the teacher's outputs as columns (the contract of :class:`hf_distill.DistillationTrainer`):
+
+- ``teacher_logits``: sequence classification ``[C]``; token classification ``[L, C]``; question
+  answering ``[L, 2]`` (start, end stacked on the last dim); masked/causal LM with ``top_k=None``
+  (dense) ``[L, V]``.
+- ``teacher_topk_values`` + ``teacher_topk_indices`` ``[L, k]``: masked and causal LM (the default,
+  ``k = DEFAULT_TOP_K``): the ``k`` largest raw logits (``T = 1``) and their vocabulary ids.
+  **Mass outside the top k**: :func:`hf_distill.losses.topk_kl_div_loss` renormalises the teacher
+  over its top ``k`` (the mass outside is set to zero), while the student keeps its full softmax,
+  so the KD term pulls the student's mass onto the teacher's top ``k`` tokens. With ``k`` at 20 to
+  100 the dropped mass of a trained LM is small at ``T = 1``; higher temperatures flatten the
+  teacher and make it larger, so raise ``k`` with ``T``.
+
+``L`` is each example's own length (``len(input_ids)``): nothing is stored for padding.
+
+The cache is a ``datasets`` cache file written by ``Dataset.map(new_fingerprint=key,
+cache_file_name=...)``, which writes to a temporary file and renames it when complete, so an
+interrupted run leaves no file under the cache name. Beside it a JSON provenance file
+(:func:`read_provenance`) records the teacher, its weights hash, the dtype, ``top_k``, every key
+component and the storage size; it is written after the arrow file, and a cache is used only when
+both exist and agree. The key (:func:`teacher_cache_key`) hashes everything that changes the
+stored values: the dataset's fingerprint, the teacher's weights (:func:`weights_hash`, not its
+name), class and config, the tokenizer (:func:`tokenizer_hash`), the preprocessing settings, the
+stored dtype, ``top_k`` and the autocast dtype. A different request has a different key, hence a
+different file: it is recomputed, never answered from a stale cache. :func:`load_teacher_cache`
+opens a cache made elsewhere and refuses it when its provenance differs from what is expected.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import inspect
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import find_executable_batch_size
+from datasets import Dataset, List, Value
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from . import tasks
+from .tasks import base_model, task_of
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+# Stored k for masked and causal LMs when ``top_k`` is not given.
+DEFAULT_TOP_K = 64
+STORAGE_DTYPES = ("float16", "float32")
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# Inputs the teacher may read, in the order they are looked up; ``teacher_`` columns (the teacher's
+# own tokenization, sequence classification only) take precedence over the student's.
+_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+# Config entries that name or place a model without changing what it computes.
+_CONFIG_NOT_HASHED = {
+    "_name_or_path",
+    "transformers_version",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "_commit_hash",
+}
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+_PROVENANCE_SUFFIX = ".json"
+_CACHE_PREFIX = "teacher-logits-"
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 over the model's state dict: for each entry in sorted key order, its name, dtype, shape and bytes.
+
+    The same weights give the same hash whatever the model is called or where it was loaded from;
+    any changed value, dtype or shape changes it. Raises ``ValueError`` for weights that are not
+    materialised (meta tensors, e.g. a DeepSpeed ZeRO-3 shard): hash the full model instead.
+    """
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name]
+        if tensor.is_meta:
+            raise ValueError(
+                f"Cannot hash the teacher's weights: {name!r} is on the meta device. Load the full teacher "
+                "(not a sharded or offloaded copy) to precompute its logits."
+            )
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        flat = tensor.detach().reshape(-1).contiguous().cpu()
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_hash(tokenizer: PreTrainedTokenizerBase | None) -> str | None:
+    """sha256 of what in a tokenizer changes the ids the teacher sees, or None without a tokenizer.
+
+    Covers its class, vocabulary (token -> id, added tokens included), special tokens,
+    ``model_max_length``, ``padding_side`` and ``truncation_side``; not its name or path.
+    """
+    if tokenizer is None:
+        return None
+    return _sha256_json(
+        {
+            "class": type(tokenizer).__name__,
+            "vocab": sorted(tokenizer.get_vocab().items()),
+            "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+            "model_max_length": tokenizer.model_max_length,
+            "padding_side": tokenizer.padding_side,
+            "truncation_side": tokenizer.truncation_side,
+        }
+    )
+
+
+def _config_hash(model: nn.Module) -> str:
+    config = base_model(model).config.to_dict()
+    return _sha256_json({k: v for k, v in config.items() if k not in _CONFIG_NOT_HASHED})
+
+
+def _teacher_columns(dataset: Dataset, teacher: nn.Module, task: str) -> dict[str, str]:
+    """Teacher argument name -> dataset column it is read from."""
+    columns = set(dataset.column_names)
+    accepted = set(inspect.signature(base_model(teacher).forward).parameters)
+    own = "teacher_input_ids" in columns
+    if own and task != tasks.SEQUENCE_CLASSIFICATION:
+        raise ValueError(
+            f"The dataset has teacher_input_ids (a separate teacher tokenization) but the task is {task}: per-token "
+            "teacher logits must line up with the student's tokens, so token-level tasks need one shared tokenizer. "
+            "Drop the teacher_* columns and tokenize once with the teacher's tokenizer."
+        )
+    prefix = "teacher_" if own else ""
+    mapping = {name: prefix + name for name in _INPUT_NAMES if prefix + name in columns and name in accepted}
+    if "input_ids" not in mapping:
+        raise ValueError(
+            f"precompute_teacher_logits needs a tokenized dataset with an input_ids column, got columns "
+            f"{dataset.column_names}. Tokenize it first (dataset.map(tokenize, batched=True))."
+        )
+    return mapping
+
+
+def _resolve_top_k(task: str, top_k: int | None) -> int | None:
+    if task not in tasks.VOCABULARY_TASKS:
+        if top_k is not None:
+            raise ValueError(
+                f"top_k={top_k} applies to masked and causal LMs (large vocabularies); a {task} teacher stores "
+                "dense teacher_logits. Pass top_k=None."
+            )
+        return None
+    if top_k is None:
+        return DEFAULT_TOP_K
+    if top_k < 0:  # -1: dense [L, V]
+        return None
+    if top_k == 0:
+        raise ValueError("top_k must be >= 1 (or -1 for dense [L, V] logits), got 0.")
+    return top_k
+
+
+def teacher_cache_key(
+    teacher: nn.Module,
+    dataset: Dataset,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    dtype: str = "float16",
+    top_k: int | None = None,
+    autocast_dtype: str | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The cache key (32 hex digits) and the components it hashes (stored in the provenance).
+
+    Arguments as in :func:`precompute_teacher_logits`.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {STORAGE_DTYPES} (the stored precision), got {dtype!r}.")
+    if autocast_dtype is not None and autocast_dtype not in AUTOCAST_DTYPES:
+        raise ValueError(
+            f"autocast_dtype must be None or one of {list(AUTOCAST_DTYPES)}, got {autocast_dtype!r}."
+        )
+    try:
+        preprocessing = json.loads(json.dumps(dict(preprocessing or {}), sort_keys=True))
+    except TypeError as err:
+        raise TypeError(
+            f"preprocessing must be JSON-serialisable settings (numbers, strings, lists): {err}"
+        ) from None
+    task = task_of(teacher)
+    components = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "dataset_fingerprint": dataset._fingerprint,
+        "num_rows": len(dataset),
+        "teacher_class": type(base_model(teacher)).__name__,
+        "task": task,
+        "weights_hash": weights_hash(teacher),
+        "config_hash": _config_hash(teacher),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "preprocessing": preprocessing,
+        "input_columns": _teacher_columns(dataset, teacher, task),
+        "dtype": dtype,
+        "top_k": _resolve_top_k(task, top_k),
+        "autocast_dtype": autocast_dtype,
+    }
+    return _sha256_json(components)[:32], components
+
+
+# ---- inference ------------------------------------------------------------------------------------
+
+
+def length_sorted_batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
+    """Positions grouped into batches by length, longest first, so each batch pads little.
+
+    A batch holds at most ``max_batch_size`` rows and at most ``max_batch_tokens`` padded tokens
+    (rows times its longest row); a row longer than the budget forms a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            current = batches[-1]
+            longest = lengths[current[0]]
+            if len(current) < max_batch_size and (len(current) + 1) * longest <= max_batch_tokens:
+                current.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+class _TeacherLogits:
+    """The ``Dataset.map`` function: teacher outputs for a window of examples, in their original order."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        task: str,
+        argument_names: list[str],
+        *,
+        pad_token_id: int,
+        dtype: str,
+        top_k: int | None,
+        autocast_dtype: str | None,
+        max_batch_tokens: int,
+        max_batch_size: int,
+    ):
+        self.teacher, self.task, self.argument_names = teacher, task, argument_names
+        self.pad_token_id, self.dtype, self.top_k = pad_token_id, np.dtype(dtype), top_k
+        self.autocast_dtype = AUTOCAST_DTYPES.get(autocast_dtype) if autocast_dtype else None
+        self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
+        self.device = next(teacher.parameters()).device
+
+    def __call__(self, *columns: list[list[int]]) -> dict[str, list[np.ndarray]]:
+        # Start each window from the budget that last fitted; halve it on out-of-memory.
+        @find_executable_batch_size(
+            starting_batch_size=self.max_batch_tokens, reduce_batch_size_fn=self._halve_budget
+        )
+        def run(max_batch_tokens: int):
+            self.max_batch_tokens = max_batch_tokens
+            return self._window(columns, max_batch_tokens)
+
+        return run()
+
+    def _halve_budget(self) -> int:
+        self.max_batch_tokens //= 2
+        if self.max_batch_tokens < 1:
+            raise RuntimeError(
+                "The teacher runs out of memory on a single example: it needs a bigger device."
+            )
+        logger.warning("Teacher ran out of memory; max_batch_tokens reduced to %d.", self.max_batch_tokens)
+        return self.max_batch_tokens
+
+    @torch.inference_mode()
+    def _window(
+        self, columns: tuple[list[list[int]], ...], max_batch_tokens: int
+    ) -> dict[str, list[np.ndarray]]:
+        lengths = [len(ids) for ids in columns[0]]
+        rows: list[dict[str, np.ndarray] | None] = [None] * len(lengths)
+        for batch in length_sorted_batches(lengths, max_batch_tokens, self.max_batch_size):
+            for i, row in zip(batch, self._forward([[c[i] for i in batch] for c in columns]), strict=True):
+                rows[i] = row
+        return {key: [row[key] for row in rows] for key in rows[0]}
+
+    def _forward(self, columns: list[list[list[int]]]) -> list[dict[str, np.ndarray]]:
+        lengths = [len(ids) for ids in columns[0]]
+        width = max(lengths)
+        inputs = {}
+        for name, values in zip(self.argument_names, columns, strict=True):
+            pad = self.pad_token_id if name == "input_ids" else 0
+            padded = torch.full((len(values), width), pad, dtype=torch.long)
+            for j, row in enumerate(values):
+                padded[j, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+            inputs[name] = padded.to(self.device)
+        if "attention_mask" not in inputs:  # right padding: real tokens first
+            inputs["attention_mask"] = (
+                (torch.arange(width) < torch.tensor(lengths)[:, None]).long().to(self.device)
+            )
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
+            outputs = self.teacher(**inputs)
+        if self.task == tasks.QUESTION_ANSWERING:
+            logits = torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)
+        else:
+            logits = outputs.logits
+        logits = logits.float()
+        if self.task in tasks.VOCABULARY_TASKS and self.top_k is not None:
+            values, indices = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1)
+            return [
+                {
+                    "teacher_topk_values": self._store(values[j, :n]),
+                    "teacher_topk_indices": indices[j, :n].to(torch.int32).cpu().numpy(),
+                }
+                for j, n in enumerate(lengths)
+            ]
+        if self.task == tasks.SEQUENCE_CLASSIFICATION:
+            return [{"teacher_logits": self._store(logits[j])} for j in range(len(lengths))]
+        return [{"teacher_logits": self._store(logits[j, :n])} for j, n in enumerate(lengths)]
+
+    def _store(self, logits: torch.Tensor) -> np.ndarray:
+        if self.dtype == np.float16 and logits.abs().max().item() > _FLOAT16_MAX:
+            raise ValueError(
+                f"Teacher logits reach {logits.abs().max().item():.3g}, beyond float16's range ({_FLOAT16_MAX:g}): "
+                "pass dtype='float32'."
+            )
+        return logits.cpu().numpy().astype(self.dtype)
+
+
+def _features(dataset: Dataset, teacher: nn.Module, task: str, dtype: str, top_k: int | None):
+    config = base_model(teacher).config
+    features = dataset.features.copy()
+    value = Value(dtype)
+    if task in tasks.VOCABULARY_TASKS and top_k is not None:
+        k = min(top_k, config.vocab_size)
+        features["teacher_topk_values"] = List(List(value, length=k))
+        features["teacher_topk_indices"] = List(List(Value("int32"), length=k))
+    elif task == tasks.SEQUENCE_CLASSIFICATION:
+        features["teacher_logits"] = List(value, length=config.num_labels)
+    elif task == tasks.QUESTION_ANSWERING:
+        features["teacher_logits"] = List(List(value, length=2))
+    else:
+        width = config.num_labels if task == tasks.TOKEN_CLASSIFICATION else config.vocab_size
+        features["teacher_logits"] = List(List(value, length=width))
+    return features
+
+
+# ---- provenance -----------------------------------------------------------------------------------
+
+
+def cache_paths(cache_dir: str | os.PathLike, key: str) -> tuple[Path, Path]:
+    """The arrow file and the provenance JSON of the cache with ``key`` in ``cache_dir``."""
+    stem = Path(cache_dir) / f"{_CACHE_PREFIX}{key}"
+    return stem.with_suffix(".arrow"), stem.with_suffix(_PROVENANCE_SUFFIX)
+
+
+def _storage_size(dataset: Dataset, task: str) -> dict[str, float]:
+    columns = [c for c in dataset.column_names if c.startswith("teacher_") and ("logits" in c or "topk" in c)]
+    total = sum(dataset.data.column(c).nbytes for c in columns)
+    size = {"teacher_bytes": total, "bytes_per_example": total / max(len(dataset), 1)}
+    if task != tasks.SEQUENCE_CLASSIFICATION:
+        tokens = sum(len(row) for row in dataset.data.column(columns[0]).to_pylist())
+        size["bytes_per_token"] = total / max(tokens, 1)
+    return size
+
+
+def _provenance_path(path: str | os.PathLike) -> Path:
+    """The provenance JSON of a cache directory (holding exactly one cache) or of its .arrow/.json file."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob(f"{_CACHE_PREFIX}*{_PROVENANCE_SUFFIX}"))
+        if len(found) != 1:
+            raise ValueError(
+                f"Expected exactly one teacher cache in {path}, found {len(found)} "
+                f"({[p.name for p in found]}): pass the .json or .arrow file of the one you want."
+            )
+        return found[0]
+    return path.with_suffix(_PROVENANCE_SUFFIX)
+
+
+def read_provenance(cache: str | os.PathLike | Dataset) -> dict[str, Any]:
+    """The provenance of a teacher cache: a directory holding one cache, its ``.arrow`` or ``.json`` file,
+    or a dataset returned by :func:`precompute_teacher_logits` / :func:`load_teacher_cache`."""
+    if isinstance(cache, Dataset):
+        files = [
+            f["filename"] for f in cache.cache_files if Path(f["filename"]).name.startswith(_CACHE_PREFIX)
+        ]
+        if not files:
+            raise ValueError(
+                "This dataset is not backed by a teacher cache file (it was computed in memory or transformed "
+                "since): read the provenance from the cache directory instead."
+            )
+        cache = files[0]
+    path = _provenance_path(cache)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No teacher-cache provenance at {path}: the cache was never completed (or was made by something "
+            "else). Run precompute_teacher_logits (or scripts/precompute_teacher_logits.py) to build it."
+        )
+    return json.loads(path.read_text())
+
+
+def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _complete(arrow: Path, meta: Path, key: str) -> bool:
+    """Whether a finished cache with ``key`` is there: both files, the provenance naming the key."""
+    if not (arrow.exists() and meta.exists()):
+        return False
+    try:
+        return json.loads(meta.read_text()).get("key") == key
+    except json.JSONDecodeError:
+        return False
+
+
+def _mismatch(found: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    return [
+        f"{k}: cache has {found.get(k)!r}, expected {v!r}" for k, v in expected.items() if found.get(k) != v
+    ]
+
+
+# ---- the two entry points -------------------------------------------------------------------------
+
+
+def precompute_teacher_logits(
+    teacher: nn.Module,
+    dataset: Dataset,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    dtype: str = "float16",
+    top_k: int | None = None,
+    autocast_dtype: str | None = None,
+    max_batch_tokens: int = 16384,
+    max_batch_size: int = 512,
+    sort_window: int = 4096,
+    teacher_name: str | None = None,
+    expected_key: str | None = None,
+) -> Dataset:
+    """``dataset`` with the teacher's outputs added as columns, computed once and cached.
+
+    Args:
+        teacher: the teacher model, already on the device it should run on (``teacher.to("cuda")``).
+        dataset: a tokenized dataset (``input_ids``, optionally ``attention_mask``/``token_type_ids``,
+            or ``teacher_input_ids``... for a sequence classifier with its own tokenizer).
+        tokenizer: the tokenizer that made ``input_ids``: its pad id is used and its hash is in the key.
+        preprocessing: the settings used to tokenize ``dataset`` (e.g. ``{"max_length": 128,
+            "truncation": True}``); JSON-serialisable, part of the key and of the provenance.
+        cache_dir: where the cache lives. Default: beside ``dataset``'s own cache files; a dataset
+            held only in memory without ``cache_dir`` is computed in memory, uncached.
+        dtype: stored precision, ``"float16"`` (default; values beyond its range raise) or ``"float32"``.
+        top_k: masked/causal LM only: store the ``k`` largest logits per token (default
+            ``DEFAULT_TOP_K``; ``-1`` for dense ``[L, V]``). Must be None for other tasks.
+        autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run the teacher under ``torch.autocast``.
+        max_batch_tokens: padded tokens per forward pass (rows times longest row); halved on
+            out-of-memory until a batch fits (``accelerate.utils.find_executable_batch_size``).
+        max_batch_size: rows per forward pass at most.
+        sort_window: examples sorted by length together (one ``Dataset.map`` batch); results are
+            returned in the dataset's order.
+        teacher_name: the teacher's id or path for the provenance (default: its config's ``_name_or_path``).
+        expected_key: refuse (``ValueError``) unless the computed key equals this one.
+
+    On several processes the main process computes and writes the cache first; the others then
+    read it (``PartialState().main_process_first()``, so ``cache_dir`` must be visible to all).
+    The returned dataset's provenance: :func:`read_provenance`.
+    """
+    task = task_of(teacher)
+    key, components = teacher_cache_key(
+        teacher,
+        dataset,
+        tokenizer=tokenizer,
+        preprocessing=preprocessing,
+        dtype=dtype,
+        top_k=top_k,
+        autocast_dtype=autocast_dtype,
+    )
+    if cache_dir is None and dataset.cache_files:
+        cache_dir = Path(dataset.cache_files[0]["filename"]).parent
+    if expected_key is not None and expected_key != key:
+        detail = ""
+        if cache_dir is not None and cache_paths(cache_dir, expected_key)[1].exists():
+            old = read_provenance(cache_paths(cache_dir, expected_key)[1])
+            detail = " Differences: " + "; ".join(_mismatch(old, components)) + "."
+        raise ValueError(
+            f"The teacher cache requested has key {key} but expected_key={expected_key}: the teacher, dataset, "
+            f"tokenizer or storage settings differ from those the expected cache was built with.{detail} "
+            "Drop expected_key to compute a new cache."
+        )
+    if max_batch_tokens < 1 or max_batch_size < 1 or sort_window < 1:
+        raise ValueError(
+            f"max_batch_tokens, max_batch_size and sort_window must be >= 1, got {max_batch_tokens}, "
+            f"{max_batch_size}, {sort_window}."
+        )
+    columns = components["input_columns"]
+    compute = _TeacherLogits(
+        teacher,
+        task,
+        list(columns),
+        pad_token_id=(tokenizer.pad_token_id if tokenizer is not None else None) or 0,
+        dtype=dtype,
+        top_k=components["top_k"],
+        autocast_dtype=autocast_dtype,
+        max_batch_tokens=max_batch_tokens,
+        max_batch_size=max_batch_size,
+    )
+    map_kwargs = dict(
+        input_columns=list(columns.values()),
+        batched=True,
+        batch_size=sort_window,
+        features=_features(dataset, teacher, task, dtype, components["top_k"]),
+        new_fingerprint=key,
+        desc="Teacher logits",
+    )
+    teacher_was_training = teacher.training
+    teacher.eval()
+    try:
+        if cache_dir is None:
+            logger.warning(
+                "The dataset is held in memory and no cache_dir was given: teacher logits are computed in memory "
+                "and not cached. Pass cache_dir to compute them once and reuse them."
+            )
+            return dataset.map(compute, keep_in_memory=True, **map_kwargs)
+        arrow, meta = cache_paths(cache_dir, key)
+        with PartialState().main_process_first():
+            hit = _complete(arrow, meta, key)
+            if not hit:
+                arrow.parent.mkdir(parents=True, exist_ok=True)
+                meta.unlink(missing_ok=True)
+            out = dataset.map(compute, cache_file_name=str(arrow), load_from_cache_file=hit, **map_kwargs)
+            if not hit:
+                provenance = {
+                    **components,
+                    "key": key,
+                    "teacher": teacher_name or base_model(teacher).config._name_or_path or None,
+                    "columns": [c for c in out.column_names if c not in dataset.column_names],
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "versions": {"torch": torch.__version__, "datasets": _version("datasets")},
+                    **_storage_size(out, task),
+                }
+                _write_json_atomic(meta, provenance)
+                logger.info("Teacher cache written to %s (%s).", arrow, _describe_size(provenance))
+            elif len(out) != components["num_rows"]:
+                raise ValueError(
+                    f"Teacher cache {arrow} has {len(out)} rows, expected {components['num_rows']}."
+                )
+        return out
+    finally:
+        teacher.train(teacher_was_training)
+
+
+def load_teacher_cache(
+    path: str | os.PathLike,
+    *,
+    teacher: nn.Module | None = None,
+    expected: Mapping[str, Any] | None = None,
+) -> Dataset:
+    """A cache built by :func:`precompute_teacher_logits` (e.g. on another machine), checked before use.
+
+    ``path``: the cache directory (holding one cache), or its ``.arrow`` / ``.json`` file.
+    ``teacher``: when given, its weights hash, class and config must match the cache's.
+    ``expected``: provenance entries that must match exactly (e.g. ``{"dtype": "float16",
+    "preprocessing": {"max_length": 128}}``); see :func:`read_provenance` for the keys.
+
+    Raises ``ValueError`` naming each mismatch, ``FileNotFoundError`` for an incomplete cache.
+    """
+    provenance = read_provenance(path)
+    if provenance.get("format_version") != CACHE_FORMAT_VERSION:
+        raise ValueError(
+            f"Teacher cache format {provenance.get('format_version')} but this hf-distill reads format "
+            f"{CACHE_FORMAT_VERSION}: rebuild the cache with scripts/precompute_teacher_logits.py."
+        )
+    want = dict(expected or {})
+    if teacher is not None:
+        want.update(
+            weights_hash=weights_hash(teacher),
+            teacher_class=type(base_model(teacher)).__name__,
+            config_hash=_config_hash(teacher),
+        )
+    problems = _mismatch(provenance, want)
+    if problems:
+        raise ValueError(
+            f"The teacher cache at {path} does not match what was asked for: {'; '.join(problems)}. "
+            "Rebuild it with the intended teacher and settings (scripts/precompute_teacher_logits.py)."
+        )
+    arrow, _ = cache_paths(_provenance_path(path).parent, provenance["key"])
+    if not arrow.exists():
+        raise FileNotFoundError(
+            f"The teacher cache's provenance is there but its data file {arrow} is missing."
+        )
+    dataset = Dataset.from_file(str(arrow))
+    if len(dataset) != provenance["num_rows"]:
+        raise ValueError(
+            f"Teacher cache {arrow} has {len(dataset)} rows, its provenance says {provenance['num_rows']}."
+        )
+    return dataset
+
+
+def _describe_size(provenance: Mapping[str, Any]) -> str:
+    text = (
+        f"{provenance['teacher_bytes'] / 2**20:.2f} MiB, {provenance['bytes_per_example']:.0f} bytes/example"
+    )
+    if "bytes_per_token" in provenance:
+        text += f", {provenance['bytes_per_token']:.0f} bytes/token"
+    return text
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
