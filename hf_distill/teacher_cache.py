@@ -374,7 +374,12 @@ def _provenance_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         found = sorted(path.glob(f"{_CACHE_PREFIX}*{_PROVENANCE_SUFFIX}"))
-        if len(found) != 1:
+        if not found:
+            raise FileNotFoundError(
+                f"No complete teacher cache in {path} (no provenance file): it was never completed or is "
+                "elsewhere. Run precompute_teacher_logits (or scripts/precompute_teacher_logits.py) to build it."
+            )
+        if len(found) > 1:
             raise ValueError(
                 f"Expected exactly one teacher cache in {path}, found {len(found)} "
                 f"({[p.name for p in found]}): pass the .json or .arrow file of the one you want."

@@ -1,0 +1,409 @@
+"""Teacher-logit cache: stored values, cache hits and misses, interrupted runs, and training equivalence."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import VOCAB, random_classification_dataset, tiny_bert, tiny_bert_config
+from transformers import (
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForTokenClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+
+from hf_distill import DistillationConfig, DistillationTrainer
+from hf_distill.teacher_cache import (
+    DEFAULT_TOP_K,
+    cache_paths,
+    length_sorted_batches,
+    load_teacher_cache,
+    precompute_teacher_logits,
+    read_provenance,
+    teacher_cache_key,
+    weights_hash,
+)
+
+TESTS = Path(__file__).parent
+
+
+def _bert(cls, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return cls(tiny_bert_config(**kwargs)).eval()
+
+
+def _gpt2(seed=0):
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=len(VOCAB), resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+TEACHERS = {
+    "sequence_classification": lambda: tiny_bert(seed=1),
+    "token_classification": lambda: _bert(BertForTokenClassification, 1, num_labels=4),
+    "question_answering": lambda: _bert(BertForQuestionAnswering, 1, num_labels=2),
+    "masked_lm": lambda: _bert(BertForMaskedLM, 1),
+    "causal_lm": lambda: _gpt2(1),
+}
+
+
+class ForwardCounter:
+    """Counts the teacher's forward passes (a forward hook)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.calls += 1
+
+
+def _one_by_one(teacher, dataset, task):
+    """The teacher's outputs computed example by example, unpadded: the reference."""
+    rows = []
+    with torch.no_grad():
+        for example in dataset:
+            inputs = {
+                k: torch.tensor([example[k]]) for k in ("input_ids", "attention_mask", "token_type_ids")
+            }
+            out = teacher(**inputs)
+            if task == "question_answering":
+                rows.append(torch.stack([out.start_logits, out.end_logits], -1)[0])
+            else:
+                rows.append(out.logits[0])
+    return rows
+
+
+# ---- stored values ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", list(TEACHERS))
+def test_stored_logits_are_the_teachers_in_dataset_order(tmp_path, task):
+    teacher, dataset = TEACHERS[task](), random_classification_dataset(20, seed=3)
+    # A small budget makes several length-sorted batches per window and several windows.
+    out = precompute_teacher_logits(
+        teacher, dataset, cache_dir=tmp_path, dtype="float32", max_batch_tokens=40, sort_window=7
+    )
+    reference = _one_by_one(teacher, dataset, task)
+    assert out["input_ids"] == dataset["input_ids"]
+    if task in ("masked_lm", "causal_lm"):
+        assert set(out.column_names) - set(dataset.column_names) == {
+            "teacher_topk_values",
+            "teacher_topk_indices",
+        }
+        for row, ref in zip(out.with_format("torch"), reference, strict=True):
+            values, indices = row["teacher_topk_values"], row["teacher_topk_indices"]
+            assert values.shape == indices.shape == (len(row["input_ids"]), DEFAULT_TOP_K)
+            top = ref.topk(DEFAULT_TOP_K, dim=-1)
+            torch.testing.assert_close(values, top.values, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ref.gather(-1, indices.long()), values, rtol=1e-4, atol=1e-4)
+    else:
+        for row, ref in zip(out.with_format("torch"), reference, strict=True):
+            torch.testing.assert_close(row["teacher_logits"], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_float16_storage_rounds_within_float16_precision(tmp_path):
+    teacher, dataset = TEACHERS["token_classification"](), random_classification_dataset(10)
+    out = precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path)
+    assert out.features["teacher_logits"].feature.feature.dtype == "float16"
+    for row, ref in zip(
+        out.with_format("numpy"), _one_by_one(teacher, dataset, "token_classification"), strict=True
+    ):
+        np.testing.assert_allclose(
+            row["teacher_logits"].astype(np.float32), ref.numpy(), rtol=1e-3, atol=1e-4
+        )
+
+
+def test_storage_size_is_reported(tmp_path):
+    dataset = random_classification_dataset(10)
+    seq = read_provenance(precompute_teacher_logits(tiny_bert(seed=1), dataset, cache_dir=tmp_path / "a"))
+    assert seq["bytes_per_example"] >= 3 * 2  # three float16 logits (+ arrow offsets)
+    mlm = read_provenance(
+        precompute_teacher_logits(TEACHERS["masked_lm"](), dataset, cache_dir=tmp_path / "b", top_k=8)
+    )
+    tokens = sum(len(ids) for ids in dataset["input_ids"])
+    assert mlm["top_k"] == 8 and mlm["bytes_per_token"] >= 8 * (2 + 4)
+    assert mlm["teacher_bytes"] >= tokens * 8 * 6
+
+
+def test_length_sorted_batches_cover_each_row_once_within_budget():
+    lengths = [5, 17, 3, 9, 9, 30, 2, 11, 40, 6]
+    batches = length_sorted_batches(lengths, max_batch_tokens=36, max_batch_size=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 3
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 36
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded < len(lengths) * max(lengths)  # less padding than padding everything to the longest
+
+
+# ---- cache hits and misses --------------------------------------------------------------------------
+
+
+def test_same_inputs_hit_the_cache_without_running_the_teacher(tmp_path, tokenizer):
+    first_teacher = tiny_bert(seed=1)
+    first = precompute_teacher_logits(
+        first_teacher, random_classification_dataset(12), cache_dir=tmp_path, tokenizer=tokenizer
+    )
+    # Fresh objects with equal contents: same weights, same rows, same tokenizer settings.
+    teacher = tiny_bert(seed=1)
+    counter = ForwardCounter(teacher)
+    second = precompute_teacher_logits(
+        teacher, random_classification_dataset(12), cache_dir=tmp_path, tokenizer=tokenizer
+    )
+    assert counter.calls == 0
+    assert second["teacher_logits"] == first["teacher_logits"]
+    assert len(list(tmp_path.glob("*.arrow"))) == 1
+
+
+def _change_weights(teacher):
+    with torch.no_grad():
+        teacher.classifier.bias[0] += 1e-3
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["teacher_weights", "tokenizer_max_length", "preprocessing_max_length", "dataset", "dtype", "autocast"],
+)
+def test_changed_inputs_miss_the_cache(tmp_path, tokenizer, change):
+    dataset, teacher = random_classification_dataset(12), tiny_bert(seed=1)
+    kwargs = dict(
+        cache_dir=tmp_path, tokenizer=tokenizer, preprocessing={"max_length": 12, "truncation": True}
+    )
+    precompute_teacher_logits(teacher, dataset, **kwargs)
+    if change == "teacher_weights":
+        _change_weights(teacher)
+    elif change == "tokenizer_max_length":
+        tokenizer.model_max_length = 7
+    elif change == "preprocessing_max_length":
+        kwargs["preprocessing"] = {"max_length": 7, "truncation": True}
+    elif change == "dataset":
+        dataset = dataset.map(
+            lambda row, i: {"input_ids": row["input_ids"][:-2] + [3]} if i == 0 else {}, with_indices=True
+        )
+    elif change == "dtype":
+        kwargs["dtype"] = "float32"
+    elif change == "autocast":
+        kwargs["autocast_dtype"] = "bfloat16"
+    counter = ForwardCounter(teacher)
+    out = precompute_teacher_logits(teacher, dataset, **kwargs)
+    assert counter.calls > 0
+    assert len(list(tmp_path.glob("teacher-logits-*.arrow"))) == 2
+    assert read_provenance(out)["weights_hash"] == weights_hash(teacher)
+
+
+def test_key_ignores_the_teachers_name(tmp_path):
+    dataset = random_classification_dataset(4)
+    a, b = tiny_bert(seed=1), tiny_bert(seed=1)
+    b.config._name_or_path = "somewhere/else"
+    assert teacher_cache_key(a, dataset)[0] == teacher_cache_key(b, dataset)[0]
+    assert teacher_cache_key(tiny_bert(seed=2), dataset)[0] != teacher_cache_key(a, dataset)[0]
+
+
+def test_expected_key_mismatch_is_refused_with_the_differences(tmp_path):
+    dataset, teacher = random_classification_dataset(8), tiny_bert(seed=1)
+    old = precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path)
+    key = read_provenance(old)["key"]
+    assert len(precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, expected_key=key)) == 8
+    _change_weights(teacher)
+    with pytest.raises(ValueError, match="weights_hash"):
+        precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, expected_key=key)
+
+
+# ---- interrupted runs -------------------------------------------------------------------------------
+
+
+def test_failure_midway_leaves_no_cache_and_the_next_call_recomputes(tmp_path):
+    dataset, teacher = random_classification_dataset(30), tiny_bert(seed=1)
+    calls = []
+
+    def fail_on_third_batch(module, args, output):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("interrupted")
+
+    hook = teacher.register_forward_hook(fail_on_third_batch)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, max_batch_tokens=24, sort_window=8)
+    hook.remove()
+    assert not list(tmp_path.glob("teacher-logits-*"))
+    counter = ForwardCounter(teacher)
+    out = precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, max_batch_tokens=24, sort_window=8)
+    assert counter.calls > 0 and len(out) == 30 and None not in out["teacher_logits"]
+
+
+_CHILD = """
+import os, signal, sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import random_classification_dataset, tiny_bert
+from hf_distill.teacher_cache import precompute_teacher_logits
+
+teacher, calls = tiny_bert(seed=1), []
+def hook(module, args, output):
+    calls.append(1)
+    if {kill_after} and len(calls) == {kill_after}:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handler runs
+teacher.register_forward_hook(hook)
+precompute_teacher_logits(teacher, random_classification_dataset(30), cache_dir={cache!r},
+                          max_batch_tokens=24, sort_window=8)
+print("calls", len(calls))
+"""
+
+
+def _child(cache_dir, kill_after):
+    code = textwrap.dedent(_CHILD).format(tests=str(TESTS), cache=str(cache_dir), kill_after=kill_after)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_killed_precompute_is_not_taken_as_complete_and_a_finished_one_survives_the_process(tmp_path):
+    killed = _child(tmp_path, kill_after=3)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    key = teacher_cache_key(tiny_bert(seed=1), random_classification_dataset(30))[0]
+    arrow, meta = cache_paths(tmp_path, key)
+    assert not arrow.exists() and not meta.exists()
+
+    done = _child(tmp_path, kill_after=0)  # a new process completes the cache
+    assert done.returncode == 0 and "calls 0" not in done.stdout, done.stderr
+    assert arrow.exists() and meta.exists()
+
+    teacher = tiny_bert(seed=1)  # this process reuses it without running the teacher
+    counter = ForwardCounter(teacher)
+    out = precompute_teacher_logits(teacher, random_classification_dataset(30), cache_dir=tmp_path)
+    assert counter.calls == 0 and len(out) == 30
+
+
+# ---- loading a cache made elsewhere -----------------------------------------------------------------
+
+
+def test_load_teacher_cache_checks_provenance(tmp_path):
+    dataset, teacher = random_classification_dataset(8), tiny_bert(seed=1)
+    made = precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, preprocessing={"max_length": 12})
+    loaded = load_teacher_cache(tmp_path, teacher=teacher, expected={"dtype": "float16"})
+    assert loaded["teacher_logits"] == made["teacher_logits"]
+    assert read_provenance(tmp_path)["teacher_class"] == "BertForSequenceClassification"
+    with pytest.raises(ValueError, match="weights_hash"):
+        load_teacher_cache(tmp_path, teacher=tiny_bert(seed=2))
+    with pytest.raises(ValueError, match="preprocessing"):
+        load_teacher_cache(tmp_path, expected={"preprocessing": {"max_length": 64}})
+    next(tmp_path.glob("*.json")).unlink()  # provenance gone: not a complete cache
+    with pytest.raises(FileNotFoundError, match="never completed"):
+        load_teacher_cache(tmp_path)
+
+
+def test_arrow_file_without_provenance_is_recomputed(tmp_path):
+    dataset, teacher = random_classification_dataset(8), tiny_bert(seed=1)
+    precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path)
+    next(tmp_path.glob("*.json")).unlink()
+    counter = ForwardCounter(teacher)
+    precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path)
+    assert counter.calls > 0 and len(list(tmp_path.glob("*.json"))) == 1
+
+
+# ---- bad requests -----------------------------------------------------------------------------------
+
+
+def test_bad_requests_raise(tmp_path):
+    dataset = random_classification_dataset(4)
+    with pytest.raises(ValueError, match="top_k"):
+        precompute_teacher_logits(tiny_bert(), dataset, cache_dir=tmp_path, top_k=5)
+    with pytest.raises(ValueError, match="dtype"):
+        precompute_teacher_logits(tiny_bert(), dataset, cache_dir=tmp_path, dtype="int8")
+    with pytest.raises(ValueError, match="input_ids"):
+        precompute_teacher_logits(tiny_bert(), dataset.remove_columns("input_ids"), cache_dir=tmp_path)
+    own = dataset.add_column("teacher_input_ids", dataset["input_ids"])
+    with pytest.raises(ValueError, match="token-level"):
+        precompute_teacher_logits(TEACHERS["token_classification"](), own, cache_dir=tmp_path)
+
+
+def test_logits_beyond_float16_range_raise(tmp_path):
+    teacher = tiny_bert(seed=1)
+    with torch.no_grad():
+        teacher.classifier.bias.fill_(1e6)
+    with pytest.raises(ValueError, match="float32"):
+        precompute_teacher_logits(teacher, random_classification_dataset(4), cache_dir=tmp_path)
+
+
+def test_in_memory_dataset_without_cache_dir_is_computed_uncached(tmp_path):
+    out = precompute_teacher_logits(tiny_bert(seed=1), random_classification_dataset(4))
+    assert len(out["teacher_logits"]) == 4 and not out.cache_files
+
+
+# ---- training with cached logits equals training with the live teacher ------------------------------
+
+
+def _train(tmp_path, task, teacher, dataset, tokenizer):
+    """Train a fresh student (same seed every time) for 2 epochs; its loss curve and final weights."""
+    if task == "sequence_classification":
+        student = tiny_bert(seed=2)
+    else:
+        student = _bert(BertForTokenClassification, 2, num_labels=4).train()
+    args = DistillationConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        learning_rate=5e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        temperature=2.0,
+        alpha=0.8,
+        beta=0.2,
+    )
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return losses, {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+
+def _token_dataset(n=16):
+    base = random_classification_dataset(n, seed=5)
+    g = torch.Generator().manual_seed(5)
+    labels = [torch.randint(0, 4, (len(ids),), generator=g).tolist() for ids in base["input_ids"]]
+    return base.remove_columns("labels").add_column("labels", labels)
+
+
+@pytest.mark.parametrize(
+    ("task", "dtype", "tolerance"),
+    [
+        # float32 storage: the same numbers up to batching noise (measured: bit-identical on CPU).
+        ("sequence_classification", "float32", 1e-6),
+        ("token_classification", "float32", 1e-6),
+        # float16 storage: logits rounded to ~3 significant digits (measured: weights within 5e-4).
+        ("sequence_classification", "float16", 2e-3),
+        ("token_classification", "float16", 2e-3),
+    ],
+)
+def test_cached_teacher_trains_like_the_live_teacher(tmp_path, tokenizer, task, dtype, tolerance):
+    teacher = TEACHERS[task]()
+    dataset = (
+        random_classification_dataset(16, seed=5) if task == "sequence_classification" else _token_dataset()
+    )
+    live_losses, live_weights = _train(tmp_path / "live", task, teacher, dataset, tokenizer)
+    cached = precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path / "cache", dtype=dtype)
+    counter = ForwardCounter(teacher)
+    cached_losses, cached_weights = _train(tmp_path / "cached", task, None, cached, tokenizer)
+    assert counter.calls == 0
+    assert len(cached_losses) == len(live_losses) == 8
+    np.testing.assert_allclose(cached_losses, live_losses, rtol=tolerance, atol=tolerance)
+    for name, value in live_weights.items():
+        torch.testing.assert_close(cached_weights[name], value, rtol=tolerance, atol=tolerance)
+    if dtype == "float16":  # the rounding is visible, so the test would notice a float32 cache
+        assert any(not torch.equal(cached_weights[n], v) for n, v in live_weights.items())
