@@ -26,11 +26,15 @@ class DistillationConfig(TrainingArguments):
     )
     alpha: float = field(
         default=0.5,
-        metadata={"help": "Weight of the soft-label KD term (teacher). >= 0; alpha=1, beta=0 is pure distillation."},
+        metadata={
+            "help": "Weight of the soft-label KD term (teacher). >= 0; alpha=1, beta=0 is pure distillation."
+        },
     )
     beta: float = field(
         default=0.5,
-        metadata={"help": "Weight of the hard-label CE term (true labels). >= 0; needs a 'labels' column if > 0."},
+        metadata={
+            "help": "Weight of the hard-label CE term (true labels). >= 0; needs a 'labels' column if > 0."
+        },
     )
     kd_loss: str = field(
         default="kl",
@@ -64,7 +68,9 @@ class DistillationConfig(TrainingArguments):
     )
     teacher_weights: list[float] | None = field(
         default=None,
-        metadata={"help": "Weights of an ensemble of teachers (one per teacher, >= 0); default equal weights."},
+        metadata={
+            "help": "Weights of an ensemble of teachers (one per teacher, >= 0); default equal weights."
+        },
     )
 
     def __post_init__(self):
@@ -75,8 +81,15 @@ class DistillationConfig(TrainingArguments):
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}.")
-        if self.alpha == 0 and self.beta == 0 and self.hidden_loss_weight == 0 and self.attention_loss_weight == 0:
-            raise ValueError("alpha, beta, hidden_loss_weight and attention_loss_weight are all 0: nothing to learn.")
+        if (
+            self.alpha == 0
+            and self.beta == 0
+            and self.hidden_loss_weight == 0
+            and self.attention_loss_weight == 0
+        ):
+            raise ValueError(
+                "alpha, beta, hidden_loss_weight and attention_loss_weight are all 0: nothing to learn."
+            )
         if self.kd_loss not in KD_LOSSES:
             raise ValueError(f"kd_loss must be one of {KD_LOSSES}, got {self.kd_loss!r}.")
         if self.hidden_loss is not None and self.hidden_loss not in HIDDEN_LOSSES:

@@ -33,7 +33,9 @@ def select_teacher_layers(num_teacher_layers: int, num_layers: int | None = None
     if num_layers is None:
         return list(range(0, num_teacher_layers, 2))
     if not 1 <= num_layers <= num_teacher_layers:
-        raise ValueError(f"num_layers must be between 1 and the teacher's {num_teacher_layers} layers, got {num_layers}.")
+        raise ValueError(
+            f"num_layers must be between 1 and the teacher's {num_teacher_layers} layers, got {num_layers}."
+        )
     if num_layers == 1:
         return [0]
     step = (num_teacher_layers - 1) / (num_layers - 1)
@@ -66,7 +68,9 @@ def build_student(
     elif num_layers is not None and num_layers != len(layers):
         raise ValueError(f"num_layers={num_layers} but layers={layers} has {len(layers)} entries.")
     if not layers or any(not 0 <= i < num_teacher_layers for i in layers):
-        raise ValueError(f"layers={layers} must be a non-empty list of teacher layers in [0, {num_teacher_layers}).")
+        raise ValueError(
+            f"layers={layers} must be a non-empty list of teacher layers in [0, {num_teacher_layers})."
+        )
 
     config = copy.deepcopy(teacher.config)
     setattr(config, count_field, len(layers))

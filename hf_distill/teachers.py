@@ -34,7 +34,9 @@ def load_teacher(teacher: PreTrainedModel | str, task: str, **from_pretrained_kw
     if isinstance(teacher, str):
         teacher = _AUTO_CLASSES[task].from_pretrained(teacher, **from_pretrained_kwargs)
     if not isinstance(teacher, nn.Module):
-        raise TypeError(f"teacher_model must be a model, a local path or a Hub id, got {type(teacher).__name__}.")
+        raise TypeError(
+            f"teacher_model must be a model, a local path or a Hub id, got {type(teacher).__name__}."
+        )
     teacher.requires_grad_(False)
     return teacher.eval()
 

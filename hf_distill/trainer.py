@@ -91,7 +91,9 @@ class DistillationTrainer(Trainer):
             raise ValueError("DistillationTrainer needs the student as `model`.")
         self.task = task_of(model)
         listed = teacher_model if isinstance(teacher_model, list | tuple) else [teacher_model]
-        teachers = [load_teacher(t, self.task, **(teacher_init_kwargs or {})) for t in listed if t is not None]
+        teachers = [
+            load_teacher(t, self.task, **(teacher_init_kwargs or {})) for t in listed if t is not None
+        ]
         for teacher in teachers:
             check_compatible(
                 model, teacher, student_tokenizer=processing_class, teacher_tokenizer=teacher_processing_class
@@ -100,7 +102,9 @@ class DistillationTrainer(Trainer):
         if teachers and len(weights) != len(teachers):
             raise ValueError(f"teacher_weights has {len(weights)} entries for {len(teachers)} teachers.")
         if len(teachers) > 1 and (args.hidden_loss_weight > 0 or args.attention_loss_weight > 0):
-            raise ValueError("Hidden-state and attention losses take one teacher; an ensemble gives logits only.")
+            raise ValueError(
+                "Hidden-state and attention losses take one teacher; an ensemble gives logits only."
+            )
         if data_collator is None:
             data_collator = DistillationDataCollator(processing_class)
 
@@ -147,7 +151,9 @@ class DistillationTrainer(Trainer):
                 "(hf_distill.precompute_teacher_logits)."
             )
         if not self.teachers and (self.args.hidden_loss_weight > 0 or self.args.attention_loss_weight > 0):
-            raise ValueError("Hidden-state and attention losses need a live teacher_model, not cached logits.")
+            raise ValueError(
+                "Hidden-state and attention losses need a live teacher_model, not cached logits."
+            )
 
     def _make_hidden_projection(self) -> nn.Module | None:
         """A learned linear map from the student's width to the teacher's, when they differ (TinyBERT)."""
@@ -162,7 +168,9 @@ class DistillationTrainer(Trainer):
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         if self.hidden_projection is not None:
-            optimizer.add_param_group({"params": list(self.hidden_projection.parameters()), "weight_decay": 0.0})
+            optimizer.add_param_group(
+                {"params": list(self.hidden_projection.parameters()), "weight_decay": 0.0}
+            )
         return optimizer
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -180,9 +188,11 @@ class DistillationTrainer(Trainer):
         return {k: v for k, v in inputs.items() if k in self._student_params}
 
     def _teacher_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The teacher's arguments: its own ``teacher_*`` tokenization if the batch has one, else the student's."""
+        own = TEACHER_INPUT_PREFIX + "input_ids" in inputs
         out = {}
         for name in self._teacher_params - _NOT_FOR_TEACHER:
-            value = inputs.get(TEACHER_INPUT_PREFIX + name, inputs.get(name))
+            value = inputs.get(TEACHER_INPUT_PREFIX + name) if own else inputs.get(name)
             if value is not None:
                 out[name] = value
         return out
@@ -203,7 +213,9 @@ class DistillationTrainer(Trainer):
         if "teacher_logits" in inputs and not (hidden_states or attentions):
             return TeacherOutput(logits=inputs["teacher_logits"])
         if "teacher_topk_values" in inputs and not (hidden_states or attentions):
-            return TeacherOutput(topk_values=inputs["teacher_topk_values"], topk_indices=inputs["teacher_topk_indices"])
+            return TeacherOutput(
+                topk_values=inputs["teacher_topk_values"], topk_indices=inputs["teacher_topk_indices"]
+            )
         if not self.teachers:
             raise ValueError(
                 "This batch has no precomputed teacher logits and no teacher_model was given: pass teacher_model, "
@@ -223,7 +235,9 @@ class DistillationTrainer(Trainer):
         if len(all_logits) == 1:
             logits = all_logits[0]
         else:
-            logits = losses.ensemble_logits(all_logits, self.teacher_weights, self.args.temperature, self.args.kd_loss)
+            logits = losses.ensemble_logits(
+                all_logits, self.teacher_weights, self.args.temperature, self.args.kd_loss
+            )
         return TeacherOutput(
             logits=logits,
             hidden_states=outputs.hidden_states if hidden_states else None,
@@ -270,9 +284,13 @@ class DistillationTrainer(Trainer):
             mask = mask[:, 1:] if mask is not None else None
             t_logits = t_logits[:, :-1] if t_logits is not None else None
             if teacher.topk_values is not None:
-                teacher = TeacherOutput(topk_values=teacher.topk_values[:, :-1], topk_indices=teacher.topk_indices[:, :-1])
+                teacher = TeacherOutput(
+                    topk_values=teacher.topk_values[:, :-1], topk_indices=teacher.topk_indices[:, :-1]
+                )
         if teacher.topk_values is not None:
-            return losses.topk_kl_div_loss(student_logits, teacher.topk_values, teacher.topk_indices, T, mask=mask)
+            return losses.topk_kl_div_loss(
+                student_logits, teacher.topk_values, teacher.topk_indices, T, mask=mask
+            )
         if t_logits.shape[-1] != student_logits.shape[-1] and self.task != tasks.QUESTION_ANSWERING:
             raise ValueError(
                 f"Teacher logits have {t_logits.shape[-1]} classes but the student has {student_logits.shape[-1]}: "
@@ -291,7 +309,9 @@ class DistillationTrainer(Trainer):
             return (terms[0] + terms[1]) / 2
         return losses.kd_loss(name, student_logits, t_logits.to(student_logits.device), T, mask=mask)
 
-    def compute_hidden_loss(self, student_outputs, teacher: TeacherOutput, inputs: dict[str, Any]) -> torch.Tensor:
+    def compute_hidden_loss(
+        self, student_outputs, teacher: TeacherOutput, inputs: dict[str, Any]
+    ) -> torch.Tensor:
         """Mean over mapped layers of ``losses.hidden_state_loss`` (student projected to the teacher's width)."""
         s_hidden, t_hidden = student_outputs.hidden_states, teacher.hidden_states
         layer_map = self.args.layer_map or default_layer_map(len(s_hidden) - 1, len(t_hidden) - 1)
@@ -365,7 +385,9 @@ class DistillationTrainer(Trainer):
 
         components: dict[str, torch.Tensor] = {}
         if args.alpha > 0 or want_hidden or want_attention:
-            teacher = self.compute_teacher_outputs(inputs, hidden_states=want_hidden, attentions=want_attention)
+            teacher = self.compute_teacher_outputs(
+                inputs, hidden_states=want_hidden, attentions=want_attention
+            )
             if args.alpha > 0:
                 components["kd"] = self.compute_kd_loss(self._logits(outputs), teacher, inputs)
             if want_hidden:

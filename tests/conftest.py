@@ -38,7 +38,9 @@ def tokenizer(tmp_path) -> BertTokenizerFast:
     return BertTokenizerFast(vocab_file=str(vocab))
 
 
-def random_classification_dataset(n: int = 16, num_labels: int = 3, seed: int = 0, max_len: int = 12) -> Dataset:
+def random_classification_dataset(
+    n: int = 16, num_labels: int = 3, seed: int = 0, max_len: int = 12
+) -> Dataset:
     """Rows of random word ids of varying length with a [CLS] ... [SEP] frame and a random label."""
     g = torch.Generator().manual_seed(seed)
     rows = {"input_ids": [], "attention_mask": [], "token_type_ids": [], "labels": []}
