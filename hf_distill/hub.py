@@ -1,0 +1,176 @@
+"""Publish a distilled student on the Hub: the student alone (PEFT adapters merged), its tokenizer, config and card.
+
+``push_student`` saves what it uploads into a temporary folder with ``save_pretrained`` and uploads that folder in
+one commit (``HfApi.create_repo(exist_ok=True)`` + ``HfApi.upload_folder``). So the teacher, checkpoints,
+optimizer states and ``training_args.bin`` are never uploaded (they are not in that folder, and the upload
+patterns refuse them too), and the training output directory is never read or written: a failed push leaves it
+as it was, and pushing again uploads everything again.
+
+The Hub is the one ``HF_ENDPOINT`` names (``huggingface_hub.constants.ENDPOINT``, read when ``push_student``
+runs). The token is handed to ``huggingface_hub`` only: it is not logged, not written to any file, and it is
+removed from the error messages of a failed push.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import CommitInfo, HfApi, ModelCard
+from huggingface_hub.errors import HfHubHTTPError
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .model_card import StudentCardData, render_card
+
+# What a published student folder holds: weights, config and tokenizer files, and its card.
+ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md"]
+# Never uploaded, even if they were staged: training state, unmerged adapters, pickles, the teacher.
+IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "**/checkpoint-*/**",
+    "training_args.bin",
+    "trainer_state.json",
+    "optimizer.*",
+    "scheduler.*",
+    "rng_state*",
+    "adapter_*",
+    "teacher*",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    ".*",
+]
+
+
+class HubPushError(RuntimeError):
+    """A push to the Hub failed. The message says where, what failed and how to retry; the cause is chained."""
+
+
+def merged_student(model: nn.Module) -> PreTrainedModel:
+    """The model to publish: ``model`` itself, or for a ``PeftModel`` a merged copy.
+
+    A PEFT student is deep-copied and the copy merged with ``merge_and_unload``, so the trained ``model`` keeps
+    its adapters (training can go on; the copy costs one student's memory for the time of the push).
+    """
+    if isinstance(model, PeftModel):
+        return copy.deepcopy(model).merge_and_unload()
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"Can push a transformers PreTrainedModel or a peft PeftModel, got {type(model).__name__}. "
+            "Wrap custom students in a PreTrainedModel so that from_pretrained can load them."
+        )
+    return model
+
+
+def stage_student(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, card: ModelCard, folder: str | Path
+) -> list[str]:
+    """Write what a push uploads into ``folder``: the merged student (config + safetensors), its tokenizer and
+    ``README.md``. Returns the staged file names (relative to ``folder``)."""
+    if tokenizer is None:
+        raise ValueError(
+            "tokenizer is None: a student on the Hub needs its tokenizer for from_pretrained/pipeline to work. "
+            "Pass the tokenizer the student was trained with (the trainer's processing_class)."
+        )
+    folder = Path(folder)
+    merged_student(model).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    card.save(folder / "README.md")
+    staged = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    adapters = [name for name in staged if name.startswith("adapter_")]
+    if adapters:
+        raise ValueError(
+            f"Staged adapter files {adapters} although the student was merged; refusing to push."
+        )
+    return staged
+
+
+def _refuse_token_in_files(folder: Path, staged: list[str], token: str) -> None:
+    for name in staged:
+        if token.encode() in (folder / name).read_bytes():
+            raise ValueError(
+                f"The Hub token appears in {name}, which would be published. Remove it from what produced "
+                "that file (a card's launch line, a config field) and push again."
+            )
+
+
+def _cause(err: Exception, token: str | None) -> Exception | None:
+    """The exception to chain: ``err``, unless its message holds the token (then none, so it is not printed)."""
+    return None if token and token in str(err) else err
+
+
+def _push_error(err: Exception, stage: str, url: str, token: str | None) -> HubPushError:
+    if (
+        isinstance(err, HfHubHTTPError)
+        and err.response is not None
+        and err.response.status_code in (401, 403)
+    ):
+        hint = (
+            "Check that the token has write access to this repo (--hub_token, HF_TOKEN or `hf auth login`)."
+        )
+    elif isinstance(err, HfHubHTTPError):
+        hint = "The Hub refused the request; see its message above."
+    else:
+        hint = "Check that the Hub is reachable (HF_ENDPOINT, network, proxy)."
+    message = (
+        f"Pushing the student to {url} failed while {stage}: {type(err).__name__}: {err}\n{hint}\n"
+        "Nothing local was changed (the upload is staged in a temporary folder), so the training output "
+        "directory is complete. The push is a single commit: the repo got no partial commit. "
+        "Fix the cause and push again (push_student, trainer.push_to_hub or the script's --push_to_hub)."
+    )
+    return HubPushError(message.replace(token, "<HUB_TOKEN>") if token else message)
+
+
+def push_student(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    repo_id: str,
+    *,
+    card: ModelCard | StudentCardData,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload distilled student",
+    revision: str | None = None,
+) -> CommitInfo:
+    """Upload the student ``model`` (PEFT adapters merged), its ``tokenizer``, config and ``card`` to ``repo_id``.
+
+    ``card`` is the README.md: a ``ModelCard`` (e.g. from ``render_card``) or a ``StudentCardData`` rendered
+    here. ``token`` defaults to the saved login / ``HF_TOKEN``; ``private`` applies when the repo is created;
+    ``revision`` is the branch to commit to (default ``main``). Returns the commit's ``CommitInfo``.
+
+    Raises ``HubPushError`` when the Hub cannot be reached or refuses the repo or the commit (nothing local is
+    touched: pushing again is the retry); ``ValueError`` before any upload when the card, tokenizer or token
+    checks fail.
+    """
+    if card is None:
+        raise ValueError(
+            "card is None: a distilled student is published with its card. Pass card=StudentCardData(...) "
+            "or card=hf_distill.model_card.render_card(StudentCardData(...))."
+        )
+    if isinstance(card, StudentCardData):
+        card = render_card(card)
+    api = HfApi(token=token)
+    url = f"{api.endpoint}/{repo_id}"
+    with tempfile.TemporaryDirectory(prefix="hf-distill-push-") as folder:
+        staged = stage_student(model, tokenizer, card, folder)
+        if token:
+            _refuse_token_in_files(Path(folder), staged, token)
+        try:
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        except Exception as err:  # the network boundary: re-raised with context
+            raise _push_error(err, "creating the repository", url, token) from _cause(err, token)
+        try:
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message,
+                revision=revision,
+                allow_patterns=ALLOW_PATTERNS,
+                ignore_patterns=IGNORE_PATTERNS,
+            )
+        except Exception as err:  # the network boundary: re-raised with context
+            stage = f"uploading {len(staged)} files ({', '.join(staged)})"
+            raise _push_error(err, stage, url, token) from _cause(err, token)

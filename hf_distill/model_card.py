@@ -1,0 +1,251 @@
+"""The model card of a distilled student: what a user needs to choose and trust it.
+
+``StudentCardData`` holds the facts of one distillation run (typed in from measured results, never guessed);
+``render_card`` turns them into a ``huggingface_hub.ModelCard`` from the packaged template
+``hf_distill/templates/student_card.md``. The YAML metadata is built by ``huggingface_hub`` itself
+(``ModelCardData`` + ``EvalResult`` -> ``model-index``), so it follows the Hub's conventions.
+
+Derived numbers are computed here, not typed: retention = student / teacher for every metric both report, size
+ratio = student parameters / teacher parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from torch import nn
+
+from .tasks import (
+    CAUSAL_LM,
+    MASKED_LM,
+    QUESTION_ANSWERING,
+    SEQUENCE_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
+)
+
+TEMPLATE_PATH = resources.files("hf_distill") / "templates" / "student_card.md"
+
+# hf-distill task -> (Hub pipeline_tag, pretty task name, transformers Auto class of the usage snippet).
+TASK_INFO: dict[str, tuple[str, str, str]] = {
+    SEQUENCE_CLASSIFICATION: (
+        "text-classification",
+        "Text Classification",
+        "AutoModelForSequenceClassification",
+    ),
+    TOKEN_CLASSIFICATION: ("token-classification", "Token Classification", "AutoModelForTokenClassification"),
+    QUESTION_ANSWERING: ("question-answering", "Question Answering", "AutoModelForQuestionAnswering"),
+    MASKED_LM: ("fill-mask", "Fill-Mask", "AutoModelForMaskedLM"),
+    CAUSAL_LM: ("text-generation", "Text Generation", "AutoModelForCausalLM"),
+}
+TEACHER_MODES = ("live", "cached")
+BASE_TAGS = ["knowledge-distillation", "distillation", "hf-distill"]
+# A Hub token on a recorded launch line: `--hub_token X` / `--hub_token=X`, or any `hf_...` token.
+_TOKEN_PATTERNS = (re.compile(r"(--hub[_-]token[= ])\S+"), re.compile(r"()\bhf_[A-Za-z0-9]{20,}"))
+
+
+def redact_tokens(text: str) -> str:
+    """``text`` with Hub tokens replaced by ``<HUB_TOKEN>`` (as ``TrainingArguments.to_dict`` does)."""
+    for pattern in _TOKEN_PATTERNS:
+        text = pattern.sub(r"\1<HUB_TOKEN>", text)
+    return text
+
+
+@dataclass(kw_only=True)
+class StudentCardData:
+    """Everything a distilled student's card says. Numbers come from the run's own results files.
+
+    Metric dicts map a metric id (``"accuracy"``, ``"f1"``, ``"matthews_correlation"``...) to its value, all
+    measured on ``eval_split`` of the same dataset: the teacher, the distilled student, and the hard-label
+    baseline (the same student architecture and initialisation trained on the labels alone, ``alpha=0``).
+    """
+
+    # ---- what and where
+    repo_id: str
+    task: str
+    dataset_name: str
+    eval_split: str
+    dataset_config: str | None = None
+    # ---- teacher
+    teacher: str
+    teacher_weights_hash: str
+    # ---- student initialisation: the teacher layers build_student copied (0-based, as in
+    # student.config.distillation["teacher_layers"]), or the checkpoint the student started from
+    student_init_layers: list[int] | None = None
+    student_init_checkpoint: str | None = None
+    # ---- distillation settings (DistillationConfig fields)
+    temperature: float = 2.0
+    alpha: float = 0.5
+    beta: float = 0.5
+    kd_loss: str = "kl"
+    hidden_loss: str | None = None
+    hidden_loss_weight: float = 0.0
+    attention_loss_weight: float = 0.0
+    teacher_mode: str = "live"
+    # ---- results on eval_split
+    teacher_metrics: dict[str, float]
+    student_metrics: dict[str, float]
+    baseline_metrics: dict[str, float] | None = None
+    # ---- size and speed
+    teacher_parameters: int
+    student_parameters: int
+    speedup: float | None = None
+    speedup_hardware: str | None = None
+    speedup_setup: str | None = None
+    # ---- reproduction
+    recipe: str | None = None
+    launch_command: str | None = None
+    # ---- Hub metadata
+    license: str = "apache-2.0"
+    language: str | list[str] | None = "en"
+    pipeline_tag: str | None = None
+    base_model: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.task not in TASK_INFO:
+            raise ValueError(f"task must be one of {list(TASK_INFO)}, got {self.task!r}.")
+        validate_repo_id(self.repo_id)
+        if not self.teacher:
+            raise ValueError("teacher is empty: give the teacher's Hub id or local path.")
+        if not self.teacher_weights_hash:
+            raise ValueError(
+                "teacher_weights_hash is empty: compute it with hf_distill.teacher_cache.weights_hash(teacher) so "
+                "users can check which teacher weights were distilled."
+            )
+        if self.teacher_mode not in TEACHER_MODES:
+            raise ValueError(f"teacher_mode must be one of {TEACHER_MODES}, got {self.teacher_mode!r}.")
+        if not self.student_metrics or not self.teacher_metrics:
+            raise ValueError(
+                "student_metrics and teacher_metrics must both be measured on eval_split "
+                f"(got student={self.student_metrics}, teacher={self.teacher_metrics})."
+            )
+        if self.teacher_parameters <= 0 or self.student_parameters <= 0:
+            raise ValueError(
+                f"teacher_parameters and student_parameters must be > 0, got {self.teacher_parameters} and "
+                f"{self.student_parameters}: count them with hf_distill.model_card.count_parameters(model)."
+            )
+        if self.speedup is not None and not self.speedup_hardware:
+            raise ValueError(f"speedup={self.speedup} needs speedup_hardware (where it was measured).")
+        if self.launch_command is not None:
+            self.launch_command = redact_tokens(self.launch_command)
+        if self.pipeline_tag is None:
+            self.pipeline_tag = TASK_INFO[self.task][0]
+        if self.base_model is None and _is_hub_id(self.teacher):
+            self.base_model = self.teacher
+
+    @property
+    def model_name(self) -> str:
+        return self.repo_id.split("/")[-1]
+
+    @property
+    def retention(self) -> dict[str, float]:
+        """student / teacher for every metric both report (teacher value nonzero)."""
+        return {
+            name: self.student_metrics[name] / self.teacher_metrics[name]
+            for name in self.student_metrics
+            if self.teacher_metrics.get(name)
+        }
+
+    @property
+    def size_ratio(self) -> float:
+        """student parameters / teacher parameters."""
+        return self.student_parameters / self.teacher_parameters
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub model id (and is not a folder on this machine)."""
+    if os.path.exists(name) or name.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of ``model`` (shared tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def _result_rows(data: StudentCardData) -> list[dict[str, str]]:
+    retention = data.retention
+    baseline = data.baseline_metrics or {}
+    return [
+        {
+            "metric": name,
+            "teacher": _fmt(data.teacher_metrics.get(name)),
+            "student": _fmt(value),
+            "baseline": _fmt(baseline.get(name)),
+            "retention": "–" if name not in retention else f"{100 * retention[name]:.1f}%",
+        }
+        for name, value in data.student_metrics.items()
+    ]
+
+
+def card_metadata(data: StudentCardData) -> ModelCardData:
+    """The card's YAML metadata: base_model, datasets, tags, pipeline_tag and a model-index of the student's
+    results (one ``EvalResult`` per metric)."""
+    pipeline_tag, task_name, _ = TASK_INFO[data.task]
+    pretty_dataset = data.dataset_name + (f" ({data.dataset_config})" if data.dataset_config else "")
+    eval_results = [
+        EvalResult(
+            task_type=pipeline_tag,
+            task_name=task_name,
+            dataset_type=data.dataset_name,
+            dataset_name=pretty_dataset,
+            dataset_config=data.dataset_config,
+            dataset_split=data.eval_split,
+            metric_type=name,
+            metric_name=name,
+            metric_value=float(value),
+        )
+        for name, value in data.student_metrics.items()
+    ]
+    return ModelCardData(
+        model_name=data.model_name,
+        base_model=data.base_model,
+        datasets=[data.dataset_name],
+        language=data.language,
+        license=data.license,
+        library_name="transformers",
+        pipeline_tag=data.pipeline_tag,
+        tags=BASE_TAGS + [t for t in data.tags if t not in BASE_TAGS],
+        metrics=list(data.student_metrics),
+        eval_results=eval_results,
+    )
+
+
+def render_card(data: StudentCardData) -> ModelCard:
+    """The student's ``ModelCard`` from the packaged template (metadata by ``card_metadata``)."""
+    _, task_name, auto_class = TASK_INFO[data.task]
+    return ModelCard.from_template(
+        card_metadata(data),
+        template_str=TEMPLATE_PATH.read_text(encoding="utf-8"),
+        data=data,
+        task_name=task_name,
+        auto_class=auto_class,
+        rows=_result_rows(data),
+        size_ratio=f"{data.size_ratio:.3f}",
+        compression=f"{1 / data.size_ratio:.2f}",
+        has_baseline=data.baseline_metrics is not None,
+    )
+
+
+def write_card(data: StudentCardData, path: str | os.PathLike) -> ModelCard:
+    """Render the card of ``data`` and save it at ``path`` (a README.md); returns the card."""
+    card = render_card(data)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    card.save(path)
+    return card

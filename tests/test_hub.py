@@ -1,0 +1,363 @@
+"""Publishing a student: the real ``huggingface_hub`` client against the Hub-compatible server of ``hub_server.py``.
+
+The client reads ``HF_ENDPOINT`` into ``huggingface_hub.constants`` at import; the ``hub`` fixture points those
+constants (endpoint, resolve URL template, cache) at a server started on 127.0.0.1 for each test and disables
+Xet uploads (the server speaks LFS). ``transformers`` keeps one ``HfApi`` built on first use: it is reset too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_bert
+from hub_server import HubServer
+from huggingface_hub import ModelCard, constants
+from huggingface_hub.utils import filter_repo_objects, get_session
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
+
+from hf_distill.hub import ALLOW_PATTERNS, IGNORE_PATTERNS, HubPushError, push_student
+from hf_distill.model_card import StudentCardData, count_parameters, render_card, write_card
+from hf_distill.teacher_cache import weights_hash
+
+TOKEN = "hf_TestTokenThatMustNeverBeWritten0123"
+REPO_ID = "test-user/tiny-student"
+PUBLISHED = {
+    ".gitattributes",
+    "README.md",
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    import transformers.utils.hub as transformers_hub
+
+    with HubServer(token=TOKEN) as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        monkeypatch.setattr(
+            constants,
+            "HUGGINGFACE_CO_URL_TEMPLATE",
+            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        )
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setattr(transformers_hub, "_hf_api", None)
+        yield server
+
+
+@pytest.fixture
+def student():
+    return tiny_bert(seed=1).eval()
+
+
+def card_data(student, **overrides) -> StudentCardData:
+    teacher = tiny_bert(seed=0, num_layers=4)
+    fields = dict(
+        repo_id=REPO_ID,
+        task="sequence_classification",
+        dataset_name="nyu-mll/glue",
+        dataset_config="sst2",
+        eval_split="validation",
+        teacher="some-org/tiny-teacher",
+        teacher_weights_hash=weights_hash(teacher),
+        student_init_layers=[0, 2],
+        temperature=4.0,
+        alpha=0.7,
+        beta=0.3,
+        teacher_mode="cached",
+        teacher_metrics={"accuracy": 0.8, "f1": 0.5},
+        student_metrics={"accuracy": 0.6, "f1": 0.45},
+        baseline_metrics={"accuracy": 0.55, "f1": 0.4},
+        teacher_parameters=count_parameters(teacher),
+        student_parameters=count_parameters(student),
+        speedup=1.8,
+        speedup_hardware="1 CPU core",
+        recipe="recipes/tiny.yaml",
+        launch_command=f"accelerate launch scripts/distill_glue.py --config recipes/tiny.yaml --hub_token {TOKEN}",
+    )
+    fields.update(overrides)
+    return StudentCardData(**fields)
+
+
+@pytest.fixture
+def output_dir(tmp_path, student, tokenizer):
+    """A training output directory as the script leaves it: model, tokenizer, card, args, a checkpoint."""
+    out = tmp_path / "output"
+    student.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_card(card_data(student), out / "README.md")
+    args = TrainingArguments(output_dir=str(out), hub_token=TOKEN, report_to=[])
+    (out / "training_args.json").write_text(args.to_json_string())
+    (out / "all_results.json").write_text('{"eval_accuracy": 0.6}')
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"optimizer state")
+    return out
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def logits(model, tokenizer) -> torch.Tensor:
+    batch = tokenizer(["w1 w2 w3", "w7 w8"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def assert_same_model(downloaded, local) -> None:
+    local_state, state = local.state_dict(), downloaded.state_dict()
+    assert state.keys() == local_state.keys()
+    for key in state:
+        assert torch.equal(state[key], local_state[key]), key
+
+
+# ---- the card ------------------------------------------------------------------------------------------------
+
+
+def test_card_metadata_follows_hub_conventions_and_numbers_are_computed(student):
+    data = card_data(student)
+    card = render_card(data)
+    parsed = ModelCard(str(card)).data  # parse back what would be uploaded
+    assert parsed.base_model == "some-org/tiny-teacher"
+    assert parsed.datasets == ["nyu-mll/glue"]
+    assert parsed.pipeline_tag == "text-classification"
+    assert parsed.library_name == "transformers"
+    assert "knowledge-distillation" in parsed.tags
+    assert parsed.model_name == "tiny-student"
+    results = {r.metric_type: r for r in parsed.eval_results}
+    assert {name: r.metric_value for name, r in results.items()} == data.student_metrics
+    assert all(r.dataset_split == "validation" and r.dataset_config == "sst2" for r in results.values())
+    text = card.text
+    assert data.retention == pytest.approx({"accuracy": 0.75, "f1": 0.9})
+    assert "| accuracy | 0.8 | 0.6 | 0.55 | 75.0% |" in text
+    assert f"size ratio {data.size_ratio:.3f}" in text
+    assert data.teacher_weights_hash in text and "1.80×" in text and "1 CPU core" in text
+    assert "layers 0, 2" in text and "cached" in text and "recipes/tiny.yaml" in text
+    assert f'AutoModelForSequenceClassification.from_pretrained("{REPO_ID}")' in text
+    assert TOKEN not in str(card) and "--hub_token <HUB_TOKEN>" in text
+
+
+def test_card_without_optional_measurements_says_so(student, tmp_path):
+    data = card_data(student, baseline_metrics=None, speedup=None, speedup_hardware=None, launch_command=None)
+    text = write_card(data, tmp_path / "cards" / "README.md").text
+    assert "No hard-label baseline was run" in text and "baseline (hard labels only)" not in text
+    assert "Inference speedup: not measured." in text
+    assert "launch line of this run was not recorded" in text
+    assert (tmp_path / "cards" / "README.md").read_text(encoding="utf-8") == str(
+        ModelCard.load(tmp_path / "cards" / "README.md")
+    )
+
+
+def test_local_teacher_path_is_not_a_base_model(student, tmp_path):
+    assert card_data(student, teacher=str(tmp_path)).base_model is None
+    assert "base_model" not in render_card(card_data(student, teacher=str(tmp_path))).data.to_dict()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"task": "image_classification"}, "task must be one of"),
+        ({"teacher_weights_hash": ""}, "weights_hash"),
+        ({"teacher_mode": "offline"}, "teacher_mode"),
+        ({"student_metrics": {}}, "measured on eval_split"),
+        ({"student_parameters": 0}, "count_parameters"),
+        ({"speedup_hardware": None}, "speedup_hardware"),
+    ],
+)
+def test_card_data_refuses_incomplete_facts(student, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        card_data(student, **overrides)
+
+
+# ---- push and download -----------------------------------------------------------------------------------------
+
+
+def test_push_then_from_pretrained_round_trip(hub, student, tokenizer, tmp_path):
+    commit = push_student(student, tokenizer, REPO_ID, card=card_data(student), token=TOKEN)
+
+    assert commit.oid == hub.state.repos[REPO_ID].branches["main"]
+    assert set(hub.files(REPO_ID)) == PUBLISHED
+    assert any(
+        method == "PUT" and path.startswith("/lfs/") for method, path, _ in hub.state.requests
+    )  # LFS used
+
+    downloaded = AutoModelForSequenceClassification.from_pretrained(REPO_ID, cache_dir=tmp_path / "dl").eval()
+    downloaded_tokenizer = AutoTokenizer.from_pretrained(REPO_ID, cache_dir=tmp_path / "dl")
+    assert_same_model(downloaded, student)
+    torch.testing.assert_close(
+        logits(downloaded, downloaded_tokenizer), logits(student, tokenizer), rtol=0, atol=1e-6
+    )
+
+    card = ModelCard.load(REPO_ID)
+    assert card.data.base_model == "some-org/tiny-teacher"
+    assert "knowledge-distillation" in card.data.tags
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {"accuracy": 0.6, "f1": 0.45}
+    card.validate()  # the server's /api/validate-yaml: YAML parses, ModelCardData and model-index accept it
+    bad = "---\nmodel-index:\n- name: x\n  results:\n  - task: {}\n---\n# a card with a broken model-index\n"
+    response = get_session().post(
+        f"{hub.endpoint}/api/validate-yaml", json={"content": bad, "repoType": "model"}
+    )
+    assert response.status_code == 400 and "model_index" in response.json()["errors"][0]["message"]
+
+
+def test_peft_student_is_pushed_merged(hub, student, tokenizer, tmp_path):
+    lora = get_peft_model(
+        student, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"])
+    )
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name or "classifier" in name:
+                param.add_(torch.randn_like(param) * 0.5)  # trained adapters and head: the merge must matter
+    lora.eval()
+    expected = logits(lora, tokenizer)
+
+    push_student(lora, tokenizer, REPO_ID, card=card_data(student), token=TOKEN)
+
+    files = set(hub.files(REPO_ID))
+    assert files == PUBLISHED and not any(name.startswith("adapter_") for name in files)
+    downloaded = AutoModelForSequenceClassification.from_pretrained(REPO_ID, cache_dir=tmp_path / "dl").eval()
+    assert not any("lora" in key for key in downloaded.state_dict())
+    torch.testing.assert_close(logits(downloaded, tokenizer), expected, rtol=0, atol=1e-5)
+    assert isinstance(lora, PeftModel) and any("lora_A" in n for n, _ in lora.named_parameters())  # kept
+
+
+def test_token_never_written(hub, student, tokenizer, output_dir):
+    push_student(student, tokenizer, REPO_ID, card=card_data(student), token=TOKEN)
+
+    for name, content in hub.files(REPO_ID).items():
+        assert TOKEN.encode() not in content, name
+    for path in output_dir.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    args = TrainingArguments(output_dir=str(output_dir), hub_token=TOKEN, report_to=[])
+    assert TOKEN not in repr(args) and TOKEN not in args.to_json_string()
+    # The token went in the Authorization header of writes, and never to the LFS storage host.
+    storage_auth = [auth for path, auth in hub.state.authorization_seen if path.startswith("/lfs/")]
+    assert storage_auth and all(auth is None for auth in storage_auth)
+
+
+def test_push_refuses_a_card_that_holds_the_token(hub, student, tokenizer):
+    card = ModelCard(f"---\nlicense: mit\n---\nrun with HF_TOKEN={TOKEN[:5]} {TOKEN}\n")
+    with pytest.raises(ValueError, match="token appears in README.md"):
+        push_student(student, tokenizer, REPO_ID, card=card, token=TOKEN)
+    assert hub.state.requests == []  # refused before anything was sent
+
+
+def test_only_the_student_files_are_uploaded(hub, student, tokenizer, output_dir):
+    push_student(student, tokenizer, REPO_ID, card=card_data(student), token=TOKEN)
+    assert set(hub.files(REPO_ID)) == PUBLISHED
+
+    # The upload patterns alone refuse training state, adapters, pickles and the teacher.
+    candidates = [str(p.relative_to(output_dir)) for p in output_dir.rglob("*") if p.is_file()] + [
+        "training_args.bin",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        "pytorch_model.bin",
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "teacher/model.safetensors",
+        "checkpoint-2/model.safetensors",
+    ]
+    allowed = set(
+        filter_repo_objects(candidates, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
+    )
+    assert allowed == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "training_args.json",
+        "all_results.json",
+    }
+
+
+# ---- failures ----------------------------------------------------------------------------------------------------
+
+
+def test_server_down_gives_a_clear_error_and_retry_works(hub, student, tokenizer, output_dir, tmp_path):
+    before = snapshot(output_dir)
+    hub.stop()
+    with pytest.raises(HubPushError) as raised:
+        push_student(student, tokenizer, REPO_ID, card=card_data(student), token=TOKEN)
+    message = str(raised.value)
+    assert f"{hub.endpoint}/{REPO_ID}" in message and "creating the repository" in message
+    assert "reachable" in message and "output directory is complete" in message and "push again" in message
+    assert TOKEN not in message
+    assert snapshot(output_dir) == before
+
+    hub.start()
+    push_student(student, tokenizer, REPO_ID, card=card_data(student), token=TOKEN)
+    downloaded = AutoModelForSequenceClassification.from_pretrained(REPO_ID, cache_dir=tmp_path / "dl")
+    assert_same_model(downloaded, student)
+
+
+@pytest.mark.parametrize("status, hint", [(403, "write access"), (500, "refused")])
+def test_refused_commit_gives_a_clear_error_and_retry_works(
+    hub, student, tokenizer, output_dir, status, hint
+):
+    before = snapshot(output_dir)
+    hub.fail("commit", status=status)
+    with pytest.raises(HubPushError, match=f"{status}") as raised:
+        push_student(student, tokenizer, REPO_ID, card=card_data(student), token=TOKEN)
+    assert "uploading 5 files" in str(raised.value) and hint in str(raised.value)
+    assert [c.message for c in hub.commits(REPO_ID)] == ["initial commit"]  # no partial commit
+    assert snapshot(output_dir) == before
+
+    hub.heal()
+    push_student(student, tokenizer, REPO_ID, card=card_data(student), token=TOKEN, commit_message="retry")
+    assert [c.message for c in hub.commits(REPO_ID)] == ["initial commit", "retry"]
+    assert set(hub.files(REPO_ID)) == PUBLISHED
+
+
+def test_interrupted_upload_gives_a_clear_error_and_retry_works(
+    hub, student, tokenizer, output_dir, monkeypatch
+):
+    import huggingface_hub.utils._http as hf_http
+
+    monkeypatch.setattr(
+        hf_http.time, "sleep", lambda seconds: None
+    )  # the client's retry backoff, not our wait
+    before = snapshot(output_dir)
+    hub.fail("lfs_upload", drop=True)  # every attempt of the weights upload is cut off mid-request
+    with pytest.raises(HubPushError) as raised:
+        push_student(student, tokenizer, REPO_ID, card=card_data(student), token=TOKEN)
+    assert "Error while uploading 'model.safetensors'" in str(raised.value)
+    assert "output directory is complete" in str(raised.value)
+    assert [c.message for c in hub.commits(REPO_ID)] == ["initial commit"]
+    assert hub.state.lfs_objects == {}
+    assert snapshot(output_dir) == before
+
+    hub.heal()
+    push_student(student, tokenizer, REPO_ID, card=card_data(student), token=TOKEN)
+    assert set(hub.files(REPO_ID)) == PUBLISHED
+
+
+def test_unauthenticated_push_is_refused_with_a_hint(hub, student, tokenizer):
+    with pytest.raises(HubPushError, match="write access"):
+        push_student(
+            student, tokenizer, REPO_ID, card=card_data(student), token="hf_wrongTokenWrongToken0000"
+        )
+
+
+def test_push_needs_a_card_and_a_tokenizer(hub, student, tokenizer):
+    with pytest.raises(ValueError, match="card is None"):
+        push_student(student, tokenizer, REPO_ID, card=None, token=TOKEN)
+    with pytest.raises(ValueError, match="tokenizer is None"):
+        push_student(student, None, REPO_ID, card=card_data(student), token=TOKEN)
