@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -407,3 +408,35 @@ def test_cached_teacher_trains_like_the_live_teacher(tmp_path, tokenizer, task, 
         torch.testing.assert_close(cached_weights[name], value, rtol=tolerance, atol=tolerance)
     if dtype == "float16":  # the rounding is visible, so the test would notice a float32 cache
         assert any(not torch.equal(cached_weights[n], v) for n, v in live_weights.items())
+
+
+# ---- the script -------------------------------------------------------------------------------------
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "precompute_script", TESTS.parent / "scripts/precompute_teacher_logits.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_fills_a_cache_that_training_loads(tmp_path, tokenizer):
+    teacher = tiny_bert(seed=1)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    random_classification_dataset(12).save_to_disk(str(tmp_path / "data"))
+    argv = [
+        "--teacher_model_name_or_path", str(tmp_path / "teacher"),
+        "--dataset_path", str(tmp_path / "data"),
+        "--logits_dir", str(tmp_path / "logits"),
+    ]  # fmt: skip
+    path = _script().main(argv)
+    written = path.stat().st_mtime_ns
+    assert _script().main(argv) == path and path.stat().st_mtime_ns == written  # second run: a cache hit
+    cached = load_teacher_cache(
+        tmp_path / "logits", teacher=teacher, expected={"teacher": str(tmp_path / "teacher")}
+    )
+    assert len(cached) == 12 and cached.features["teacher_logits"].feature.dtype == "float16"
