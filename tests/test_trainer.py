@@ -465,3 +465,22 @@ def test_cached_logits_of_wrong_width_raise(tmp_path, tokenizer):
     )
     with pytest.raises(ValueError, match="Teacher logits have 5 classes but the student has 3"):
         trainer.train()
+
+
+def test_subclass_can_replace_how_losses_combine(tmp_path, tokenizer):
+    class AnnealedKDTrainer(DistillationTrainer):  # the README's example
+        def combine_losses(self, components):
+            progress = self.state.global_step / max(self.state.max_steps, 1)
+            return (1 - progress) * components["kd"] + progress * components.get("ce", 0.0)
+
+    trainer = AnnealedKDTrainer(
+        model=tiny_bert(seed=2, num_layers=1),
+        teacher_model=tiny_bert(seed=1, num_layers=2),
+        args=config(tmp_path, max_steps=2, per_device_train_batch_size=4),
+        train_dataset=random_classification_dataset(8),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    first, second = [e for e in trainer.state.log_history if "loss" in e][:2]
+    assert first["loss"] == pytest.approx(first["kd_loss"], rel=1e-5)  # step 0: teacher only
+    assert second["loss"] == pytest.approx(0.5 * second["kd_loss"] + 0.5 * second["ce_loss"], rel=1e-5)
