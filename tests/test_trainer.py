@@ -484,3 +484,25 @@ def test_subclass_can_replace_how_losses_combine(tmp_path, tokenizer):
     first, second = [e for e in trainer.state.log_history if "loss" in e][:2]
     assert first["loss"] == pytest.approx(first["kd_loss"], rel=1e-5)  # step 0: teacher only
     assert second["loss"] == pytest.approx(0.5 * second["kd_loss"] + 0.5 * second["ce_loss"], rel=1e-5)
+
+
+def test_peft_student_trains_its_adapters(tmp_path, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    student = get_peft_model(
+        tiny_bert(seed=2, num_layers=2), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
+    )
+    trainable = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if not p.requires_grad}
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=tiny_bert(seed=1, num_layers=2),
+        args=config(tmp_path, max_steps=2, optim="adamw_torch"),
+        train_dataset=random_classification_dataset(16),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    params = dict(student.named_parameters())
+    assert any("lora_" in n for n in trainable)
+    assert all(not torch.equal(params[n].detach(), v) for n, v in trainable.items() if "lora_B" in n)
+    assert all(torch.equal(params[n].detach(), v) for n, v in frozen.items())
