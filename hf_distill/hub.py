@@ -14,6 +14,7 @@ removed from the error messages of a failed push.
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def push_student(
     tokenizer: PreTrainedTokenizerBase,
     repo_id: str,
     *,
-    card: ModelCard | StudentCardData,
+    card: ModelCard | StudentCardData | str | os.PathLike,
     token: str | None = None,
     private: bool | None = None,
     commit_message: str = "Upload distilled student",
@@ -137,8 +138,8 @@ def push_student(
 ) -> CommitInfo:
     """Upload the student ``model`` (PEFT adapters merged), its ``tokenizer``, config and ``card`` to ``repo_id``.
 
-    ``card`` is the README.md: a ``ModelCard`` (e.g. from ``render_card``) or a ``StudentCardData`` rendered
-    here. ``token`` defaults to the saved login / ``HF_TOKEN``; ``private`` applies when the repo is created;
+    ``card`` is the README.md: a ``ModelCard`` (e.g. from ``render_card``), a ``StudentCardData`` rendered
+    here, or the path of a card file (e.g. ``<output_dir>/README.md`` written by ``write_card``). ``token`` defaults to the saved login / ``HF_TOKEN``; ``private`` applies when the repo is created;
     ``revision`` is the branch to commit to (default ``main``). Returns the commit's ``CommitInfo``.
 
     Raises ``HubPushError`` when the Hub cannot be reached or refuses the repo or the commit (nothing local is
@@ -152,6 +153,13 @@ def push_student(
         )
     if isinstance(card, StudentCardData):
         card = render_card(card)
+    elif isinstance(card, (str, os.PathLike)):
+        if not Path(card).is_file():
+            raise ValueError(
+                f"No model card at {card}. Write it first with hf_distill.model_card.write_card(data, path) "
+                "(the script writes <output_dir>/README.md after evaluation), or pass card=StudentCardData(...)."
+            )
+        card = ModelCard.load(card)
     api = HfApi(token=token)
     url = f"{api.endpoint}/{repo_id}"
     with tempfile.TemporaryDirectory(prefix="hf-distill-push-") as folder:

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
@@ -157,6 +158,23 @@ class StudentCardData:
     def size_ratio(self) -> float:
         """student parameters / teacher parameters."""
         return self.student_parameters / self.teacher_parameters
+
+
+# The DistillationConfig fields a card reports, under the same names in StudentCardData.
+SETTINGS = (
+    "temperature",
+    "alpha",
+    "beta",
+    "kd_loss",
+    "hidden_loss",
+    "hidden_loss_weight",
+    "attention_loss_weight",
+)
+
+
+def settings_of(args) -> dict[str, Any]:
+    """The distillation settings of a ``DistillationConfig`` as ``StudentCardData`` keyword arguments."""
+    return {name: getattr(args, name) for name in SETTINGS}
 
 
 def _is_hub_id(name: str) -> bool:

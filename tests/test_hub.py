@@ -19,8 +19,9 @@ from huggingface_hub.utils import filter_repo_objects, get_session
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 
+from hf_distill import DistillationConfig
 from hf_distill.hub import ALLOW_PATTERNS, IGNORE_PATTERNS, HubPushError, push_student
-from hf_distill.model_card import StudentCardData, count_parameters, render_card, write_card
+from hf_distill.model_card import StudentCardData, count_parameters, render_card, settings_of, write_card
 from hf_distill.teacher_cache import weights_hash
 
 TOKEN = "hf_TestTokenThatMustNeverBeWritten0123"
@@ -159,6 +160,15 @@ def test_card_without_optional_measurements_says_so(student, tmp_path):
     assert (tmp_path / "cards" / "README.md").read_text(encoding="utf-8") == str(
         ModelCard.load(tmp_path / "cards" / "README.md")
     )
+
+
+def test_settings_come_from_the_distillation_config(student, tmp_path):
+    args = DistillationConfig(
+        output_dir=str(tmp_path), temperature=3.0, alpha=0.9, beta=0.1, kd_loss="jsd", report_to=[]
+    )
+    data = card_data(student, **settings_of(args))
+    assert (data.temperature, data.alpha, data.beta, data.kd_loss) == (3.0, 0.9, 0.1, "jsd")
+    assert "| kd_loss | `jsd` |" in render_card(data).text
 
 
 def test_local_teacher_path_is_not_a_base_model(student, tmp_path):
@@ -356,8 +366,15 @@ def test_unauthenticated_push_is_refused_with_a_hint(hub, student, tokenizer):
         )
 
 
-def test_push_needs_a_card_and_a_tokenizer(hub, student, tokenizer):
+def test_card_file_is_pushed_as_written(hub, student, tokenizer, output_dir):
+    push_student(student, tokenizer, REPO_ID, card=output_dir / "README.md", token=TOKEN)
+    assert hub.files(REPO_ID)["README.md"] == (output_dir / "README.md").read_bytes()
+
+
+def test_push_needs_a_card_and_a_tokenizer(hub, student, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="card is None"):
         push_student(student, tokenizer, REPO_ID, card=None, token=TOKEN)
+    with pytest.raises(ValueError, match="No model card at .*write_card"):
+        push_student(student, tokenizer, REPO_ID, card=tmp_path / "missing" / "README.md", token=TOKEN)
     with pytest.raises(ValueError, match="tokenizer is None"):
         push_student(student, None, REPO_ID, card=card_data(student), token=TOKEN)
