@@ -113,7 +113,7 @@ def _push_error(err: Exception, stage: str, url: str, token: str | None) -> HubP
             "Check that the token has write access to this repo (--hub_token, HF_TOKEN or `hf auth login`)."
         )
     elif isinstance(err, HfHubHTTPError):
-        hint = "The Hub refused the request; see its message above."
+        hint = "The Hub refused the request; see its answer above."
     else:
         hint = "Check that the Hub is reachable (HF_ENDPOINT, network, proxy)."
     message = (
@@ -139,7 +139,8 @@ def push_student(
     """Upload the student ``model`` (PEFT adapters merged), its ``tokenizer``, config and ``card`` to ``repo_id``.
 
     ``card`` is the README.md: a ``ModelCard`` (e.g. from ``render_card``), a ``StudentCardData`` rendered
-    here, or the path of a card file (e.g. ``<output_dir>/README.md`` written by ``write_card``). ``token`` defaults to the saved login / ``HF_TOKEN``; ``private`` applies when the repo is created;
+    here, or the path of a card file (e.g. ``<output_dir>/README.md`` written by ``write_card``).
+    ``token`` defaults to the saved login / ``HF_TOKEN``; ``private`` applies when the repo is created;
     ``revision`` is the branch to commit to (default ``main``). Returns the commit's ``CommitInfo``.
 
     Raises ``HubPushError`` when the Hub cannot be reached or refuses the repo or the commit (nothing local is
