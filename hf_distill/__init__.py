@@ -2,6 +2,7 @@
 
 from .collator import DistillationDataCollator
 from .config import DistillationConfig
+from .hub import HubPushError, push_student
 from .losses import (
     attention_loss,
     ensemble_logits,
@@ -13,6 +14,7 @@ from .losses import (
     reverse_kl_loss,
     topk_kl_div_loss,
 )
+from .model_card import StudentCardData, render_card, write_card
 from .student import build_student, select_teacher_layers
 from .trainer import DistillationTrainer, TeacherOutput
 
@@ -20,6 +22,8 @@ __all__ = [
     "DistillationConfig",
     "DistillationDataCollator",
     "DistillationTrainer",
+    "HubPushError",
+    "StudentCardData",
     "TeacherOutput",
     "attention_loss",
     "build_student",
@@ -29,7 +33,10 @@ __all__ = [
     "kd_loss",
     "kl_div_loss",
     "mse_logits_loss",
+    "push_student",
+    "render_card",
     "reverse_kl_loss",
     "select_teacher_layers",
     "topk_kl_div_loss",
+    "write_card",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 from . import losses, tasks
 from .collator import TEACHER_INPUT_PREFIX, TEACHER_LOGIT_COLUMNS, DistillationDataCollator
 from .config import DistillationConfig
+from .hub import push_student
 from .tasks import base_model, task_of
 from .teachers import check_compatible, load_teacher, prepare_teacher
 
@@ -425,3 +427,45 @@ class DistillationTrainer(Trainer):
                 logs[name] = self.accelerator.reduce(mean.to(self.args.device), reduction="mean").item()
             self._metrics.clear()
         super().log(logs, start_time)
+
+    # ---- saving and publishing ----------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # As Trainer._save, but training_args.bin is pickled without the Hub token.
+        token, self.args.hub_token = self.args.hub_token, None
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.args.hub_token = token
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Checkpoints are never pushed: the student is published once, by :meth:`push_to_hub`."""
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        card=None,
+        **kwargs,
+    ):
+        """Upload the student alone (PEFT adapters merged), its tokenizer, config and card.
+
+        ``card``: a ``StudentCardData``, a ``ModelCard`` or a README path; default
+        ``<output_dir>/README.md``. Never uploads the teacher, checkpoints or the token; see
+        :func:`hf_distill.hub.push_student`.
+        """
+        if not self.is_world_process_zero():
+            return None
+        return push_student(
+            self.model,
+            self.processing_class,
+            self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).name,
+            card=card if card is not None else Path(self.args.output_dir) / "README.md",
+            token=token if token is not None else self.args.hub_token,
+            private=private if private is not None else self.args.hub_private_repo,
+            commit_message=commit_message,
+            revision=revision if revision is not None else self.args.hub_revision,
+        )

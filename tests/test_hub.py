@@ -378,3 +378,48 @@ def test_push_needs_a_card_and_a_tokenizer(hub, student, tokenizer, tmp_path):
         push_student(student, tokenizer, REPO_ID, card=tmp_path / "missing" / "README.md", token=TOKEN)
     with pytest.raises(ValueError, match="tokenizer is None"):
         push_student(student, None, REPO_ID, card=card_data(student), token=TOKEN)
+
+
+# ---- through the trainer -------------------------------------------------------------------------------------
+
+
+def test_trainer_push_to_hub_publishes_the_student_only(hub, tokenizer, tmp_path):
+    from conftest import random_classification_dataset
+
+    from hf_distill import DistillationTrainer
+
+    out = tmp_path / "run"
+    args = DistillationConfig(
+        output_dir=str(out),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        save_strategy="steps",
+        save_steps=1,
+        push_to_hub=True,
+        hub_model_id=REPO_ID,
+        hub_token=TOKEN,
+        report_to="none",
+        use_cpu=True,
+    )
+    student = tiny_bert(seed=1)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=tiny_bert(seed=0, num_layers=4),
+        args=args,
+        train_dataset=random_classification_dataset(8),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    write_card(card_data(student), out / "README.md")
+    trainer.save_model()  # with push_to_hub=True, Trainer.save_model pushes too (with <output_dir>/README.md)
+    trainer.push_to_hub()  # pushing again is fine
+
+    assert set(hub.files(REPO_ID)) == PUBLISHED  # no checkpoints, no teacher, no training_args.bin
+    downloaded = AutoModelForSequenceClassification.from_pretrained(REPO_ID, cache_dir=tmp_path / "dl").eval()
+    torch.testing.assert_close(
+        logits(downloaded, tokenizer), logits(student.eval(), tokenizer), rtol=0, atol=1e-6
+    )
+    saved = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "training_args.bin" for p in saved)
+    for path in saved:
+        assert TOKEN.encode() not in path.read_bytes(), path
