@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -136,7 +137,12 @@ def measure_speed(
     model.eval()
     device = next(model.parameters()).device
     collator = DataCollatorWithPadding(tokenizer)
-    names = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
+    accepted = inspect.signature(model.forward).parameters
+    names = [
+        c
+        for c in ("input_ids", "attention_mask", "token_type_ids")
+        if c in dataset.column_names and c in accepted
+    ]
     rows = dataset.select(range(min(num_samples, len(dataset)))).select_columns(names)
     batches = [
         collator([rows[j] for j in range(i, min(i + batch_size, len(rows)))])
@@ -195,9 +201,13 @@ def teacher_key(name: str, train: Dataset, task: TextTask, script: DistillGlueAr
         "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
         "weight_decay": args.weight_decay,
         "warmup_steps": args.warmup_steps,
-        "seed": args.seed,
+        "seed": _teacher_seed(script, args),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _teacher_seed(script: DistillGlueArguments, args: DistillationConfig) -> int:
+    return args.seed if script.teacher_seed is None else script.teacher_seed
 
 
 def get_teacher(
@@ -221,10 +231,11 @@ def get_teacher(
     if (saved / "hf_distill_teacher.json").exists():
         print(f"hf_distill: reusing the fine-tuned teacher in {saved}", flush=True)
         return AutoModelForSequenceClassification.from_pretrained(saved), str(saved), False
-    set_seed(args.seed)
+    set_seed(_teacher_seed(script, args))
     model = AutoModelForSequenceClassification.from_pretrained(path, **_labels_config(task))
     finetune_args = dataclasses.replace(
         args,
+        seed=_teacher_seed(script, args),
         output_dir=str(saved),
         learning_rate=script.teacher_learning_rate,
         num_train_epochs=script.teacher_num_train_epochs,
@@ -243,7 +254,8 @@ def get_teacher(
         info = {"backbone": name, "train_rows": len(train), "seconds": time.perf_counter() - start}
         (saved / "hf_distill_teacher.json").write_text(json.dumps(info, indent=2))
     state.wait_for_everyone()
-    return trainer.model, str(saved), True
+    # Reloaded from the saved folder: whole weights whatever wrapped it for training (FSDP, DeepSpeed).
+    return AutoModelForSequenceClassification.from_pretrained(saved), str(saved), True
 
 
 # ---- stage 2: the students ---------------------------------------------------------------------
@@ -286,23 +298,35 @@ def train_student(
     train: Dataset,
     tokenizer: PreTrainedTokenizerBase,
     teacher: PreTrainedModel | None,
-) -> tuple[PreTrainedModel, float]:
-    """A copy of ``init`` trained by ``DistillationTrainer`` with ``args``; returns it and the training time.
+    task: TextTask,
+    eval_splits: dict[str, Dataset],
+    save: bool,
+) -> tuple[dict[str, dict[str, float]], float]:
+    """Train a copy of ``init`` with ``DistillationTrainer`` and ``args``, evaluate it on ``eval_splits``
+    (T = 1) and, with ``save``, save it and the tokenizer in ``args.output_dir``.
 
-    ``teacher`` is None when ``train`` carries ``teacher_logits``.
+    ``teacher`` is None when ``train`` carries ``teacher_logits``. Returns ``({split: metrics}, seconds)``.
     """
     model = copy.deepcopy(init)
     set_seed(args.seed)
     trainer = DistillationTrainer(
-        model=model,
-        teacher_model=teacher,
-        args=args,
-        train_dataset=train,
-        processing_class=tokenizer,
+        model=model, teacher_model=teacher, args=args, train_dataset=train, processing_class=tokenizer
     )
     start = time.perf_counter()
     trainer.train()
-    return trainer.model, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    metrics = {}
+    for split, dataset in eval_splits.items():
+        trainer.compute_metrics = compute_metrics_fn(task, _metric_config(task, split))
+        metrics[split] = _split_metrics(trainer.evaluate(dataset, metric_key_prefix=split), split)
+    if save:
+        trainer.save_model(args.output_dir)  # gathers sharded (FSDP/DeepSpeed) weights
+    return metrics, seconds
+
+
+def _split_metrics(raw: dict[str, float], split: str) -> dict[str, float]:
+    prefix = split + "_"
+    return {k[len(prefix) :]: v for k, v in raw.items() if k[len(prefix) :] in _METRIC_NAMES}
 
 
 # ---- the whole run -----------------------------------------------------------------------------
@@ -381,7 +405,6 @@ def run(script: DistillGlueArguments, args: DistillationConfig) -> dict[str, Any
     )
 
     # ---- stage 2
-    speed_models, kept = {None: teacher}, []
     for kind in script.students:
         set_seed(args.seed)
         init = make_student(kind, teacher, script, task)
@@ -414,36 +437,43 @@ def run(script: DistillGlueArguments, args: DistillationConfig) -> dict[str, Any
                 f"hf_distill: stage 2, {kind} student, {training}: {steps} steps on {len(train_set)} examples",
                 flush=True,
             )
-            model, seconds = train_student(init, run_args, train_set, tokenizer, kd_teacher)
-            model.eval()
-            result = RunResult(
-                name=f"{kind} student",
-                student=kind,
-                training=training,
-                metrics=evaluate_model(model, task, evals, eval_args, tokenizer),
-                parameters=count_parameters(model),
-                examples_per_second=0.0,
-                train_seconds=seconds,
-                steps=steps,
-                output_dir=str(output_dir / slug),
+            metrics, seconds = train_student(
+                init, run_args, train_set, tokenizer, kd_teacher, task, evals, save=True
             )
-            if training != "hard labels" and state.is_main_process:
-                model.save_pretrained(result.output_dir)
-                tokenizer.save_pretrained(result.output_dir)
-            results.append(result)
-            speed_models[kind] = model
-            if training != "hard labels":
-                kept.append((result, model))
+            results.append(
+                RunResult(
+                    name=f"{kind} student",
+                    student=kind,
+                    training=training,
+                    metrics=metrics,
+                    parameters=count_parameters(init),
+                    examples_per_second=0.0,
+                    train_seconds=seconds,
+                    steps=steps,
+                    output_dir=run_args.output_dir,
+                )
+            )
 
-    # Speed depends on the architecture only: one model of each, timed one after the other.
+    # Speed depends on the architecture only: one model of each kind, reloaded from its saved folder
+    # (whole weights even after FSDP/DeepSpeed) and timed one after the other on this process's device.
     speeds = {
-        kind: measure_speed(m, speed_split, tokenizer, script.speed_samples, script.speed_batch_size)
-        for kind, m in speed_models.items()
+        None: measure_speed(teacher, speed_split, tokenizer, script.speed_samples, script.speed_batch_size)
     }
+    distilled = {}
+    for result in results[1:]:
+        if result.training != "hard labels":
+            distilled[result.output_dir] = _load_saved(result.output_dir, args.device)
+        if result.student not in speeds:
+            model = distilled.get(result.output_dir) or _load_saved(result.output_dir, args.device)
+            speeds[result.student] = measure_speed(
+                model, speed_split, tokenizer, script.speed_samples, script.speed_batch_size
+            )
     for result in results:
         result.examples_per_second = speeds[result.student]
-    for result, model in kept:
-        _card_and_push(result, results, script, args, task, teacher_hash, model, tokenizer)
+    for result in results[1:]:
+        if result.output_dir in distilled:
+            model = distilled[result.output_dir]
+            _card_and_push(result, results, script, args, task, teacher_hash, model, tokenizer)
 
     summary = {
         "task": task.name,
@@ -473,6 +503,10 @@ def run(script: DistillGlueArguments, args: DistillationConfig) -> dict[str, Any
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _load_saved(path: str, device) -> PreTrainedModel:
+    return AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
 
 
 def _card_and_push(result, results, script, args, task, teacher_hash, model, tokenizer) -> None:

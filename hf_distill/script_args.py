@@ -84,6 +84,12 @@ class DistillGlueArguments:
             "sequence classifier with the task's number of labels."
         },
     )
+    teacher_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the teacher's fine-tuning (default: seed). Fix it to vary only the students' seed."
+        },
+    )
     teacher_learning_rate: float = field(
         default=2e-5, metadata={"help": "Teacher fine-tuning learning rate."}
     )
