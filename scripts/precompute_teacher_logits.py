@@ -1,19 +1,22 @@
 """Fill the teacher-logit cache once (e.g. on a GPU), so students can be trained later anywhere without the teacher.
 
-For a recipe (the teacher must already be fine-tuned for the task: a sequence classifier with the
-task's labels; the training set is built as the recipe builds it):
+For a recipe: the teacher of ``scripts/distill_glue.py`` (stage 1: fine-tuned first when the recipe
+asks for it, and kept in ``<cache_dir>/teachers``), its logits over the recipe's training texts, in
+``<cache_dir>/teacher_logits``, exactly the cache a later ``distill_glue.py`` run with the same
+recipe and ``--cache_dir`` reads instead of running the teacher:
 
-    python scripts/precompute_teacher_logits.py --config recipes/glue/sst2.yaml \
-        --teacher_model_name_or_path outputs/sst2/teacher --logits_dir outputs/sst2/teacher_logits
+    python scripts/precompute_teacher_logits.py --config recipes/glue/sst2.yaml --cache_dir /shared/hf_distill
 
 For any tokenized dataset saved with ``Dataset.save_to_disk`` and any teacher head:
 
     python scripts/precompute_teacher_logits.py --teacher_model_name_or_path path/to/teacher \
         --dataset_path path/to/tokenized_train --logits_dir path/to/teacher_logits --autocast_dtype bfloat16
 
-One process does the work (``accelerate launch`` also works: the main process computes, the others
-read). Train from the cache with ``hf_distill.teacher_cache.load_teacher_cache(logits_dir, ...)`` as
-the training dataset and ``teacher_model=None``; the provenance is in the ``.json`` beside the cache.
+then train with ``hf_distill.teacher_cache.load_teacher_cache(logits_dir, ...)`` as the training
+dataset and ``teacher_model=None``. The provenance is in the ``.json`` beside the cache.
+
+One process does the work; under ``accelerate launch`` the main process computes and the others
+read the result.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
 from datasets import DatasetDict, load_from_disk
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
-from hf_distill import data, offline, tasks
+from hf_distill import data, offline, pipeline, tasks
+from hf_distill.config import DistillationConfig
 from hf_distill.script_args import DATACLASSES, DistillGlueArguments, RecipeParser
 from hf_distill.teacher_cache import (
     AUTOCAST_DTYPES,
@@ -54,7 +58,9 @@ class PrecomputeArguments:
 
     logits_dir: str | None = field(
         default=None,
-        metadata={"help": "Directory of the cache (default: <cache_dir>/teacher_logits/<task_name>)."},
+        metadata={
+            "help": "Directory of the cache (default: <cache_dir>/teacher_logits, where distill_glue.py reads)."
+        },
     )
     dataset_path: str | None = field(
         default=None,
@@ -69,8 +75,13 @@ class PrecomputeArguments:
         default="sequence_classification",
         metadata={"help": "Teacher head for dataset_path.", "choices": list(TASKS)},
     )
-    logits_dtype: str = field(
-        default="float16", metadata={"help": "Stored precision.", "choices": list(STORAGE_DTYPES)}
+    logits_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Stored precision (default: float32 for a recipe, what distill_glue.py reads; float16 for "
+            "dataset_path).",
+            "choices": [*STORAGE_DTYPES, None],
+        },
     )
     top_k: int | None = field(
         default=None,
@@ -89,60 +100,71 @@ class PrecomputeArguments:
     sort_window: int = field(default=4096, metadata={"help": "Examples sorted by length together."})
 
 
-def recipe_train_dataset(args: DistillGlueArguments, tokenizer):
-    """The recipe's training set, tokenized: the first max_train_samples rows; with transfer_set, every
-    row with labels beyond num_labelled set to -100, else the num_labelled labelled rows."""
-    task = data.get_task(args.task_name)
-    train = data.load_task_dataset(task, args.cache_dir, seed=args.dataset_seed)["train"]
-    if args.max_train_samples is not None:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    labelled, transfer = data.split_labelled(train, args.num_labelled)
-    dataset = transfer if args.transfer_set else labelled
-    preprocessing = {
-        "max_seq_length": args.max_seq_length,
-        "truncation": True,
-        "text_fields": task.text_fields,
+def recipe_request(script: DistillGlueArguments, args: DistillationConfig) -> dict[str, Any]:
+    """What ``scripts/distill_glue.py`` (``hf_distill.pipeline.run``) caches for this recipe: its teacher
+    (stage 1), its tokenized training texts (every row, the transfer set) and its cache settings."""
+    task = data.get_task(script.task_name)
+    raw = data.load_task_dataset(task, script.cache_dir, seed=script.dataset_seed)
+    tokenizer = AutoTokenizer.from_pretrained(
+        offline.resolve_model_path(script.teacher_model_name_or_path, script.cache_dir)
+    )
+    train_raw = raw["train"]
+    if script.max_train_samples is not None:
+        train_raw = train_raw.select(range(min(script.max_train_samples, len(train_raw))))
+    labelled_raw, transfer_raw = data.split_labelled(train_raw, script.num_labelled)
+    labelled = data.tokenize(labelled_raw, tokenizer, task, script.max_seq_length)
+    cache = offline.cache_dir(script.cache_dir)
+    teacher, _, _ = pipeline.get_teacher(script, args, task, labelled, tokenizer, cache)
+    return {
+        "teacher": teacher.to(args.device),
+        "dataset": data.tokenize(transfer_raw, tokenizer, task, script.max_seq_length),
+        "tokenizer": tokenizer,
+        "preprocessing": {
+            "max_length": script.max_seq_length,
+            "truncation": True,
+            "fields": list(task.text_fields),
+        },
+        "cache_dir": cache / "teacher_logits",
+        "dtype": "float32",
     }
-    return data.tokenize(dataset, tokenizer, task, args.max_seq_length), preprocessing
+
+
+def dataset_request(script: DistillGlueArguments, args: DistillationConfig, options: PrecomputeArguments):
+    """A saved tokenized dataset and a teacher of any head (its tokenizer beside it)."""
+    path = offline.resolve_model_path(script.teacher_model_name_or_path, script.cache_dir)
+    dataset = load_from_disk(options.dataset_path)
+    dataset = dataset[options.dataset_split] if isinstance(dataset, DatasetDict) else dataset
+    return {
+        "teacher": load_teacher(path, options.task).to(args.device),
+        "dataset": dataset,
+        "tokenizer": AutoTokenizer.from_pretrained(path),
+        "preprocessing": {},  # the saved dataset's fingerprint covers how it was made
+        "cache_dir": None,
+        "dtype": "float16",
+    }
 
 
 def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    recipe_args, _, args = RecipeParser((*DATACLASSES, PrecomputeArguments)).parse_recipe_and_args(argv)
-    teacher_path = offline.resolve_model_path(recipe_args.teacher_model_name_or_path, recipe_args.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    if args.dataset_path is not None:
-        dataset = load_from_disk(args.dataset_path)
-        dataset = dataset[args.dataset_split] if isinstance(dataset, DatasetDict) else dataset
-        task, preprocessing = args.task, {}  # the saved dataset's fingerprint covers its preprocessing
+    script, args, options = RecipeParser((*DATACLASSES, PrecomputeArguments)).parse_recipe_and_args(argv)
+    if options.dataset_path is None:
+        request = recipe_request(script, args)
     else:
-        task = tasks.SEQUENCE_CLASSIFICATION
-        labels = data.get_task(recipe_args.task_name).num_labels
-        if AutoConfig.from_pretrained(teacher_path).num_labels != labels:
-            raise ValueError(
-                f"{recipe_args.teacher_model_name_or_path} is not a {labels}-label classifier for "
-                f"{recipe_args.task_name}: fine-tune the teacher first (scripts/distill_glue.py) and pass "
-                "--teacher_model_name_or_path <the fine-tuned checkpoint>."
-            )
-        dataset, preprocessing = recipe_train_dataset(recipe_args, tokenizer)
-    teacher = load_teacher(teacher_path, task)
-    teacher.to("cuda" if torch.cuda.is_available() else "cpu")
-    logits_dir = args.logits_dir or str(
-        offline.cache_dir(recipe_args.cache_dir) / "teacher_logits" / recipe_args.task_name
-    )
+        request = dataset_request(script, args, options)
+    default_dir = request.pop("cache_dir")
+    cache_dir = options.logits_dir or default_dir
+    if cache_dir is None:
+        raise ValueError("--dataset_path needs --logits_dir: the directory the cache is written to.")
+    request["dtype"] = options.logits_dtype or request["dtype"]
     start = time.perf_counter()
     out = precompute_teacher_logits(
-        teacher,
-        dataset,
-        tokenizer=tokenizer,
-        preprocessing=preprocessing,
-        cache_dir=logits_dir,
-        dtype=args.logits_dtype,
-        top_k=args.top_k,
-        autocast_dtype=args.autocast_dtype,
-        max_batch_tokens=args.max_batch_tokens,
-        sort_window=args.sort_window,
-        teacher_name=recipe_args.teacher_model_name_or_path,
+        **request,
+        cache_dir=cache_dir,
+        top_k=options.top_k,
+        autocast_dtype=options.autocast_dtype,
+        max_batch_tokens=options.max_batch_tokens,
+        sort_window=options.sort_window,
+        teacher_name=script.teacher_model_name_or_path,
     )
     seconds = time.perf_counter() - start
     provenance = read_provenance(out)

@@ -440,3 +440,18 @@ def test_script_fills_a_cache_that_training_loads(tmp_path, tokenizer):
         tmp_path / "logits", teacher=teacher, expected={"teacher": str(tmp_path / "teacher")}
     )
     assert len(cached) == 12 and cached.features["teacher_logits"].feature.dtype == "float16"
+
+
+@pytest.mark.slow
+def test_script_fills_the_cache_that_distill_glue_reads(tmp_path, capsys):
+    from offline_fixtures import fake_wheels
+    from test_distill_glue import distill_glue, tiny_flags
+
+    cache = fake_wheels(tmp_path / "cache")
+    flags = tiny_flags(cache, tmp_path / "out")
+    path = _script().main(flags)  # stage 1 (teacher fine-tuning) and the logits
+    written = path.stat().st_mtime_ns
+    distill_glue.main([*flags, "--train_baseline", "false"])
+    assert "reusing the fine-tuned teacher" in capsys.readouterr().out
+    assert list((cache / "teacher_logits").glob("*.arrow")) == [path]  # the same key: no second cache
+    assert path.stat().st_mtime_ns == written
