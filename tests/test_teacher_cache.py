@@ -151,6 +151,26 @@ def test_length_sorted_batches_cover_each_row_once_within_budget():
     assert padded < len(lengths) * max(lengths)  # less padding than padding everything to the longest
 
 
+def test_out_of_memory_halves_the_batch_until_it_fits(tmp_path):
+    teacher, dataset = TEACHERS["token_classification"](), random_classification_dataset(20, seed=3)
+    sizes = []
+
+    def small_device(module, args, kwargs):  # a device that holds 40 padded tokens per batch at most
+        sizes.append(kwargs["input_ids"].numel())
+        if kwargs["input_ids"].numel() > 40:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB.")
+
+    teacher.register_forward_pre_hook(small_device, with_kwargs=True)
+    out = precompute_teacher_logits(
+        teacher, dataset, cache_dir=tmp_path, dtype="float32", max_batch_tokens=1024
+    )
+    assert sizes[0] > 40 and max(sizes[-5:]) <= 40  # failed first, then ran in smaller batches
+    for row, ref in zip(
+        out.with_format("torch"), _one_by_one(teacher, dataset, "token_classification"), strict=True
+    ):
+        torch.testing.assert_close(row["teacher_logits"], ref, rtol=1e-4, atol=1e-5)
+
+
 # ---- cache hits and misses --------------------------------------------------------------------------
 
 
