@@ -14,7 +14,10 @@ the teacher's outputs as columns (the contract of :class:`hf_distill.Distillatio
   100 the dropped mass of a trained LM is small at ``T = 1``; higher temperatures flatten the
   teacher and make it larger, so raise ``k`` with ``T``.
 
-``L`` is each example's own length (``len(input_ids)``): nothing is stored for padding.
+``L`` is each example's own length (``len(input_ids)``): nothing is stored for padding. The
+teacher sees the inputs as stored, so inputs that a collator changes at random each epoch (masked
+LM's dynamic masking) do not go with cached logits: mask once before caching (static masking), or
+run the teacher live.
 
 The cache is a ``datasets`` cache file written by ``Dataset.map(new_fingerprint=key,
 cache_file_name=...)``, which writes to a temporary file and renames it when complete, so an
@@ -38,6 +41,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -457,7 +461,7 @@ def precompute_teacher_logits(
         teacher: the teacher model, already on the device it should run on (``teacher.to("cuda")``).
         dataset: a tokenized dataset (``input_ids``, optionally ``attention_mask``/``token_type_ids``,
             or ``teacher_input_ids``... for a sequence classifier with its own tokenizer).
-        tokenizer: the tokenizer that made ``input_ids``: its pad id is used and its hash is in the key.
+        tokenizer: the tokenizer of the teacher's inputs: its pad id is used and its hash is in the key.
         preprocessing: the settings used to tokenize ``dataset`` (e.g. ``{"max_length": 128,
             "truncation": True}``); JSON-serialisable, part of the key and of the provenance.
         cache_dir: where the cache lives. Default: beside ``dataset``'s own cache files; a dataset
@@ -548,7 +552,7 @@ def precompute_teacher_logits(
                     "teacher": teacher_name or base_model(teacher).config._name_or_path or None,
                     "columns": [c for c in out.column_names if c not in dataset.column_names],
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "versions": {"torch": torch.__version__, "datasets": _version("datasets")},
+                    "versions": {"torch": torch.__version__, "datasets": version("datasets")},
                     **_storage_size(out, task),
                 }
                 _write_json_atomic(meta, provenance)
@@ -616,9 +620,3 @@ def _describe_size(provenance: Mapping[str, Any]) -> str:
     if "bytes_per_token" in provenance:
         text += f", {provenance['bytes_per_token']:.0f} bytes/token"
     return text
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
