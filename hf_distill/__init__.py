@@ -16,6 +16,7 @@ from .losses import (
 )
 from .model_card import StudentCardData, render_card, write_card
 from .student import build_student, select_teacher_layers
+from .teacher_cache import load_teacher_cache, precompute_teacher_logits, read_provenance, weights_hash
 from .trainer import DistillationTrainer, TeacherOutput
 
 __all__ = [
@@ -32,11 +33,15 @@ __all__ = [
     "jsd_loss",
     "kd_loss",
     "kl_div_loss",
+    "load_teacher_cache",
     "mse_logits_loss",
+    "precompute_teacher_logits",
     "push_student",
+    "read_provenance",
     "render_card",
     "reverse_kl_loss",
     "select_teacher_layers",
     "topk_kl_div_loss",
+    "weights_hash",
     "write_card",
 ]
