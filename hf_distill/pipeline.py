@@ -332,8 +332,16 @@ def _split_metrics(raw: dict[str, float], split: str) -> dict[str, float]:
 # ---- the whole run -----------------------------------------------------------------------------
 
 
-def run(script: DistillGlueArguments, args: DistillationConfig) -> dict[str, Any]:
-    """Both stages for ``script.task_name``; returns (and saves in ``output_dir``) the results."""
+def run(
+    script: DistillGlueArguments,
+    args: DistillationConfig,
+    recipe: str | None = None,
+    launch_command: str | None = None,
+) -> dict[str, Any]:
+    """Both stages for ``script.task_name``; returns (and saves in ``output_dir``) the results.
+
+    ``recipe`` and ``launch_command`` (how this run was started) go into the students' model cards.
+    """
     state = PartialState()
     task = data.get_task(script.task_name)
     cache = offline.cache_dir(script.cache_dir)
@@ -473,7 +481,9 @@ def run(script: DistillGlueArguments, args: DistillationConfig) -> dict[str, Any
     for result in results[1:]:
         if result.output_dir in distilled:
             model = distilled[result.output_dir]
-            _card_and_push(result, results, script, args, task, teacher_hash, model, tokenizer)
+            _card_and_push(
+                result, results, script, args, task, teacher_hash, model, tokenizer, recipe, launch_command
+            )
 
     summary = {
         "task": task.name,
@@ -509,7 +519,9 @@ def _load_saved(path: str, device) -> PreTrainedModel:
     return AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
 
 
-def _card_and_push(result, results, script, args, task, teacher_hash, model, tokenizer) -> None:
+def _card_and_push(
+    result, results, script, args, task, teacher_hash, model, tokenizer, recipe=None, launch_command=None
+) -> None:
     """Write the model card of a distilled student; push it when ``push_to_hub`` is set (main process)."""
     if not PartialState().is_main_process:
         return
@@ -542,6 +554,8 @@ def _card_and_push(result, results, script, args, task, teacher_hash, model, tok
         speedup=result.examples_per_second / teacher.examples_per_second,
         speedup_hardware=str(args.device) + f" ({torch.get_num_threads()} threads)",
         speedup_setup=f"batch {script.speed_batch_size}, first {script.speed_samples} {split} examples",
+        recipe=recipe,
+        launch_command=launch_command,
     )
     write_card(card, Path(result.output_dir) / "README.md")
     if args.push_to_hub and result.student == script.students[0] and result.training == "KD":

@@ -9,7 +9,8 @@ A GLUE task (needs the Hugging Face Hub), on every GPU of the machine:
     accelerate launch scripts/distill_glue.py --config recipes/glue/sst2.yaml
 
 With DDP, FSDP or DeepSpeed: ``accelerate launch --config_file recipes/accelerate_configs/ddp.yaml ...``.
-Two CPU processes: ``accelerate launch --cpu --num_processes 2 scripts/distill_glue.py --config ...``.
+Two CPU processes (no GPU on the machine): ``accelerate launch --multi_gpu --num_processes 2
+scripts/distill_glue.py --config ... --use_cpu true`` (``--cpu`` alone starts one process without mpirun).
 Any recipe key can be overridden on the command line (``--temperature 4 --num_labelled 1000``).
 Writes ``<output_dir>/results.json``, the distilled students with their tokenizer and model card,
 and prints the results table.
@@ -17,6 +18,8 @@ and prints the results table.
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 
 from accelerate import PartialState
@@ -26,8 +29,13 @@ from hf_distill.script_args import RecipeParser
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     script_args, training_args = RecipeParser().parse_recipe_and_args(argv)
-    summary = run(script_args, training_args)
+    recipe = argv[argv.index("--config") + 1] if "--config" in argv else None
+    # `accelerate launch` exports ACCELERATE_MIXED_PRECISION to the processes it starts.
+    launcher = ["accelerate", "launch"] if "ACCELERATE_MIXED_PRECISION" in os.environ else ["python"]
+    launch = shlex.join([*launcher, "scripts/distill_glue.py", *argv])
+    summary = run(script_args, training_args, recipe=recipe, launch_command=launch)
     if PartialState().is_main_process:
         print("\n" + format_table(summary) + "\n", flush=True)
         print(f"Results: {training_args.output_dir}/results.json", flush=True)

@@ -48,7 +48,6 @@ def cache(tmp_path):
     return fake_wheels(tmp_path / "cache")
 
 
-@pytest.mark.slow
 def test_offline_recipe_end_to_end(cache, tmp_path, capsys):
     summary = distill_glue.main(tiny_flags(cache, tmp_path / "out"))
     out = capsys.readouterr().out
@@ -86,6 +85,8 @@ def test_offline_recipe_end_to_end(cache, tmp_path, capsys):
         model = AutoModelForSequenceClassification.from_pretrained(folder)
         assert model.config.num_labels == 2 and (folder / "tokenizer_config.json").exists()
         assert (folder / "README.md").exists() == (row["training"] != "hard labels")
+    card = (Path(by_row["compact", "KD + transfer set"]["output_dir"]) / "README.md").read_text()
+    assert str(RECIPE) in card and "python scripts/distill_glue.py --config" in card  # how to reproduce it
     layers = AutoModelForSequenceClassification.from_pretrained(by_row["layers", "KD"]["output_dir"])
     assert layers.config.num_hidden_layers == 3 and layers.config.distillation["teacher_num_layers"] == 4
 
@@ -108,7 +109,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_cpu_processes(cache, tmp_path):
     """``accelerate launch`` with two CPU processes (gloo) runs the whole script."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
