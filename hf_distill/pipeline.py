@@ -332,6 +332,34 @@ def _split_metrics(raw: dict[str, float], split: str) -> dict[str, float]:
 # ---- the whole run -----------------------------------------------------------------------------
 
 
+def training_texts(
+    script: DistillGlueArguments, task: TextTask, raw, tokenizer: PreTrainedTokenizerBase
+) -> tuple[Dataset, Dataset]:
+    """``(labelled, all)``: the recipe's training texts, tokenized. ``all`` is the transfer set: the
+    labelled rows first, then the others with label -100 (``data.split_labelled``)."""
+    train_raw = raw["train"]
+    if script.max_train_samples is not None:
+        train_raw = train_raw.select(range(min(script.max_train_samples, len(train_raw))))
+    labelled_raw, transfer_raw = data.split_labelled(train_raw, script.num_labelled)
+    return (
+        data.tokenize(labelled_raw, tokenizer, task, script.max_seq_length),
+        data.tokenize(transfer_raw, tokenizer, task, script.max_seq_length),
+    )
+
+
+def teacher_cache_settings(script: DistillGlueArguments, task: TextTask, cache: Path) -> dict[str, Any]:
+    """The ``precompute_teacher_logits`` settings of a recipe: what ``run`` and the precompute script share."""
+    return {
+        "preprocessing": {
+            "max_length": script.max_seq_length,
+            "truncation": True,
+            "fields": list(task.text_fields),
+        },
+        "cache_dir": cache / "teacher_logits",
+        "dtype": "float32",
+    }
+
+
 def run(
     script: DistillGlueArguments,
     args: DistillationConfig,
@@ -358,18 +386,13 @@ def run(
                 f"{script.teacher_model_name_or_path}; this script tokenizes once, so both must share a tokenizer."
             )
 
-    train_raw = raw["train"]
-    if script.max_train_samples is not None:
-        train_raw = train_raw.select(range(min(script.max_train_samples, len(train_raw))))
-    labelled_raw, transfer_raw = data.split_labelled(train_raw, script.num_labelled)
     eval_raw = {s: raw[s] for s in task.eval_splits if s in raw}
     if task.name == data.ROTTEN_TOMATOES.name:
         eval_raw = {"validation": raw["validation"], **eval_raw}
     if script.max_eval_samples is not None:
         eval_raw = {s: d.select(range(min(script.max_eval_samples, len(d)))) for s, d in eval_raw.items()}
     with state.main_process_first():
-        labelled = data.tokenize(labelled_raw, tokenizer, task, script.max_seq_length)
-        transfer = data.tokenize(transfer_raw, tokenizer, task, script.max_seq_length)
+        labelled, transfer = training_texts(script, task, raw, tokenizer)
         evals = {s: data.tokenize(d, tokenizer, task, script.max_seq_length) for s, d in eval_raw.items()}
     speed_split = next(iter(evals.values()))
     eval_args = dataclasses.replace(args, output_dir=str(output_dir / "eval"), push_to_hub=False)
@@ -398,13 +421,7 @@ def run(
             teacher,
             transfer,
             tokenizer=tokenizer,
-            preprocessing={
-                "max_length": script.max_seq_length,
-                "truncation": True,
-                "fields": list(task.text_fields),
-            },
-            cache_dir=cache / "teacher_logits",
-            dtype="float32",
+            **teacher_cache_settings(script, task, cache),
             teacher_name=script.teacher_model_name_or_path,
         )
         kd_teacher = None

@@ -108,24 +108,14 @@ def recipe_request(script: DistillGlueArguments, args: DistillationConfig) -> di
     tokenizer = AutoTokenizer.from_pretrained(
         offline.resolve_model_path(script.teacher_model_name_or_path, script.cache_dir)
     )
-    train_raw = raw["train"]
-    if script.max_train_samples is not None:
-        train_raw = train_raw.select(range(min(script.max_train_samples, len(train_raw))))
-    labelled_raw, transfer_raw = data.split_labelled(train_raw, script.num_labelled)
-    labelled = data.tokenize(labelled_raw, tokenizer, task, script.max_seq_length)
+    labelled, transfer = pipeline.training_texts(script, task, raw, tokenizer)
     cache = offline.cache_dir(script.cache_dir)
     teacher, _, _ = pipeline.get_teacher(script, args, task, labelled, tokenizer, cache)
     return {
         "teacher": teacher.to(args.device),
-        "dataset": data.tokenize(transfer_raw, tokenizer, task, script.max_seq_length),
+        "dataset": transfer,
         "tokenizer": tokenizer,
-        "preprocessing": {
-            "max_length": script.max_seq_length,
-            "truncation": True,
-            "fields": list(task.text_fields),
-        },
-        "cache_dir": cache / "teacher_logits",
-        "dtype": "float32",
+        **pipeline.teacher_cache_settings(script, task, cache),
     }
 
 
