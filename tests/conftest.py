@@ -7,6 +7,8 @@ import torch
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
+from hf_distill import DistillationConfig
+
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]
 
 
@@ -52,3 +54,21 @@ def random_classification_dataset(
         rows["token_type_ids"].append([0] * len(ids))
         rows["labels"].append(int(torch.randint(0, num_labels, (1,), generator=g)))
     return Dataset.from_dict(rows)
+
+
+def config(tmp_path, **kwargs) -> DistillationConfig:
+    """A CPU DistillationConfig for tests: no saving, no reporting, fixed seeds, a log every step."""
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+    )
+    defaults.update(kwargs)
+    return DistillationConfig(**defaults)

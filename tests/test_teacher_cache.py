@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, random_classification_dataset, tiny_bert, tiny_bert_config
+from conftest import VOCAB, config, random_classification_dataset, tiny_bert, tiny_bert_config
 from transformers import (
     BertForMaskedLM,
     BertForQuestionAnswering,
@@ -24,7 +24,7 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-from hf_distill import DistillationConfig, DistillationTrainer
+from hf_distill import DistillationTrainer
 from hf_distill.teacher_cache import (
     DEFAULT_TOP_K,
     cache_paths,
@@ -373,17 +373,11 @@ def _train(tmp_path, task, teacher, dataset, tokenizer):
         student = tiny_bert(seed=2)
     else:
         student = _bert(BertForTokenClassification, 2, num_labels=4).train()
-    args = DistillationConfig(
-        output_dir=str(tmp_path / "out"),
+    args = config(
+        tmp_path,
         per_device_train_batch_size=4,
         num_train_epochs=2,
         learning_rate=5e-3,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
         temperature=2.0,
         alpha=0.8,
         beta=0.2,

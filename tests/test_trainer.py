@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, random_classification_dataset, tiny_bert, tiny_bert_config
+from conftest import VOCAB, config, random_classification_dataset, tiny_bert, tiny_bert_config
 from datasets import Dataset
 from transformers import (
     BertForMaskedLM,
@@ -16,24 +16,7 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-from hf_distill import DistillationConfig, DistillationTrainer, build_student, kl_div_loss
-
-
-def config(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        num_train_epochs=1,
-        learning_rate=1e-2,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-    )
-    defaults.update(kwargs)
-    return DistillationConfig(**defaults)
+from hf_distill import DistillationTrainer, build_student, kl_div_loss
 
 
 def test_student_trains_teacher_stays_frozen(tmp_path, tokenizer):
@@ -490,7 +473,8 @@ def test_peft_student_trains_its_adapters(tmp_path, tokenizer):
     from peft import LoraConfig, get_peft_model
 
     student = get_peft_model(
-        tiny_bert(seed=2, num_layers=2), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
+        tiny_bert(seed=2, num_layers=2),
+        LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]),
     )
     trainable = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in student.named_parameters() if not p.requires_grad}
