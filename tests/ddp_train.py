@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import VOCAB, random_classification_dataset, tiny_bert  # noqa: E402
+from conftest import VOCAB, config, random_classification_dataset, tiny_bert  # noqa: E402
 from transformers import BertTokenizerFast  # noqa: E402
 
-from hf_distill import DistillationConfig, DistillationTrainer  # noqa: E402
+from hf_distill import DistillationTrainer  # noqa: E402
 
 
 def main(out: str, per_device_batch: int) -> None:
@@ -20,18 +20,13 @@ def main(out: str, per_device_batch: int) -> None:
     vocab.parent.mkdir(parents=True, exist_ok=True)
     vocab.write_text("\n".join(VOCAB) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(vocab))
-    args = DistillationConfig(
-        output_dir=out,
+    args = config(
+        Path(out),
         per_device_train_batch_size=per_device_batch,
         max_steps=3,
         optim="sgd",
         learning_rate=0.5,
         lr_scheduler_type="constant",
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        data_seed=0,
         temperature=2.0,
         alpha=0.6,
         beta=0.4,
