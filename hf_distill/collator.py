@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,18 @@ from transformers import (
 TEACHER_LOGIT_COLUMNS = ("teacher_logits", "teacher_topk_values", "teacher_topk_indices")
 # The teacher's own tokenization, used when teacher and student tokenizers differ.
 TEACHER_INPUT_PREFIX = "teacher_"
+
+
+def teacher_sources(available: Iterable[str], accepted: Iterable[str]) -> dict[str, str]:
+    """Teacher argument -> the column (or batch key) it is read from.
+
+    When the teacher has its own tokenization (a ``teacher_input_ids`` column), every argument comes
+    from its ``teacher_*`` column and none from the student's; otherwise from the student's columns.
+    The one rule for the live teacher (the trainer) and the cached one (``teacher_cache``).
+    """
+    available = set(available)
+    prefix = TEACHER_INPUT_PREFIX if TEACHER_INPUT_PREFIX + "input_ids" in available else ""
+    return {name: prefix + name for name in sorted(accepted) if prefix + name in available}
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from peft import PeftModel
 from torch import nn
 from transformers.models.auto import modeling_auto
@@ -38,6 +40,12 @@ _CLASS_TO_TASK = {name: task for task, mapping in _MAPPINGS.items() for name in 
 def base_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def forward_params(model: nn.Module) -> set[str]:
+    """The named arguments of the (PEFT-unwrapped) model's ``forward``, without ``*args``/``**kwargs``."""
+    params = inspect.signature(base_model(model).forward).parameters.values()
+    return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
 def task_of(model: nn.Module) -> str:

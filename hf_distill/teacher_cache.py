@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -55,7 +54,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from . import tasks
-from .tasks import base_model, task_of
+from .collator import teacher_sources
+from .tasks import base_model, forward_params, task_of
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,6 @@ def _config_hash(model: nn.Module) -> str:
 def _teacher_columns(dataset: Dataset, teacher: nn.Module, task: str) -> dict[str, str]:
     """Teacher argument name -> dataset column it is read from."""
     columns = set(dataset.column_names)
-    accepted = set(inspect.signature(base_model(teacher).forward).parameters)
     own = "teacher_input_ids" in columns
     if own and task != tasks.SEQUENCE_CLASSIFICATION:
         raise ValueError(
@@ -145,8 +144,7 @@ def _teacher_columns(dataset: Dataset, teacher: nn.Module, task: str) -> dict[st
             "teacher logits must line up with the student's tokens, so token-level tasks need one shared tokenizer. "
             "Drop the teacher_* columns and tokenize once with the teacher's tokenizer."
         )
-    prefix = "teacher_" if own else ""
-    mapping = {name: prefix + name for name in _INPUT_NAMES if prefix + name in columns and name in accepted}
+    mapping = teacher_sources(columns, forward_params(teacher) & set(_INPUT_NAMES))
     if "input_ids" not in mapping:
         raise ValueError(
             f"precompute_teacher_logits needs a tokenized dataset with an input_ids column, got columns "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +12,10 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from . import losses, tasks
-from .collator import TEACHER_INPUT_PREFIX, TEACHER_LOGIT_COLUMNS, DistillationDataCollator
+from .collator import TEACHER_INPUT_PREFIX, TEACHER_LOGIT_COLUMNS, DistillationDataCollator, teacher_sources
 from .config import DistillationConfig
 from .hub import push_student
-from .tasks import base_model, task_of
+from .tasks import base_model, forward_params, task_of
 from .teachers import check_compatible, load_teacher, prepare_teacher
 
 # Arguments never passed to the teacher: its loss and output switches are ours to set.
@@ -37,11 +36,6 @@ class TeacherOutput:
     topk_indices: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-
-
-def _forward_params(model: nn.Module) -> set[str]:
-    params = inspect.signature(base_model(model).forward).parameters.values()
-    return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
 def default_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
@@ -122,8 +116,8 @@ class DistillationTrainer(Trainer):
         # For transformers versions without `loss_is_scaled_for_ga`.
         self.model_accepts_loss_kwargs = False
         self.teacher_weights = [w / sum(weights) for w in weights]
-        self._student_params = _forward_params(self.model)
-        self._teacher_params = set().union(*(_forward_params(t) for t in teachers)) if teachers else set()
+        self._student_params = forward_params(self.model)
+        self._teacher_params = set().union(*(forward_params(t) for t in teachers)) if teachers else set()
         self.teachers = [prepare_teacher(t, self.accelerator) for t in teachers]
         self._check_train_dataset(train_dataset)
         self.hidden_projection = self._make_hidden_projection()
@@ -191,13 +185,8 @@ class DistillationTrainer(Trainer):
 
     def _teacher_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The teacher's arguments: its own ``teacher_*`` tokenization if the batch has one, else the student's."""
-        own = TEACHER_INPUT_PREFIX + "input_ids" in inputs
-        out = {}
-        for name in self._teacher_params - _NOT_FOR_TEACHER:
-            value = inputs.get(TEACHER_INPUT_PREFIX + name) if own else inputs.get(name)
-            if value is not None:
-                out[name] = value
-        return out
+        sources = teacher_sources(inputs, self._teacher_params - _NOT_FOR_TEACHER)
+        return {name: inputs[key] for name, key in sources.items() if inputs[key] is not None}
 
     def _has_labels(self, inputs: dict[str, Any]) -> bool:
         return all(inputs.get(name) is not None for name in self.label_names)
