@@ -109,10 +109,7 @@ def evaluate_model(
             data_collator=DataCollatorWithPadding(tokenizer),
             compute_metrics=compute_metrics_fn(task, _metric_config(task, split)),
         )
-        raw = trainer.evaluate(dataset, metric_key_prefix=split)
-        results[split] = {
-            k[len(split) + 1 :]: v for k, v in raw.items() if k[len(split) + 1 :] in _METRIC_NAMES
-        }
+        results[split] = _split_metrics(trainer.evaluate(dataset, metric_key_prefix=split), split)
     return results
 
 
