@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import inspect
 import json
 import math
 import time
@@ -47,6 +46,7 @@ from .metrics import load_glue_metric
 from .model_card import StudentCardData, count_parameters, write_card
 from .script_args import DistillGlueArguments
 from .student import build_student
+from .tasks import forward_params
 from .teacher_cache import precompute_teacher_logits, weights_hash
 from .trainer import DistillationTrainer
 
@@ -134,7 +134,7 @@ def measure_speed(
     model.eval()
     device = next(model.parameters()).device
     collator = DataCollatorWithPadding(tokenizer)
-    accepted = inspect.signature(model.forward).parameters
+    accepted = forward_params(model)
     names = [
         c
         for c in ("input_ids", "attention_mask", "token_type_ids")
