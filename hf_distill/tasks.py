@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from peft import PeftModel
 from torch import nn
 from transformers.models.auto import modeling_auto
@@ -60,3 +61,15 @@ def task_of(model: nn.Module) -> str:
             "...ForTokenClassification, ...ForQuestionAnswering, ...ForMaskedLM or ...ForCausalLM model."
         )
     return _CLASS_TO_TASK[name]
+
+
+def output_logits(outputs, task: str) -> torch.Tensor:
+    """The logits the KD loss compares, from a model's ``outputs`` for ``task``.
+
+    ``outputs.logits`` for every head but question answering, whose start and end logits are stacked on
+    the last dimension: ``(B, L, 2)``. The one rule for the live teacher, the student (``trainer``) and
+    the cached teacher (``teacher_cache``).
+    """
+    if task == QUESTION_ANSWERING:
+        return torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)
+    return outputs.logits

@@ -55,7 +55,7 @@ from transformers import PreTrainedTokenizerBase
 
 from . import tasks
 from .collator import teacher_sources
-from .tasks import base_model, forward_params, task_of
+from .tasks import base_model, forward_params, output_logits, task_of
 
 logger = logging.getLogger(__name__)
 
@@ -308,10 +308,7 @@ class _TeacherLogits:
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
             outputs = self.teacher(**inputs)
-        if self.task == tasks.QUESTION_ANSWERING:
-            logits = torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)
-        else:
-            logits = outputs.logits
+        logits = output_logits(outputs, self.task)
         # One device-to-host copy per batch; each row is then cut to its own length on the host.
         if self.task in tasks.VOCABULARY_TASKS and self.top_k is not None:
             values, indices = logits.float().topk(min(self.top_k, logits.shape[-1]), dim=-1)

@@ -15,7 +15,7 @@ from . import losses, tasks
 from .collator import TEACHER_INPUT_PREFIX, TEACHER_LOGIT_COLUMNS, DistillationDataCollator, teacher_sources
 from .config import DistillationConfig
 from .hub import push_student
-from .tasks import base_model, forward_params, task_of
+from .tasks import base_model, forward_params, output_logits, task_of
 from .teachers import check_compatible, load_teacher, prepare_teacher
 
 # Arguments never passed to the teacher: its loss and output switches are ours to set.
@@ -222,7 +222,7 @@ class DistillationTrainer(Trainer):
         with torch.no_grad():
             for teacher in self.teachers:
                 outputs = teacher(**teacher_inputs, **extra)
-                all_logits.append(self._logits(outputs))
+                all_logits.append(output_logits(outputs, self.task))
         if len(all_logits) == 1:
             logits = all_logits[0]
         else:
@@ -234,11 +234,6 @@ class DistillationTrainer(Trainer):
             hidden_states=outputs.hidden_states if hidden_states else None,
             attentions=outputs.attentions if attentions else None,
         )
-
-    def _logits(self, outputs) -> torch.Tensor:
-        if self.task == tasks.QUESTION_ANSWERING:
-            return torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)
-        return outputs.logits
 
     def _kd_mask(self, inputs: dict[str, Any], length: int) -> torch.Tensor | None:
         """Which positions the KD term counts, ``(B, L)``; None for sequence-level tasks.
@@ -380,14 +375,14 @@ class DistillationTrainer(Trainer):
                 inputs, hidden_states=want_hidden, attentions=want_attention
             )
             if args.alpha > 0:
-                components["kd"] = self.compute_kd_loss(self._logits(outputs), teacher, inputs)
+                components["kd"] = self.compute_kd_loss(output_logits(outputs, self.task), teacher, inputs)
             if want_hidden:
                 components["hidden"] = self.compute_hidden_loss(outputs, teacher, inputs)
             if want_attention:
                 components["attention"] = self.compute_attention_loss(outputs, teacher, inputs)
         if args.beta > 0:
             # A batch of unlabelled examples only (label -100) has no hard-label term.
-            components["ce"] = outputs.loss if labelled else self._logits(outputs).sum() * 0.0
+            components["ce"] = outputs.loss if labelled else output_logits(outputs, self.task).sum() * 0.0
         loss = self.combine_losses(components)
         for name, value in components.items():
             self._metrics[f"{name}_loss"].append(value.detach())
