@@ -29,7 +29,10 @@ from .tasks import (
     QUESTION_ANSWERING,
     SEQUENCE_CLASSIFICATION,
     TOKEN_CLASSIFICATION,
+    base_model,
+    task_of,
 )
+from .teacher_cache import read_provenance, weights_hash
 
 TEMPLATE_PATH = resources.files("hf_distill") / "templates" / "student_card.md"
 
@@ -65,13 +68,14 @@ class StudentCardData:
     Metric dicts map a metric id (``"accuracy"``, ``"f1"``, ``"matthews_correlation"``...) to its value, all
     measured on ``eval_split`` of the same dataset: the teacher, the distilled student, and the hard-label
     baseline (the same student architecture and initialisation trained on the labels alone, ``alpha=0``).
+    What was not measured is None, and the card says "not measured" (never a number it does not have).
     """
 
     # ---- what and where
     repo_id: str
     task: str
-    dataset_name: str
-    eval_split: str
+    dataset_name: str | None
+    eval_split: str | None
     dataset_config: str | None = None
     # ---- teacher
     teacher: str
@@ -90,11 +94,11 @@ class StudentCardData:
     attention_loss_weight: float = 0.0
     teacher_mode: str = "live"
     # ---- results on eval_split
-    teacher_metrics: dict[str, float]
-    student_metrics: dict[str, float]
+    teacher_metrics: dict[str, float] | None
+    student_metrics: dict[str, float] | None
     baseline_metrics: dict[str, float] | None = None
     # ---- size and speed
-    teacher_parameters: int
+    teacher_parameters: int | None
     student_parameters: int
     speedup: float | None = None
     speedup_hardware: str | None = None
@@ -122,12 +126,16 @@ class StudentCardData:
             )
         if self.teacher_mode not in TEACHER_MODES:
             raise ValueError(f"teacher_mode must be one of {TEACHER_MODES}, got {self.teacher_mode!r}.")
-        if not self.student_metrics or not self.teacher_metrics:
+        if (self.student_metrics or self.teacher_metrics) and not (self.dataset_name and self.eval_split):
             raise ValueError(
-                "student_metrics and teacher_metrics must both be measured on eval_split "
-                f"(got student={self.student_metrics}, teacher={self.teacher_metrics})."
+                "Metrics need the dataset_name and eval_split they were measured on "
+                f"(got dataset_name={self.dataset_name!r}, eval_split={self.eval_split!r})."
             )
-        if self.teacher_parameters <= 0 or self.student_parameters <= 0:
+        self.teacher_metrics = self.teacher_metrics or None  # {} is "not measured" too
+        self.student_metrics = self.student_metrics or None
+        if (
+            self.teacher_parameters is not None and self.teacher_parameters <= 0
+        ) or self.student_parameters <= 0:
             raise ValueError(
                 f"teacher_parameters and student_parameters must be > 0, got {self.teacher_parameters} and "
                 f"{self.student_parameters}: count them with hf_distill.model_card.count_parameters(model)."
@@ -148,16 +156,13 @@ class StudentCardData:
     @property
     def retention(self) -> dict[str, float]:
         """student / teacher for every metric both report (teacher value nonzero)."""
-        return {
-            name: self.student_metrics[name] / self.teacher_metrics[name]
-            for name in self.student_metrics
-            if self.teacher_metrics.get(name)
-        }
+        student, teacher = self.student_metrics or {}, self.teacher_metrics or {}
+        return {name: student[name] / teacher[name] for name in student if teacher.get(name)}
 
     @property
-    def size_ratio(self) -> float:
-        """student parameters / teacher parameters."""
-        return self.student_parameters / self.teacher_parameters
+    def size_ratio(self) -> float | None:
+        """student parameters / teacher parameters (None when the teacher's were not counted)."""
+        return None if self.teacher_parameters is None else self.student_parameters / self.teacher_parameters
 
 
 # The DistillationConfig fields a card reports, under the same names in StudentCardData.
@@ -193,22 +198,29 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+NOT_MEASURED = "not measured"
+
+
 def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4g}"
+    return NOT_MEASURED if value is None else f"{value:.4g}"
 
 
 def _result_rows(data: StudentCardData) -> list[dict[str, str]]:
     retention = data.retention
-    baseline = data.baseline_metrics or {}
+    teacher, student, baseline = (
+        data.teacher_metrics or {},
+        data.student_metrics or {},
+        data.baseline_metrics or {},
+    )
     return [
         {
             "metric": name,
-            "teacher": _fmt(data.teacher_metrics.get(name)),
-            "student": _fmt(value),
+            "teacher": _fmt(teacher.get(name)),
+            "student": _fmt(student.get(name)),
             "baseline": _fmt(baseline.get(name)),
-            "retention": "–" if name not in retention else f"{100 * retention[name]:.1f}%",
+            "retention": NOT_MEASURED if name not in retention else f"{100 * retention[name]:.1f}%",
         }
-        for name, value in data.student_metrics.items()
+        for name in dict.fromkeys([*student, *teacher])
     ]
 
 
@@ -216,7 +228,7 @@ def card_metadata(data: StudentCardData) -> ModelCardData:
     """The card's YAML metadata: base_model, datasets, tags, pipeline_tag and a model-index of the student's
     results (one ``EvalResult`` per metric)."""
     pipeline_tag, task_name, _ = TASK_INFO[data.task]
-    pretty_dataset = data.dataset_name + (f" ({data.dataset_config})" if data.dataset_config else "")
+    pretty_dataset = (data.dataset_name or "") + (f" ({data.dataset_config})" if data.dataset_config else "")
     eval_results = [
         EvalResult(
             task_type=pipeline_tag,
@@ -229,19 +241,19 @@ def card_metadata(data: StudentCardData) -> ModelCardData:
             metric_name=name,
             metric_value=float(value),
         )
-        for name, value in data.student_metrics.items()
+        for name, value in (data.student_metrics or {}).items()
     ]
     return ModelCardData(
         model_name=data.model_name,
         base_model=data.base_model,
-        datasets=[data.dataset_name],
+        datasets=[data.dataset_name] if data.dataset_name else None,
         language=data.language,
         license=data.license,
         library_name="transformers",
         pipeline_tag=data.pipeline_tag,
         tags=BASE_TAGS + [t for t in data.tags if t not in BASE_TAGS],
-        metrics=list(data.student_metrics),
-        eval_results=eval_results,
+        metrics=list(data.student_metrics) if data.student_metrics else None,
+        eval_results=eval_results or None,
     )
 
 
@@ -255,8 +267,8 @@ def render_card(data: StudentCardData) -> ModelCard:
         task_name=task_name,
         auto_class=auto_class,
         rows=_result_rows(data),
-        size_ratio=f"{data.size_ratio:.3f}",
-        compression=f"{1 / data.size_ratio:.2f}",
+        size_ratio=None if data.size_ratio is None else f"{data.size_ratio:.3f}",
+        compression=None if data.size_ratio is None else f"{1 / data.size_ratio:.2f}",
         has_baseline=data.baseline_metrics is not None,
     )
 
@@ -267,3 +279,74 @@ def write_card(data: StudentCardData, path: str | os.PathLike) -> ModelCard:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     card.save(path)
     return card
+
+
+# What Trainer.evaluate logs besides the metrics.
+_EVAL_BOOKKEEPING = {
+    "loss",
+    "runtime",
+    "samples_per_second",
+    "steps_per_second",
+    "model_preparation_time",
+    "epoch",
+}
+
+
+def last_evaluation(log_history: list[dict[str, Any]], prefix: str = "eval") -> dict[str, float] | None:
+    """The metrics of the last ``Trainer.evaluate`` in ``log_history`` (``eval_accuracy`` -> ``accuracy``), with
+    the loss only when there is no other metric; None when the model was never evaluated."""
+    start = prefix + "_"
+    for entry in reversed(log_history):
+        metrics = {k[len(start) :]: v for k, v in entry.items() if k.startswith(start)}
+        if metrics:
+            chosen = {k: v for k, v in metrics.items() if k not in _EVAL_BOOKKEEPING}
+            return chosen or ({"loss": metrics["loss"]} if "loss" in metrics else None)
+    return None
+
+
+def card_data_from_trainer(trainer, repo_id: str) -> StudentCardData:
+    """The card of ``trainer``'s student from what the trainer knows, for ``push_to_hub`` without a card.
+
+    The teacher's name, weights hash and size (a live teacher or ensemble), or its name and weights hash
+    from the teacher cache's provenance (cached logits); the distillation settings (``settings_of``); the
+    student's size and its last evaluation (``trainer.state.log_history``). The teacher's and a baseline's
+    scores were not measured by the trainer: the card says so.
+    """
+    teachers = list(trainer.teachers)
+    if teachers:
+        models = [base_model(getattr(t, "module", t)) for t in teachers]
+        names = [m.config._name_or_path or type(m).__name__ for m in models]
+        teacher = names[0] if len(names) == 1 else "ensemble of " + ", ".join(names)
+        teacher_hash = ", ".join(weights_hash(m) for m in models)
+        teacher_parameters = sum(count_parameters(m) for m in models)
+        mode = "live"
+    else:
+        provenance = read_provenance(trainer.train_dataset)
+        teacher, teacher_hash, teacher_parameters, mode = (
+            provenance.get("teacher") or provenance["teacher_class"],
+            provenance["weights_hash"],
+            None,
+            "cached",
+        )
+    student = trainer.model
+    metrics = last_evaluation(trainer.state.log_history)
+    info = getattr(trainer.eval_dataset, "info", None) or getattr(trainer.train_dataset, "info", None)
+    dataset = getattr(info, "dataset_name", None) or None
+    return StudentCardData(
+        repo_id=repo_id,
+        task=task_of(student),
+        dataset_name=dataset or ("not recorded" if metrics else None),
+        eval_split="eval (the trainer's eval_dataset)" if metrics else None,
+        teacher=teacher,
+        teacher_weights_hash=teacher_hash,
+        student_init_layers=(base_model(student).config.to_dict().get("distillation") or {}).get(
+            "teacher_layers"
+        ),
+        teacher_mode=mode,
+        teacher_metrics=None,
+        student_metrics=metrics,
+        baseline_metrics=None,
+        teacher_parameters=teacher_parameters,
+        student_parameters=count_parameters(student),
+        **settings_of(trainer.args),
+    )

@@ -15,6 +15,7 @@ from . import losses, tasks
 from .collator import TEACHER_INPUT_PREFIX, TEACHER_LOGIT_COLUMNS, DistillationDataCollator, teacher_sources
 from .config import DistillationConfig
 from .hub import push_student
+from .model_card import card_data_from_trainer
 from .tasks import base_model, forward_params, output_logits, task_of
 from .teachers import check_compatible, load_teacher, prepare_teacher
 
@@ -438,16 +439,22 @@ class DistillationTrainer(Trainer):
         """Upload the student alone (PEFT adapters merged), its tokenizer, config and card.
 
         ``card``: a ``StudentCardData``, a ``ModelCard`` or a README path; default
-        ``<output_dir>/README.md``. Never uploads the teacher, checkpoints or the token; see
-        :func:`hf_distill.hub.push_student`.
+        ``<output_dir>/README.md`` when there is one, else a card written from what the trainer knows
+        (:func:`hf_distill.model_card.card_data_from_trainer`: teacher, settings, sizes, the student's
+        last evaluation; "not measured" for the rest). Never uploads the teacher, checkpoints or the
+        token; see :func:`hf_distill.hub.push_student`.
         """
         if not self.is_world_process_zero():
             return None
+        repo_id = self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).name
+        if card is None:
+            written = Path(self.args.output_dir) / "README.md"
+            card = written if written.is_file() else card_data_from_trainer(self, repo_id)
         return push_student(
             self.model,
             self.processing_class,
-            self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).name,
-            card=card if card is not None else Path(self.args.output_dir) / "README.md",
+            repo_id,
+            card=card,
             token=token if token is not None else self.args.hub_token,
             private=private if private is not None else self.args.hub_private_repo,
             commit_message=commit_message,

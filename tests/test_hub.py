@@ -182,7 +182,7 @@ def test_local_teacher_path_is_not_a_base_model(student, tmp_path):
         ({"task": "image_classification"}, "task must be one of"),
         ({"teacher_weights_hash": ""}, "weights_hash"),
         ({"teacher_mode": "offline"}, "teacher_mode"),
-        ({"student_metrics": {}}, "measured on eval_split"),
+        ({"dataset_name": None}, "dataset_name and eval_split"),
         ({"student_parameters": 0}, "count_parameters"),
         ({"speedup_hardware": None}, "speedup_hardware"),
     ],
@@ -423,3 +423,90 @@ def test_trainer_push_to_hub_publishes_the_student_only(hub, tokenizer, tmp_path
     assert any(p.name == "training_args.bin" for p in saved)
     for path in saved:
         assert TOKEN.encode() not in path.read_bytes(), path
+
+
+# ---- from a notebook: push_to_hub() with no card written ------------------------------------------------------
+
+
+def notebook_trainer(tmp_path, tokenizer, **kwargs):
+    from conftest import random_classification_dataset
+
+    from hf_distill import DistillationTrainer
+
+    args = DistillationConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        hub_model_id=REPO_ID,
+        hub_token=TOKEN,
+        report_to="none",
+        use_cpu=True,
+        temperature=3.0,
+        alpha=0.8,
+        beta=0.2,
+    )
+    return DistillationTrainer(
+        model=tiny_bert(seed=1),
+        args=args,
+        train_dataset=kwargs.pop("train_dataset", random_classification_dataset(8)),
+        processing_class=tokenizer,
+        **kwargs,
+    )
+
+
+def test_push_to_hub_after_train_writes_the_card_from_the_trainer(hub, tokenizer, tmp_path):
+    import numpy as np
+    from conftest import random_classification_dataset
+
+    teacher = tiny_bert(seed=0, num_layers=4)
+    teacher.config._name_or_path = "some-org/tiny-teacher"
+
+    def accuracy(eval_pred):
+        return {"accuracy": float((np.argmax(eval_pred.predictions, -1) == eval_pred.label_ids).mean())}
+
+    trainer = notebook_trainer(
+        tmp_path,
+        tokenizer,
+        teacher_model=teacher,
+        eval_dataset=random_classification_dataset(8, seed=3),
+        compute_metrics=accuracy,
+    )
+    trainer.train()
+    measured = trainer.evaluate()
+    trainer.push_to_hub()
+
+    card = ModelCard.load(REPO_ID)
+    text = card.text
+    assert "some-org/tiny-teacher" in text and weights_hash(teacher) in text
+    assert (
+        f"| accuracy | not measured | {measured['eval_accuracy']:.4g} |" in text
+    )  # the teacher was not evaluated
+    assert "| temperature (T) | 3.0 |" in text and "| alpha (KD weight) | 0.8 |" in text
+    assert f"{count_parameters(trainer.model):,}" in text and f"{count_parameters(teacher):,}" in text
+    assert "computed live by the teacher" in text and "No hard-label baseline was run" in text
+    assert [r.metric_value for r in card.data.eval_results] == [measured["eval_accuracy"]]
+    assert not (tmp_path / "run" / "README.md").exists()  # nothing written into the output folder
+
+
+def test_push_to_hub_from_cached_logits_without_evaluation(hub, tokenizer, tmp_path):
+    from conftest import random_classification_dataset
+
+    from hf_distill import precompute_teacher_logits
+
+    teacher = tiny_bert(seed=0, num_layers=4)
+    cached = precompute_teacher_logits(
+        teacher,
+        random_classification_dataset(8),
+        tokenizer=tokenizer,
+        cache_dir=tmp_path / "logits",
+        teacher_name="some-org/cached-teacher",
+    )
+    trainer = notebook_trainer(tmp_path, tokenizer, teacher_model=None, train_dataset=cached)
+    trainer.train()
+    trainer.push_to_hub()
+
+    text = ModelCard.load(REPO_ID).text
+    assert "some-org/cached-teacher" in text and weights_hash(teacher) in text  # from the cache's provenance
+    assert "Not measured: the student was not evaluated" in text
+    assert "| teacher | not measured |" in text  # its size is not in the cache
+    assert "precomputed once and cached" in text
