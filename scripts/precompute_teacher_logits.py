@@ -32,9 +32,8 @@ from typing import Any
 from datasets import DatasetDict, load_from_disk
 from transformers import AutoTokenizer
 
-from hf_distill import data, offline, pipeline, tasks
+from hf_distill import tasks
 from hf_distill.config import DistillationConfig
-from hf_distill.script_args import DATACLASSES, DistillGlueArguments, RecipeParser
 from hf_distill.teacher_cache import (
     AUTOCAST_DTYPES,
     STORAGE_DTYPES,
@@ -42,6 +41,15 @@ from hf_distill.teacher_cache import (
     read_provenance,
 )
 from hf_distill.teachers import load_teacher
+from hf_distill.text_classification import (
+    DATACLASSES,
+    DistillTextArguments,
+    RecipeParser,
+    get_teacher,
+    prepare,
+    teacher_cache_settings,
+)
+from hf_distill.text_classification.offline import cache_dir, resolve_model_path
 
 TASKS = (
     tasks.SEQUENCE_CLASSIFICATION,
@@ -100,28 +108,23 @@ class PrecomputeArguments:
     sort_window: int = field(default=4096, metadata={"help": "Examples sorted by length together."})
 
 
-def recipe_request(script: DistillGlueArguments, args: DistillationConfig) -> dict[str, Any]:
-    """What ``scripts/distill_glue.py`` (``hf_distill.pipeline.run``) caches for this recipe: its teacher
-    (stage 1), its tokenized training texts (every row, the transfer set) and its cache settings."""
-    task = data.get_task(script.task_name)
-    raw = data.load_task_dataset(task, script.cache_dir, seed=script.dataset_seed)
-    tokenizer = AutoTokenizer.from_pretrained(
-        offline.resolve_model_path(script.teacher_model_name_or_path, script.cache_dir)
-    )
-    labelled, transfer = pipeline.training_texts(script, task, raw, tokenizer)
-    cache = offline.cache_dir(script.cache_dir)
-    teacher, _, _ = pipeline.get_teacher(script, args, task, labelled, tokenizer, cache)
+def recipe_request(script: DistillTextArguments, args: DistillationConfig) -> dict[str, Any]:
+    """What ``scripts/distill_glue.py`` (``hf_distill.text_classification.run``) caches for this recipe: its
+    teacher (stage 1), its tokenized training texts (every row, the transfer set) and its cache settings."""
+    prepared = prepare(script, args)
+    cache = cache_dir(script.cache_dir)
+    teacher = get_teacher(script, args, prepared.task, prepared.labelled, prepared.tokenizer, cache)
     return {
-        "teacher": teacher.to(args.device),
-        "dataset": transfer,
-        "tokenizer": tokenizer,
-        **pipeline.teacher_cache_settings(script, task, cache),
+        "teacher": teacher.model.to(args.device),
+        "dataset": prepared.transfer,
+        "tokenizer": prepared.tokenizer,
+        **teacher_cache_settings(script, prepared.task, cache),
     }
 
 
-def dataset_request(script: DistillGlueArguments, args: DistillationConfig, options: PrecomputeArguments):
+def dataset_request(script: DistillTextArguments, args: DistillationConfig, options: PrecomputeArguments):
     """A saved tokenized dataset and a teacher of any head (its tokenizer beside it)."""
-    path = offline.resolve_model_path(script.teacher_model_name_or_path, script.cache_dir)
+    path = resolve_model_path(script.teacher_model_name_or_path, script.cache_dir)
     dataset = load_from_disk(options.dataset_path)
     dataset = dataset[options.dataset_split] if isinstance(dataset, DatasetDict) else dataset
     return {

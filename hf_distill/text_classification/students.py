@@ -1,0 +1,156 @@
+"""Stage 2, the students: each kind distilled, and trained on hard labels as its baseline.
+
+A student kind is ``layers`` (teacher layers, :func:`hf_distill.build_student`), ``compact`` (a small
+randomly initialised BERT) or ``checkpoint`` (a pretrained model). Every run of one student starts from
+the same initialisation and takes the same number of steps: "hard labels" (``alpha=0, beta=1``), "KD"
+over the labelled rows and, with a transfer set, "KD + transfer set" over every training text.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasets import Dataset
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
+
+from ..config import DistillationConfig
+from ..student import build_student
+from ..trainer import DistillationTrainer
+from . import offline
+from .data import TextTask
+from .evaluation import evaluate_splits
+from .teacher import load_classifier
+
+HARD_LABELS, KD, KD_TRANSFER = "hard labels", "KD", "KD + transfer set"
+
+
+def make_student(kind: str, teacher: PreTrainedModel, script, task: TextTask) -> PreTrainedModel:
+    """A fresh student of ``kind`` with the data's labels in its config."""
+    if kind == "layers":
+        return build_student(teacher, num_layers=script.student_num_layers)
+    if kind == "compact":
+        t = teacher.config
+        config = BertConfig(
+            vocab_size=t.vocab_size,
+            hidden_size=script.compact_hidden_size,
+            num_hidden_layers=script.compact_num_layers,
+            num_attention_heads=script.compact_num_attention_heads,
+            intermediate_size=script.compact_intermediate_size,
+            max_position_embeddings=t.max_position_embeddings,
+            type_vocab_size=getattr(t, "type_vocab_size", 2),
+            pad_token_id=t.pad_token_id,
+            **task.labels_config(),
+        )
+        return BertForSequenceClassification(config)
+    if kind == "checkpoint":
+        path = offline.resolve_model_path(script.student_model_name_or_path, script.cache_dir)
+        return load_classifier(path, task, "student checkpoint")
+    raise ValueError(f"Unknown student kind {kind!r}; expected 'layers', 'compact' or 'checkpoint'.")
+
+
+@dataclass
+class StudentRun:
+    """One training run of a student: its kind, regime, data, settings and where it is saved."""
+
+    kind: str
+    training: str  # HARD_LABELS, KD or KD_TRANSFER
+    train: Dataset
+    args: DistillationConfig
+
+    @property
+    def slug(self) -> str:
+        return f"{self.kind}-{self.training.replace(' + ', '-').replace(' ', '-').lower()}"
+
+
+@dataclass
+class TrainedStudent:
+    """What a run produced: its metrics on each evaluation split, training time and steps."""
+
+    run: StudentRun
+    metrics: dict[str, dict[str, float]]
+    train_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _steps(num_rows: int, args: DistillationConfig, epochs: float) -> int:
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return max(1, math.ceil(epochs * math.ceil(num_rows / per_step)))
+
+
+def plan_runs(
+    kind: str, script, args: DistillationConfig, labelled_kd: Dataset, transfer_kd: Dataset, output_dir: str
+) -> list[StudentRun]:
+    """The runs of one student kind, all with the same number of steps.
+
+    ``labelled_kd`` / ``transfer_kd``: the labelled rows and every training text, with teacher logits when
+    they are cached. The steps are ``num_train_epochs`` (``compact_num_train_epochs`` for the compact
+    student) over the largest of the runs' training sets, unless ``max_steps`` fixes them.
+    """
+    epochs, student_args = args.num_train_epochs, args
+    if kind == "compact":
+        epochs = script.compact_num_train_epochs or epochs
+        student_args = dataclasses.replace(
+            args, learning_rate=script.compact_learning_rate or args.learning_rate
+        )
+    with_transfer = kind in script.transfer_set and len(transfer_kd) > len(labelled_kd)
+    largest = len(transfer_kd) if with_transfer else len(labelled_kd)
+    steps = args.max_steps if args.max_steps > 0 else _steps(largest, args, epochs)
+    regimes = [(HARD_LABELS, labelled_kd, {"alpha": 0.0, "beta": 1.0})] if script.train_baseline else []
+    regimes.append((KD, labelled_kd, {}))
+    if with_transfer:
+        regimes.append((KD_TRANSFER, transfer_kd, {}))
+    runs = []
+    for training, train, overrides in regimes:
+        run = StudentRun(kind, training, train, student_args)
+        run.args = dataclasses.replace(
+            student_args,
+            output_dir=f"{output_dir}/{run.slug}",
+            max_steps=steps,
+            save_strategy="no",
+            push_to_hub=False,
+            **overrides,
+        )
+        runs.append(run)
+    return runs
+
+
+def train_student(
+    init: PreTrainedModel,
+    run: StudentRun,
+    tokenizer: PreTrainedTokenizerBase,
+    teacher: PreTrainedModel | None,
+    task: TextTask,
+    eval_splits: dict[str, Dataset],
+) -> TrainedStudent:
+    """Train a copy of ``init`` for ``run`` with ``DistillationTrainer``, evaluate it on ``eval_splits``
+    (T = 1), and save it with the tokenizer in ``run.args.output_dir``.
+
+    ``teacher`` is None when ``run.train`` carries ``teacher_logits``.
+    """
+    model = copy.deepcopy(init)
+    set_seed(run.args.seed)
+    trainer = DistillationTrainer(
+        model=model, teacher_model=teacher, args=run.args, train_dataset=run.train, processing_class=tokenizer
+    )
+    print(
+        f"hf_distill: stage 2, {run.kind} student, {run.training}: {run.args.max_steps} steps on "
+        f"{len(run.train)} examples",
+        flush=True,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    metrics = evaluate_splits(trainer, task, eval_splits)
+    trainer.save_model(run.args.output_dir)  # gathers sharded (FSDP/DeepSpeed) weights
+    return TrainedStudent(run, metrics, seconds)
