@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from offline_fixtures import fake_wheels
 from transformers import AutoModelForSequenceClassification
 
@@ -241,3 +242,65 @@ def test_measure_speed_and_table(tokenizer):
     table = format_table(summary).splitlines()
     assert table[0].startswith("| model | training | accuracy (test) |")
     assert table[-1] == "| student | KD | 76.00 | 95.0% | 5.0M | 400 | 4.0x |"
+
+
+_KILL_AFTER_CHECKPOINT = """
+import os, runpy, signal, sys
+from transformers import Trainer
+
+save = Trainer._save_checkpoint
+
+def save_then_die(self, *args, **kwargs):  # SIGKILL right after a checkpoint of one run
+    save(self, *args, **kwargs)
+    if self.args.output_dir.endswith({slug!r}) and self.state.global_step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+Trainer._save_checkpoint = save_then_die
+sys.argv = [{script!r}, *{flags!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_retraining_finished_stages(cache, tmp_path, capsys):
+    """SIGKILL in stage 2 after a checkpoint; ``--resume_from_checkpoint true`` keeps the teacher and the
+    finished runs, continues the cut-off run from its checkpoint, and ends with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    # Random sampling: Accelerate's seedable sampler replays the cut-off epoch's order (the recipe's
+    # group_by_length sampler draws a new order for it on resume, so weights would differ after the cut).
+    extra = ["--students", "compact", "--save_strategy", "steps", "--save_steps", "1"]
+    extra += ["--train_sampling_strategy", "random"]
+    reference = tmp_path / "reference"
+    distill_glue.main([*tiny_flags(cache, reference), *extra])  # stage 1 fine-tunes and caches the teacher
+
+    output = tmp_path / "out"
+    killer = tmp_path / "kill.py"
+    flags = [*tiny_flags(cache, output), *extra]
+    killer.write_text(
+        _KILL_AFTER_CHECKPOINT.format(slug="compact-kd", step=3, script=str(SCRIPT), flags=flags)
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, str(killer)], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (output / "compact-kd" / "checkpoint-3").is_dir() and not (
+        output / "compact-kd" / "hf_distill_run.json"
+    ).exists()
+    finished = output / "compact-hard-labels" / "model.safetensors"
+    stamp = finished.stat().st_mtime_ns
+    capsys.readouterr()
+
+    summary = distill_glue.main([*flags, "--resume_from_checkpoint", "true"])
+    out = capsys.readouterr().out
+    assert "reusing the fine-tuned teacher" in out and "stage 1, fine-tuning" not in out
+    assert "compact student, hard labels: finished before, kept" in out
+    assert f"resumed from {output / 'compact-kd' / 'checkpoint-3'}" in out
+    assert finished.stat().st_mtime_ns == stamp  # the finished run was not trained again
+    expected = json.loads((reference / "results.json").read_text())
+    for row, want in zip(summary["results"][1:], expected["results"][1:], strict=True):
+        got = load_file(Path(row["output_dir"]) / "model.safetensors")
+        ref = load_file(Path(want["output_dir"]) / "model.safetensors")
+        for name, value in ref.items():
+            torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=f"{row['training']}: {name}")
+        for split, metrics in want["metrics"].items():
+            assert row["metrics"][split] == pytest.approx(metrics)

@@ -4,17 +4,26 @@ A student kind is ``layers`` (teacher layers, :func:`hf_distill.build_student`),
 randomly initialised BERT) or ``checkpoint`` (a pretrained model). Every run of one student starts from
 the same initialisation and takes the same number of steps: "hard labels" (``alpha=0, beta=1``), "KD"
 over the labelled rows and, with a transfer set, "KD + transfer set" over every training text.
+
+Resuming (``--resume_from_checkpoint true``): a run that finished with the same settings, data and
+initialisation (its ``hf_distill_run.json`` holds the key) is not trained again; a run that was cut
+off continues from the last checkpoint in its folder (``save_strategy`` must write checkpoints).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from datasets import Dataset
 from transformers import (
     BertConfig,
@@ -23,9 +32,11 @@ from transformers import (
     PreTrainedTokenizerBase,
     set_seed,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import DistillationConfig
 from ..student import build_student
+from ..teacher_cache import weights_hash
 from ..trainer import DistillationTrainer
 from . import offline
 from .data import TextTask
@@ -33,6 +44,16 @@ from .evaluation import evaluate_splits
 from .teacher import load_classifier
 
 HARD_LABELS, KD, KD_TRANSFER = "hard labels", "KD", "KD + transfer set"
+RUN_INFO = "hf_distill_run.json"  # written last in a run's folder: the run finished
+# TrainingArguments that name or place a run without changing what it computes.
+_NOT_KEYED = {
+    "output_dir",
+    "logging_dir",
+    "resume_from_checkpoint",
+    "hub_token",
+    "push_to_hub",
+    "disable_tqdm",
+}
 
 
 def make_student(kind: str, teacher: PreTrainedModel, script, task: TextTask) -> PreTrainedModel:
@@ -117,12 +138,31 @@ def plan_runs(
             student_args,
             output_dir=f"{output_dir}/{run.slug}",
             max_steps=steps,
-            save_strategy="no",
             push_to_hub=False,
             **overrides,
         )
         runs.append(run)
     return runs
+
+
+def run_key(init: PreTrainedModel, run: StudentRun, eval_splits: dict[str, Dataset]) -> str:
+    """Hash of what a run's result depends on: its settings, training data, initial weights, evaluation data."""
+    settings = {k: v for k, v in run.args.to_dict().items() if k not in _NOT_KEYED}
+    parts = {
+        "settings": settings,
+        "train": run.train._fingerprint,
+        "init": weights_hash(init),
+        "eval": {s: d._fingerprint for s, d in eval_splits.items()},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _finished(folder: Path, key: str) -> dict[str, Any] | None:
+    info = folder / RUN_INFO
+    if not info.is_file():
+        return None
+    record = json.loads(info.read_text())
+    return record if record.get("key") == key else None
 
 
 def train_student(
@@ -136,8 +176,16 @@ def train_student(
     """Train a copy of ``init`` for ``run`` with ``DistillationTrainer``, evaluate it on ``eval_splits``
     (T = 1), and save it with the tokenizer in ``run.args.output_dir``.
 
-    ``teacher`` is None when ``run.train`` carries ``teacher_logits``.
+    ``teacher`` is None when ``run.train`` carries ``teacher_logits``. With ``resume_from_checkpoint`` set, a
+    finished run with the same key is read back instead, and a cut-off one continues from its last checkpoint.
     """
+    folder = Path(run.args.output_dir)
+    key = run_key(init, run, eval_splits)
+    resume = run.args.resume_from_checkpoint is not None
+    if resume and (done := _finished(folder, key)) is not None:
+        print(f"hf_distill: stage 2, {run.kind} student, {run.training}: finished before, kept", flush=True)
+        return TrainedStudent(run, done["metrics"], done["train_seconds"])
+    last = get_last_checkpoint(str(folder)) if resume and folder.is_dir() else None
     model = copy.deepcopy(init)
     set_seed(run.args.seed)
     trainer = DistillationTrainer(
@@ -145,12 +193,19 @@ def train_student(
     )
     print(
         f"hf_distill: stage 2, {run.kind} student, {run.training}: {run.args.max_steps} steps on "
-        f"{len(run.train)} examples",
+        f"{len(run.train)} examples" + (f", resumed from {last}" if last else ""),
         flush=True,
     )
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - start
     metrics = evaluate_splits(trainer, task, eval_splits)
     trainer.save_model(run.args.output_dir)  # gathers sharded (FSDP/DeepSpeed) weights
+    state = PartialState()
+    if state.is_main_process:
+        record = {"key": key, "metrics": metrics, "train_seconds": seconds, "steps": run.args.max_steps}
+        tmp = folder / f"{RUN_INFO}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, folder / RUN_INFO)
+    state.wait_for_everyone()
     return TrainedStudent(run, metrics, seconds)
