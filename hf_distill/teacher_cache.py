@@ -536,12 +536,17 @@ def precompute_teacher_logits(
             ``DEFAULT_TOP_K``; ``-1`` for dense ``[L, V]``). Must be None for other tasks.
         autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run the teacher under ``torch.autocast``.
         max_batch_tokens: padded tokens per forward pass (rows times longest row); halved on
-            out-of-memory until a batch fits (``accelerate.utils.find_executable_batch_size``).
+            out-of-memory (the window is run again; garbage is collected and the device cache
+            emptied then only) until a batch fits.
         max_batch_size: rows per forward pass at most.
         sort_window: examples sorted by length together (one ``Dataset.map`` batch); results are
             returned in the dataset's order.
         teacher_name: the teacher's id or path for the provenance (default: its config's ``_name_or_path``).
         expected_key: refuse (``ValueError``) unless the computed key equals this one.
+
+    The CPU side is columnar (no per-row Python; see :class:`_TeacherLogits`), so on a GPU the
+    teacher's forward sets the pace: around a teacher that costs nothing it reaches about 10^5
+    examples/s on one CPU core (``benchmarks/bench_gpu.py``, the ceiling section).
 
     On several processes the main process computes and writes the cache first; the others then
     read it (``PartialState().main_process_first()``, so ``cache_dir`` must be visible to all).
