@@ -438,9 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
             results["ceiling"] = bench_ceiling(scale, device, tmp)
     results["total_s"] = time.perf_counter() - start
     name = "gpu_tiny" if args.tiny else "gpu"
-    out = Path(args.out) / (
-        f"{name}_{'_'.join(args.skip)}.json".replace("_.", ".") if args.skip else f"{name}.json"
-    )
+    ran = [section for section in ("precompute", "steps", "ceiling") if section not in args.skip]
+    out = Path(args.out) / (f"{name}_{'_'.join(ran)}.json" if args.skip else f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"written to {out} ({results['total_s']:.0f} s)")
