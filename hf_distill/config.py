@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from .losses import KD_LOSSES
 
 HIDDEN_LOSSES = ("cosine", "mse")
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -72,6 +74,26 @@ class DistillationConfig(TrainingArguments):
             "help": "Weights of an ensemble of teachers (one per teacher, >= 0); default equal weights."
         },
     )
+    teacher_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dtype of the frozen teacher's weights: 'float32', 'bfloat16' or 'float16'. Default (None): "
+            "'bfloat16' with bf16, 'float16' with fp16, else the teacher's own dtype. Holding the teacher in the "
+            "mixed-precision dtype saves the weight casts of autocast at every forward and half its memory.",
+            "choices": [*TEACHER_DTYPES, None],
+        },
+    )
+
+    @property
+    def teacher_torch_dtype(self) -> torch.dtype | None:
+        """The dtype the teacher is cast to (``teacher_dtype``, else the mixed precision's); None: keep its own."""
+        if self.teacher_dtype is not None:
+            return getattr(torch, self.teacher_dtype)
+        if self.bf16:
+            return torch.bfloat16
+        if self.fp16:
+            return torch.float16
+        return None
 
     def __post_init__(self):
         super().__post_init__()
@@ -101,6 +123,10 @@ class DistillationConfig(TrainingArguments):
             )
         if self.layer_map is not None and any(i < 0 for i in self.layer_map):
             raise ValueError(f"layer_map entries are teacher layer numbers >= 0, got {self.layer_map}.")
+        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(
+                f"teacher_dtype must be one of {TEACHER_DTYPES} or None (follow bf16/fp16), got {self.teacher_dtype!r}."
+            )
         if self.teacher_weights is not None:
             if any(w < 0 for w in self.teacher_weights) or sum(self.teacher_weights) <= 0:
                 raise ValueError(

@@ -45,16 +45,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from accelerate import PartialState
-from accelerate.utils import find_executable_batch_size
+from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from datasets import Dataset, List, Value
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from . import tasks
 from .collator import teacher_sources
+from .ragged import (
+    BatchLayout,
+    batch_bounds,
+    fixed_size_lists,
+    flat_lists,
+    lists_of_fixed_size_lists,
+    longest_first,
+)
 from .tasks import base_model, forward_params, output_logits, task_of
 
 logger = logging.getLogger(__name__)
@@ -222,29 +231,39 @@ def length_sorted_batches(lengths: list[int], max_batch_tokens: int, max_batch_s
     """Positions grouped into batches by length, longest first, so each batch pads little.
 
     A batch holds at most ``max_batch_size`` rows and at most ``max_batch_tokens`` padded tokens
-    (rows times its longest row); a row longer than the budget forms a batch of its own.
+    (rows times its longest row); a row longer than the budget forms a batch of its own. The
+    batches :func:`precompute_teacher_logits` runs (:func:`hf_distill.ragged.batch_bounds`).
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches:
-            current = batches[-1]
-            longest = lengths[current[0]]
-            if len(current) < max_batch_size and (len(current) + 1) * longest <= max_batch_tokens:
-                current.append(i)
-                continue
-        batches.append([i])
-    return batches
+    order = longest_first(np.asarray(lengths, dtype=np.int64))
+    bounds = batch_bounds(np.asarray(lengths, dtype=np.int64)[order], max_batch_tokens, max_batch_size)
+    return [order[start:stop].tolist() for start, stop in bounds]
+
+
+def _output_width(teacher: nn.Module, task: str, top_k: int | None) -> int:
+    """Values stored per example (sequence classification) or per token: classes, 2, vocabulary or k."""
+    config = base_model(teacher).config
+    if task in tasks.VOCABULARY_TASKS:
+        return config.vocab_size if top_k is None else min(top_k, config.vocab_size)
+    if task == tasks.QUESTION_ANSWERING:
+        return 2
+    return config.num_labels
 
 
 class _TeacherLogits:
-    """The ``Dataset.map`` function: teacher outputs for a window of examples, in their original order."""
+    """The ``Dataset.map`` function: teacher outputs for a window of examples, in their original order.
+
+    It reads the window's token columns as Arrow list arrays and returns Arrow arrays, with no
+    per-row Python: each batch is padded by one scatter (:class:`hf_distill.ragged.BatchLayout`),
+    only the real tokens' outputs are gathered on the device (top-k taken there too), converted to
+    the stored dtype and copied to the host once per batch. On CUDA the inputs go through pinned
+    memory and the copy back is asynchronous, so the next batch is built while this one runs.
+    """
 
     def __init__(
         self,
         teacher: nn.Module,
         task: str,
-        argument_names: list[str],
+        columns: Mapping[str, str],
         *,
         pad_token_id: int,
         dtype: str,
@@ -253,22 +272,34 @@ class _TeacherLogits:
         max_batch_tokens: int,
         max_batch_size: int,
     ):
-        self.teacher, self.task, self.argument_names = teacher, task, argument_names
+        self.teacher, self.task, self.columns = teacher, task, dict(columns)
         self.pad_token_id, self.dtype, self.top_k = pad_token_id, np.dtype(dtype), top_k
+        self.torch_dtype = getattr(torch, dtype)
+        self.width = _output_width(teacher, task, top_k)
         self.autocast_dtype = AUTOCAST_DTYPES.get(autocast_dtype) if autocast_dtype else None
         self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
         self.device = next(teacher.parameters()).device
+        self.cuda = self.device.type == "cuda"
 
-    def __call__(self, *columns: list[list[int]]) -> dict[str, list[np.ndarray]]:
-        # Start each window from the budget that last fitted; halve it on out-of-memory.
-        @find_executable_batch_size(
-            starting_batch_size=self.max_batch_tokens, reduce_batch_size_fn=self._halve_budget
-        )
-        def run(max_batch_tokens: int):
-            self.max_batch_tokens = max_batch_tokens
-            return self._window(columns, max_batch_tokens)
-
-        return run()
+    def __call__(self, window: pa.Table) -> pa.Table:
+        # Start each window from the budget that last fitted; halve it on out-of-memory (and only
+        # then collect garbage and empty the device cache).
+        flat = {name: flat_lists(window[column]) for name, column in self.columns.items()}
+        ids = flat["input_ids"][1]  # columns with input_ids' row lengths share its offsets (and layouts)
+        flat = {name: (v, ids if np.array_equal(o, ids) else o) for name, (v, o) in flat.items()}
+        while True:
+            try:
+                outputs = self._window(flat)
+                break
+            except RuntimeError as err:
+                if not should_reduce_batch_size(err):
+                    raise
+            clear_device_cache(garbage_collection=True)
+            self._halve_budget()
+        window = window.drop_columns([name for name in outputs if name in window.column_names])
+        for name, values in outputs.items():
+            window = window.append_column(name, values)
+        return window
 
     def _halve_budget(self) -> int:
         self.max_batch_tokens //= 2
@@ -280,71 +311,110 @@ class _TeacherLogits:
         return self.max_batch_tokens
 
     @torch.inference_mode()
-    def _window(
-        self, columns: tuple[list[list[int]], ...], max_batch_tokens: int
-    ) -> dict[str, list[np.ndarray]]:
-        lengths = [len(ids) for ids in columns[0]]
-        rows: list[dict[str, np.ndarray] | None] = [None] * len(lengths)
-        for batch in length_sorted_batches(lengths, max_batch_tokens, self.max_batch_size):
-            for i, row in zip(batch, self._forward([[c[i] for i in batch] for c in columns]), strict=True):
-                rows[i] = row
-        return {key: [row[key] for row in rows] for key in rows[0]}
+    def _window(self, flat: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, pa.Array]:
+        offsets = flat["input_ids"][1]
+        lengths = np.diff(offsets)
+        order = longest_first(lengths)
+        out = self._allocate(len(lengths), int(offsets[-1]))
+        pending = None
+        for start, stop in batch_bounds(lengths[order], self.max_batch_tokens, self.max_batch_size):
+            launched = self._launch(BatchLayout.of(offsets, order[start:stop]), flat)
+            if pending is not None:  # the previous batch's copy back, while this one runs
+                self._collect(pending, out)
+            pending = launched
+        if pending is not None:
+            self._collect(pending, out)
+        if self.task == tasks.SEQUENCE_CLASSIFICATION:
+            return {key: fixed_size_lists(values) for key, values in out.items()}
+        return {key: lists_of_fixed_size_lists(values, offsets) for key, values in out.items()}
 
-    def _forward(self, columns: list[list[list[int]]]) -> list[dict[str, np.ndarray]]:
-        lengths = [len(ids) for ids in columns[0]]
-        width = max(lengths)
+    def _allocate(self, rows: int, tokens: int) -> dict[str, np.ndarray]:
+        """The window's outputs in its original order: one row per example or per token."""
+        n = rows if self.task == tasks.SEQUENCE_CLASSIFICATION else tokens
+        if self.task in tasks.VOCABULARY_TASKS and self.top_k is not None:
+            return {
+                "teacher_topk_values": np.empty((n, self.width), self.dtype),
+                "teacher_topk_indices": np.empty((n, self.width), np.int32),
+            }
+        return {"teacher_logits": np.empty((n, self.width), self.dtype)}
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.cuda:
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.cuda:
+            return tensor.cpu()
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return host.copy_(tensor, non_blocking=True)
+
+    def _launch(self, layout: BatchLayout, flat: dict[str, tuple[np.ndarray, np.ndarray]]):
+        """Start one batch: inputs to the device, the forward, the outputs on their way to the host."""
+        # Each column laid out by its own row lengths (normally those of input_ids), to one width.
+        layouts = {
+            name: layout if offsets is flat["input_ids"][1] else BatchLayout.of(offsets, layout.rows)
+            for name, (_, offsets) in flat.items()
+        }
+        width = max(own.width for own in layouts.values())
         inputs = {}
-        for name, values in zip(self.argument_names, columns, strict=True):
+        for name, (values, _) in flat.items():
             pad = self.pad_token_id if name == "input_ids" else 0
-            padded = torch.full((len(values), width), pad, dtype=torch.long)
-            for j, row in enumerate(values):
-                padded[j, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-            inputs[name] = padded.to(self.device)
+            inputs[name] = self._to_device(layouts[name].pad(values, pad, width))
         if "attention_mask" not in inputs:  # right padding: real tokens first
-            inputs["attention_mask"] = (
-                (torch.arange(width) < torch.tensor(lengths)[:, None]).long().to(self.device)
-            )
+            inputs["attention_mask"] = self._to_device(layout.mask(width))
         with torch.autocast(
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
             outputs = self.teacher(**inputs)
         logits = output_logits(outputs, self.task)
-        # One device-to-host copy per batch; each row is then cut to its own length on the host.
+        if self.task != tasks.SEQUENCE_CLASSIFICATION:  # the real tokens only, (tokens, C)
+            index = self._to_device(np.stack([layout.token_row, layout.token_col]))
+            logits = logits[index[0], index[1]]
+        logits = logits.float()
         if self.task in tasks.VOCABULARY_TASKS and self.top_k is not None:
-            values, indices = logits.float().topk(min(self.top_k, logits.shape[-1]), dim=-1)
-            values, indices = values.cpu().numpy(), indices.to(torch.int32).cpu().numpy()
-            return [
-                {"teacher_topk_values": self._store(values[j, :n]), "teacher_topk_indices": indices[j, :n]}
-                for j, n in enumerate(lengths)
-            ]
-        logits = logits.float().cpu().numpy()
-        if self.task == tasks.SEQUENCE_CLASSIFICATION:
-            return [{"teacher_logits": self._store(logits[j])} for j in range(len(lengths))]
-        return [{"teacher_logits": self._store(logits[j, :n])} for j, n in enumerate(lengths)]
+            values, indices = logits.topk(self.width, dim=-1)
+            results = {"teacher_topk_values": values, "teacher_topk_indices": indices.to(torch.int32)}
+        else:
+            values = logits
+            results = {"teacher_logits": logits}
+        # The largest magnitude stored, read only once the batch is back (float16 must hold it).
+        peak = values.abs().amax() if self.dtype == np.float16 and values.numel() else None
+        results = {key: value.to(self.torch_dtype) if value.is_floating_point() else value
+                   for key, value in results.items()}  # fmt: skip
+        host = {key: self._to_host(value) for key, value in results.items()}
+        peak = self._to_host(peak) if peak is not None else None
+        done = None
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return layout, host, peak, done
 
-    def _store(self, logits: np.ndarray) -> np.ndarray:
-        if self.dtype == np.float16 and logits.size and np.abs(logits).max() > _FLOAT16_MAX:
+    def _collect(self, pending, out: dict[str, np.ndarray]) -> None:
+        """Wait for a launched batch and write its outputs to their rows of the window."""
+        layout, host, peak, done = pending
+        if done is not None:
+            done.synchronize()
+        if peak is not None and float(peak) > _FLOAT16_MAX:
             raise ValueError(
-                f"Teacher logits reach {np.abs(logits).max():.3g}, beyond float16's range ({_FLOAT16_MAX:g}): "
+                f"Teacher logits reach {float(peak):.3g}, beyond float16's range ({_FLOAT16_MAX:g}): "
                 "pass dtype='float32'."
             )
-        return logits.astype(self.dtype)
+        where = layout.rows if self.task == tasks.SEQUENCE_CLASSIFICATION else layout.flat
+        for key, value in host.items():
+            out[key][where] = value.numpy()
 
 
 def _features(dataset: Dataset, teacher: nn.Module, task: str, dtype: str, top_k: int | None):
-    config = base_model(teacher).config
     features = dataset.features.copy()
-    value = Value(dtype)
+    value, width = Value(dtype), _output_width(teacher, task, top_k)
     if task in tasks.VOCABULARY_TASKS and top_k is not None:
-        k = min(top_k, config.vocab_size)
-        features["teacher_topk_values"] = List(List(value, length=k))
-        features["teacher_topk_indices"] = List(List(Value("int32"), length=k))
+        features["teacher_topk_values"] = List(List(value, length=width))
+        features["teacher_topk_indices"] = List(List(Value("int32"), length=width))
     elif task == tasks.SEQUENCE_CLASSIFICATION:
-        features["teacher_logits"] = List(value, length=config.num_labels)
-    elif task == tasks.QUESTION_ANSWERING:
-        features["teacher_logits"] = List(List(value, length=2))
+        features["teacher_logits"] = List(value, length=width)
     else:
-        width = config.num_labels if task == tasks.TOKEN_CLASSIFICATION else config.vocab_size
         features["teacher_logits"] = List(List(value, length=width))
     return features
 
@@ -466,12 +536,17 @@ def precompute_teacher_logits(
             ``DEFAULT_TOP_K``; ``-1`` for dense ``[L, V]``). Must be None for other tasks.
         autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run the teacher under ``torch.autocast``.
         max_batch_tokens: padded tokens per forward pass (rows times longest row); halved on
-            out-of-memory until a batch fits (``accelerate.utils.find_executable_batch_size``).
+            out-of-memory (the window is run again; garbage is collected and the device cache
+            emptied then only) until a batch fits.
         max_batch_size: rows per forward pass at most.
         sort_window: examples sorted by length together (one ``Dataset.map`` batch); results are
             returned in the dataset's order.
         teacher_name: the teacher's id or path for the provenance (default: its config's ``_name_or_path``).
         expected_key: refuse (``ValueError``) unless the computed key equals this one.
+
+    The CPU side is columnar (no per-row Python; see :class:`_TeacherLogits`), so on a GPU the
+    teacher's forward sets the pace: around a teacher that costs nothing it reaches about 10^5
+    examples/s on one CPU core (``benchmarks/bench_gpu.py``, the ceiling section).
 
     On several processes the main process computes and writes the cache first; the others then
     read it (``PartialState().main_process_first()``, so ``cache_dir`` must be visible to all).
@@ -508,7 +583,7 @@ def precompute_teacher_logits(
     compute = _TeacherLogits(
         teacher,
         task,
-        list(columns),
+        columns,
         pad_token_id=(tokenizer.pad_token_id if tokenizer is not None else None) or 0,
         dtype=dtype,
         top_k=components["top_k"],
@@ -517,11 +592,9 @@ def precompute_teacher_logits(
         max_batch_size=max_batch_size,
     )
     map_kwargs = dict(
-        input_columns=list(columns.values()),
         batched=True,
         batch_size=sort_window,
         features=_features(dataset, teacher, task, dtype, components["top_k"]),
-        new_fingerprint=key,
         desc="Teacher logits",
     )
     teacher_was_training = teacher.training
@@ -532,14 +605,16 @@ def precompute_teacher_logits(
                 "The dataset is held in memory and no cache_dir was given: teacher logits are computed in memory "
                 "and not cached. Pass cache_dir to compute them once and reuse them."
             )
-            return dataset.map(compute, keep_in_memory=True, **map_kwargs)
+            return _map(dataset, compute, key, keep_in_memory=True, **map_kwargs)
         arrow, meta = cache_paths(cache_dir, key)
         with PartialState().main_process_first():
             hit = _complete(arrow, meta, key)
             if not hit:
                 arrow.parent.mkdir(parents=True, exist_ok=True)
                 meta.unlink(missing_ok=True)
-            out = dataset.map(compute, cache_file_name=str(arrow), load_from_cache_file=hit, **map_kwargs)
+            out = _map(
+                dataset, compute, key, cache_file_name=str(arrow), load_from_cache_file=hit, **map_kwargs
+            )
             if not hit:
                 provenance = {
                     **components,
@@ -559,6 +634,21 @@ def precompute_teacher_logits(
         return out
     finally:
         teacher.train(teacher_was_training)
+
+
+def _map(dataset: Dataset, compute: _TeacherLogits, key: str, **map_kwargs) -> Dataset:
+    """``dataset.map(compute)`` on Arrow batches (no conversion to Python lists either way), returned
+    in ``dataset``'s format with the new columns added and the fingerprint ``key``."""
+    out = dataset.with_format("arrow").map(compute, new_fingerprint=key, **map_kwargs)
+    fmt = dataset.format
+    columns = fmt["columns"]
+    if columns is not None:
+        columns = columns + [c for c in out.column_names if c not in dataset.column_names]
+    out = out.with_format(
+        fmt["type"], columns=columns, output_all_columns=fmt["output_all_columns"], **fmt["format_kwargs"]
+    )
+    out._fingerprint = key  # as map(new_fingerprint=key) leaves it: the format is not part of the key
+    return out
 
 
 def load_teacher_cache(

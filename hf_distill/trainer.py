@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from .config import DistillationConfig
 from .hub import push_student
 from .model_card import card_data_from_trainer
 from .tasks import base_model, forward_params, output_logits, task_of
-from .teachers import check_compatible, load_teacher, prepare_teacher
+from .teachers import cast_teacher, check_compatible, load_teacher, prepare_teacher
 
 # Arguments never passed to the teacher: its loss and output switches are ours to set.
 _NOT_FOR_TEACHER = {"labels", "start_positions", "end_positions", "return_dict", "use_cache"}
@@ -88,9 +87,13 @@ class DistillationTrainer(Trainer):
             raise ValueError("DistillationTrainer needs the student as `model`.")
         self.task = task_of(model)
         listed = teacher_model if isinstance(teacher_model, list | tuple) else [teacher_model]
-        teachers = [
-            load_teacher(t, self.task, **(teacher_init_kwargs or {})) for t in listed if t is not None
-        ]
+        dtype = args.teacher_torch_dtype
+        init_kwargs = dict(teacher_init_kwargs or {})
+        if dtype is not None and "dtype" not in init_kwargs and "torch_dtype" not in init_kwargs:
+            init_kwargs["dtype"] = dtype  # teachers loaded by name: in that dtype from the start
+        teachers = [load_teacher(t, self.task, **init_kwargs) for t in listed if t is not None]
+        if dtype is not None:
+            teachers = [cast_teacher(t, dtype) for t in teachers]
         for teacher in teachers:
             check_compatible(
                 model, teacher, student_tokenizer=processing_class, teacher_tokenizer=teacher_processing_class
@@ -122,7 +125,8 @@ class DistillationTrainer(Trainer):
         self.teachers = [prepare_teacher(t, self.accelerator) for t in teachers]
         self._check_train_dataset(train_dataset)
         self.hidden_projection = self._make_hidden_projection()
-        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        # Loss component -> (sum on the device, count) since the last log: no host sync per step.
+        self._metrics: dict[str, tuple[torch.Tensor, int]] = {}
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -359,8 +363,15 @@ class DistillationTrainer(Trainer):
                 "(label -100 marks an unlabelled example), or set beta=0 to learn from the teacher alone."
             )
         student_inputs = self._student_inputs(inputs)
-        labelled = has_labels and args.beta > 0 and any((inputs[n] != -100).any() for n in self.label_names)
-        if not labelled:
+        labelled = None
+        if has_labels and args.beta > 0:
+            # Whether any row has a label (-100: unlabelled), kept on the device so that no Python `if`
+            # waits for it: a batch without any label gets placeholder labels (0) for the student's loss,
+            # and its hard-label term is then zeroed below.
+            labelled = torch.stack([(inputs[n] != -100).any() for n in self.label_names]).any()
+            for name in self.label_names:
+                student_inputs[name] = torch.where(labelled, inputs[name], torch.zeros_like(inputs[name]))
+        else:
             for name in self.label_names:
                 student_inputs.pop(name, None)
         want_hidden, want_attention = args.hidden_loss_weight > 0, args.attention_loss_weight > 0
@@ -382,11 +393,12 @@ class DistillationTrainer(Trainer):
             if want_attention:
                 components["attention"] = self.compute_attention_loss(outputs, teacher, inputs)
         if args.beta > 0:
-            # A batch of unlabelled examples only (label -100) has no hard-label term.
-            components["ce"] = outputs.loss if labelled else output_logits(outputs, self.task).sum() * 0.0
+            # A batch of unlabelled examples only (label -100) has no hard-label term (and no gradient from it).
+            components["ce"] = torch.where(labelled, outputs.loss, outputs.loss.new_zeros(()))
         loss = self.combine_losses(components)
         for name, value in components.items():
-            self._metrics[f"{name}_loss"].append(value.detach())
+            total, count = self._metrics.get(f"{name}_loss", (0.0, 0))
+            self._metrics[f"{name}_loss"] = (total + value.detach().float(), count + 1)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -407,8 +419,8 @@ class DistillationTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs carry the mean of each loss component since the last log, over all processes.
         if "loss" in logs and self._metrics:
-            for name, values in self._metrics.items():
-                mean = torch.stack(values).mean()
+            for name, (total, count) in self._metrics.items():
+                mean = total / count
                 logs[name] = self.accelerator.reduce(mean.to(self.args.device), reduction="mean").item()
             self._metrics.clear()
         super().log(logs, start_time)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hf_distill import DistillationConfig
 
@@ -26,6 +27,7 @@ def make(tmp_path, **kwargs):
         ({"hidden_loss_weight": 1.0}, "hidden_loss is None"),
         ({"teacher_weights": [1.0, -1.0]}, "teacher_weights must be >= 0"),
         ({"layer_map": [2, -1]}, "layer_map entries"),
+        ({"teacher_dtype": "bf16"}, "teacher_dtype must be one of .* got 'bf16'"),
     ],
 )
 def test_invalid_values_raise(tmp_path, kwargs, message):
@@ -45,3 +47,16 @@ def test_valid_config_keeps_values(tmp_path):
     )
     assert (config.temperature, config.alpha, config.beta, config.kd_loss) == (4.0, 0.9, 0.1, "jsd")
     assert (config.hidden_loss, config.hidden_loss_weight) == ("mse", 2.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "dtype"),
+    [
+        ({}, None),
+        ({"bf16": True}, torch.bfloat16),
+        ({"bf16": True, "teacher_dtype": "float32"}, torch.float32),
+        ({"teacher_dtype": "float16"}, torch.float16),
+    ],
+)
+def test_teacher_dtype_follows_mixed_precision_unless_set(tmp_path, kwargs, dtype):
+    assert make(tmp_path, use_cpu=True, **kwargs).teacher_torch_dtype == dtype

@@ -490,3 +490,26 @@ def test_peft_student_trains_its_adapters(tmp_path, tokenizer):
     assert any("lora_" in n for n in trainable)
     assert all(not torch.equal(params[n].detach(), v) for n, v in trainable.items() if "lora_B" in n)
     assert all(torch.equal(params[n].detach(), v) for n, v in frozen.items())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "dtype"),
+    [
+        ({"bf16": True}, torch.bfloat16),
+        ({"bf16": True, "teacher_dtype": "float32"}, torch.float32),
+        ({}, torch.float32),
+    ],
+)
+def test_teacher_is_held_in_the_mixed_precision_dtype(tmp_path, tokenizer, kwargs, dtype):
+    trainer = DistillationTrainer(
+        model=tiny_bert(seed=2, num_layers=1),
+        teacher_model=tiny_bert(seed=1),
+        args=config(tmp_path, max_steps=2, **kwargs),
+        train_dataset=random_classification_dataset(16),
+        processing_class=tokenizer,
+    )
+    assert {p.dtype for p in trainer.teacher.parameters()} == {dtype}
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}  # the student keeps its own
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(e["kd_loss"])) for e in logged)

@@ -1,0 +1,59 @@
+"""benchmarks/bench_gpu.py runs end to end at toy sizes on CPU (about 15 s) and writes a complete results file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_gpu.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_gpu_tiny_writes_every_measurement(tmp_path):
+    bench = _bench()
+    returned = bench.main(["--tiny", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "gpu_tiny.json").read_text())
+    assert results == json.loads(json.dumps(returned))
+    pre = results["precompute"]
+    assert pre["argmax_agree"] == 1.0 and pre["max_abs_diff_cache_vs_naive"] < 1e-2  # same logits
+    for entry in (pre["naive"], *(v for k, v in pre.items() if k.startswith("cache_budget"))):
+        assert entry["examples_per_s"] > 0 and entry["useful_tflops"] > 0
+    for batch in bench.TINY.batch_sizes:
+        steps = results["steps"][f"batch_{batch}"]
+        assert set(steps["median_ms"]) == set(bench.VARIANTS)
+        assert all(ms > 0 for ms in steps["median_ms"].values())
+        assert steps["steps_timed_per_variant"] == (bench.TINY.steps - bench.TINY.warmup) * bench.TINY.rounds
+    for kind in ("sequence_classification", "token_classification", "masked_lm_top_k"):
+        rates = results["ceiling"][kind]
+        assert rates["tokens_per_s"] == pytest.approx(
+            rates["examples_per_s"] * results["ceiling"]["mean_tokens"]
+        )
+
+
+def test_near_free_teacher_has_the_real_output_shapes():
+    bench = _bench()
+    dataset = bench.make_dataset(6, vocab=500)
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    assert min(lengths) >= 8 and max(lengths) <= bench.MAX_LENGTH
+    assert all(ids[0] == 2 and ids[-1] == 3 for ids in dataset["input_ids"])
+    device = bench.Device("cpu")
+    ids = torch.tensor([dataset["input_ids"][0][:8], dataset["input_ids"][1][:8]])
+    for kind, shape in [
+        ("sequence_classification", (2, bench.NUM_LABELS)),
+        ("token_classification", (2, 8, bench.NUM_LABELS)),
+        ("masked_lm_top_k", (2, 8, bench.FREE_VOCAB)),
+    ]:
+        teacher, _ = bench.free_teacher(kind, device)
+        assert teacher(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == shape
