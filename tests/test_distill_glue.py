@@ -304,3 +304,57 @@ def test_killed_run_resumes_without_retraining_finished_stages(cache, tmp_path, 
             torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=f"{row['training']}: {name}")
         for split, metrics in want["metrics"].items():
             assert row["metrics"][split] == pytest.approx(metrics)
+
+
+def test_ensemble_of_teacher_seeds(cache, tmp_path):
+    """``teacher_seeds``: one fine-tuned teacher per seed, the ensemble's own score, and a student of each."""
+    flags = tiny_flags(cache, tmp_path / "out") + ["--students", "layers", "--transfer_set", "layers", "--train_baseline", "false"]
+    summary = distill_glue.main([*flags, "--teacher_seeds", "1", "2"])
+    rows = [(r["name"], r["training"]) for r in summary["results"]]
+    assert rows == [
+        ("teacher (offline:all-MiniLM-L6-v2, seed 1)", "fine-tuned on 32 labels"),
+        ("teacher (offline:all-MiniLM-L6-v2, seed 2)", "fine-tuned on 32 labels"),
+        ("ensemble of 2 teachers (seeds 1, 2)", "mean of the teachers' soft labels"),
+        ("layers student", "KD"),
+        ("layers student", "KD + transfer set"),
+        ("layers student", "KD from the ensemble"),
+        ("layers student", "KD from the ensemble + transfer set"),
+    ]
+    first, second, ensemble = summary["results"][:3]
+    assert first["output_dir"] != second["output_dir"]
+    hashes = summary["teacher_weights_hash"]
+    assert len(hashes) == 2 and hashes[0] != hashes[1]
+    assert set(ensemble["metrics"]["test"]) == {"accuracy", "macro_f1"}
+    card = (Path(summary["results"][5]["output_dir"]) / "README.md").read_text()
+    assert "ensemble, seeds 1, 2" in card and f"{hashes[0]}, {hashes[1]}" in card
+
+
+def test_cached_ensemble_logits_are_the_live_mixture(tmp_path, tokenizer):
+    from conftest import config, random_classification_dataset, tiny_bert
+
+    from hf_distill import ensemble_logits, precompute_teacher_logits
+    from hf_distill.text_classification.run import _ensemble_logits
+
+    teachers = [tiny_bert(seed=1), tiny_bert(seed=2)]
+    data = random_classification_dataset(6)
+    cached = [
+        precompute_teacher_logits(t, data, cache_dir=tmp_path / "logits", dtype="float32") for t in teachers
+    ]
+    args = config(tmp_path, temperature=3.0, teacher_weights=[0.25, 0.75])
+    mixture = _ensemble_logits(cached, args)
+    for i, row in enumerate(data):
+        inputs = {k: torch.tensor([row[k]]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        with torch.no_grad():
+            live = ensemble_logits([t.eval()(**inputs).logits for t in teachers], [0.25, 0.75], 3.0)
+        torch.testing.assert_close(torch.tensor(mixture[i]["teacher_logits"]), live[0], rtol=0, atol=1e-5)
+
+
+def test_hidden_loss_from_the_recipe(cache, tmp_path):
+    """A hidden-state loss runs the teacher live beside its cached logits; the baseline has no teacher term."""
+    flags = tiny_flags(cache, tmp_path / "out") + ["--students", "layers", "--transfer_set", "layers", "--hidden_loss", "cosine"]
+    summary = distill_glue.main([*flags, "--hidden_loss_weight", "1.0"])
+    losses = {r["training"]: r["train_losses"] for r in summary["results"][1:]}
+    assert {"kd_loss", "ce_loss", "hidden_loss"} <= set(losses["KD"]) and losses["KD"]["hidden_loss"] > 0
+    assert set(losses["hard labels"]) == {"loss", "ce_loss"}
+    card = (Path(summary["results"][2]["output_dir"]) / "README.md").read_text()
+    assert "| hidden_loss | `cosine` (weight 1.0) |" in card

@@ -149,6 +149,14 @@ class DistillTextArguments:
             "help": "Seed of the teacher's fine-tuning (default: seed). Fix it to vary only the students' seed."
         },
     )
+    teacher_seeds: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Distil an ensemble: the teacher backbone fine-tuned once per seed (each cached); students learn "
+            "the mixture of the teachers' soft labels (weighted by teacher_weights), beside a student of the first "
+            "teacher alone. None: one teacher (teacher_seed)."
+        },
+    )
     teacher_learning_rate: float = field(
         default=2e-5, metadata={"help": "Teacher fine-tuning learning rate."}
     )
@@ -223,6 +231,11 @@ class DistillTextArguments:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}.")
         if self.metric == "glue" and not self.dataset_config_name:
             raise ValueError("metric 'glue' needs dataset_config_name: the GLUE task (e.g. sst2, mnli).")
+        if self.teacher_seeds is not None:
+            if len(set(self.teacher_seeds)) < 2 or len(set(self.teacher_seeds)) != len(self.teacher_seeds):
+                raise ValueError(f"teacher_seeds takes two or more distinct seeds, got {self.teacher_seeds}.")
+            if self.teacher_seed is not None:
+                raise ValueError("Set teacher_seed (one teacher) or teacher_seeds (an ensemble), not both.")
         unknown = [s for s in self.students if s not in STUDENT_KINDS]
         if unknown or not self.students:
             raise ValueError(f"students must be a non-empty list of {STUDENT_KINDS}, got {self.students}.")

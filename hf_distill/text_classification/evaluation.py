@@ -9,7 +9,7 @@ import torch
 import transformers
 from datasets import Dataset
 from torch import nn
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, Trainer
+from transformers import DataCollatorWithPadding, EvalPrediction, PreTrainedTokenizerBase, Trainer
 
 from ..tasks import forward_params
 from .data import TextTask
@@ -72,6 +72,36 @@ def evaluate_model(
         model=model, args=args, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer)
     )
     return evaluate_splits(trainer, task, splits)
+
+
+def evaluate_ensemble(
+    models: list[nn.Module],
+    task: TextTask,
+    splits: dict[str, Dataset],
+    args: transformers.TrainingArguments,
+    tokenizer: PreTrainedTokenizerBase,
+) -> dict[str, dict[str, float]]:
+    """``{split: {metric: value}}`` of an ensemble's own predictions: the mean of its models' softmax at T = 1
+    (the mean score for regression), as the students learn it at T = 1."""
+    metrics = compute_metrics_fn(task)
+    results = {}
+    for split, dataset in splits.items():
+        outputs = [
+            Trainer(
+                model=m,
+                args=args,
+                processing_class=tokenizer,
+                data_collator=DataCollatorWithPadding(tokenizer),
+            ).predict(dataset)
+            for m in models
+        ]
+        logits = torch.stack([torch.as_tensor(o.predictions).float() for o in outputs])
+        if task.is_regression:
+            mixed = logits.mean(0)
+        else:
+            mixed = torch.log(torch.softmax(logits, dim=-1).mean(0))
+        results[split] = metrics(EvalPrediction(predictions=mixed.numpy(), label_ids=outputs[0].label_ids))
+    return results
 
 
 @torch.inference_mode()

@@ -16,7 +16,7 @@ from ..config import DistillationConfig
 from ..hub import push_student
 from ..model_card import StudentCardData, settings_of, write_card
 from .data import TextTask
-from .students import HARD_LABELS
+from .students import ENSEMBLE, HARD_LABELS
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class RunResult:
     train_seconds: float = 0.0
     steps: int = 0
     output_dir: str | None = None
+    train_losses: dict[str, float] | None = None  # the last logged training loss and its components
 
     @property
     def distilled(self) -> bool:
@@ -52,7 +53,7 @@ def summary(
     splits: dict[str, dict[str, Any]],
     labelled_examples: int,
     train_examples: int,
-    teacher_weights_hash: str,
+    teacher_weights_hash: str | list[str],
 ) -> dict[str, Any]:
     """What ``results.json`` holds: the data and where its splits came from, the settings, the rows."""
     eval_splits = [s for s in splits if s != "train"]
@@ -114,15 +115,16 @@ def student_card(
     script,
     args: DistillationConfig,
     *,
-    teacher_weights_hash: str,
+    teacher_weights_hashes: dict[str, str],
     student: PreTrainedModel,
     recipe: str | None = None,
     launch_command: str | None = None,
 ) -> StudentCardData:
-    """The card of a distilled student: the teacher's and the baseline's scores on the report split beside its
-    own, the distillation settings of ``args`` (``settings_of``), sizes and speedup."""
+    """The card of a distilled student: its teacher's (or ensemble's) and the baseline's scores on the report
+    split beside its own, the distillation settings of ``args`` (``settings_of``), sizes and speedup."""
     split = report_split([s for s in result.metrics])
-    teacher = results[0]
+    from_ensemble = ENSEMBLE in result.training
+    teacher = next(r for r in results if r.student is None and r.name.startswith("ensemble") == from_ensemble)
     baseline = next((r for r in results if r.student == result.student and r.training == HARD_LABELS), None)
     return StudentCardData(
         repo_id=args.hub_model_id or f"{task.name}-{result.student}-student",
@@ -130,8 +132,9 @@ def student_card(
         dataset_name=task.dataset,
         dataset_config=task.dataset_config,
         eval_split=split,
-        teacher=script.teacher_model_name_or_path,
-        teacher_weights_hash=teacher_weights_hash,
+        teacher=script.teacher_model_name_or_path
+        + (f" (ensemble, seeds {', '.join(map(str, script.teacher_seeds))})" if from_ensemble else ""),
+        teacher_weights_hash=teacher_weights_hashes["ensemble" if from_ensemble else "teacher"],
         student_init_layers=(student.config.to_dict().get("distillation") or {}).get("teacher_layers"),
         student_init_checkpoint=script.student_model_name_or_path if result.student == "checkpoint" else None,
         teacher_mode="cached" if script.use_teacher_cache else "live",
@@ -164,7 +167,7 @@ def write_cards_and_publish(
     args: DistillationConfig,
     tokenizer: PreTrainedTokenizerBase,
     *,
-    teacher_weights_hash: str,
+    teacher_weights_hashes: dict[str, str],
     recipe: str | None = None,
     launch_command: str | None = None,
 ) -> RunResult | None:
@@ -181,7 +184,7 @@ def write_cards_and_publish(
                 task,
                 script,
                 args,
-                teacher_weights_hash=teacher_weights_hash,
+                teacher_weights_hashes=teacher_weights_hashes,
                 student=students[result.output_dir],
                 recipe=recipe,
                 launch_command=launch_command,

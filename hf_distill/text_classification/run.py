@@ -10,10 +10,14 @@ students' cards. ``scripts/precompute_teacher_logits.py`` uses :func:`prepare`,
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from accelerate import PartialState
 from datasets import Dataset
 from transformers import (
@@ -25,13 +29,14 @@ from transformers import (
 )
 
 from ..config import DistillationConfig
+from ..losses import ensemble_logits
 from ..model_card import count_parameters
 from ..teacher_cache import precompute_teacher_logits, weights_hash
 from . import data, offline
 from .data import TextTask
-from .evaluation import evaluate_model, measure_speed
+from .evaluation import evaluate_ensemble, evaluate_model, measure_speed
 from .report import RunResult, format_table, summary, write_cards_and_publish, write_summary
-from .students import TrainedStudent, make_student, plan_runs, train_student
+from .students import HARD_LABELS, TrainedStudent, make_student, plan_runs, train_student
 from .teacher import get_teacher, labels_fit
 
 __all__ = ["Prepared", "format_table", "prepare", "run", "teacher_cache_settings"]
@@ -72,6 +77,11 @@ def prepare(script, args: DistillationConfig) -> Prepared:
         teacher_path = offline.resolve_model_path(script.teacher_model_name_or_path, script.cache_dir)
     if script.teacher_finetune is not True:
         labels_fit(AutoConfig.from_pretrained(teacher_path), task, "teacher")  # refuses other label names
+    if script.teacher_seeds and (args.hidden_loss_weight > 0 or args.attention_loss_weight > 0):
+        raise ValueError(
+            "teacher_seeds (an ensemble) gives the students logits only: the hidden-state and attention losses "
+            "take one teacher. Set hidden_loss_weight and attention_loss_weight to 0, or drop teacher_seeds."
+        )
     if script.num_labelled is not None and task.is_regression:
         raise ValueError(
             "num_labelled (unlabelled examples) needs a classification task, not a regression one."
@@ -113,6 +123,23 @@ def _load_saved(path: str, device) -> AutoModelForSequenceClassification:
     return AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
 
 
+def _ensemble_logits(datasets: list[Dataset], args: DistillationConfig) -> Dataset:
+    """The first teacher's cached dataset with ``teacher_logits`` replaced by the ensemble's mixture at the
+    distillation temperature (:func:`hf_distill.ensemble_logits`, the logits the trainer would form live)."""
+    logits = [torch.as_tensor(np.asarray(d["teacher_logits"], dtype=np.float32)) for d in datasets]
+    weights = args.teacher_weights or [1.0] * len(datasets)
+    mixture = ensemble_logits(logits, weights, args.temperature, args.kd_loss).numpy()
+    first = datasets[0].remove_columns("teacher_logits")
+    return first.add_column(
+        "teacher_logits", list(mixture), new_fingerprint=_mixture_fingerprint(datasets, args)
+    )
+
+
+def _mixture_fingerprint(datasets: list[Dataset], args: DistillationConfig) -> str:
+    parts = [d._fingerprint for d in datasets] + [args.teacher_weights, args.temperature, args.kd_loss]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
 def run(
     script, args: DistillationConfig, recipe: str | None = None, launch_command: str | None = None
 ) -> dict[str, Any]:
@@ -126,35 +153,51 @@ def run(
     output_dir = Path(args.output_dir)
     eval_args = dataclasses.replace(args, output_dir=str(output_dir / "eval"), push_to_hub=False)
 
-    # ---- stage 1
-    teacher = get_teacher(script, args, task, prepared.labelled, tokenizer, cache)
-    teacher.model.to(args.device).eval()
-    teacher_metrics = evaluate_model(teacher.model, task, evals, eval_args, tokenizer)
-    teacher_hash = weights_hash(teacher.model)
+    # ---- stage 1: the teacher, or one per seed of an ensemble
+    seeds = script.teacher_seeds or [None]
+    teachers = [get_teacher(script, args, task, prepared.labelled, tokenizer, cache, seed=s) for s in seeds]
+    models = [t.model.to(args.device).eval() for t in teachers]
+    teacher_metrics = [evaluate_model(m, task, evals, eval_args, tokenizer) for m in models]
+    hashes = [weights_hash(m) for m in models]
 
-    # Teacher logits over every training text (the labelled rows are the first ones).
-    train_all, kd_teacher = prepared.transfer, teacher.model
+    # Teacher logits over every training text (the labelled rows are the first ones). A hidden-state or
+    # attention loss needs the live teacher's activations, so the teacher is kept beside its logits.
+    needs_live = args.hidden_loss_weight > 0 or args.attention_loss_weight > 0
+    live = {"teacher": models[0], "ensemble": models}
+    train_sets = {"teacher": [prepared.transfer]}
     if script.use_teacher_cache:
-        train_all = precompute_teacher_logits(
-            teacher.model,
-            prepared.transfer,
-            tokenizer=tokenizer,
-            **teacher_cache_settings(script, task, cache),
-            teacher_name=script.teacher_model_name_or_path,
-        )
-        kd_teacher = None
+        settings = teacher_cache_settings(script, task, cache)
+        cached = [
+            precompute_teacher_logits(
+                m, prepared.transfer, tokenizer=tokenizer, **settings, teacher_name=_name(script, s)
+            )
+            for m, s in zip(models, seeds, strict=True)
+        ]
+        train_sets = {
+            "teacher": [cached[0]],
+            "ensemble": [_ensemble_logits(cached, args)] if len(models) > 1 else [],
+        }
+        if not needs_live:
+            live = {"teacher": None, "ensemble": None}
     n_labelled = len(prepared.labelled)
-    labelled_kd = train_all.select(range(n_labelled)) if n_labelled < len(train_all) else train_all
+    sources = {}
+    for source in ("teacher", "ensemble"):
+        if source == "ensemble" and len(models) == 1:
+            continue
+        full = (
+            train_sets.get(source, [prepared.transfer])[0] if script.use_teacher_cache else prepared.transfer
+        )
+        sources[source] = (full.select(range(n_labelled)) if n_labelled < len(full) else full, full)
 
     # ---- stage 2
     trained: list[tuple[TrainedStudent, int]] = []
     for kind in script.students:
         set_seed(args.seed)
-        init = make_student(kind, teacher.model, script, task)
-        for student_run in plan_runs(kind, script, args, labelled_kd, train_all, str(output_dir)):
-            trained.append(
-                (train_student(init, student_run, tokenizer, kd_teacher, task, evals), count_parameters(init))
-            )
+        init = make_student(kind, models[0], script, task)
+        for student_run in plan_runs(kind, script, args, sources, str(output_dir)):
+            teacher = live[student_run.source]
+            result = train_student(init, student_run, tokenizer, teacher, task, evals)
+            trained.append((result, count_parameters(init)))
 
     # Speed depends on the architecture only: one model of each kind, reloaded from its saved folder
     # (whole weights even after FSDP/DeepSpeed) and timed one after the other on this process's device.
@@ -163,30 +206,40 @@ def run(
     def speed(model) -> float:
         return measure_speed(model, speed_split, tokenizer, script.speed_samples, script.speed_batch_size)
 
-    speeds = {None: speed(teacher.model)}
+    speeds = {None: speed(models[0])}
     students = {}  # output_dir -> reloaded distilled student (cards, publishing)
     for student, _ in trained:
         out = student.run.args.output_dir
-        if student.run.training != "hard labels":
+        if student.run.training != HARD_LABELS:
             students[out] = _load_saved(out, args.device)
         if student.run.kind not in speeds:
             speeds[student.run.kind] = speed(students.get(out) or _load_saved(out, args.device))
 
-    if teacher.fine_tuned_labels is not None:
-        teacher_training = f"fine-tuned on {teacher.fine_tuned_labels} labels"
-    else:
-        teacher_training = "checkpoint"
     results = [
         RunResult(
-            name=f"teacher ({script.teacher_model_name_or_path})",
+            name=f"teacher ({_name(script, seed)})",
             student=None,
-            training=teacher_training,
-            metrics=teacher_metrics,
-            parameters=count_parameters(teacher.model),
+            training="checkpoint"
+            if t.fine_tuned_labels is None
+            else f"fine-tuned on {t.fine_tuned_labels} labels",
+            metrics=metrics,
+            parameters=count_parameters(t.model),
             examples_per_second=speeds[None],
-            output_dir=teacher.source,
+            output_dir=t.source,
         )
+        for t, seed, metrics in zip(teachers, seeds, teacher_metrics, strict=True)
     ]
+    if len(models) > 1:
+        results.append(
+            RunResult(
+                name=f"ensemble of {len(models)} teachers (seeds {', '.join(map(str, seeds))})",
+                student=None,
+                training="mean of the teachers' soft labels",
+                metrics=evaluate_ensemble(models, task, evals, eval_args, tokenizer),
+                parameters=sum(r.parameters for r in results),
+                examples_per_second=speeds[None] / len(models),
+            )
+        )
     results += [
         RunResult(
             name=f"{s.run.kind} student",
@@ -198,9 +251,11 @@ def run(
             train_seconds=s.train_seconds,
             steps=s.run.args.max_steps,
             output_dir=s.run.args.output_dir,
+            train_losses=s.train_losses,
         )
         for s, parameters in trained
     ]
+    teacher_hashes = {"teacher": hashes[0], "ensemble": ", ".join(hashes)}
     write_cards_and_publish(
         results,
         students,
@@ -208,7 +263,7 @@ def run(
         script,
         args,
         tokenizer,
-        teacher_weights_hash=teacher_hash,
+        teacher_weights_hashes=teacher_hashes,
         recipe=recipe,
         launch_command=launch_command,
     )
@@ -219,8 +274,14 @@ def run(
         results,
         splits=prepared.splits,
         labelled_examples=n_labelled,
-        train_examples=len(train_all),
-        teacher_weights_hash=teacher_hash,
+        train_examples=len(prepared.transfer),
+        teacher_weights_hash=hashes[0] if len(hashes) == 1 else hashes,
     )
     write_summary(result, output_dir)
     return result
+
+
+def _name(script, seed: int | None) -> str:
+    """How a teacher is named in the table and the cache's provenance."""
+    name = script.teacher_model_name_or_path
+    return name if seed is None else f"{name}, seed {seed}"

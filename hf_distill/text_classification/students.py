@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,15 @@ from .evaluation import evaluate_splits
 from .teacher import load_classifier
 
 HARD_LABELS, KD, KD_TRANSFER = "hard labels", "KD", "KD + transfer set"
+ENSEMBLE = " from the ensemble"  # KD from the ensemble [+ transfer set]
+# A hard-label baseline learns from the labels alone: no teacher term of any kind.
+_HARD_LABELS_ONLY = {
+    "alpha": 0.0,
+    "beta": 1.0,
+    "hidden_loss": None,
+    "hidden_loss_weight": 0.0,
+    "attention_loss_weight": 0.0,
+}
 RUN_INFO = "hf_distill_run.json"  # written last in a run's folder: the run finished
 # TrainingArguments that name or place a run without changing what it computes.
 _NOT_KEYED = {
@@ -82,16 +92,20 @@ def make_student(kind: str, teacher: PreTrainedModel, script, task: TextTask) ->
 
 @dataclass
 class StudentRun:
-    """One training run of a student: its kind, regime, data, settings and where it is saved."""
+    """One training run of a student: its kind, regime, data, settings and where it is saved.
+
+    ``source`` names the teacher it learns from: ``"teacher"`` (the first or only one) or ``"ensemble"``.
+    """
 
     kind: str
-    training: str  # HARD_LABELS, KD or KD_TRANSFER
+    training: str  # HARD_LABELS, KD, KD_TRANSFER, or their ensemble variants
     train: Dataset
     args: DistillationConfig
+    source: str = "teacher"
 
     @property
     def slug(self) -> str:
-        return f"{self.kind}-{self.training.replace(' + ', '-').replace(' ', '-').lower()}"
+        return f"{self.kind}-" + re.sub(r"[^a-z0-9]+", "-", self.training.lower()).strip("-")
 
 
 @dataclass
@@ -101,7 +115,7 @@ class TrainedStudent:
     run: StudentRun
     metrics: dict[str, dict[str, float]]
     train_seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
+    train_losses: dict[str, float] = field(default_factory=dict)  # the last logged loss and its components
 
 
 def _steps(num_rows: int, args: DistillationConfig, epochs: float) -> int:
@@ -110,13 +124,13 @@ def _steps(num_rows: int, args: DistillationConfig, epochs: float) -> int:
 
 
 def plan_runs(
-    kind: str, script, args: DistillationConfig, labelled_kd: Dataset, transfer_kd: Dataset, output_dir: str
+    kind: str, script, args: DistillationConfig, sources: dict[str, tuple[Dataset, Dataset]], output_dir: str
 ) -> list[StudentRun]:
     """The runs of one student kind, all with the same number of steps.
 
-    ``labelled_kd`` / ``transfer_kd``: the labelled rows and every training text, with teacher logits when
-    they are cached. The steps are ``num_train_epochs`` (``compact_num_train_epochs`` for the compact
-    student) over the largest of the runs' training sets, unless ``max_steps`` fixes them.
+    ``sources``: for ``"teacher"`` (and ``"ensemble"``), the labelled rows and every training text, with that
+    teacher's logits when they are cached. The steps are ``num_train_epochs`` (``compact_num_train_epochs``
+    for the compact student) over the largest of the runs' training sets, unless ``max_steps`` fixes them.
     """
     epochs, student_args = args.num_train_epochs, args
     if kind == "compact":
@@ -124,16 +138,19 @@ def plan_runs(
         student_args = dataclasses.replace(
             args, learning_rate=script.compact_learning_rate or args.learning_rate
         )
-    with_transfer = kind in script.transfer_set and len(transfer_kd) > len(labelled_kd)
-    largest = len(transfer_kd) if with_transfer else len(labelled_kd)
+    labelled, transfer = sources["teacher"]
+    with_transfer = kind in script.transfer_set and len(transfer) > len(labelled)
+    largest = len(transfer) if with_transfer else len(labelled)
     steps = args.max_steps if args.max_steps > 0 else _steps(largest, args, epochs)
-    regimes = [(HARD_LABELS, labelled_kd, {"alpha": 0.0, "beta": 1.0})] if script.train_baseline else []
-    regimes.append((KD, labelled_kd, {}))
-    if with_transfer:
-        regimes.append((KD_TRANSFER, transfer_kd, {}))
+    regimes = [(HARD_LABELS, labelled, _HARD_LABELS_ONLY, "teacher")] if script.train_baseline else []
+    for source, (labelled, transfer) in sources.items():
+        suffix = ENSEMBLE if source == "ensemble" else ""
+        regimes.append((KD + suffix, labelled, {}, source))
+        if with_transfer:
+            regimes.append((KD + suffix + " + transfer set", transfer, {}, source))
     runs = []
-    for training, train, overrides in regimes:
-        run = StudentRun(kind, training, train, student_args)
+    for training, train, overrides, source in regimes:
+        run = StudentRun(kind, training, train, student_args, source)
         run.args = dataclasses.replace(
             student_args,
             output_dir=f"{output_dir}/{run.slug}",
@@ -169,14 +186,14 @@ def train_student(
     init: PreTrainedModel,
     run: StudentRun,
     tokenizer: PreTrainedTokenizerBase,
-    teacher: PreTrainedModel | None,
+    teacher: PreTrainedModel | list[PreTrainedModel] | None,
     task: TextTask,
     eval_splits: dict[str, Dataset],
 ) -> TrainedStudent:
     """Train a copy of ``init`` for ``run`` with ``DistillationTrainer``, evaluate it on ``eval_splits``
     (T = 1), and save it with the tokenizer in ``run.args.output_dir``.
 
-    ``teacher`` is None when ``run.train`` carries ``teacher_logits``. With ``resume_from_checkpoint`` set, a
+    ``teacher``: a model, a list (an ensemble), or None when ``run.train`` carries ``teacher_logits``. With ``resume_from_checkpoint`` set, a
     finished run with the same key is read back instead, and a cut-off one continues from its last checkpoint.
     """
     folder = Path(run.args.output_dir)
@@ -184,7 +201,7 @@ def train_student(
     resume = run.args.resume_from_checkpoint is not None
     if resume and (done := _finished(folder, key)) is not None:
         print(f"hf_distill: stage 2, {run.kind} student, {run.training}: finished before, kept", flush=True)
-        return TrainedStudent(run, done["metrics"], done["train_seconds"])
+        return TrainedStudent(run, done["metrics"], done["train_seconds"], done["train_losses"])
     last = get_last_checkpoint(str(folder)) if resume and folder.is_dir() else None
     model = copy.deepcopy(init)
     set_seed(run.args.seed)
@@ -199,13 +216,15 @@ def train_student(
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - start
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    losses = {k: v for k, v in (logged[-1] if logged else {}).items() if k == "loss" or k.endswith("_loss")}
     metrics = evaluate_splits(trainer, task, eval_splits)
     trainer.save_model(run.args.output_dir)  # gathers sharded (FSDP/DeepSpeed) weights
     state = PartialState()
     if state.is_main_process:
-        record = {"key": key, "metrics": metrics, "train_seconds": seconds, "steps": run.args.max_steps}
+        record = {"key": key, "metrics": metrics, "train_seconds": seconds, "train_losses": losses}
         tmp = folder / f"{RUN_INFO}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(record, indent=2))
         os.replace(tmp, folder / RUN_INFO)
     state.wait_for_everyone()
-    return TrainedStudent(run, metrics, seconds)
+    return TrainedStudent(run, metrics, seconds, losses)

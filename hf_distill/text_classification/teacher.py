@@ -128,11 +128,16 @@ def load_classifier(path: str, task: TextTask, who: str) -> PreTrainedModel:
 # ---- the fine-tuned teacher cache -----------------------------------------------------------------
 
 
-def teacher_seed(script, args: DistillationConfig) -> int:
+def teacher_seed(script, args: DistillationConfig, seed: int | None = None) -> int:
+    """The fine-tuning seed: ``seed`` (one of ``teacher_seeds``), else ``teacher_seed``, else ``args.seed``."""
+    if seed is not None:
+        return seed
     return args.seed if script.teacher_seed is None else script.teacher_seed
 
 
-def teacher_key(name: str, train: Dataset, task: TextTask, script, args: DistillationConfig) -> str:
+def teacher_key(
+    name: str, train: Dataset, task: TextTask, script, args: DistillationConfig, seed: int | None = None
+) -> str:
     """Hash of what a fine-tuned teacher depends on: backbone, training data and labels, fine-tuning settings."""
     settings = {
         "version": TEACHER_CACHE_VERSION,
@@ -147,7 +152,7 @@ def teacher_key(name: str, train: Dataset, task: TextTask, script, args: Distill
         "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
         "weight_decay": args.weight_decay,
         "warmup_steps": args.warmup_steps,
-        "seed": teacher_seed(script, args),
+        "seed": teacher_seed(script, args, seed),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -165,17 +170,23 @@ def get_teacher(
     train: Dataset,
     tokenizer: PreTrainedTokenizerBase,
     cache: Path,
+    seed: int | None = None,
 ) -> Teacher:
     """Stage 1: the teacher of ``script.teacher_model_name_or_path`` for ``task``.
 
     A checkpoint whose labels fit is used as it is (``teacher_finetune`` unset or false); otherwise it is
-    fine-tuned on ``train`` (tokenized, labelled) and saved in the fine-tuned teacher cache, from which
-    a later run with the same key loads it.
+    fine-tuned on ``train`` (tokenized, labelled) with ``seed`` (default: ``teacher_seed``) and saved in the
+    fine-tuned teacher cache, from which a later run with the same key loads it.
     """
     name = script.teacher_model_name_or_path
     path = offline.resolve_model_path(name, script.cache_dir)
     config = AutoConfig.from_pretrained(path)
     fits = script.teacher_finetune is not True and labels_fit(config, task, "teacher")
+    if fits and seed is not None:
+        raise ValueError(
+            f"teacher_seeds fine-tunes one teacher per seed, but {name} is already a classifier of the data's "
+            "labels and would be used as it is: give a backbone, or set teacher_finetune: true."
+        )
     if fits:
         return Teacher(load_classifier(path, task, "teacher"), path)
     if script.teacher_finetune is False:
@@ -183,19 +194,19 @@ def get_teacher(
             f"teacher_finetune is false but {name} is not a sequence classifier with the data's "
             f"{task.num_labels} labels. Give a fine-tuned classifier, or let it be fine-tuned (teacher_finetune: null)."
         )
-    saved = cache / "teachers" / f"{task.name}-{teacher_key(name, train, task, script, args)}"
+    saved = cache / "teachers" / f"{task.name}-{teacher_key(name, train, task, script, args, seed)}"
     if (saved / TEACHER_INFO).exists():
         print(f"hf_distill: reusing the fine-tuned teacher in {saved}", flush=True)
         info = json.loads((saved / TEACHER_INFO).read_text())
         model = AutoModelForSequenceClassification.from_pretrained(saved)
         return Teacher(model, str(saved), fine_tuned_labels=info["train_rows"])
-    set_seed(teacher_seed(script, args))
+    set_seed(teacher_seed(script, args, seed))
     # A classifier fine-tuned again gets a new head when its number of labels differs.
     mismatched = {"ignore_mismatched_sizes": True} if _is_classifier(config) else {}
     model = AutoModelForSequenceClassification.from_pretrained(path, **task.labels_config(), **mismatched)
     finetune_args = dataclasses.replace(
         args,
-        seed=teacher_seed(script, args),
+        seed=teacher_seed(script, args, seed),
         output_dir=str(saved),
         learning_rate=script.teacher_learning_rate,
         num_train_epochs=script.teacher_num_train_epochs,
