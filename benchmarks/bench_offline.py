@@ -1,12 +1,17 @@
-"""Reproduce the offline default's table over several seeds (median and spread) and record a small search.
+"""Reproduce the offline default's table over several full runs (median and spread), search the layers student's
+settings on validation, and distil the teachers' ensemble.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_offline.py --out benchmarks/results/offline.json
+    OMP_NUM_THREADS=2 python benchmarks/bench_offline.py --search --ensemble --out benchmarks/results/offline_v2.json
 
-1. ``--seeds`` (default 42 43 44): the offline recipe once per student seed. The teacher is fine-tuned
-   once (``teacher_seed``, default 42) and reused from the cache: the spread is the students' own.
-2. ``--search``: the compact student (the cheapest) with each (temperature, alpha, beta) of ``GRID`` on the
-   first seed, without its baseline; the setting with the best *validation* accuracy of the transfer-set
-   row is reported (test accuracy is never used to choose).
+1. ``--search``: the layers student (initialised from teacher layers) on the first seed, one run per setting of
+   ``SEARCH`` (transfer set, hidden-state loss, temperature, loss weights, epochs), each with its hard-label
+   twin of the same steps. The setting whose best KD row has the highest **validation** accuracy is chosen;
+   test accuracy is never used to choose.
+2. ``--seeds`` (default 42 43 44): the recipe once per seed, the teacher's fine-tuning seed varied with the
+   students' (``--teacher_seed`` = ``--seed``), so the spread covers the whole method. ``--flags`` adds recipe
+   flags to every run (e.g. the chosen setting).
+3. ``--ensemble``: per seed, the three teachers of ``--seeds`` (cached by the seed runs) as an ensemble
+   (``teacher_seeds``): each teacher, the ensemble's own accuracy, a student of one teacher and of the ensemble.
 
 Every finished run is appended to ``--out`` at once, so an interrupted benchmark keeps what it measured;
 ``--summarize`` prints the tables from that file without running anything.
@@ -24,8 +29,17 @@ from pathlib import Path
 from hf_distill.text_classification import RecipeParser, run
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "offline" / "rotten_tomatoes.yaml"
-# (temperature, alpha, beta); the recipe's own setting is the seeds' runs.
-GRID = [(1.0, 0.5, 0.5), (4.0, 0.5, 0.5), (2.0, 0.9, 0.1), (4.0, 0.9, 0.1)]
+# Layers-student settings searched on validation: name -> recipe flags (on top of the recipe's own).
+LAYERS = ["--students", "layers"]
+SEARCH: dict[str, list[str]] = {
+    "recipe (T=2, 0.5/0.5)": [],
+    "transfer set": ["--transfer_set", "layers"],
+    "transfer set, T=4": ["--transfer_set", "layers", "--temperature", "4"],
+    "transfer set, T=1": ["--transfer_set", "layers", "--temperature", "1"],
+    "transfer set, 0.9/0.1": ["--transfer_set", "layers", "--alpha", "0.9", "--beta", "0.1"],
+    "cosine hidden loss": ["--hidden_loss", "cosine", "--hidden_loss_weight", "1.0"],
+    "6 epochs": ["--num_train_epochs", "6"],
+}
 
 
 def run_recipe(flags: list[str]) -> dict:
@@ -48,31 +62,32 @@ def _accuracy(row: dict, split: str) -> float:
     return 100 * row["metrics"][split]["accuracy"]
 
 
-def seed_table(records: list[dict], split: str = "test") -> str:
-    """Median and spread (min-max) over seeds of every row of the recipe's runs."""
-    runs = [r for r in records if r["kind"] == "seed"]
+def seed_table(records: list[dict], kind: str = "seed", split: str = "test") -> str:
+    """Median and spread (min-max) over the runs of every row; retention against each run's own first teacher."""
+    runs = [r for r in records if r["kind"] == kind]
     if not runs:
-        return "(no seed runs yet)"
-    rows: dict[tuple, list[dict]] = {}
+        return f"(no {kind} runs yet)"
+    rows: dict[tuple, list[tuple[dict, dict]]] = {}
     for record in runs:
-        for row in record["summary"]["results"]:
-            rows.setdefault((row["name"], row["training"]), []).append(row)
-    teacher_acc = statistics.median(_accuracy(r, split) for r in rows[next(iter(rows))])
-    teacher_speed = statistics.median(r["examples_per_second"] for r in rows[next(iter(rows))])
+        results = record["summary"]["results"]
+        for row in results:
+            name = row["name"].split(" (")[0] if row["student"] is None else row["name"]
+            rows.setdefault((name, row["training"]), []).append((row, results[0]))
     lines = [
         f"| model | training | {split} accuracy, median (min-max) | retention | parameters | examples/s | speedup |",
         "|---|---|---|---|---|---|---|",
     ]
     for (name, training), group in rows.items():
-        acc = [_accuracy(r, split) for r in group]
-        speed = statistics.median(r["examples_per_second"] for r in group)
+        acc = [_accuracy(r, split) for r, _ in group]
+        retention = statistics.median(_accuracy(r, split) / _accuracy(t, split) for r, t in group)
+        speed = statistics.median(r["examples_per_second"] for r, _ in group)
+        speedup = statistics.median(r["examples_per_second"] / t["examples_per_second"] for r, t in group)
         lines.append(
             f"| {name} | {training} | {statistics.median(acc):.2f} ({min(acc):.2f}-{max(acc):.2f}), n={len(acc)} | "
-            f"{100 * statistics.median(acc) / teacher_acc:.1f}% | {group[0]['parameters'] / 1e6:.1f}M | "
-            f"{speed:.0f} | {speed / teacher_speed:.1f}x |"
+            f"{100 * retention:.1f}% | {group[0][0]['parameters'] / 1e6:.1f}M | {speed:.0f} | {speedup:.1f}x |"
         )
     walls = [r["summary"]["wall_seconds"] for r in runs]
-    lines.append(f"\nWall time per seed run: {', '.join(f'{w:.0f} s' for w in walls)}.")
+    lines.append(f"\nWall time per run: {', '.join(f'{w:.0f} s' for w in walls)}.")
     return "\n".join(lines)
 
 
@@ -80,20 +95,17 @@ def search_table(records: list[dict]) -> str:
     runs = [r for r in records if r["kind"] == "search"]
     if not runs:
         return "(no search runs yet)"
-    lines = [
-        "| T | alpha | beta | training | validation accuracy | test accuracy |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = ["| setting | training | steps | validation accuracy | test accuracy |", "|---|---|---|---|---|"]
     best = None
     for record in runs:
-        T, alpha, beta = record["setting"]
         for row in record["summary"]["results"][1:]:
             val, test = _accuracy(row, "validation"), _accuracy(row, "test")
-            lines.append(f"| {T} | {alpha} | {beta} | {row['training']} | {val:.2f} | {test:.2f} |")
-            if row["training"] == "KD + transfer set" and (best is None or val > best[0]):
-                best = (val, record["setting"])
-    if best is not None:
-        lines.append(f"\nBest by validation accuracy (KD + transfer set): T, alpha, beta = {best[1]}.")
+            lines.append(
+                f"| {record['setting']} | {row['training']} | {row['steps']} | {val:.2f} | {test:.2f} |"
+            )
+            if row["training"] != "hard labels" and (best is None or val > best[0]):
+                best = (val, record["setting"], row["training"])
+    lines.append(f"\nBest KD row by validation accuracy: {best[1]} ({best[2]}, {best[0]:.2f}).")
     return "\n".join(lines)
 
 
@@ -101,11 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/offline.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/offline_v2.json"))
     parser.add_argument("--seeds", type=int, nargs="*", default=[42, 43, 44])
-    parser.add_argument("--teacher_seed", type=int, default=42)
+    parser.add_argument("--search", action="store_true", help="First search the layers student's settings.")
     parser.add_argument(
-        "--search", action="store_true", help="Also run the (T, alpha, beta) grid on the compact student."
+        "--ensemble", action="store_true", help="Also distil the seeds' teachers as an ensemble."
     )
     parser.add_argument("--summarize", action="store_true", help="Only print the tables of --out.")
     parser.add_argument(
@@ -114,36 +126,32 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
 
     if not options.summarize:
-        base = ["--teacher_seed", str(options.teacher_seed), *options.flags]
+        first = options.seeds[0] if options.seeds else 42
+        if options.search:
+            for setting, flags in SEARCH.items():
+                output = "outputs/bench_offline/search-" + "".join(c if c.isalnum() else "-" for c in setting)
+                seed = ["--seed", str(first), "--teacher_seed", str(first)]
+                summary = run_recipe([*options.flags, *LAYERS, *flags, *seed, "--output_dir", output])
+                append(options.out, {"kind": "search", "setting": setting, "seed": first, "summary": summary})
+                print(search_table(json.loads(options.out.read_text())), flush=True)
         for seed in options.seeds:
-            output = f"outputs/bench_offline/seed{seed}"
-            summary = run_recipe([*base, "--seed", str(seed), "--output_dir", output])
+            flags = [*options.flags, "--seed", str(seed), "--teacher_seed", str(seed)]
+            summary = run_recipe([*flags, "--output_dir", f"outputs/bench_offline/seed{seed}"])
             append(options.out, {"kind": "seed", "seed": seed, "summary": summary})
             print(seed_table(json.loads(options.out.read_text())), flush=True)
-        if options.search:
-            seed = options.seeds[0] if options.seeds else 42
-            for T, alpha, beta in GRID:
-                output = f"outputs/bench_offline/search-T{T}-a{alpha}-b{beta}"
-                flags = ["--students", "compact", "--train_baseline", "false", "--seed", str(seed)]
-                flags += [
-                    "--temperature",
-                    str(T),
-                    "--alpha",
-                    str(alpha),
-                    "--beta",
-                    str(beta),
-                    "--output_dir",
-                    output,
-                ]
-                summary = run_recipe([*base, *flags])
-                append(
-                    options.out,
-                    {"kind": "search", "setting": [T, alpha, beta], "seed": seed, "summary": summary},
-                )
-                print(search_table(json.loads(options.out.read_text())), flush=True)
+        if options.ensemble:
+            teachers = [str(s) for s in options.seeds]
+            for seed in options.seeds:
+                flags = [*options.flags, *LAYERS, "--seed", str(seed), "--teacher_seeds", *teachers]
+                flags += ["--hidden_loss_weight", "0", "--train_baseline", "false"]
+                summary = run_recipe([*flags, "--output_dir", f"outputs/bench_offline/ensemble{seed}"])
+                append(options.out, {"kind": "ensemble", "seed": seed, "summary": summary})
+                print(seed_table(json.loads(options.out.read_text()), kind="ensemble"), flush=True)
 
     records = json.loads(options.out.read_text())
     print(seed_table(records))
+    print()
+    print(seed_table(records, kind="ensemble"))
     print()
     print(search_table(records))
 
