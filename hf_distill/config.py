@@ -73,6 +73,16 @@ class DistillationConfig(TrainingArguments):
         },
     )
 
+    check_finite: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop training, naming the step, when a live teacher's outputs hold NaN or inf: checked once "
+            "per optimizer step, before the step, so the student is never updated from them (one device sync "
+            "per step; set False on GPUs to skip it). Cached teacher logits are always checked when the "
+            "trainer receives them."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if not self.temperature > 0:
