@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -85,12 +86,12 @@ class DistillationConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.temperature > 0:
+        if not 0 < self.temperature < math.inf:
             raise ValueError(f"temperature must be > 0, got {self.temperature}. Typical values are 1 to 10.")
         for name in ("alpha", "beta", "hidden_loss_weight", "attention_loss_weight"):
             value = getattr(self, name)
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}.")
+            if not 0 <= value < math.inf:  # also refuses NaN
+                raise ValueError(f"{name} must be >= 0 and finite, got {value}.")
         if (
             self.alpha == 0
             and self.beta == 0
@@ -112,7 +113,7 @@ class DistillationConfig(TrainingArguments):
         if self.layer_map is not None and any(i < 0 for i in self.layer_map):
             raise ValueError(f"layer_map entries are teacher layer numbers >= 0, got {self.layer_map}.")
         if self.teacher_weights is not None:
-            if any(w < 0 for w in self.teacher_weights) or sum(self.teacher_weights) <= 0:
+            if not all(0 <= w < math.inf for w in self.teacher_weights) or sum(self.teacher_weights) <= 0:
                 raise ValueError(
                     f"teacher_weights must be >= 0 with a positive sum, got {self.teacher_weights}."
                 )
