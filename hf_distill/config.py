@@ -91,7 +91,7 @@ class DistillationConfig(TrainingArguments):
         for name in ("alpha", "beta", "hidden_loss_weight", "attention_loss_weight"):
             value = getattr(self, name)
             if not 0 <= value < math.inf:  # also refuses NaN
-                raise ValueError(f"{name} must be >= 0 and finite, got {value}.")
+                raise ValueError(f"{name} must be >= 0, got {value} (a finite number is expected).")
         if (
             self.alpha == 0
             and self.beta == 0
