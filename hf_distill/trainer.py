@@ -133,6 +133,7 @@ class DistillationTrainer(Trainer):
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         # True while every live teacher output of the current optimizer step is finite (a device tensor).
         self._teacher_finite: torch.Tensor | None = None
+        self._projection_stepped = True  # the optimizer stepped since the last training_step
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -413,7 +414,11 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.hidden_projection is not None and self._projection_stepped:
+            # The Trainer zeroes the student's gradients after each optimizer step, not the projection's.
+            self.hidden_projection.zero_grad(set_to_none=True)
         loss = super().training_step(model, inputs, num_items_in_batch)
+        self._projection_stepped = self.accelerator.sync_gradients
         if self.hidden_projection is not None and self.accelerator.num_processes > 1:
             # The projection lives outside the DDP-wrapped student: average its gradients by hand.
             for param in self.hidden_projection.parameters():
