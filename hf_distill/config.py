@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -95,14 +96,24 @@ class DistillationConfig(TrainingArguments):
             return torch.float16
         return None
 
+    check_finite: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop training, naming the step, when a live teacher's outputs hold NaN or inf: checked once "
+            "per optimizer step, before the step, so the student is never updated from them (one device sync "
+            "per step; set False on GPUs to skip it). Cached teacher logits are always checked when the "
+            "trainer receives them."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
-        if not self.temperature > 0:
+        if not 0 < self.temperature < math.inf:
             raise ValueError(f"temperature must be > 0, got {self.temperature}. Typical values are 1 to 10.")
         for name in ("alpha", "beta", "hidden_loss_weight", "attention_loss_weight"):
             value = getattr(self, name)
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}.")
+            if not 0 <= value < math.inf:  # also refuses NaN
+                raise ValueError(f"{name} must be >= 0, got {value} (a finite number is expected).")
         if (
             self.alpha == 0
             and self.beta == 0
@@ -128,7 +139,7 @@ class DistillationConfig(TrainingArguments):
                 f"teacher_dtype must be one of {TEACHER_DTYPES} or None (follow bf16/fp16), got {self.teacher_dtype!r}."
             )
         if self.teacher_weights is not None:
-            if any(w < 0 for w in self.teacher_weights) or sum(self.teacher_weights) <= 0:
+            if not all(0 <= w < math.inf for w in self.teacher_weights) or sum(self.teacher_weights) <= 0:
                 raise ValueError(
                     f"teacher_weights must be >= 0 with a positive sum, got {self.teacher_weights}."
                 )

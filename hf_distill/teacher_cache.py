@@ -35,6 +35,7 @@ opens a cache made elsewhere and refuses it when its provenance differs from wha
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -224,6 +225,24 @@ def teacher_cache_key(
     return _sha256_json(components)[:32], components
 
 
+# The names of the components above, in order: load_teacher_cache rehashes them from a provenance.
+_KEY_COMPONENTS = (
+    "format_version",
+    "dataset_fingerprint",
+    "num_rows",
+    "teacher_class",
+    "task",
+    "weights_hash",
+    "config_hash",
+    "tokenizer_hash",
+    "preprocessing",
+    "input_columns",
+    "dtype",
+    "top_k",
+    "autocast_dtype",
+)
+
+
 # ---- inference ------------------------------------------------------------------------------------
 
 
@@ -396,7 +415,8 @@ class _TeacherLogits:
         layout, host, peak, done = pending
         if done is not None:
             done.synchronize()
-        if peak is not None and float(peak) > _FLOAT16_MAX:
+        # NaN and inf pass here: the whole cache is scanned for them before it is marked complete.
+        if peak is not None and _FLOAT16_MAX < float(peak) < float("inf"):
             raise ValueError(
                 f"Teacher logits reach {float(peak):.3g}, beyond float16's range ({_FLOAT16_MAX:g}): "
                 "pass dtype='float32'."
@@ -417,6 +437,95 @@ def _features(dataset: Dataset, teacher: nn.Module, task: str, dtype: str, top_k
     else:
         features["teacher_logits"] = List(List(value, length=width))
     return features
+
+
+# ---- integrity ------------------------------------------------------------------------------------
+
+TEACHER_COLUMNS = ("teacher_logits", "teacher_topk_values")
+
+
+def _bad_rows(column: pa.ChunkedArray) -> np.ndarray:
+    """Rows (table order) of a float or nested-list-of-float column holding NaN, inf or a null."""
+    bad, offset = [], 0
+    for chunk in column.chunks:
+        rows = np.flatnonzero(chunk.is_null().to_numpy(zero_copy_only=False))
+        values, parents = chunk, None
+        while pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type):
+            index = pc.list_parent_indices(values).to_numpy()
+            parents = index if parents is None else parents[index]
+            values = pc.list_flatten(values)
+        numbers = values.to_numpy(zero_copy_only=False)
+        hits = np.flatnonzero(~np.isfinite(numbers.astype(np.float32, copy=False)))
+        hits = parents[hits] if parents is not None else hits
+        bad.append(np.union1d(rows, hits) + offset)
+        offset += len(chunk)
+    return np.unique(np.concatenate(bad)) if bad else np.zeros(0, dtype=np.int64)
+
+
+def nonfinite_rows(dataset: Dataset) -> dict[str, list[int]]:
+    """Teacher column -> rows of ``dataset`` (its own order) with NaN, inf or no value; empty if all finite.
+
+    A vectorised scan of the Arrow columns (no Python loop over rows).
+    """
+    found = {}
+    for name in TEACHER_COLUMNS:
+        if name not in dataset.column_names:
+            continue
+        rows = _bad_rows(dataset.data.column(name))
+        if dataset._indices is not None and len(rows):  # a shuffled or selected view: its own row numbers
+            rows = np.flatnonzero(np.isin(dataset._indices.column(0).to_numpy(), rows))
+        if len(rows):
+            found[name] = rows.tolist()
+    return found
+
+
+def check_finite_logits(dataset: Dataset, *, where: str) -> None:
+    """Raise ``ValueError`` naming the rows when ``dataset``'s teacher columns hold NaN, inf or nulls."""
+    found = nonfinite_rows(dataset)
+    if found:
+        detail = "; ".join(f"{name}: {len(rows)} rows, e.g. {rows[:10]}" for name, rows in found.items())
+        raise ValueError(
+            f"NaN, inf or missing values in {where} ({detail}). Cached teacher logits must be finite: recompute "
+            "them with precompute_teacher_logits (dtype='float32' if float16 overflows), or drop those rows "
+            "(dataset.select)."
+        )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _open_arrow(arrow: Path, provenance: Mapping[str, Any], *, verify_hash: bool) -> Dataset:
+    """The cache's data file, refused (``ValueError`` with the path) when truncated, garbled or short of rows."""
+    size = arrow.stat().st_size
+    if "arrow_bytes" in provenance and size != provenance["arrow_bytes"]:
+        raise ValueError(
+            f"Teacher cache {arrow} has {size} bytes, its provenance says {provenance['arrow_bytes']}: the file "
+            "was truncated or changed after it was written."
+        )
+    if verify_hash and "arrow_sha256" in provenance and _file_sha256(arrow) != provenance["arrow_sha256"]:
+        raise ValueError(
+            f"Teacher cache {arrow} does not match the sha256 in its provenance: the file was garbled or "
+            "changed after it was written."
+        )
+    try:
+        dataset = Dataset.from_file(str(arrow))
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise ValueError(f"Teacher cache {arrow} cannot be read: {type(err).__name__}: {err}") from None
+    if len(dataset) != provenance.get("num_rows"):
+        raise ValueError(
+            f"Teacher cache {arrow} has {len(dataset)} rows, its provenance says {provenance.get('num_rows')}."
+        )
+    return dataset
+
+
+def _key_of(provenance: Mapping[str, Any], components: Mapping[str, Any]) -> str:
+    """The key a provenance's own components hash to (the components named in ``components``)."""
+    return _sha256_json({k: provenance.get(k) for k in components})[:32]
 
 
 # ---- provenance -----------------------------------------------------------------------------------
@@ -485,14 +594,39 @@ def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _complete(arrow: Path, meta: Path, key: str) -> bool:
-    """Whether a finished cache with ``key`` is there: both files, the provenance naming the key."""
+def _complete(arrow: Path, meta: Path, key: str, components: Mapping[str, Any]) -> bool:
+    """Whether a finished, readable cache with ``key`` is there: both files, the provenance naming the key.
+
+    A provenance that parses but disagrees with the request it is filed under (another key, or
+    components that do not hash to its key) raises ``ValueError`` naming what differs: which of
+    the two files is wrong cannot be told, so neither is touched. An unreadable provenance, or a
+    data file that is truncated or garbled, is recomputed (with a warning).
+    """
     if not (arrow.exists() and meta.exists()):
         return False
     try:
-        return json.loads(meta.read_text()).get("key") == key
-    except json.JSONDecodeError:
+        provenance = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        logger.warning("Teacher-cache provenance %s is not valid JSON: recomputing the cache.", meta)
         return False
+    if not isinstance(provenance, dict):
+        logger.warning("Teacher-cache provenance %s is not a JSON object: recomputing the cache.", meta)
+        return False
+    problems = _mismatch(provenance, {"key": key, **components})
+    if provenance.get("key") == key and _key_of(provenance, components) != key and not problems:
+        problems = [f"its components hash to {_key_of(provenance, components)}, not to its key {key}"]
+    if problems:
+        raise ValueError(
+            f"The teacher-cache provenance {meta} is filed under key {key} but does not describe that cache: "
+            f"{'; '.join(problems)}. It was edited, or copied from another cache. Delete {meta} and {arrow} "
+            "to recompute, or put the right provenance back."
+        )
+    try:
+        _open_arrow(arrow, provenance, verify_hash=True)  # one read of the file: cheap beside the teacher
+    except ValueError as err:
+        logger.warning("%s Recomputing the cache.", err)
+        return False
+    return True
 
 
 def _mismatch(found: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
@@ -605,17 +739,18 @@ def precompute_teacher_logits(
                 "The dataset is held in memory and no cache_dir was given: teacher logits are computed in memory "
                 "and not cached. Pass cache_dir to compute them once and reuse them."
             )
-            return _map(dataset, compute, key, keep_in_memory=True, **map_kwargs)
+            out = _map(dataset, compute, key, keep_in_memory=True, **map_kwargs)
+            check_finite_logits(out, where="the teacher's outputs")
+            return out
         arrow, meta = cache_paths(cache_dir, key)
         with PartialState().main_process_first():
-            hit = _complete(arrow, meta, key)
+            hit = _complete(arrow, meta, key, components)
             if not hit:
                 arrow.parent.mkdir(parents=True, exist_ok=True)
                 meta.unlink(missing_ok=True)
-            out = _map(
-                dataset, compute, key, cache_file_name=str(arrow), load_from_cache_file=hit, **map_kwargs
-            )
+            out = _map_to_file(dataset, compute, key, arrow, hit, map_kwargs)
             if not hit:
+                _refuse_nonfinite(out, arrow)
                 provenance = {
                     **components,
                     "key": key,
@@ -623,6 +758,8 @@ def precompute_teacher_logits(
                     "columns": [c for c in out.column_names if c not in dataset.column_names],
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "versions": {"torch": torch.__version__, "datasets": version("datasets")},
+                    "arrow_bytes": arrow.stat().st_size,
+                    "arrow_sha256": _file_sha256(arrow),
                     **_storage_size(out, task),
                 }
                 _write_json_atomic(meta, provenance)
@@ -651,11 +788,41 @@ def _map(dataset: Dataset, compute: _TeacherLogits, key: str, **map_kwargs) -> D
     return out
 
 
+def _map_to_file(
+    dataset: Dataset, compute, key: str, arrow: Path, hit: bool, map_kwargs: dict[str, Any]
+) -> Dataset:
+    """:func:`_map` into ``arrow``; a full disk raises ``OSError(ENOSPC)`` saying that nothing was kept.
+
+    ``datasets`` writes to a temporary file and renames it when complete, and removes it on error.
+    """
+    try:
+        return _map(dataset, compute, key, cache_file_name=str(arrow), load_from_cache_file=hit, **map_kwargs)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device while writing the teacher cache {arrow}: nothing was kept (no partial "
+            f"cache is ever taken as complete). Free space on {arrow.parent} or pass a cache_dir on a bigger "
+            "disk, then run again; dtype='float16' or a smaller top_k make the cache smaller.",
+        ) from err
+
+
+def _refuse_nonfinite(out: Dataset, arrow: Path) -> None:
+    """Before a new cache is marked complete: NaN or inf from the teacher removes it and raises, naming rows."""
+    try:
+        check_finite_logits(out, where="the teacher's outputs")
+    except ValueError as err:
+        arrow.unlink(missing_ok=True)
+        raise ValueError(f"{err} No cache was written (to {arrow}).") from None
+
+
 def load_teacher_cache(
     path: str | os.PathLike,
     *,
     teacher: nn.Module | None = None,
     expected: Mapping[str, Any] | None = None,
+    verify: bool = True,
 ) -> Dataset:
     """A cache built by :func:`precompute_teacher_logits` (e.g. on another machine), checked before use.
 
@@ -664,7 +831,12 @@ def load_teacher_cache(
     ``expected``: provenance entries that must match exactly (e.g. ``{"dtype": "float16",
     "preprocessing": {"max_length": 128}}``); see :func:`read_provenance` for the keys.
 
-    Raises ``ValueError`` naming each mismatch, ``FileNotFoundError`` for an incomplete cache.
+    ``verify``: compare the data file's sha256 with the provenance's (reads the whole file once);
+    its size and row count are always checked, and its teacher columns scanned for NaN and inf.
+
+    Raises ``ValueError`` naming each mismatch, a provenance that does not describe the file it is
+    filed beside, or a truncated, garbled or non-finite data file (with its path);
+    ``FileNotFoundError`` for an incomplete cache.
     """
     provenance = read_provenance(path)
     if provenance.get("format_version") != CACHE_FORMAT_VERSION:
@@ -685,16 +857,23 @@ def load_teacher_cache(
             f"The teacher cache at {path} does not match what was asked for: {'; '.join(problems)}. "
             "Rebuild it with the intended teacher and settings (scripts/precompute_teacher_logits.py)."
         )
-    arrow, _ = cache_paths(_provenance_path(path).parent, provenance["key"])
+    meta = _provenance_path(path)
+    filed_under = meta.stem.removeprefix(_CACHE_PREFIX)
+    components = {k: provenance.get(k) for k in _KEY_COMPONENTS}
+    if provenance.get("key") != filed_under or _key_of(provenance, components) != filed_under:
+        raise ValueError(
+            f"The teacher-cache provenance {meta} is filed under key {filed_under} but says key "
+            f"{provenance.get('key')!r} and its components hash to {_key_of(provenance, components)}: it was "
+            "edited, or copied from another cache, so what it describes cannot be trusted. Rebuild the cache "
+            "(scripts/precompute_teacher_logits.py) or put the right provenance back."
+        )
+    arrow, _ = cache_paths(meta.parent, filed_under)
     if not arrow.exists():
         raise FileNotFoundError(
             f"The teacher cache's provenance is there but its data file {arrow} is missing."
         )
-    dataset = Dataset.from_file(str(arrow))
-    if len(dataset) != provenance["num_rows"]:
-        raise ValueError(
-            f"Teacher cache {arrow} has {len(dataset)} rows, its provenance says {provenance['num_rows']}."
-        )
+    dataset = _open_arrow(arrow, provenance, verify_hash=verify)
+    check_finite_logits(dataset, where=f"the teacher cache {arrow}")
     return dataset
 
 

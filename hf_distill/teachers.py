@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -31,8 +33,14 @@ _AUTO_CLASSES = {
 
 
 def load_teacher(teacher: PreTrainedModel | str, task: str, **from_pretrained_kwargs) -> PreTrainedModel:
-    """``teacher`` itself, or the model of ``task`` loaded from a local path or Hub id, frozen in eval mode."""
+    """``teacher`` itself, or the model of ``task`` loaded from a local path or Hub id, frozen in eval mode.
+
+    A local checkpoint that ships its own modelling code (``auto_map`` in its ``config.json``) is
+    refused unless ``trust_remote_code=True`` is passed (``teacher_init_kwargs`` of the trainer):
+    loading it runs that code. For a Hub id, ``transformers`` itself asks for it.
+    """
     if isinstance(teacher, str):
+        _refuse_remote_code(teacher, from_pretrained_kwargs.get("trust_remote_code"))
         teacher = _AUTO_CLASSES[task].from_pretrained(teacher, **from_pretrained_kwargs)
     if not isinstance(teacher, nn.Module):
         raise TypeError(
@@ -51,6 +59,23 @@ def cast_teacher(teacher: nn.Module, dtype: torch.dtype) -> nn.Module:
     if getattr(base_model(teacher).config, "quantization_config", None) is not None:
         return teacher
     return teacher.to(dtype)
+
+
+def _refuse_remote_code(path: str, trust_remote_code: bool | None) -> None:
+    config = Path(path) / "config.json"
+    if trust_remote_code is True or not config.is_file():
+        return
+    try:
+        auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return  # not ours to judge: from_pretrained reports a broken config
+    if auto_map:
+        raise ValueError(
+            f"The teacher at {path} ships its own modelling code (config.json auto_map: {auto_map}); loading it "
+            "would run that code on this machine. Read the code, then allow it with "
+            "teacher_init_kwargs={'trust_remote_code': True} (DistillationTrainer) or "
+            "load_teacher(path, task, trust_remote_code=True); or load the model yourself and pass the model."
+        )
 
 
 def check_compatible(

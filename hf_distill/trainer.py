@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import losses, tasks
 from .collator import TEACHER_INPUT_PREFIX, TEACHER_LOGIT_COLUMNS, DistillationDataCollator, teacher_sources
@@ -16,10 +20,13 @@ from .config import DistillationConfig
 from .hub import push_student
 from .model_card import card_data_from_trainer
 from .tasks import base_model, forward_params, output_logits, task_of
+from .teacher_cache import check_finite_logits
 from .teachers import cast_teacher, check_compatible, load_teacher, prepare_teacher
 
 # Arguments never passed to the teacher: its loss and output switches are ours to set.
 _NOT_FOR_TEACHER = {"labels", "start_positions", "end_positions", "return_dict", "use_cache"}
+# The hidden-state projection's weights in a checkpoint folder (its optimizer state is in optimizer.pt).
+HIDDEN_PROJECTION_NAME = "hidden_projection.safetensors"
 
 
 @dataclass
@@ -105,6 +112,8 @@ class DistillationTrainer(Trainer):
             raise ValueError(
                 "Hidden-state and attention losses take one teacher; an ensemble gives logits only."
             )
+        if isinstance(train_dataset, Dataset):  # before the Trainer creates output_dir
+            check_finite_logits(train_dataset, where="the training dataset's precomputed teacher columns")
         if data_collator is None:
             data_collator = DistillationDataCollator(processing_class)
 
@@ -127,6 +136,9 @@ class DistillationTrainer(Trainer):
         self.hidden_projection = self._make_hidden_projection()
         # Loss component -> (sum on the device, count) since the last log: no host sync per step.
         self._metrics: dict[str, tuple[torch.Tensor, int]] = {}
+        # True while every live teacher output of the current optimizer step is finite (a device tensor).
+        self._teacher_finite: torch.Tensor | None = None
+        self._projection_stepped = True  # the optimizer stepped since the last training_step
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -234,11 +246,24 @@ class DistillationTrainer(Trainer):
             logits = losses.ensemble_logits(
                 all_logits, self.teacher_weights, self.args.temperature, self.args.kd_loss
             )
-        return TeacherOutput(
+        output = TeacherOutput(
             logits=logits,
             hidden_states=outputs.hidden_states if hidden_states else None,
             attentions=outputs.attentions if attentions else None,
         )
+        self._note_finite(output)
+        return output
+
+    def _note_finite(self, teacher: TeacherOutput) -> None:
+        """Fold whether the live teacher's outputs are finite into a device flag: no host sync here.
+
+        :meth:`training_step` reads the flag once per optimizer step (``check_finite``).
+        """
+        if not (self.args.check_finite and self.model.training):
+            return
+        tensors = [teacher.logits, *(teacher.hidden_states or ())]
+        finite = torch.stack([t.isfinite().all() for t in tensors if t is not None]).all()
+        self._teacher_finite = finite if self._teacher_finite is None else self._teacher_finite & finite
 
     def _kd_mask(self, inputs: dict[str, Any], length: int) -> torch.Tensor | None:
         """Which positions the KD term counts, ``(B, L)``; None for sequence-level tasks.
@@ -402,13 +427,40 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.hidden_projection is not None and self._projection_stepped:
+            # The Trainer zeroes the student's gradients after each optimizer step, not the projection's.
+            self.hidden_projection.zero_grad(set_to_none=True)
         loss = super().training_step(model, inputs, num_items_in_batch)
+        self._projection_stepped = self.accelerator.sync_gradients
         if self.hidden_projection is not None and self.accelerator.num_processes > 1:
             # The projection lives outside the DDP-wrapped student: average its gradients by hand.
             for param in self.hidden_projection.parameters():
                 if param.grad is not None:
                     param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+        if self.accelerator.sync_gradients:  # the last micro-batch: the optimizer steps next
+            self._check_teacher_finite()
         return loss
+
+    def _check_teacher_finite(self) -> None:
+        """Raise ``FloatingPointError`` before the optimizer step when a live teacher gave NaN or inf.
+
+        One host sync per optimizer step (a gather of one flag per process, so that every rank stops).
+        """
+        flag, self._teacher_finite = self._teacher_finite, None
+        if flag is None:
+            return
+        finite = self.accelerator.gather(flag.reshape(1).int()).tolist()
+        if all(finite):
+            return
+        ranks = [rank for rank, ok in enumerate(finite) if not ok]
+        step = self.state.global_step + 1
+        raise FloatingPointError(
+            f"Step {step} (epoch {self.state.epoch or 0:.2f}): the live teacher's outputs hold NaN or inf "
+            f"(process {', '.join(map(str, ranks))}). Training stopped before this step's optimizer update: the "
+            f"student is as after step {step - 1}, and checkpoints already in {self.args.output_dir} are "
+            "untouched. Check the teacher's weights and its dtype (float16 overflows: load it in bfloat16 or "
+            "float32) and these inputs; check_finite=False turns this check off."
+        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation sees the student's inputs only: its own metrics at T = 1.
@@ -434,6 +486,39 @@ class DistillationTrainer(Trainer):
             super()._save(output_dir, state_dict)
         finally:
             self.args.hub_token = token
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The projection is written first, so a checkpoint with a trainer_state.json always has it.
+        if self.hidden_projection is not None and self.args.should_save:
+            folder = (
+                Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            folder.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.hidden_projection.state_dict().items()}
+            save_file(state, str(folder / HIDDEN_PROJECTION_NAME))
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # The projection's weights; its optimizer state returns with optimizer.pt (its own param group).
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.hidden_projection is None:
+            return
+        path = os.path.join(resume_from_checkpoint, HIDDEN_PROJECTION_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} has no {HIDDEN_PROJECTION_NAME}: the hidden-state projection this run "
+                "trains (student width != teacher width) was not saved with it (a checkpoint from an older "
+                "hf-distill or another trainer). Resume from a checkpoint this trainer wrote, or start afresh."
+            )
+        state = load_file(path, device=str(next(self.hidden_projection.parameters()).device))
+        try:
+            self.hidden_projection.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"{path} does not fit this run's hidden-state projection "
+                f"({self.hidden_projection.in_features} -> {self.hidden_projection.out_features}): {err}. "
+                "Resume with the student and teacher that wrote the checkpoint."
+            ) from None
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Checkpoints are never pushed: the student is published once, by :meth:`push_to_hub`."""

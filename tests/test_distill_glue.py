@@ -5,13 +5,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import accelerate_launch
 from offline_fixtures import fake_wheels
 from transformers import AutoModelForSequenceClassification
 
@@ -104,27 +104,11 @@ def test_offline_recipe_end_to_end(cache, tmp_path, capsys):
     assert [r["training"] for r in again["results"][1:]] == ["hard labels", "KD", "KD + transfer set"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_cpu_processes(cache, tmp_path):
     """``accelerate launch`` with two CPU processes (gloo) runs the whole script."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command += ["--main_process_port", str(_free_port()), "--num_machines", "1", "--mixed_precision", "no"]
-    command += [
-        "--dynamo_backend",
-        "no",
-        str(SCRIPT),
-        *tiny_flags(cache, tmp_path / "out"),
-        "--use_cpu",
-        "true",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-4000:]
+    # On failure, LaunchFailed shows each rank's own traceback and the launcher's whole output.
+    script = [SCRIPT, *tiny_flags(cache, tmp_path / "out"), "--use_cpu", "true"]
+    result = accelerate_launch(script, processes=2, log_dir=tmp_path / "logs", cwd=ROOT, timeout=600)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["num_processes"] == 2
     assert len(saved["results"]) == 6
@@ -308,7 +292,14 @@ def test_killed_run_resumes_without_retraining_finished_stages(cache, tmp_path, 
 
 def test_ensemble_of_teacher_seeds(cache, tmp_path):
     """``teacher_seeds``: one fine-tuned teacher per seed, the ensemble's own score, and a student of each."""
-    flags = tiny_flags(cache, tmp_path / "out") + ["--students", "layers", "--transfer_set", "layers", "--train_baseline", "false"]
+    flags = tiny_flags(cache, tmp_path / "out") + [
+        "--students",
+        "layers",
+        "--transfer_set",
+        "layers",
+        "--train_baseline",
+        "false",
+    ]
     summary = distill_glue.main([*flags, "--teacher_seeds", "1", "2"])
     rows = [(r["name"], r["training"]) for r in summary["results"]]
     assert rows == [
@@ -351,7 +342,14 @@ def test_cached_ensemble_logits_are_the_live_mixture(tmp_path, tokenizer):
 
 def test_hidden_loss_from_the_recipe(cache, tmp_path):
     """A hidden-state loss runs the teacher live beside its cached logits; the baseline has no teacher term."""
-    flags = tiny_flags(cache, tmp_path / "out") + ["--students", "layers", "--transfer_set", "layers", "--hidden_loss", "cosine"]
+    flags = tiny_flags(cache, tmp_path / "out") + [
+        "--students",
+        "layers",
+        "--transfer_set",
+        "layers",
+        "--hidden_loss",
+        "cosine",
+    ]
     summary = distill_glue.main([*flags, "--hidden_loss_weight", "1.0"])
     losses = {r["training"]: r["train_losses"] for r in summary["results"][1:]}
     assert {"kd_loss", "ce_loss", "hidden_loss"} <= set(losses["KD"]) and losses["KD"]["hidden_loss"] > 0

@@ -3,6 +3,8 @@
 The client reads ``HF_ENDPOINT`` into ``huggingface_hub.constants`` at import; the ``hub`` fixture points those
 constants (endpoint, resolve URL template, cache) at a server started on 127.0.0.1 for each test and disables
 Xet uploads (the server speaks LFS). ``transformers`` keeps one ``HfApi`` built on first use: it is reset too.
+The tests talk to that local server, so they turn off an offline mode exported in the environment
+(``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1``, also read once at import): see :func:`online`.
 """
 
 from __future__ import annotations
@@ -36,10 +38,29 @@ PUBLISHED = {
 }
 
 
+def online(monkeypatch) -> None:
+    """Undo an exported ``HF_HUB_OFFLINE=1`` for this test: the flags were read at import, so patch them.
+
+    ``huggingface_hub.constants.HF_HUB_OFFLINE`` blocks every request (``OfflineModeIsEnabled``) and
+    ``transformers`` asks ``huggingface_hub.is_offline_mode()``; transformers 4.x kept its own
+    ``_is_offline_mode`` copy, patched where it exists. The environment variables go too, for subprocesses.
+    """
+    import transformers.utils.hub as transformers_hub
+    import transformers.utils.import_utils as transformers_imports
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for module in (transformers_hub, transformers_imports):
+        monkeypatch.setattr(module, "_is_offline_mode", False, raising=False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not constants.is_offline_mode() and not transformers_hub.is_offline_mode()
+
+
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     import transformers.utils.hub as transformers_hub
 
+    online(monkeypatch)
     with HubServer(token=TOKEN) as server:
         monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
         monkeypatch.setattr(

@@ -3,39 +3,26 @@ with the same global batch."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
+import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_bert
+from launch import LaunchFailed, accelerate_launch
 
 SCRIPT = Path(__file__).parent / "ddp_train.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, processes: int, per_device_batch: int) -> dict[str, torch.Tensor]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     # On a machine without GPUs, `--multi_gpu` starts torchrun processes on the gloo backend and
     # the script's `use_cpu=True` keeps them on the CPU: Accelerate's CPU multi-process mode.
-    mode = ["--multi_gpu", "--main_process_port", str(_free_port())] if processes > 1 else ["--cpu"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes)]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    result = subprocess.run(
-        [*command, str(SCRIPT), str(out), str(per_device_batch)],
-        env=env,
-        capture_output=True,
-        text=True,
+    accelerate_launch(
+        [SCRIPT, out, per_device_batch],
+        processes=processes,
+        log_dir=out.parent / f"logs-{out.name}",
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     saved = torch.load(out / "student.pt")
     assert saved["num_processes"] == processes
     return saved["state"]
@@ -48,3 +35,25 @@ def test_two_processes_match_one_process(tmp_path):
     assert any(not torch.allclose(one[k], initial[k]) for k in one), "training did not move the student"
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
+
+
+_DIES_ON_RANK_1 = """
+from accelerate import PartialState
+
+state = PartialState(cpu=True)
+with state.main_process_first():  # rank 0 waits here for rank 1, which dies first
+    if state.process_index == 1:
+        raise RuntimeError("rank 1 broke: the message the report must show")
+"""
+
+
+@pytest.mark.slow
+def test_a_failing_rank_shows_its_own_traceback(tmp_path):
+    script = tmp_path / "dies.py"
+    script.write_text(textwrap.dedent(_DIES_ON_RANK_1))
+    with pytest.raises(LaunchFailed) as failed:
+        accelerate_launch([script], processes=2, log_dir=tmp_path / "logs", timeout=300)
+    report = str(failed.value)
+    assert "---- rank 1 stderr" in report
+    rank_1 = report.split("---- rank 1 stderr")[1].split("---- ")[0]
+    assert "Traceback" in rank_1 and "rank 1 broke: the message the report must show" in rank_1
