@@ -237,15 +237,21 @@ def test_edited_weights_hash_is_refused(tmp_path):
 
 def test_full_disk_during_precompute_keeps_nothing_and_a_rerun_recomputes(tmp_path, monkeypatch):
     teacher, dataset = tiny_bert(seed=1), random_classification_dataset(30)
-    write_batch, writes = arrow_writer.ArrowWriter.write_batch, []
+    writes = []
 
-    def full_after_one(self, *args, **kwargs):
-        writes.append(1)
-        if len(writes) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return write_batch(self, *args, **kwargs)
+    def full_after_one(write):  # the disk fills on the second batch written, whichever way it is written
+        def wrapped(self, *args, **kwargs):
+            writes.append(1)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(self, *args, **kwargs)
 
-    monkeypatch.setattr(arrow_writer.ArrowWriter, "write_batch", full_after_one)
+        return wrapped
+
+    for name in ("write_batch", "write_table"):
+        monkeypatch.setattr(
+            arrow_writer.ArrowWriter, name, full_after_one(getattr(arrow_writer.ArrowWriter, name))
+        )
     with pytest.raises(OSError, match="No space left on device while writing the teacher cache") as full:
         precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, sort_window=8)
     assert full.value.errno == errno.ENOSPC and len(writes) == 2
