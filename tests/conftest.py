@@ -72,3 +72,14 @@ def config(tmp_path, **kwargs) -> DistillationConfig:
     )
     defaults.update(kwargs)
     return DistillationConfig(**defaults)
+
+
+class ForwardCounter:
+    """Counts a model's forward passes (a forward hook)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.calls += 1

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import config, random_classification_dataset, tiny_bert
+from conftest import ForwardCounter, config, random_classification_dataset, tiny_bert
 from datasets import arrow_writer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -55,15 +55,6 @@ def snapshot(folder: Path) -> dict[str, str]:
         for p in folder.rglob("*")
         if p.is_file()
     }
-
-
-class ForwardCounter:
-    def __init__(self, model):
-        self.calls = 0
-        model.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        self.calls += 1
 
 
 def poison(model, rows_or_calls, value=float("nan")):

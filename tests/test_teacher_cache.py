@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, config, random_classification_dataset, tiny_bert, tiny_bert_config
+from conftest import VOCAB, ForwardCounter, config, random_classification_dataset, tiny_bert, tiny_bert_config
 from transformers import (
     BertForMaskedLM,
     BertForQuestionAnswering,
@@ -59,17 +59,6 @@ TEACHERS = {
     "masked_lm": lambda: _bert(BertForMaskedLM, 1),
     "causal_lm": lambda: _gpt2(1),
 }
-
-
-class ForwardCounter:
-    """Counts the teacher's forward passes (a forward hook)."""
-
-    def __init__(self, model):
-        self.calls = 0
-        model.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        self.calls += 1
 
 
 def _one_by_one(teacher, dataset, task):
