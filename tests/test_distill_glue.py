@@ -356,3 +356,22 @@ def test_hidden_loss_from_the_recipe(cache, tmp_path):
     assert set(losses["hard labels"]) == {"loss", "ce_loss"}
     card = (Path(summary["results"][2]["output_dir"]) / "README.md").read_text()
     assert "| hidden_loss | `cosine` (weight 1.0) |" in card
+
+
+def test_ensemble_accuracy_is_that_of_the_mean_soft_labels(tmp_path, tokenizer):
+    from conftest import config, random_classification_dataset, tiny_bert
+
+    from hf_distill.text_classification.data import TextTask
+    from hf_distill.text_classification.evaluation import evaluate_ensemble
+
+    task = TextTask("t", "d", None, ("text",), ("a", "b", "c"))  # accuracy and macro-F1
+    data = random_classification_dataset(24, seed=5)
+    models = [tiny_bert(seed=s).eval() for s in (1, 2, 3)]
+    got = evaluate_ensemble(models, task, {"test": data}, config(tmp_path), tokenizer)["test"]["accuracy"]
+    with torch.no_grad():
+        probs = []
+        for row in data:
+            inputs = {k: torch.tensor([row[k]]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+            probs.append(torch.stack([m(**inputs).logits[0].softmax(-1) for m in models]).mean(0))
+    expected = (torch.stack(probs).argmax(-1) == torch.tensor(data["labels"])).float().mean().item()
+    assert got == pytest.approx(expected)
