@@ -367,7 +367,8 @@ def test_ensemble_accuracy_is_that_of_the_mean_soft_labels(tmp_path, tokenizer):
     task = TextTask("t", "d", None, ("text",), ("a", "b", "c"))  # accuracy and macro-F1
     data = random_classification_dataset(24, seed=5)
     models = [tiny_bert(seed=s).eval() for s in (1, 2, 3)]
-    got = evaluate_ensemble(models, task, {"test": data}, config(tmp_path), tokenizer)["test"]["accuracy"]
+    args = config(tmp_path, train_sampling_strategy="group_by_length", per_device_eval_batch_size=4)
+    got = evaluate_ensemble(models, task, {"test": data}, args, tokenizer)["test"]["accuracy"]  # rows reordered
     with torch.no_grad():
         probs = []
         for row in data:
