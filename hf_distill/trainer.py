@@ -325,12 +325,26 @@ class DistillationTrainer(Trainer):
             return (terms[0] + terms[1]) / 2
         return losses.kd_loss(name, student_logits, t_logits.to(student_logits.device), T, mask=mask)
 
+    def layer_map(self, num_student_layers: int, num_teacher_layers: int) -> list[int]:
+        """The teacher layer (1-based) each student layer is matched with by the hidden and attention losses.
+
+        ``args.layer_map`` if set; else, for a student made by :func:`hf_distill.build_student`, the layers
+        it was copied from (``config.distillation["teacher_layers"]``, 0-based, so ``+1``); else evenly
+        spaced (:func:`default_layer_map`).
+        """
+        if self.args.layer_map:
+            return self.args.layer_map
+        copied = (base_model(self.model).config.to_dict().get("distillation") or {}).get("teacher_layers")
+        if copied and len(copied) == num_student_layers and max(copied) < num_teacher_layers:
+            return [t + 1 for t in copied]
+        return default_layer_map(num_student_layers, num_teacher_layers)
+
     def compute_hidden_loss(
         self, student_outputs, teacher: TeacherOutput, inputs: dict[str, Any]
     ) -> torch.Tensor:
         """Mean over mapped layers of ``losses.hidden_state_loss`` (student projected to the teacher's width)."""
         s_hidden, t_hidden = student_outputs.hidden_states, teacher.hidden_states
-        layer_map = self.args.layer_map or default_layer_map(len(s_hidden) - 1, len(t_hidden) - 1)
+        layer_map = self.layer_map(len(s_hidden) - 1, len(t_hidden) - 1)
         if len(layer_map) != len(s_hidden) - 1 or max(layer_map) > len(t_hidden) - 1:
             raise ValueError(
                 f"layer_map={layer_map} must have one entry per student layer ({len(s_hidden) - 1}) with teacher "
@@ -353,7 +367,7 @@ class DistillationTrainer(Trainer):
                 "attention_loss_weight > 0 needs attention maps: load student and teacher with "
                 "attn_implementation='eager'."
             )
-        layer_map = self.args.layer_map or default_layer_map(len(s_att), len(t_att))
+        layer_map = self.layer_map(len(s_att), len(t_att))
         if s_att[0].shape[1] != t_att[0].shape[1]:
             raise ValueError(
                 f"The attention loss needs as many heads in the student ({s_att[0].shape[1]}) as in the teacher "

@@ -368,7 +368,9 @@ def test_ensemble_accuracy_is_that_of_the_mean_soft_labels(tmp_path, tokenizer):
     data = random_classification_dataset(24, seed=5)
     models = [tiny_bert(seed=s).eval() for s in (1, 2, 3)]
     args = config(tmp_path, train_sampling_strategy="group_by_length", per_device_eval_batch_size=4)
-    got = evaluate_ensemble(models, task, {"test": data}, args, tokenizer)["test"]["accuracy"]  # rows reordered
+    got = evaluate_ensemble(models, task, {"test": data}, args, tokenizer)["test"][
+        "accuracy"
+    ]  # rows reordered
     with torch.no_grad():
         probs = []
         for row in data:

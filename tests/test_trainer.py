@@ -16,7 +16,7 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-from hf_distill import DistillationTrainer, build_student, kl_div_loss
+from hf_distill import DistillationTrainer, build_student, hidden_state_loss, kl_div_loss
 
 
 def test_student_trains_teacher_stays_frozen(tmp_path, tokenizer):
@@ -513,3 +513,28 @@ def test_teacher_is_held_in_the_mixed_precision_dtype(tmp_path, tokenizer, kwarg
     trainer.train()
     logged = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logged) == 2 and all(torch.isfinite(torch.tensor(e["kd_loss"])) for e in logged)
+
+
+def test_hidden_loss_matches_each_student_layer_with_the_layer_it_was_copied_from(tmp_path):
+    teacher = tiny_bert(seed=1, num_layers=6)
+    student = build_student(teacher, num_layers=3)  # teacher layers 0, 2, 5 (0-based)
+    args = config(tmp_path, hidden_loss="cosine", hidden_loss_weight=1.0)
+    data = random_classification_dataset(8)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
+    assert trainer.layer_map(3, 6) == [1, 3, 6]  # hidden_states[0] are the embeddings
+    # the untrained student's first layer is the teacher's first: the same activations under the map
+    inputs = {k: torch.tensor([data[0][k]]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        s_hidden = student.eval()(**inputs, output_hidden_states=True).hidden_states
+        t_hidden = trainer.compute_teacher_outputs(inputs, hidden_states=True).hidden_states
+    first = hidden_state_loss("cosine", s_hidden[1], t_hidden[trainer.layer_map(3, 6)[0]])
+    assert first.item() == pytest.approx(0.0, abs=1e-7)
+    assert hidden_state_loss("cosine", s_hidden[1], t_hidden[2]).item() > 1e-6  # the evenly spaced match
+    other = config(tmp_path, hidden_loss="cosine", hidden_loss_weight=1.0, layer_map=[2, 4, 6])
+    assert DistillationTrainer(
+        model=student, teacher_model=teacher, args=other, train_dataset=data
+    ).layer_map(3, 6) == [2, 4, 6]
+    fresh = tiny_bert(seed=2, num_layers=3)  # not built from the teacher: evenly spaced
+    assert DistillationTrainer(model=fresh, teacher_model=teacher, args=args, train_dataset=data).layer_map(
+        3, 6
+    ) == [2, 4, 6]
