@@ -121,7 +121,7 @@ def test_recipe_must_be_a_mapping(tmp_path):
         (["--students", "tiny"], "students must be"),
         (["--students", "checkpoint"], "student_model_name_or_path"),
         (["--transfer_set", "layers"], "needs num_labelled"),
-        (["--num_labelled", "10", "--transfer_set", "compact"], "must name students"),
+        (["--num_labelled", "10", "--transfer_set", "compcat"], "must name student kinds"),
         (["--num_labelled", "0"], "num_labelled must be >= 1"),
     ],
 )

@@ -248,9 +248,10 @@ class DistillTextArguments:
                 f"transfer_set={self.transfer_set} needs num_labelled: the transfer set is the training texts "
                 "beyond the first num_labelled labelled ones."
             )
-        if any(kind not in self.students for kind in self.transfer_set):
+        if any(kind not in STUDENT_KINDS for kind in self.transfer_set):
             raise ValueError(
-                f"transfer_set={self.transfer_set} must name students from students={self.students}."
+                f"transfer_set={self.transfer_set} must name student kinds from {STUDENT_KINDS} (a kind that is "
+                "not in students is not trained, so --students can be narrowed without changing transfer_set)."
             )
         if self.max_seq_length < 2:
             raise ValueError(f"max_seq_length must be >= 2, got {self.max_seq_length}.")
