@@ -282,7 +282,7 @@ def write_card(data: StudentCardData, path: str | os.PathLike) -> ModelCard:
 
 
 # What Trainer.evaluate logs besides the metrics.
-_EVAL_BOOKKEEPING = {
+EVAL_BOOKKEEPING = {
     "loss",
     "runtime",
     "samples_per_second",
@@ -299,7 +299,7 @@ def last_evaluation(log_history: list[dict[str, Any]], prefix: str = "eval") -> 
     for entry in reversed(log_history):
         metrics = {k[len(start) :]: v for k, v in entry.items() if k.startswith(start)}
         if metrics:
-            chosen = {k: v for k, v in metrics.items() if k not in _EVAL_BOOKKEEPING}
+            chosen = {k: v for k, v in metrics.items() if k not in EVAL_BOOKKEEPING}
             return chosen or ({"loss": metrics["loss"]} if "loss" in metrics else None)
     return None
 

@@ -11,19 +11,10 @@ from datasets import Dataset
 from torch import nn
 from transformers import DataCollatorWithPadding, EvalPrediction, PreTrainedTokenizerBase, Trainer
 
+from ..model_card import EVAL_BOOKKEEPING
 from ..tasks import forward_params
 from .data import TextTask
 from .metrics import load_metric
-
-# What evaluation reports besides the metrics (loss, runtime, ...) is left out of the results.
-_NOT_METRICS = (
-    "loss",
-    "runtime",
-    "samples_per_second",
-    "steps_per_second",
-    "epoch",
-    "model_preparation_time",
-)
 
 
 def compute_metrics_fn(task: TextTask):
@@ -45,7 +36,7 @@ def split_metrics(raw: dict[str, float], split: str) -> dict[str, float]:
     return {
         k[len(prefix) :]: v
         for k, v in raw.items()
-        if k.startswith(prefix) and k[len(prefix) :] not in _NOT_METRICS
+        if k.startswith(prefix) and k[len(prefix) :] not in EVAL_BOOKKEEPING
     }
 
 

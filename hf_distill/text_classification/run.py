@@ -164,7 +164,7 @@ def run(
     # attention loss needs the live teacher's activations, so the teacher is kept beside its logits.
     needs_live = args.hidden_loss_weight > 0 or args.attention_loss_weight > 0
     live = {"teacher": models[0], "ensemble": models}
-    train_sets = {"teacher": [prepared.transfer]}
+    full_sets = {"teacher": prepared.transfer, **({"ensemble": prepared.transfer} if len(models) > 1 else {})}
     if script.use_teacher_cache:
         settings = teacher_cache_settings(script, task, cache)
         cached = [
@@ -173,21 +173,16 @@ def run(
             )
             for m, s in zip(models, seeds, strict=True)
         ]
-        train_sets = {
-            "teacher": [cached[0]],
-            "ensemble": [_ensemble_logits(cached, args)] if len(models) > 1 else [],
-        }
+        full_sets["teacher"] = cached[0]
+        if len(models) > 1:
+            full_sets["ensemble"] = _ensemble_logits(cached, args)
         if not needs_live:
-            live = {"teacher": None, "ensemble": None}
+            live = dict.fromkeys(live)
     n_labelled = len(prepared.labelled)
-    sources = {}
-    for source in ("teacher", "ensemble"):
-        if source == "ensemble" and len(models) == 1:
-            continue
-        full = (
-            train_sets.get(source, [prepared.transfer])[0] if script.use_teacher_cache else prepared.transfer
-        )
-        sources[source] = (full.select(range(n_labelled)) if n_labelled < len(full) else full, full)
+    sources = {
+        source: (full.select(range(n_labelled)) if n_labelled < len(full) else full, full)
+        for source, full in full_sets.items()
+    }
 
     # ---- stage 2
     trained: list[tuple[TrainedStudent, int]] = []

@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from ..trainer import DistillationTrainer
 from . import offline
 from .data import TextTask
 from .evaluation import evaluate_splits
-from .teacher import load_classifier
+from .teacher import load_classifier, write_json_atomic
 
 HARD_LABELS, KD, KD_TRANSFER = "hard labels", "KD", "KD + transfer set"
 ENSEMBLE = " from the ensemble"  # KD from the ensemble [+ transfer set]
@@ -223,8 +222,6 @@ def train_student(
     state = PartialState()
     if state.is_main_process:
         record = {"key": key, "metrics": metrics, "train_seconds": seconds, "train_losses": losses}
-        tmp = folder / f"{RUN_INFO}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, folder / RUN_INFO)
+        write_json_atomic(folder / RUN_INFO, record)
     state.wait_for_everyone()
     return TrainedStudent(run, metrics, seconds, losses)

@@ -157,7 +157,8 @@ def teacher_key(
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, value: dict[str, Any]) -> None:
+    """Write ``value`` to ``path`` through a temporary file and a rename: readers see all of it or nothing."""
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(value, indent=2))
     os.replace(tmp, path)
@@ -223,7 +224,7 @@ def get_teacher(
     state = PartialState()
     if state.is_main_process:
         info = {"backbone": name, "train_rows": len(train), "seconds": time.perf_counter() - start}
-        _write_json_atomic(saved / TEACHER_INFO, info)
+        write_json_atomic(saved / TEACHER_INFO, info)
     state.wait_for_everyone()
     # Reloaded from the saved folder: whole weights whatever wrapped it for training (FSDP, DeepSpeed).
     model = AutoModelForSequenceClassification.from_pretrained(saved)
