@@ -29,17 +29,39 @@ from pathlib import Path
 from hf_distill.text_classification import RecipeParser, run
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "offline" / "rotten_tomatoes.yaml"
-# Layers-student settings searched on validation: name -> recipe flags (on top of the recipe's own).
+# Layers-student settings searched on validation: name -> recipe flags (on top of the recipe's own). Settings
+# with the same number of steps share one hard-label twin (trained with the first of them), since that row does
+# not depend on the distillation settings.
 LAYERS = ["--students", "layers"]
+# 610 steps: 2 epochs over all training texts
+TRANSFER = ["--transfer_set", "layers", "--num_train_epochs", "2"]
 SEARCH: dict[str, list[str]] = {
-    "recipe (T=2, 0.5/0.5)": [],
-    "transfer set": ["--transfer_set", "layers"],
-    "transfer set, T=4": ["--transfer_set", "layers", "--temperature", "4"],
-    "transfer set, T=1": ["--transfer_set", "layers", "--temperature", "1"],
-    "transfer set, 0.9/0.1": ["--transfer_set", "layers", "--alpha", "0.9", "--beta", "0.1"],
-    "cosine hidden loss": ["--hidden_loss", "cosine", "--hidden_loss_weight", "1.0"],
-    "6 epochs": ["--num_train_epochs", "6"],
+    "recipe (T=2, 0.5/0.5, 3 epochs)": [],
+    "9 epochs": ["--num_train_epochs", "9"],
+    "transfer set (2 epochs)": TRANSFER,
+    "transfer set, T=1": [*TRANSFER, "--temperature", "1"],
+    "transfer set, T=4": [*TRANSFER, "--temperature", "4"],
+    "transfer set, 1.0/0.0 (soft labels only)": [*TRANSFER, "--alpha", "1.0", "--beta", "0.0"],
+    "9 epochs, cosine hidden loss": [
+        "--num_train_epochs",
+        "9",
+        "--hidden_loss",
+        "cosine",
+        "--hidden_loss_weight",
+        "1.0",
+    ],
+    "9 epochs, MSE hidden loss": [
+        "--num_train_epochs",
+        "9",
+        "--hidden_loss",
+        "mse",
+        "--hidden_loss_weight",
+        "1.0",
+    ],
 }
+# setting -> the earlier setting whose hard-label row it shares (same steps, same hard-label training).
+TWIN = {name: "transfer set (2 epochs)" for name in SEARCH if name.startswith("transfer set, ")}
+TWIN |= {name: "9 epochs" for name in SEARCH if name.startswith("9 epochs, ")}
 
 
 def run_recipe(flags: list[str]) -> dict:
@@ -51,8 +73,12 @@ def run_recipe(flags: list[str]) -> dict:
     return summary
 
 
+def _records(out: Path) -> list[dict]:
+    return json.loads(out.read_text()) if out.exists() else []
+
+
 def append(out: Path, record: dict) -> None:
-    records = json.loads(out.read_text()) if out.exists() else []
+    records = _records(out)
     records.append(record)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=2))
@@ -92,20 +118,33 @@ def seed_table(records: list[dict], kind: str = "seed", split: str = "test") -> 
 
 
 def search_table(records: list[dict]) -> str:
+    """Every KD row of the search with its validation gain over the hard-label twin of the same steps."""
     runs = [r for r in records if r["kind"] == "search"]
     if not runs:
         return "(no search runs yet)"
-    lines = ["| setting | training | steps | validation accuracy | test accuracy |", "|---|---|---|---|---|"]
-    best = None
+    hard = {}
     for record in runs:
         for row in record["summary"]["results"][1:]:
+            if row["training"] == "hard labels":
+                hard[record["setting"]] = row
+    lines = [
+        "| setting | training | steps | validation accuracy | gain over hard labels (validation) | test accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    best = None
+    for record in runs:
+        setting = record["setting"]
+        twin = hard.get(TWIN.get(setting, setting))
+        for row in record["summary"]["results"][1:]:
             val, test = _accuracy(row, "validation"), _accuracy(row, "test")
+            gain = "" if twin is None or row is twin else f"{val - _accuracy(twin, 'validation'):+.2f}"
             lines.append(
-                f"| {record['setting']} | {row['training']} | {row['steps']} | {val:.2f} | {test:.2f} |"
+                f"| {setting} | {row['training']} | {row['steps']} | {val:.2f} | {gain} | {test:.2f} |"
             )
             if row["training"] != "hard labels" and (best is None or val > best[0]):
-                best = (val, record["setting"], row["training"])
-    lines.append(f"\nBest KD row by validation accuracy: {best[1]} ({best[2]}, {best[0]:.2f}).")
+                best = (val, setting, row["training"])
+    if best is not None:
+        lines.append(f"\nBest KD row by validation accuracy: {best[1]} ({best[2]}, {best[0]:.2f}).")
     return "\n".join(lines)
 
 
@@ -119,6 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--ensemble", action="store_true", help="Also distil the seeds' teachers as an ensemble."
     )
+    parser.add_argument(
+        "--skip_seed_runs",
+        action="store_true",
+        help="Do not run the seed runs (e.g. only --ensemble, on cached teachers).",
+    )
     parser.add_argument("--summarize", action="store_true", help="Only print the tables of --out.")
     parser.add_argument(
         "--flags", nargs=argparse.REMAINDER, default=[], help="Extra recipe flags for every run."
@@ -128,13 +172,17 @@ def main(argv: list[str] | None = None) -> None:
     if not options.summarize:
         first = options.seeds[0] if options.seeds else 42
         if options.search:
+            done = [r for r in _records(options.out) if r["kind"] == "search" and r["seed"] == first]
             for setting, flags in SEARCH.items():
+                if any(r["setting"] == setting for r in done):
+                    continue  # measured before (an interrupted search continues where it stopped)
                 output = "outputs/bench_offline/search-" + "".join(c if c.isalnum() else "-" for c in setting)
                 seed = ["--seed", str(first), "--teacher_seed", str(first)]
-                summary = run_recipe([*options.flags, *LAYERS, *flags, *seed, "--output_dir", output])
+                twin = ["--train_baseline", "false"] if setting in TWIN else []
+                summary = run_recipe([*options.flags, *LAYERS, *flags, *twin, *seed, "--output_dir", output])
                 append(options.out, {"kind": "search", "setting": setting, "seed": first, "summary": summary})
                 print(search_table(json.loads(options.out.read_text())), flush=True)
-        for seed in options.seeds:
+        for seed in [] if options.skip_seed_runs else options.seeds:
             flags = [*options.flags, "--seed", str(seed), "--teacher_seed", str(seed)]
             summary = run_recipe([*flags, "--output_dir", f"outputs/bench_offline/seed{seed}"])
             append(options.out, {"kind": "seed", "seed": seed, "summary": summary})

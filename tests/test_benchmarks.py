@@ -57,3 +57,69 @@ def test_near_free_teacher_has_the_real_output_shapes():
     ]:
         teacher, _ = bench.free_teacher(kind, device)
         assert teacher(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == shape
+
+
+def _bench_offline():
+    path = BENCH.parent / "bench_offline.py"
+    spec = importlib.util.spec_from_file_location("bench_offline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_offline_search_setting_is_a_valid_recipe_override():
+    from hf_distill.text_classification import RecipeParser
+
+    bench = _bench_offline()
+    for setting, flags in bench.SEARCH.items():
+        script, args = RecipeParser().parse_recipe_and_args(
+            ["--config", str(bench.RECIPE), *bench.LAYERS, *flags]
+        )
+        assert script.students == ["layers"], setting
+        if setting in bench.TWIN:  # shares the hard-label row of a setting with the same steps and training
+            twin = RecipeParser().parse_recipe_and_args(
+                ["--config", str(bench.RECIPE), *bench.LAYERS, *bench.SEARCH[bench.TWIN[setting]]]
+            )
+            assert (twin[1].num_train_epochs, twin[1].learning_rate) == (
+                args.num_train_epochs,
+                args.learning_rate,
+            )
+            assert twin[0].transfer_set == script.transfer_set
+
+
+def _row(training, steps, val, test):
+    return {
+        "training": training,
+        "steps": steps,
+        "metrics": {"validation": {"accuracy": val}, "test": {"accuracy": test}},
+    }
+
+
+def test_offline_search_table_measures_each_kd_row_against_its_twin_and_chooses_on_validation():
+    bench = _bench_offline()
+    teacher = _row("fine-tuned", 0, 0.8, 0.8)
+    shared, child = "transfer set (2 epochs)", "transfer set, T=4"
+    assert bench.TWIN[child] == shared
+    records = [
+        {
+            "kind": "search",
+            "setting": shared,
+            "seed": 42,
+            "summary": {
+                "results": [teacher, _row("hard labels", 610, 0.75, 0.74), _row("KD", 610, 0.76, 0.79)]
+            },
+        },
+        {
+            "kind": "search",
+            "setting": child,
+            "seed": 42,
+            "summary": {
+                "results": [teacher, _row("KD", 610, 0.78, 0.70), _row("KD + transfer set", 610, 0.77, 0.90)]
+            },
+        },
+    ]
+    table = bench.search_table(records)
+    assert f"| {child} | KD | 610 | 78.00 | +3.00 | 70.00 |" in table
+    assert f"| {shared} | KD | 610 | 76.00 | +1.00 | 79.00 |" in table
+    # chosen on validation (78.00), not on test (90.00)
+    assert table.endswith(f"Best KD row by validation accuracy: {child} (KD, 78.00).")
