@@ -46,7 +46,7 @@ LAYERS = ["--students", "layers"]
 # 610 steps: 2 epochs over all training texts
 TRANSFER = ["--transfer_set", "layers", "--num_train_epochs", "2"]
 SEARCH: dict[str, list[str]] = {
-    "recipe (T=2, 0.5/0.5, 3 epochs)": [],
+    "3 epochs (the earlier recipe; T=2, 0.5/0.5 throughout)": ["--num_train_epochs", "3"],
     "9 epochs": ["--num_train_epochs", "9"],
     "transfer set (2 epochs)": TRANSFER,
     "transfer set, T=1": [*TRANSFER, "--temperature", "1"],
