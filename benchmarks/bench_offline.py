@@ -1,20 +1,27 @@
 """Reproduce the offline default's table over several full runs (median and spread), search the layers student's
-settings on validation, and distil the teachers' ensemble.
+settings on validation, and distil the teachers' ensemble. Each run is ``scripts/distill_glue.py``'s own ``main``
+on ``recipes/offline/rotten_tomatoes.yaml`` plus flags. The README's results were made with (about 1 h 45 min on
+2 CPU cores):
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_offline.py --search --ensemble --out benchmarks/results/offline_v2.json
+    export OMP_NUM_THREADS=2
+    python benchmarks/bench_offline.py --search --seeds --out benchmarks/results/offline_search.json
+    python benchmarks/bench_offline.py --seeds 42 43 44 --ensemble --out benchmarks/results/offline_v3.json
 
 1. ``--search``: the layers student (initialised from teacher layers) on the first seed, one run per setting of
-   ``SEARCH`` (transfer set, hidden-state loss, temperature, loss weights, epochs), each with its hard-label
-   twin of the same steps. The setting whose best KD row has the highest **validation** accuracy is chosen;
-   test accuracy is never used to choose.
+   ``SEARCH`` (epochs, transfer set, temperature, loss weights, hidden-state losses), each KD row against the
+   hard-label twin of the same steps (settings with the same steps share one twin, ``TWIN``). The best KD row
+   on **validation** is reported with the rows tied with it (``TIE_POINTS``); test accuracy is never used to
+   choose. ``--seeds`` with no value runs only the search.
 2. ``--seeds`` (default 42 43 44): the recipe once per seed, the teacher's fine-tuning seed varied with the
    students' (``--teacher_seed`` = ``--seed``), so the spread covers the whole method. ``--flags`` adds recipe
-   flags to every run (e.g. the chosen setting).
+   flags to every run (e.g. a setting to try).
 3. ``--ensemble``: per seed, the three teachers of ``--seeds`` (cached by the seed runs) as an ensemble
    (``teacher_seeds``): each teacher, the ensemble's own accuracy, a student of one teacher and of the ensemble.
+   ``--skip_seed_runs`` runs only these.
 
-Every finished run is appended to ``--out`` at once, so an interrupted benchmark keeps what it measured;
-``--summarize`` prints the tables from that file without running anything.
+Every finished run is appended to ``--out`` at once, so an interrupted benchmark keeps what it measured (an
+interrupted search continues where it stopped); ``--summarize`` prints the tables from that file without running
+anything.
 """
 
 from __future__ import annotations
