@@ -151,7 +151,7 @@ def search_table(records: list[dict]) -> str:
         "| setting | training | steps | validation accuracy | gain over hard labels (validation) | test accuracy |",
         "|---|---|---|---|---|---|",
     ]
-    best, kd_rows = None, []
+    kd_rows = []
     for record in runs:
         setting = record["setting"]
         twin = hard.get(TWIN.get(setting, setting))
@@ -163,11 +163,10 @@ def search_table(records: list[dict]) -> str:
             )
             if row["training"] != "hard labels":
                 kd_rows.append((val, setting, row["training"], row["steps"]))
-                if best is None or val > best[0]:
-                    best = (val, setting, row["training"])
-    if best is not None:
+    if kd_rows:
+        best = max(kd_rows, key=lambda r: r[0])  # the first of equals
         lines.append(f"\nBest KD row by validation accuracy: {best[1]} ({best[2]}, {best[0]:.2f}).")
-        ties = [r for r in kd_rows if best[0] - r[0] <= TIE_POINTS and r[1:3] != best[1:]]
+        ties = [r for r in kd_rows if best[0] - r[0] <= TIE_POINTS and r is not best]
         lines.append(
             f"Within {TIE_POINTS} points of it (ties on {VALIDATION_ROWS:,} validation snippets): "
             + ("; ".join(f"{s} ({t}, {v:.2f}, {n} steps)" for v, s, t, n in ties) or "none")
@@ -209,12 +208,12 @@ def main(argv: list[str] | None = None) -> None:
                 twin = ["--train_baseline", "false"] if setting in TWIN else []
                 summary = run_recipe([*options.flags, *LAYERS, *flags, *twin, *seed, "--output_dir", output])
                 append(options.out, {"kind": "search", "setting": setting, "seed": first, "summary": summary})
-                print(search_table(json.loads(options.out.read_text())), flush=True)
+                print(search_table(_records(options.out)), flush=True)
         for seed in [] if options.skip_seed_runs else options.seeds:
             flags = [*options.flags, "--seed", str(seed), "--teacher_seed", str(seed)]
             summary = run_recipe([*flags, "--output_dir", f"outputs/bench_offline/seed{seed}"])
             append(options.out, {"kind": "seed", "seed": seed, "summary": summary})
-            print(seed_table(json.loads(options.out.read_text())), flush=True)
+            print(seed_table(_records(options.out)), flush=True)
         if options.ensemble:
             teachers = [str(s) for s in options.seeds]
             for seed in options.seeds:
@@ -222,9 +221,9 @@ def main(argv: list[str] | None = None) -> None:
                 flags += ["--hidden_loss_weight", "0", "--train_baseline", "false"]
                 summary = run_recipe([*flags, "--output_dir", f"outputs/bench_offline/ensemble{seed}"])
                 append(options.out, {"kind": "ensemble", "seed": seed, "summary": summary})
-                print(seed_table(json.loads(options.out.read_text()), kind="ensemble"), flush=True)
+                print(seed_table(_records(options.out), kind="ensemble"), flush=True)
 
-    records = json.loads(options.out.read_text())
+    records = _records(options.out)
     print(seed_table(records))
     print()
     print(seed_table(records, kind="ensemble"))

@@ -588,7 +588,8 @@ def read_provenance(cache: str | os.PathLike | Dataset) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, value: dict[str, Any]) -> None:
+    """Write ``value`` to ``path`` through a temporary file and a rename: readers see all of it or nothing."""
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -762,7 +763,7 @@ def precompute_teacher_logits(
                     "arrow_sha256": _file_sha256(arrow),
                     **_storage_size(out, task),
                 }
-                _write_json_atomic(meta, provenance)
+                write_json_atomic(meta, provenance)
                 logger.info("Teacher cache written to %s (%s).", arrow, _describe_size(provenance))
             elif len(out) != components["num_rows"]:
                 raise ValueError(

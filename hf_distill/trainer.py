@@ -334,7 +334,7 @@ class DistillationTrainer(Trainer):
         """
         if self.args.layer_map:
             return self.args.layer_map
-        copied = (base_model(self.model).config.to_dict().get("distillation") or {}).get("teacher_layers")
+        copied = (getattr(base_model(self.model).config, "distillation", None) or {}).get("teacher_layers")
         if copied and len(copied) == num_student_layers and max(copied) < num_teacher_layers:
             return [t + 1 for t in copied]
         return default_layer_map(num_student_layers, num_teacher_layers)

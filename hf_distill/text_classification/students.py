@@ -36,12 +36,12 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import DistillationConfig
 from ..student import build_student
-from ..teacher_cache import weights_hash
+from ..teacher_cache import weights_hash, write_json_atomic
 from ..trainer import DistillationTrainer
 from . import offline
 from .data import TextTask
 from .evaluation import evaluate_splits
-from .teacher import load_classifier, write_json_atomic
+from .teacher import load_classifier
 
 HARD_LABELS, KD, KD_TRANSFER = "hard labels", "KD", "KD + transfer set"
 ENSEMBLE = " from the ensemble"  # KD from the ensemble [+ transfer set]

@@ -18,12 +18,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -40,6 +38,7 @@ from transformers import (
 )
 
 from ..config import DistillationConfig
+from ..teacher_cache import write_json_atomic
 from . import offline
 from .data import TextTask
 
@@ -155,13 +154,6 @@ def teacher_key(
         "seed": teacher_seed(script, args, seed),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    """Write ``value`` to ``path`` through a temporary file and a rename: readers see all of it or nothing."""
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
 
 
 def get_teacher(
