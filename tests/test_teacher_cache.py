@@ -357,7 +357,7 @@ def test_in_memory_dataset_without_cache_dir_is_computed_uncached(tmp_path):
 
 
 def _train(tmp_path, task, teacher, dataset, tokenizer):
-    """Train a fresh student (same seed every time) for 2 epochs; its loss curve and final weights."""
+    """Train a fresh student (same seed every time) for 2 epochs of SGD; its loss curve and final weights."""
     if task == "sequence_classification":
         student = tiny_bert(seed=2)
     else:
@@ -366,7 +366,8 @@ def _train(tmp_path, task, teacher, dataset, tokenizer):
         tmp_path,
         per_device_train_batch_size=4,
         num_train_epochs=2,
-        learning_rate=5e-3,
+        optim="sgd",
+        learning_rate=0.5,
         temperature=2.0,
         alpha=0.8,
         beta=0.2,
@@ -389,9 +390,11 @@ def _token_dataset(n=16):
 @pytest.mark.parametrize(
     ("task", "dtype", "tolerance"),
     [
-        # float32 storage: the same numbers up to batching noise (measured: bit-identical on CPU).
-        ("sequence_classification", "float32", 1e-6),
-        ("token_classification", "float32", 1e-6),
+        # float32 storage: the same numbers up to batching noise (the teacher runs in other batches and
+        # paddings when precomputing, so its logits may differ in the last bits on another BLAS; SGD carries
+        # such differences through linearly, where Adam's g / (|g| + eps) would magnify them).
+        ("sequence_classification", "float32", 1e-5),
+        ("token_classification", "float32", 1e-5),
         # float16 storage: logits rounded to ~3 significant digits (measured: weights within 5e-4).
         ("sequence_classification", "float16", 2e-3),
         ("token_classification", "float16", 2e-3),

@@ -528,7 +528,7 @@ def test_hidden_loss_matches_each_student_layer_with_the_layer_it_was_copied_fro
         s_hidden = student.eval()(**inputs, output_hidden_states=True).hidden_states
         t_hidden = trainer.compute_teacher_outputs(inputs, hidden_states=True).hidden_states
     first = hidden_state_loss("cosine", s_hidden[1], t_hidden[trainer.layer_map(3, 6)[0]])
-    assert first.item() == pytest.approx(0.0, abs=1e-7)
+    assert first.item() == pytest.approx(0.0, abs=1e-6)  # float32 rounding alone gives up to ~1e-7
     assert hidden_state_loss("cosine", s_hidden[1], t_hidden[2]).item() > 1e-6  # the evenly spaced match
     other = config(tmp_path, hidden_loss="cosine", hidden_loss_weight=1.0, layer_map=[2, 4, 6])
     assert DistillationTrainer(
