@@ -1,0 +1,72 @@
+"""Precomputed teacher logits: computed once into a ``datasets`` cache file, reused only when they match.
+
+:func:`precompute_teacher_logits` runs the teacher once over a tokenized dataset and returns it with
+the teacher's outputs as columns (the contract of :class:`hf_distill.DistillationTrainer`):
+
+- ``teacher_logits``: sequence classification ``[C]``; token classification ``[L, C]``; question
+  answering ``[L, 2]`` (start, end stacked on the last dim); masked/causal LM with ``top_k=None``
+  (dense) ``[L, V]``.
+- ``teacher_topk_values`` + ``teacher_topk_indices`` ``[L, k]``: masked and causal LM (the default,
+  ``k = DEFAULT_TOP_K``): the ``k`` largest raw logits (``T = 1``) and their vocabulary ids.
+  **Mass outside the top k**: :func:`hf_distill.losses.topk_kl_div_loss` renormalises the teacher
+  over its top ``k`` (the mass outside is set to zero), while the student keeps its full softmax,
+  so the KD term pulls the student's mass onto the teacher's top ``k`` tokens. With ``k`` at 20 to
+  100 the dropped mass of a trained LM is small at ``T = 1``; higher temperatures flatten the
+  teacher and make it larger, so raise ``k`` with ``T``.
+
+``L`` is each example's own length (``len(input_ids)``): nothing is stored for padding. The
+teacher sees the inputs as stored, so inputs that a collator changes at random each epoch (masked
+LM's dynamic masking) do not go with cached logits: mask once before caching (static masking), or
+run the teacher live.
+
+The cache is a ``datasets`` cache file written by ``Dataset.map(new_fingerprint=key,
+cache_file_name=...)``, which writes to a temporary file and renames it when complete, so an
+interrupted run leaves no file under the cache name. Beside it a JSON provenance file
+(:func:`read_provenance`) records the teacher, its weights hash, the dtype, ``top_k``, every key
+component and the storage size; it is written after the arrow file, and a cache is used only when
+both exist and agree. The key (:func:`teacher_cache_key`) hashes everything that changes the
+stored values: the dataset's fingerprint, the teacher's weights (:func:`weights_hash`, not its
+name), class and config, the tokenizer (:func:`tokenizer_hash`), the preprocessing settings, the
+stored dtype, ``top_k`` and the autocast dtype. A different request has a different key, hence a
+different file: it is recomputed, never answered from a stale cache. :func:`load_teacher_cache`
+opens a cache made elsewhere and refuses it when its provenance differs from what is expected.
+
+One module per concept: :mod:`.key` (the key, the provenance file), :mod:`.storage` (the data
+file: columns, checks, size), :mod:`.inference` (the teacher's forward in length-sorted batches),
+:mod:`.precompute` (the two entry points).
+"""
+
+from .inference import length_sorted_batches
+from .key import (
+    AUTOCAST_DTYPES,
+    CACHE_FORMAT_VERSION,
+    DEFAULT_TOP_K,
+    STORAGE_DTYPES,
+    cache_paths,
+    read_provenance,
+    teacher_cache_key,
+    tokenizer_hash,
+    weights_hash,
+    write_json_atomic,
+)
+from .precompute import load_teacher_cache, precompute_teacher_logits
+from .storage import TEACHER_COLUMNS, check_finite_logits, nonfinite_rows
+
+__all__ = [
+    "AUTOCAST_DTYPES",
+    "CACHE_FORMAT_VERSION",
+    "DEFAULT_TOP_K",
+    "STORAGE_DTYPES",
+    "TEACHER_COLUMNS",
+    "cache_paths",
+    "check_finite_logits",
+    "length_sorted_batches",
+    "load_teacher_cache",
+    "nonfinite_rows",
+    "precompute_teacher_logits",
+    "read_provenance",
+    "teacher_cache_key",
+    "tokenizer_hash",
+    "weights_hash",
+    "write_json_atomic",
+]

@@ -1,0 +1,203 @@
+"""The teacher run over a dataset: length-sorted batches, outputs gathered on the device, in Arrow.
+
+:class:`_TeacherLogits` is the ``Dataset.map`` function :func:`~.precompute.precompute_teacher_logits`
+runs; :func:`length_sorted_batches` shows the batches it forms.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import pyarrow as pa
+import torch
+from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
+from torch import nn
+
+from .. import tasks
+from ..ragged import (
+    BatchLayout,
+    batch_bounds,
+    fixed_size_lists,
+    flat_lists,
+    lists_of_fixed_size_lists,
+    longest_first,
+)
+from ..tasks import output_logits
+from .key import AUTOCAST_DTYPES
+from .storage import _output_width
+
+logger = logging.getLogger(__name__)
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def length_sorted_batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
+    """Positions grouped into batches by length, longest first, so each batch pads little.
+
+    A batch holds at most ``max_batch_size`` rows and at most ``max_batch_tokens`` padded tokens
+    (rows times its longest row); a row longer than the budget forms a batch of its own. The
+    batches :func:`precompute_teacher_logits` runs (:func:`hf_distill.ragged.batch_bounds`).
+    """
+    order = longest_first(np.asarray(lengths, dtype=np.int64))
+    bounds = batch_bounds(np.asarray(lengths, dtype=np.int64)[order], max_batch_tokens, max_batch_size)
+    return [order[start:stop].tolist() for start, stop in bounds]
+
+
+class _TeacherLogits:
+    """The ``Dataset.map`` function: teacher outputs for a window of examples, in their original order.
+
+    It reads the window's token columns as Arrow list arrays and returns Arrow arrays, with no
+    per-row Python: each batch is padded by one scatter (:class:`hf_distill.ragged.BatchLayout`),
+    only the real tokens' outputs are gathered on the device (top-k taken there too), converted to
+    the stored dtype and copied to the host once per batch. On CUDA the inputs go through pinned
+    memory and the copy back is asynchronous, so the next batch is built while this one runs.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        task: str,
+        columns: Mapping[str, str],
+        *,
+        pad_token_id: int,
+        dtype: str,
+        top_k: int | None,
+        autocast_dtype: str | None,
+        max_batch_tokens: int,
+        max_batch_size: int,
+    ):
+        self.teacher, self.task, self.columns = teacher, task, dict(columns)
+        self.pad_token_id, self.dtype, self.top_k = pad_token_id, np.dtype(dtype), top_k
+        self.torch_dtype = getattr(torch, dtype)
+        self.width = _output_width(teacher, task, top_k)
+        self.autocast_dtype = AUTOCAST_DTYPES.get(autocast_dtype) if autocast_dtype else None
+        self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
+        self.device = next(teacher.parameters()).device
+        self.cuda = self.device.type == "cuda"
+
+    def __call__(self, window: pa.Table) -> pa.Table:
+        # Start each window from the budget that last fitted; halve it on out-of-memory (and only
+        # then collect garbage and empty the device cache).
+        flat = {name: flat_lists(window[column]) for name, column in self.columns.items()}
+        ids = flat["input_ids"][1]  # columns with input_ids' row lengths share its offsets (and layouts)
+        flat = {name: (v, ids if np.array_equal(o, ids) else o) for name, (v, o) in flat.items()}
+        while True:
+            try:
+                outputs = self._window(flat)
+                break
+            except RuntimeError as err:
+                if not should_reduce_batch_size(err):
+                    raise
+            clear_device_cache(garbage_collection=True)
+            self._halve_budget()
+        window = window.drop_columns([name for name in outputs if name in window.column_names])
+        for name, values in outputs.items():
+            window = window.append_column(name, values)
+        return window
+
+    def _halve_budget(self) -> int:
+        self.max_batch_tokens //= 2
+        if self.max_batch_tokens < 1:
+            raise RuntimeError(
+                "The teacher runs out of memory on a single example: it needs a bigger device."
+            )
+        logger.warning("Teacher ran out of memory; max_batch_tokens reduced to %d.", self.max_batch_tokens)
+        return self.max_batch_tokens
+
+    @torch.inference_mode()
+    def _window(self, flat: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, pa.Array]:
+        offsets = flat["input_ids"][1]
+        lengths = np.diff(offsets)
+        order = longest_first(lengths)
+        out = self._allocate(len(lengths), int(offsets[-1]))
+        pending = None
+        for start, stop in batch_bounds(lengths[order], self.max_batch_tokens, self.max_batch_size):
+            launched = self._launch(BatchLayout.of(offsets, order[start:stop]), flat)
+            if pending is not None:  # the previous batch's copy back, while this one runs
+                self._collect(pending, out)
+            pending = launched
+        if pending is not None:
+            self._collect(pending, out)
+        if self.task == tasks.SEQUENCE_CLASSIFICATION:
+            return {key: fixed_size_lists(values) for key, values in out.items()}
+        return {key: lists_of_fixed_size_lists(values, offsets) for key, values in out.items()}
+
+    def _allocate(self, rows: int, tokens: int) -> dict[str, np.ndarray]:
+        """The window's outputs in its original order: one row per example or per token."""
+        n = rows if self.task == tasks.SEQUENCE_CLASSIFICATION else tokens
+        if self.task in tasks.VOCABULARY_TASKS and self.top_k is not None:
+            return {
+                "teacher_topk_values": np.empty((n, self.width), self.dtype),
+                "teacher_topk_indices": np.empty((n, self.width), np.int32),
+            }
+        return {"teacher_logits": np.empty((n, self.width), self.dtype)}
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.cuda:
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.cuda:
+            return tensor.cpu()
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return host.copy_(tensor, non_blocking=True)
+
+    def _launch(self, layout: BatchLayout, flat: dict[str, tuple[np.ndarray, np.ndarray]]):
+        """Start one batch: inputs to the device, the forward, the outputs on their way to the host."""
+        # Each column laid out by its own row lengths (normally those of input_ids), to one width.
+        layouts = {
+            name: layout if offsets is flat["input_ids"][1] else BatchLayout.of(offsets, layout.rows)
+            for name, (_, offsets) in flat.items()
+        }
+        width = max(own.width for own in layouts.values())
+        inputs = {}
+        for name, (values, _) in flat.items():
+            pad = self.pad_token_id if name == "input_ids" else 0
+            inputs[name] = self._to_device(layouts[name].pad(values, pad, width))
+        if "attention_mask" not in inputs:  # right padding: real tokens first
+            inputs["attention_mask"] = self._to_device(layout.mask(width))
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
+            outputs = self.teacher(**inputs)
+        logits = output_logits(outputs, self.task)
+        if self.task != tasks.SEQUENCE_CLASSIFICATION:  # the real tokens only, (tokens, C)
+            index = self._to_device(np.stack([layout.token_row, layout.token_col]))
+            logits = logits[index[0], index[1]]
+        logits = logits.float()
+        if self.task in tasks.VOCABULARY_TASKS and self.top_k is not None:
+            values, indices = logits.topk(self.width, dim=-1)
+            results = {"teacher_topk_values": values, "teacher_topk_indices": indices.to(torch.int32)}
+        else:
+            values = logits
+            results = {"teacher_logits": logits}
+        # The largest magnitude stored, read only once the batch is back (float16 must hold it).
+        peak = values.abs().amax() if self.dtype == np.float16 and values.numel() else None
+        results = {key: value.to(self.torch_dtype) if value.is_floating_point() else value
+                   for key, value in results.items()}  # fmt: skip
+        host = {key: self._to_host(value) for key, value in results.items()}
+        peak = self._to_host(peak) if peak is not None else None
+        done = None
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return layout, host, peak, done
+
+    def _collect(self, pending, out: dict[str, np.ndarray]) -> None:
+        """Wait for a launched batch and write its outputs to their rows of the window."""
+        layout, host, peak, done = pending
+        if done is not None:
+            done.synchronize()
+        # NaN and inf pass here: the whole cache is scanned for them before it is marked complete.
+        if peak is not None and _FLOAT16_MAX < float(peak) < float("inf"):
+            raise ValueError(
+                f"Teacher logits reach {float(peak):.3g}, beyond float16's range ({_FLOAT16_MAX:g}): "
+                "pass dtype='float32'."
+            )
+        where = layout.rows if self.task == tasks.SEQUENCE_CLASSIFICATION else layout.flat
+        for key, value in host.items():
+            out[key][where] = value.numpy()

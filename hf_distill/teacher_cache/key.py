@@ -1,0 +1,264 @@
+"""The teacher cache's key and its provenance: what a cache is, and the JSON file that says so.
+
+The key (:func:`teacher_cache_key`) hashes everything that changes the stored values: the dataset's
+fingerprint, the teacher's weights (:func:`weights_hash`, not its name), class and config, the
+tokenizer (:func:`tokenizer_hash`), the preprocessing settings, the stored dtype, ``top_k`` and the
+autocast dtype. A different request has a different key, hence a different file. Beside the data
+file a JSON provenance (:func:`read_provenance`) records the teacher, every key component and the
+storage size; it is written last (:func:`write_json_atomic`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .. import tasks
+from ..collator import teacher_sources
+from ..tasks import base_model, forward_params, task_of
+
+CACHE_FORMAT_VERSION = 1
+# Stored k for masked and causal LMs when ``top_k`` is not given.
+DEFAULT_TOP_K = 64
+STORAGE_DTYPES = ("float16", "float32")
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# Inputs the teacher may read, in the order they are looked up; ``teacher_`` columns (the teacher's
+# own tokenization, sequence classification only) take precedence over the student's.
+_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+# Config entries that name or place a model without changing what it computes.
+_CONFIG_NOT_HASHED = {
+    "_name_or_path",
+    "transformers_version",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "_commit_hash",
+}
+_PROVENANCE_SUFFIX = ".json"
+_CACHE_PREFIX = "teacher-logits-"
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 over the model's state dict: for each entry in sorted key order, its name, dtype, shape and bytes.
+
+    The same weights give the same hash whatever the model is called or where it was loaded from;
+    any changed value, dtype or shape changes it. Raises ``ValueError`` for weights that are not
+    materialised (meta tensors, e.g. a DeepSpeed ZeRO-3 shard): hash the full model instead.
+    """
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name]
+        if tensor.is_meta:
+            raise ValueError(
+                f"Cannot hash the teacher's weights: {name!r} is on the meta device. Load the full teacher "
+                "(not a sharded or offloaded copy) to precompute its logits."
+            )
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        flat = tensor.detach().reshape(-1).contiguous().cpu()
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_hash(tokenizer: PreTrainedTokenizerBase | None) -> str | None:
+    """sha256 of what in a tokenizer changes the ids the teacher sees, or None without a tokenizer.
+
+    Covers its class, vocabulary (token -> id, added tokens included), special tokens,
+    ``model_max_length``, ``padding_side`` and ``truncation_side``; not its name or path.
+    """
+    if tokenizer is None:
+        return None
+    return _sha256_json(
+        {
+            "class": type(tokenizer).__name__,
+            "vocab": sorted(tokenizer.get_vocab().items()),
+            "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+            "model_max_length": tokenizer.model_max_length,
+            "padding_side": tokenizer.padding_side,
+            "truncation_side": tokenizer.truncation_side,
+        }
+    )
+
+
+def _config_hash(model: nn.Module) -> str:
+    config = base_model(model).config.to_dict()
+    return _sha256_json({k: v for k, v in config.items() if k not in _CONFIG_NOT_HASHED})
+
+
+def _teacher_columns(dataset: Dataset, teacher: nn.Module, task: str) -> dict[str, str]:
+    """Teacher argument name -> dataset column it is read from."""
+    columns = set(dataset.column_names)
+    own = "teacher_input_ids" in columns
+    if own and task != tasks.SEQUENCE_CLASSIFICATION:
+        raise ValueError(
+            f"The dataset has teacher_input_ids (a separate teacher tokenization) but the task is {task}: per-token "
+            "teacher logits must line up with the student's tokens, so token-level tasks need one shared tokenizer. "
+            "Drop the teacher_* columns and tokenize once with the teacher's tokenizer."
+        )
+    mapping = teacher_sources(columns, forward_params(teacher) & set(_INPUT_NAMES))
+    if "input_ids" not in mapping:
+        raise ValueError(
+            f"precompute_teacher_logits needs a tokenized dataset with an input_ids column, got columns "
+            f"{dataset.column_names}. Tokenize it first (dataset.map(tokenize, batched=True))."
+        )
+    return mapping
+
+
+def _resolve_top_k(task: str, top_k: int | None) -> int | None:
+    if task not in tasks.VOCABULARY_TASKS:
+        if top_k is not None:
+            raise ValueError(
+                f"top_k={top_k} applies to masked and causal LMs (large vocabularies); a {task} teacher stores "
+                "dense teacher_logits. Pass top_k=None."
+            )
+        return None
+    if top_k is None:
+        return DEFAULT_TOP_K
+    if top_k < 0:  # -1: dense [L, V]
+        return None
+    if top_k == 0:
+        raise ValueError("top_k must be >= 1 (or -1 for dense [L, V] logits), got 0.")
+    return top_k
+
+
+def teacher_cache_key(
+    teacher: nn.Module,
+    dataset: Dataset,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    dtype: str = "float16",
+    top_k: int | None = None,
+    autocast_dtype: str | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The cache key (32 hex digits) and the components it hashes (stored in the provenance).
+
+    Arguments as in :func:`precompute_teacher_logits`.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {STORAGE_DTYPES} (the stored precision), got {dtype!r}.")
+    if autocast_dtype is not None and autocast_dtype not in AUTOCAST_DTYPES:
+        raise ValueError(
+            f"autocast_dtype must be None or one of {list(AUTOCAST_DTYPES)}, got {autocast_dtype!r}."
+        )
+    try:
+        preprocessing = json.loads(json.dumps(dict(preprocessing or {}), sort_keys=True))
+    except TypeError as err:
+        raise TypeError(
+            f"preprocessing must be JSON-serialisable settings (numbers, strings, lists): {err}"
+        ) from None
+    task = task_of(teacher)
+    components = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "dataset_fingerprint": dataset._fingerprint,
+        "num_rows": len(dataset),
+        "teacher_class": type(base_model(teacher)).__name__,
+        "task": task,
+        "weights_hash": weights_hash(teacher),
+        "config_hash": _config_hash(teacher),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "preprocessing": preprocessing,
+        "input_columns": _teacher_columns(dataset, teacher, task),
+        "dtype": dtype,
+        "top_k": _resolve_top_k(task, top_k),
+        "autocast_dtype": autocast_dtype,
+    }
+    return _sha256_json(components)[:32], components
+
+
+# The names of the components above, in order: load_teacher_cache rehashes them from a provenance.
+_KEY_COMPONENTS = (
+    "format_version",
+    "dataset_fingerprint",
+    "num_rows",
+    "teacher_class",
+    "task",
+    "weights_hash",
+    "config_hash",
+    "tokenizer_hash",
+    "preprocessing",
+    "input_columns",
+    "dtype",
+    "top_k",
+    "autocast_dtype",
+)
+
+
+def _key_of(provenance: Mapping[str, Any], components: Mapping[str, Any]) -> str:
+    """The key a provenance's own components hash to (the components named in ``components``)."""
+    return _sha256_json({k: provenance.get(k) for k in components})[:32]
+
+
+def cache_paths(cache_dir: str | os.PathLike, key: str) -> tuple[Path, Path]:
+    """The arrow file and the provenance JSON of the cache with ``key`` in ``cache_dir``."""
+    stem = Path(cache_dir) / f"{_CACHE_PREFIX}{key}"
+    return stem.with_suffix(".arrow"), stem.with_suffix(_PROVENANCE_SUFFIX)
+
+
+def _provenance_path(path: str | os.PathLike) -> Path:
+    """The provenance JSON of a cache directory (holding exactly one cache) or of its .arrow/.json file."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob(f"{_CACHE_PREFIX}*{_PROVENANCE_SUFFIX}"))
+        if not found:
+            raise FileNotFoundError(
+                f"No complete teacher cache in {path} (no provenance file): it was never completed or is "
+                "elsewhere. Run precompute_teacher_logits (or scripts/precompute_teacher_logits.py) to build it."
+            )
+        if len(found) > 1:
+            raise ValueError(
+                f"Expected exactly one teacher cache in {path}, found {len(found)} "
+                f"({[p.name for p in found]}): pass the .json or .arrow file of the one you want."
+            )
+        return found[0]
+    return path.with_suffix(_PROVENANCE_SUFFIX)
+
+
+def read_provenance(cache: str | os.PathLike | Dataset) -> dict[str, Any]:
+    """The provenance of a teacher cache: a directory holding one cache, its ``.arrow`` or ``.json`` file,
+    or a dataset returned by :func:`precompute_teacher_logits` / :func:`load_teacher_cache`."""
+    if isinstance(cache, Dataset):
+        files = [
+            f["filename"] for f in cache.cache_files if Path(f["filename"]).name.startswith(_CACHE_PREFIX)
+        ]
+        if not files:
+            raise ValueError(
+                "This dataset is not backed by a teacher cache file (it was computed in memory or transformed "
+                "since): read the provenance from the cache directory instead."
+            )
+        cache = files[0]
+    path = _provenance_path(cache)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No teacher-cache provenance at {path}: the cache was never completed (or was made by something "
+            "else). Run precompute_teacher_logits (or scripts/precompute_teacher_logits.py) to build it."
+        )
+    return json.loads(path.read_text())
+
+
+def write_json_atomic(path: Path, value: dict[str, Any]) -> None:
+    """Write ``value`` to ``path`` through a temporary file and a rename: readers see all of it or nothing."""
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _mismatch(found: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    return [
+        f"{k}: cache has {found.get(k)!r}, expected {v!r}" for k, v in expected.items() if found.get(k) != v
+    ]

@@ -1,0 +1,286 @@
+"""The two entry points: :func:`precompute_teacher_logits` (compute once, cache, reuse) and
+:func:`load_teacher_cache` (open a cache made elsewhere, checked against what is expected)."""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import logging
+import os
+from collections.abc import Mapping
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..tasks import base_model, task_of
+from .inference import _TeacherLogits
+from .key import (
+    _CACHE_PREFIX,
+    _KEY_COMPONENTS,
+    CACHE_FORMAT_VERSION,
+    _config_hash,
+    _key_of,
+    _mismatch,
+    _provenance_path,
+    cache_paths,
+    read_provenance,
+    teacher_cache_key,
+    weights_hash,
+    write_json_atomic,
+)
+from .storage import (
+    _complete,
+    _describe_size,
+    _features,
+    _file_sha256,
+    _open_arrow,
+    _storage_size,
+    check_finite_logits,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def precompute_teacher_logits(
+    teacher: nn.Module,
+    dataset: Dataset,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    dtype: str = "float16",
+    top_k: int | None = None,
+    autocast_dtype: str | None = None,
+    max_batch_tokens: int = 16384,
+    max_batch_size: int = 512,
+    sort_window: int = 4096,
+    teacher_name: str | None = None,
+    expected_key: str | None = None,
+) -> Dataset:
+    """``dataset`` with the teacher's outputs added as columns, computed once and cached.
+
+    Args:
+        teacher: the teacher model, already on the device it should run on (``teacher.to("cuda")``).
+        dataset: a tokenized dataset (``input_ids``, optionally ``attention_mask``/``token_type_ids``,
+            or ``teacher_input_ids``... for a sequence classifier with its own tokenizer).
+        tokenizer: the tokenizer of the teacher's inputs: its pad id is used and its hash is in the key.
+        preprocessing: the settings used to tokenize ``dataset`` (e.g. ``{"max_length": 128,
+            "truncation": True}``); JSON-serialisable, part of the key and of the provenance.
+        cache_dir: where the cache lives. Default: beside ``dataset``'s own cache files; a dataset
+            held only in memory without ``cache_dir`` is computed in memory, uncached.
+        dtype: stored precision, ``"float16"`` (default; values beyond its range raise) or ``"float32"``.
+        top_k: masked/causal LM only: store the ``k`` largest logits per token (default
+            ``DEFAULT_TOP_K``; ``-1`` for dense ``[L, V]``). Must be None for other tasks.
+        autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run the teacher under ``torch.autocast``.
+        max_batch_tokens: padded tokens per forward pass (rows times longest row); halved on
+            out-of-memory (the window is run again; garbage is collected and the device cache
+            emptied then only) until a batch fits.
+        max_batch_size: rows per forward pass at most.
+        sort_window: examples sorted by length together (one ``Dataset.map`` batch); results are
+            returned in the dataset's order.
+        teacher_name: the teacher's id or path for the provenance (default: its config's ``_name_or_path``).
+        expected_key: refuse (``ValueError``) unless the computed key equals this one.
+
+    The CPU side is columnar (no per-row Python; see :class:`_TeacherLogits`), so on a GPU the
+    teacher's forward sets the pace: around a teacher that costs nothing it reaches about 10^5
+    examples/s on one CPU core (``benchmarks/bench_gpu.py``, the ceiling section).
+
+    On several processes the main process computes and writes the cache first; the others then
+    read it (``PartialState().main_process_first()``, so ``cache_dir`` must be visible to all).
+    The returned dataset's provenance: :func:`read_provenance`.
+    """
+    task = task_of(teacher)
+    key, components = teacher_cache_key(
+        teacher,
+        dataset,
+        tokenizer=tokenizer,
+        preprocessing=preprocessing,
+        dtype=dtype,
+        top_k=top_k,
+        autocast_dtype=autocast_dtype,
+    )
+    if cache_dir is None and dataset.cache_files:
+        cache_dir = Path(dataset.cache_files[0]["filename"]).parent
+    if expected_key is not None and expected_key != key:
+        detail = ""
+        if cache_dir is not None and cache_paths(cache_dir, expected_key)[1].exists():
+            old = read_provenance(cache_paths(cache_dir, expected_key)[1])
+            detail = " Differences: " + "; ".join(_mismatch(old, components)) + "."
+        raise ValueError(
+            f"The teacher cache requested has key {key} but expected_key={expected_key}: the teacher, dataset, "
+            f"tokenizer or storage settings differ from those the expected cache was built with.{detail} "
+            "Drop expected_key to compute a new cache."
+        )
+    if max_batch_tokens < 1 or max_batch_size < 1 or sort_window < 1:
+        raise ValueError(
+            f"max_batch_tokens, max_batch_size and sort_window must be >= 1, got {max_batch_tokens}, "
+            f"{max_batch_size}, {sort_window}."
+        )
+    columns = components["input_columns"]
+    compute = _TeacherLogits(
+        teacher,
+        task,
+        columns,
+        pad_token_id=(tokenizer.pad_token_id if tokenizer is not None else None) or 0,
+        dtype=dtype,
+        top_k=components["top_k"],
+        autocast_dtype=autocast_dtype,
+        max_batch_tokens=max_batch_tokens,
+        max_batch_size=max_batch_size,
+    )
+    map_kwargs = dict(
+        batched=True,
+        batch_size=sort_window,
+        features=_features(dataset, teacher, task, dtype, components["top_k"]),
+        desc="Teacher logits",
+    )
+    teacher_was_training = teacher.training
+    teacher.eval()
+    try:
+        if cache_dir is None:
+            logger.warning(
+                "The dataset is held in memory and no cache_dir was given: teacher logits are computed in memory "
+                "and not cached. Pass cache_dir to compute them once and reuse them."
+            )
+            out = _map(dataset, compute, key, keep_in_memory=True, **map_kwargs)
+            check_finite_logits(out, where="the teacher's outputs")
+            return out
+        arrow, meta = cache_paths(cache_dir, key)
+        with PartialState().main_process_first():
+            hit = _complete(arrow, meta, key, components)
+            if not hit:
+                arrow.parent.mkdir(parents=True, exist_ok=True)
+                meta.unlink(missing_ok=True)
+            out = _map_to_file(dataset, compute, key, arrow, hit, map_kwargs)
+            if not hit:
+                _refuse_nonfinite(out, arrow)
+                provenance = {
+                    **components,
+                    "key": key,
+                    "teacher": teacher_name or base_model(teacher).config._name_or_path or None,
+                    "columns": [c for c in out.column_names if c not in dataset.column_names],
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "versions": {"torch": torch.__version__, "datasets": version("datasets")},
+                    "arrow_bytes": arrow.stat().st_size,
+                    "arrow_sha256": _file_sha256(arrow),
+                    **_storage_size(out, task),
+                }
+                write_json_atomic(meta, provenance)
+                logger.info("Teacher cache written to %s (%s).", arrow, _describe_size(provenance))
+            elif len(out) != components["num_rows"]:
+                raise ValueError(
+                    f"Teacher cache {arrow} has {len(out)} rows, expected {components['num_rows']}."
+                )
+        return out
+    finally:
+        teacher.train(teacher_was_training)
+
+
+def _map(dataset: Dataset, compute: _TeacherLogits, key: str, **map_kwargs) -> Dataset:
+    """``dataset.map(compute)`` on Arrow batches (no conversion to Python lists either way), returned
+    in ``dataset``'s format with the new columns added and the fingerprint ``key``."""
+    out = dataset.with_format("arrow").map(compute, new_fingerprint=key, **map_kwargs)
+    fmt = dataset.format
+    columns = fmt["columns"]
+    if columns is not None:
+        columns = columns + [c for c in out.column_names if c not in dataset.column_names]
+    out = out.with_format(
+        fmt["type"], columns=columns, output_all_columns=fmt["output_all_columns"], **fmt["format_kwargs"]
+    )
+    out._fingerprint = key  # as map(new_fingerprint=key) leaves it: the format is not part of the key
+    return out
+
+
+def _map_to_file(
+    dataset: Dataset, compute, key: str, arrow: Path, hit: bool, map_kwargs: dict[str, Any]
+) -> Dataset:
+    """:func:`_map` into ``arrow``; a full disk raises ``OSError(ENOSPC)`` saying that nothing was kept.
+
+    ``datasets`` writes to a temporary file and renames it when complete, and removes it on error.
+    """
+    try:
+        return _map(dataset, compute, key, cache_file_name=str(arrow), load_from_cache_file=hit, **map_kwargs)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device while writing the teacher cache {arrow}: nothing was kept (no partial "
+            f"cache is ever taken as complete). Free space on {arrow.parent} or pass a cache_dir on a bigger "
+            "disk, then run again; dtype='float16' or a smaller top_k make the cache smaller.",
+        ) from err
+
+
+def _refuse_nonfinite(out: Dataset, arrow: Path) -> None:
+    """Before a new cache is marked complete: NaN or inf from the teacher removes it and raises, naming rows."""
+    try:
+        check_finite_logits(out, where="the teacher's outputs")
+    except ValueError as err:
+        arrow.unlink(missing_ok=True)
+        raise ValueError(f"{err} No cache was written (to {arrow}).") from None
+
+
+def load_teacher_cache(
+    path: str | os.PathLike,
+    *,
+    teacher: nn.Module | None = None,
+    expected: Mapping[str, Any] | None = None,
+    verify: bool = True,
+) -> Dataset:
+    """A cache built by :func:`precompute_teacher_logits` (e.g. on another machine), checked before use.
+
+    ``path``: the cache directory (holding one cache), or its ``.arrow`` / ``.json`` file.
+    ``teacher``: when given, its weights hash, class and config must match the cache's.
+    ``expected``: provenance entries that must match exactly (e.g. ``{"dtype": "float16",
+    "preprocessing": {"max_length": 128}}``); see :func:`read_provenance` for the keys.
+
+    ``verify``: compare the data file's sha256 with the provenance's (reads the whole file once);
+    its size and row count are always checked, and its teacher columns scanned for NaN and inf.
+
+    Raises ``ValueError`` naming each mismatch, a provenance that does not describe the file it is
+    filed beside, or a truncated, garbled or non-finite data file (with its path);
+    ``FileNotFoundError`` for an incomplete cache.
+    """
+    provenance = read_provenance(path)
+    if provenance.get("format_version") != CACHE_FORMAT_VERSION:
+        raise ValueError(
+            f"Teacher cache format {provenance.get('format_version')} but this hf-distill reads format "
+            f"{CACHE_FORMAT_VERSION}: rebuild the cache with scripts/precompute_teacher_logits.py."
+        )
+    want = dict(expected or {})
+    if teacher is not None:
+        want.update(
+            weights_hash=weights_hash(teacher),
+            teacher_class=type(base_model(teacher)).__name__,
+            config_hash=_config_hash(teacher),
+        )
+    problems = _mismatch(provenance, want)
+    if problems:
+        raise ValueError(
+            f"The teacher cache at {path} does not match what was asked for: {'; '.join(problems)}. "
+            "Rebuild it with the intended teacher and settings (scripts/precompute_teacher_logits.py)."
+        )
+    meta = _provenance_path(path)
+    filed_under = meta.stem.removeprefix(_CACHE_PREFIX)
+    components = {k: provenance.get(k) for k in _KEY_COMPONENTS}
+    if provenance.get("key") != filed_under or _key_of(provenance, components) != filed_under:
+        raise ValueError(
+            f"The teacher-cache provenance {meta} is filed under key {filed_under} but says key "
+            f"{provenance.get('key')!r} and its components hash to {_key_of(provenance, components)}: it was "
+            "edited, or copied from another cache, so what it describes cannot be trusted. Rebuild the cache "
+            "(scripts/precompute_teacher_logits.py) or put the right provenance back."
+        )
+    arrow, _ = cache_paths(meta.parent, filed_under)
+    if not arrow.exists():
+        raise FileNotFoundError(
+            f"The teacher cache's provenance is there but its data file {arrow} is missing."
+        )
+    dataset = _open_arrow(arrow, provenance, verify_hash=verify)
+    check_finite_logits(dataset, where=f"the teacher cache {arrow}")
+    return dataset

@@ -1,0 +1,188 @@
+"""The teacher cache's data file: its columns, its checks (size, sha256, rows, finiteness) and its size.
+
+The teacher's outputs are stored as ``datasets`` Arrow columns (:func:`_features`); a data file is
+opened only when its size, sha256 and row count agree with its provenance (:func:`_open_arrow`),
+and its teacher columns hold no NaN, inf or null (:func:`check_finite_logits`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset, List, Value
+from torch import nn
+
+from .. import tasks
+from ..tasks import base_model
+from .key import _key_of, _mismatch
+
+logger = logging.getLogger(__name__)
+
+
+def _output_width(teacher: nn.Module, task: str, top_k: int | None) -> int:
+    """Values stored per example (sequence classification) or per token: classes, 2, vocabulary or k."""
+    config = base_model(teacher).config
+    if task in tasks.VOCABULARY_TASKS:
+        return config.vocab_size if top_k is None else min(top_k, config.vocab_size)
+    if task == tasks.QUESTION_ANSWERING:
+        return 2
+    return config.num_labels
+
+
+def _features(dataset: Dataset, teacher: nn.Module, task: str, dtype: str, top_k: int | None):
+    features = dataset.features.copy()
+    value, width = Value(dtype), _output_width(teacher, task, top_k)
+    if task in tasks.VOCABULARY_TASKS and top_k is not None:
+        features["teacher_topk_values"] = List(List(value, length=width))
+        features["teacher_topk_indices"] = List(List(Value("int32"), length=width))
+    elif task == tasks.SEQUENCE_CLASSIFICATION:
+        features["teacher_logits"] = List(value, length=width)
+    else:
+        features["teacher_logits"] = List(List(value, length=width))
+    return features
+
+
+# ---- integrity ------------------------------------------------------------------------------------
+
+TEACHER_COLUMNS = ("teacher_logits", "teacher_topk_values")
+
+
+def _bad_rows(column: pa.ChunkedArray) -> np.ndarray:
+    """Rows (table order) of a float or nested-list-of-float column holding NaN, inf or a null."""
+    bad, offset = [], 0
+    for chunk in column.chunks:
+        rows = np.flatnonzero(chunk.is_null().to_numpy(zero_copy_only=False))
+        values, parents = chunk, None
+        while pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type):
+            index = pc.list_parent_indices(values).to_numpy()
+            parents = index if parents is None else parents[index]
+            values = pc.list_flatten(values)
+        numbers = values.to_numpy(zero_copy_only=False)
+        hits = np.flatnonzero(~np.isfinite(numbers.astype(np.float32, copy=False)))
+        hits = parents[hits] if parents is not None else hits
+        bad.append(np.union1d(rows, hits) + offset)
+        offset += len(chunk)
+    return np.unique(np.concatenate(bad)) if bad else np.zeros(0, dtype=np.int64)
+
+
+def nonfinite_rows(dataset: Dataset) -> dict[str, list[int]]:
+    """Teacher column -> rows of ``dataset`` (its own order) with NaN, inf or no value; empty if all finite.
+
+    A vectorised scan of the Arrow columns (no Python loop over rows).
+    """
+    found = {}
+    for name in TEACHER_COLUMNS:
+        if name not in dataset.column_names:
+            continue
+        rows = _bad_rows(dataset.data.column(name))
+        if dataset._indices is not None and len(rows):  # a shuffled or selected view: its own row numbers
+            rows = np.flatnonzero(np.isin(dataset._indices.column(0).to_numpy(), rows))
+        if len(rows):
+            found[name] = rows.tolist()
+    return found
+
+
+def check_finite_logits(dataset: Dataset, *, where: str) -> None:
+    """Raise ``ValueError`` naming the rows when ``dataset``'s teacher columns hold NaN, inf or nulls."""
+    found = nonfinite_rows(dataset)
+    if found:
+        detail = "; ".join(f"{name}: {len(rows)} rows, e.g. {rows[:10]}" for name, rows in found.items())
+        raise ValueError(
+            f"NaN, inf or missing values in {where} ({detail}). Cached teacher logits must be finite: recompute "
+            "them with precompute_teacher_logits (dtype='float32' if float16 overflows), or drop those rows "
+            "(dataset.select)."
+        )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _open_arrow(arrow: Path, provenance: Mapping[str, Any], *, verify_hash: bool) -> Dataset:
+    """The cache's data file, refused (``ValueError`` with the path) when truncated, garbled or short of rows."""
+    size = arrow.stat().st_size
+    if "arrow_bytes" in provenance and size != provenance["arrow_bytes"]:
+        raise ValueError(
+            f"Teacher cache {arrow} has {size} bytes, its provenance says {provenance['arrow_bytes']}: the file "
+            "was truncated or changed after it was written."
+        )
+    if verify_hash and "arrow_sha256" in provenance and _file_sha256(arrow) != provenance["arrow_sha256"]:
+        raise ValueError(
+            f"Teacher cache {arrow} does not match the sha256 in its provenance: the file was garbled or "
+            "changed after it was written."
+        )
+    try:
+        dataset = Dataset.from_file(str(arrow))
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise ValueError(f"Teacher cache {arrow} cannot be read: {type(err).__name__}: {err}") from None
+    if len(dataset) != provenance.get("num_rows"):
+        raise ValueError(
+            f"Teacher cache {arrow} has {len(dataset)} rows, its provenance says {provenance.get('num_rows')}."
+        )
+    return dataset
+
+
+def _storage_size(dataset: Dataset, task: str) -> dict[str, float]:
+    columns = [c for c in dataset.column_names if c.startswith("teacher_") and ("logits" in c or "topk" in c)]
+    total = sum(dataset.data.column(c).nbytes for c in columns)
+    size = {"teacher_bytes": total, "bytes_per_example": total / max(len(dataset), 1)}
+    if task != tasks.SEQUENCE_CLASSIFICATION:
+        tokens = pc.sum(pc.list_value_length(dataset.data.column(columns[0]))).as_py()
+        size["bytes_per_token"] = total / max(tokens, 1)
+    return size
+
+
+def _complete(arrow: Path, meta: Path, key: str, components: Mapping[str, Any]) -> bool:
+    """Whether a finished, readable cache with ``key`` is there: both files, the provenance naming the key.
+
+    A provenance that parses but disagrees with the request it is filed under (another key, or
+    components that do not hash to its key) raises ``ValueError`` naming what differs: which of
+    the two files is wrong cannot be told, so neither is touched. An unreadable provenance, or a
+    data file that is truncated or garbled, is recomputed (with a warning).
+    """
+    if not (arrow.exists() and meta.exists()):
+        return False
+    try:
+        provenance = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        logger.warning("Teacher-cache provenance %s is not valid JSON: recomputing the cache.", meta)
+        return False
+    if not isinstance(provenance, dict):
+        logger.warning("Teacher-cache provenance %s is not a JSON object: recomputing the cache.", meta)
+        return False
+    problems = _mismatch(provenance, {"key": key, **components})
+    if provenance.get("key") == key and _key_of(provenance, components) != key and not problems:
+        problems = [f"its components hash to {_key_of(provenance, components)}, not to its key {key}"]
+    if problems:
+        raise ValueError(
+            f"The teacher-cache provenance {meta} is filed under key {key} but does not describe that cache: "
+            f"{'; '.join(problems)}. It was edited, or copied from another cache. Delete {meta} and {arrow} "
+            "to recompute, or put the right provenance back."
+        )
+    try:
+        _open_arrow(arrow, provenance, verify_hash=True)  # one read of the file: cheap beside the teacher
+    except ValueError as err:
+        logger.warning("%s Recomputing the cache.", err)
+        return False
+    return True
+
+
+def _describe_size(provenance: Mapping[str, Any]) -> str:
+    text = (
+        f"{provenance['teacher_bytes'] / 2**20:.2f} MiB, {provenance['bytes_per_example']:.0f} bytes/example"
+    )
+    if "bytes_per_token" in provenance:
+        text += f", {provenance['bytes_per_token']:.0f} bytes/token"
+    return text
