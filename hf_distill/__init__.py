@@ -2,6 +2,7 @@
 
 from .collator import DistillationDataCollator
 from .config import DistillationConfig
+from .errors import InputError
 from .hub import HubPushError, push_student
 from .losses import (
     attention_loss,
@@ -24,6 +25,7 @@ __all__ = [
     "DistillationDataCollator",
     "DistillationTrainer",
     "HubPushError",
+    "InputError",
     "StudentCardData",
     "TeacherOutput",
     "attention_loss",

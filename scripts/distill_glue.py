@@ -29,6 +29,7 @@ import sys
 
 from accelerate import PartialState
 
+from hf_distill.cli import run_script
 from hf_distill.text_classification import RecipeParser, format_table, run
 
 
@@ -47,4 +48,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

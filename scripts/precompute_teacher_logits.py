@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,9 @@ from datasets import DatasetDict, load_from_disk
 from transformers import AutoTokenizer
 
 from hf_distill import tasks
+from hf_distill.cli import run_script
 from hf_distill.config import DistillationConfig
+from hf_distill.errors import InputError
 from hf_distill.teacher_cache import (
     AUTOCAST_DTYPES,
     STORAGE_DTYPES,
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> Path:
     default_dir = request.pop("cache_dir")
     cache_dir = options.logits_dir or default_dir
     if cache_dir is None:
-        raise ValueError("--dataset_path needs --logits_dir: the directory the cache is written to.")
+        raise InputError("--dataset_path needs --logits_dir: the directory the cache is written to.")
     request["dtype"] = options.logits_dtype or request["dtype"]
     start = time.perf_counter()
     out = precompute_teacher_logits(
@@ -172,4 +173,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

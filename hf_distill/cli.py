@@ -1,0 +1,48 @@
+"""Running a script's ``main``: the user's mistakes as one ``error:`` line, our bugs with their traceback."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "HF_DISTILL_DEBUG"
+EXIT_INPUT_ERROR = 2  # what argparse exits with for a bad flag
+
+
+def _script_name(main: Callable[..., Any]) -> str:
+    try:
+        return Path(inspect.getfile(main)).name
+    except TypeError:  # a builtin or a callable object without a source file
+        return Path(sys.argv[0]).name
+
+
+def error_line(prog: str, err: BaseException) -> str:
+    """``<prog>: error: <message>``, the message on one line."""
+    message = " ".join(str(err).split())
+    return f"{prog}: error: {message}"
+
+
+def run_script(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:
+    """``main(argv)``; an :class:`~hf_distill.errors.InputError` becomes one line on stderr and exit code 2.
+
+    ``argv`` defaults to ``sys.argv[1:]``. ``--debug`` (taken out of ``argv`` before ``main`` sees it) or the
+    environment variable ``HF_DISTILL_DEBUG=1`` lets the error through with its traceback. Any other exception
+    (a bug, an out-of-memory, an interrupt) is never caught here.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
+    try:
+        return main(argv)
+    except InputError as err:
+        if debug:
+            raise
+        print(error_line(_script_name(main), err), file=sys.stderr, flush=True)
+        sys.exit(EXIT_INPUT_ERROR)

@@ -1,0 +1,14 @@
+"""The error for input the user can fix: a recipe value, a data file, a label, a cache, a Hub token.
+
+:class:`InputError` is a ``ValueError`` (so ``except ValueError`` and ``pytest.raises(ValueError)`` still
+catch it) whose message says what was wrong and how to fix it. Scripts run their ``main`` through
+:func:`hf_distill.cli.run_script`, which prints such an error as one ``<script>: error: <message>`` line and
+exits with code 2, as argparse does for a mistyped flag. Any other exception is a bug of ours and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """The user's input was refused: the message says what was wrong, what was expected and how to fix it."""
