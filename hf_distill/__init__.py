@@ -5,7 +5,9 @@ from .config import DistillationConfig
 from .errors import InputError
 from .hub import HubPushError, push_student
 from .losses import (
+    LM_KD_LOSSES,
     attention_loss,
+    chunked_lm_losses,
     ensemble_logits,
     hidden_state_loss,
     jsd_loss,
@@ -13,6 +15,7 @@ from .losses import (
     kl_div_loss,
     mse_logits_loss,
     reverse_kl_loss,
+    sample_teacher_tokens,
     topk_kl_div_loss,
 )
 from .model_card import StudentCardData, render_card, write_card
@@ -26,10 +29,12 @@ __all__ = [
     "DistillationTrainer",
     "HubPushError",
     "InputError",
+    "LM_KD_LOSSES",
     "StudentCardData",
     "TeacherOutput",
     "attention_loss",
     "build_student",
+    "chunked_lm_losses",
     "ensemble_logits",
     "hidden_state_loss",
     "jsd_loss",
@@ -42,6 +47,7 @@ __all__ = [
     "read_provenance",
     "render_card",
     "reverse_kl_loss",
+    "sample_teacher_tokens",
     "select_teacher_layers",
     "topk_kl_div_loss",
     "weights_hash",

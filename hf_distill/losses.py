@@ -17,6 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The language-model losses that never hold the (N, V) logits live beside these, in their own module.
+from .vocab_losses import LM_KD_LOSSES, chunked_lm_losses, sample_teacher_tokens  # noqa: F401
+
 KD_LOSSES = ("kl", "reverse_kl", "jsd", "mse")
 
 

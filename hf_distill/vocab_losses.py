@@ -1,0 +1,382 @@
+"""Language-model distillation losses that never hold the ``(N, V)`` vocabulary logits.
+
+A causal LM's logits are ``z = h @ W.T`` for its last hidden states ``h`` ``(N, D)`` and its output
+embedding ``W`` ``(V, D)``. At ``N = 8 x 1,024`` positions and ``V = 49,152`` one float32 copy of
+``z`` is 1.6 GB; the softmax math needs several. :func:`chunked_lm_losses` forms the logits for
+``chunk_size`` positions at a time and, in the same pass, the gradients of the losses with respect
+to ``h`` and ``W`` (as Liger-Kernel's fused linear cross-entropy and JSD do), so backward only
+scales the stored gradients. Peak memory is a few ``(chunk_size, V)`` blocks instead of a few
+``(N, V)`` ones, and no matrix product is repeated.
+
+The soft-label losses are the ones of :mod:`hf_distill.losses`, with the same formulas and the same
+``T**2`` scaling; ``"sampled"`` is the importance-sampled RS-KD of Anshumann et al., "Sparse Logit
+Sampling" (ACL 2025), whose stored draws come from :func:`sample_teacher_tokens`.
+
+Where ``liger-kernel`` is installed on a GPU, its ``LigerFusedLinearJSD`` computes a fused JSD on
+the device; these functions are the pure-PyTorch path that CPUs and the tests use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LM_KD_LOSSES = ("kl", "reverse_kl", "jsd", "topk", "sampled")
+_DENSE_TEACHER = ("kl", "reverse_kl", "jsd")
+_SPARSE_TEACHER = ("topk", "sampled")
+IGNORE_INDEX = -100
+
+
+def sample_teacher_tokens(
+    teacher_logits: torch.Tensor,
+    num_samples: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``num_samples`` tokens per position from the teacher's softmax at ``T``, with replacement.
+
+    ``x_1, ..., x_n ~ softmax(z_t / T)`` independently, stored as the distinct ids ``id_j`` with their
+    counts ``c_j = #{i : x_i = id_j}`` (so ``sum_j c_j = n``): the RS-KD cache of Anshumann et al.
+    (ACL 2025), read back by ``chunked_lm_losses(kd="sampled")``.
+
+    Shapes: ``teacher_logits``: ``(N, V)``. Returns ``(ids, counts)``, both ``(N, num_samples)``
+    int64: each row's distinct ids in ascending order, left-aligned, then padding slots with id 0 and
+    count 0.
+    """
+    if teacher_logits.dim() != 2:
+        raise ValueError(
+            f"teacher_logits must be (N, V), got shape {tuple(teacher_logits.shape)}; flatten the "
+            "batch and sequence dimensions first (logits.flatten(0, -2))."
+        )
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be at least 1.")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive.")
+    probs = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+    draws, _ = draws.sort(dim=-1)
+    starts = torch.ones_like(draws, dtype=torch.bool)
+    starts[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = starts.long().cumsum(-1) - 1  # which distinct id each draw belongs to
+    counts = torch.zeros_like(draws).scatter_add_(-1, slot, torch.ones_like(draws))
+    ids = torch.zeros_like(draws).scatter_(-1, slot, draws)  # all draws of a slot carry the same id
+    return ids, counts
+
+
+def _kd_grad(
+    kd: str,
+    z: torch.Tensor,
+    temperature: float,
+    teacher_z: torch.Tensor | None,
+    ids: torch.Tensor | None,
+    values: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position soft-label loss ``l`` (before ``T**2``) and ``dl/ds`` for ``s = z / T``, one chunk.
+
+    Shapes: ``z``, ``teacher_z``: ``(c, V)`` float32; ``ids``, ``values``: ``(c, k)``. Returns
+    ``(l, g)`` of shapes ``(c,)`` and ``(c, V)``.
+    """
+    log_p_s = F.log_softmax(z / temperature, dim=-1)
+    p_s = log_p_s.exp()
+    if kd in _DENSE_TEACHER:
+        log_p_t = F.log_softmax(teacher_z / temperature, dim=-1)
+        p_t = log_p_t.exp()
+        if kd == "kl":  # l = sum p_t (log p_t - log p_s);  dl/ds = p_s - p_t
+            per_position = (p_t * (log_p_t - log_p_s)).sum(-1)
+            return per_position, p_s.sub_(p_t)
+        if kd == "reverse_kl":  # l = sum p_s (log p_s - log p_t);  dl/ds = p_s * (log p_s - log p_t - l)
+            diff = log_p_s.sub_(log_p_t)
+            per_position = (p_s * diff).sum(-1)
+            return per_position, p_s.mul_(diff.sub_(per_position[:, None]))
+        # jsd, m = (p_s + p_t) / 2:  l = (KL(p_t||m) + KL(p_s||m)) / 2;  dl/dp_s = (log p_s - log m) / 2,
+        # dl/ds = p_s * (a - sum p_s a) with a = dl/dp_s (the softmax Jacobian).
+        log_m = torch.logaddexp(log_p_s, log_p_t).sub_(math.log(2.0))
+        per_position = ((p_t * (log_p_t - log_m)).sum(-1) + (p_s * (log_p_s - log_m)).sum(-1)) / 2
+        a = log_p_s.sub_(log_m).mul_(0.5)
+        return per_position, p_s.mul_(a.sub_((p_s * a).sum(-1, keepdim=True)))
+    # Sparse teacher: weights w_j on ids id_j, l = const - sum_j w_j log p_s[id_j];
+    # dl/ds = p_s * sum_j w_j - scatter(w), since d log p_s[i] / ds = onehot(i) - p_s.
+    ids = ids.long()
+    log_p_s_ids = log_p_s.gather(-1, ids)
+    if kd == "topk":  # w = softmax(v / T) over the stored top k, l = sum_j w_j (log w_j - log p_s[id_j])
+        log_w = F.log_softmax(values.float() / temperature, dim=-1)
+        w = log_w.exp()
+        per_position = (w * (log_w - log_p_s_ids)).sum(-1)
+    else:  # sampled: w_j = c_j / n, l = -sum_j w_j log p_s[id_j]
+        counts = values.float()
+        w = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+        per_position = -(w * log_p_s_ids).sum(-1)
+    grad = p_s.mul_(w.sum(-1, keepdim=True)).scatter_add_(-1, ids, -w)
+    return per_position, grad
+
+
+class _ChunkedLMLosses(torch.autograd.Function):
+    """Forward returns ``(kd, ce)`` and keeps their gradients w.r.t. hidden states and head.
+
+    The gradients are formed chunk by chunk in forward; backward scales them by the grad outputs.
+    With ``grad_weights = (a, b)`` forward forms the gradient of ``a * kd + b * ce`` once (half the
+    matrix products) and backward checks that the grad outputs are in that ratio.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden,
+        head,
+        teacher_hidden,
+        teacher_head,
+        ids,
+        values,
+        labels,
+        kd,
+        temperature,
+        chunk_size,
+        grad_weights,
+    ):
+        n, dtype = hidden.shape[0], hidden.dtype
+        want_hidden, want_head = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_grad = want_hidden or want_head
+        has_kd, has_ce = kd is not None, labels is not None
+        combine = grad_weights is not None and has_kd and has_ce
+        # One gradient per loss, or one for the weighted sum.
+        parts = ["sum"] if combine else [name for name, on in (("kd", has_kd), ("ce", has_ce)) if on]
+        grads_hidden = {p: torch.zeros_like(hidden) for p in parts} if want_hidden else {}
+        grads_head = {p: torch.zeros(head.shape, dtype=torch.float32, device=head.device) for p in parts}
+        grads_head = grads_head if want_head else {}
+        kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        if has_ce:
+            labelled = labels != IGNORE_INDEX
+            n_labelled = labelled.sum().clamp_min(1).float()
+        kd_scale = temperature / max(n, 1)  # d(T**2 mean_i l_i)/dz_i = T**2 / N * (1/T) * dl_i/ds_i
+        for start in range(0, n, chunk_size):
+            rows = slice(start, min(start + chunk_size, n))
+            h = hidden[rows]
+            z = (h @ head.T).float()
+            chunk_grads = {}
+            if has_kd:
+                teacher_z = (teacher_hidden[rows] @ teacher_head.T).float() if kd in _DENSE_TEACHER else None
+                per_position, g = _kd_grad(
+                    kd,
+                    z,
+                    temperature,
+                    teacher_z,
+                    None if ids is None else ids[rows],
+                    None if values is None else values[rows],
+                )
+                del teacher_z
+                kd_sum += temperature**2 * per_position.sum()
+                chunk_grads["kd"] = g.mul_(kd_scale)
+            if has_ce:  # l = -log softmax(z)[y] at T = 1;  dl/dz = softmax(z) - onehot(y), labelled rows
+                mask = labelled[rows]
+                target = torch.where(mask, labels[rows], 0).long()[:, None]
+                log_p = F.log_softmax(z, dim=-1)
+                ce_sum -= (log_p.gather(-1, target).squeeze(-1) * mask).sum()
+                if want_grad:
+                    weight = (mask.float() / n_labelled)[:, None]
+                    g = log_p.exp_().scatter_add_(-1, target, -torch.ones_like(target, dtype=log_p.dtype))
+                    chunk_grads["ce"] = g.mul_(weight)
+                del log_p
+            del z
+            if not want_grad:
+                continue
+            if combine:
+                a, b = grad_weights
+                chunk_grads = {"sum": chunk_grads["kd"].mul_(a).add_(chunk_grads["ce"], alpha=b)}
+            for part, g in chunk_grads.items():
+                g = g.to(dtype)
+                if want_hidden:
+                    grads_hidden[part][rows] = g @ head
+                if want_head and dtype == torch.float32:
+                    grads_head[part].addmm_(g.T, h)
+                elif want_head:
+                    grads_head[part] += (g.T @ h).float()
+            del chunk_grads
+        kd_value = kd_sum / max(n, 1)
+        ce_value = ce_sum / n_labelled if has_ce else ce_sum
+        ctx.parts = parts
+        ctx.grad_weights = grad_weights if combine else None
+        ctx.grads_hidden = grads_hidden
+        ctx.grads_head = {p: g.to(head.dtype) for p, g in grads_head.items()}
+        return kd_value, ce_value
+
+    @staticmethod
+    def backward(ctx, grad_kd, grad_ce):
+        if ctx.grad_weights is not None:
+            a, b = ctx.grad_weights
+            scale = grad_kd / a if a != 0 else grad_ce / b
+            if not torch.allclose(torch.stack([grad_kd, grad_ce]), scale * torch.tensor([a, b]).to(scale)):
+                raise RuntimeError(
+                    f"chunked_lm_losses(grad_weights=({a}, {b})) formed the gradient of {a} * kd + {b} * ce, "
+                    f"but the loss backpropagated weights kd and ce by {grad_kd.item()} and {grad_ce.item()}; "
+                    "pass the weights you combine the two losses with, or grad_weights=None."
+                )
+            scales = {"sum": scale}
+        else:
+            scales = {"kd": grad_kd, "ce": grad_ce}
+
+        def combine(grads):
+            if not grads:
+                return None
+            return sum(scales[p].to(grads[p].dtype) * grads[p] for p in ctx.parts)
+
+        grad_hidden, grad_head = combine(ctx.grads_hidden), combine(ctx.grads_head)
+        ctx.grads_hidden = ctx.grads_head = None
+        return grad_hidden, grad_head, None, None, None, None, None, None, None, None, None
+
+
+def _check_inputs(
+    student_hidden,
+    student_head,
+    kd,
+    temperature,
+    teacher_hidden,
+    teacher_head,
+    ids,
+    values,
+    labels,
+    chunk_size,
+    grad_weights,
+):
+    if kd is not None and kd not in LM_KD_LOSSES:
+        raise ValueError(f"kd={kd!r} is not one of {LM_KD_LOSSES} (or None for the hard-label CE only).")
+    if kd is None and labels is None:
+        raise ValueError(
+            f"chunked_lm_losses needs kd (one of {LM_KD_LOSSES}) or labels, or both; got neither."
+        )
+    if (
+        student_hidden.dim() != 2
+        or student_head.dim() != 2
+        or student_hidden.shape[1] != student_head.shape[1]
+    ):
+        raise ValueError(
+            f"student_hidden must be (N, D) and student_head (V, D); got {tuple(student_hidden.shape)} and "
+            f"{tuple(student_head.shape)}. Flatten the batch: hidden[mask] or hidden.flatten(0, 1)."
+        )
+    n, vocab = student_hidden.shape[0], student_head.shape[0]
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be at least 1 position.")
+    if grad_weights is not None and grad_weights[0] == 0 and grad_weights[1] == 0:
+        raise ValueError("grad_weights=(0, 0) weights both losses by zero; pass None or a nonzero weight.")
+    if labels is not None and tuple(labels.shape) != (n,):
+        raise ValueError(f"labels must be (N,) = ({n},), got {tuple(labels.shape)}.")
+    if kd in _DENSE_TEACHER:
+        if teacher_hidden is None or teacher_head is None:
+            raise ValueError(
+                f"kd={kd!r} needs the live teacher's teacher_hidden (N, Dt) and teacher_head (V, Dt)."
+            )
+        if (
+            teacher_hidden.dim() != 2
+            or teacher_hidden.shape[0] != n
+            or teacher_head.shape[0] != vocab
+            or teacher_head.shape[1] != teacher_hidden.shape[1]
+        ):
+            raise ValueError(
+                f"teacher_hidden must be (N, Dt) = ({n}, Dt) and teacher_head (V, Dt) = ({vocab}, Dt); got "
+                f"{tuple(teacher_hidden.shape)} and {tuple(teacher_head.shape)}. Teacher and student must "
+                "share the vocabulary."
+            )
+    if kd in _SPARSE_TEACHER:
+        what = "top-k logits" if kd == "topk" else "sample counts"
+        if ids is None or values is None:
+            raise ValueError(f"kd={kd!r} needs teacher_ids (N, k) and teacher_values (N, k), the {what}.")
+        if ids.dim() != 2 or ids.shape[0] != n or ids.shape != values.shape:
+            raise ValueError(
+                f"teacher_ids and teacher_values must both be (N, k) with N = {n}; got {tuple(ids.shape)} and "
+                f"{tuple(values.shape)}."
+            )
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TypeError(f"teacher_ids must be integer token ids, got dtype {ids.dtype}.")
+
+
+def chunked_lm_losses(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    *,
+    kd: str | None,
+    temperature: float = 1.0,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: torch.Tensor | None = None,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_values: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    grad_weights: tuple[float, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Soft-label and hard-label losses of a causal LM from its hidden states, in chunks of positions.
+
+    The student's logits are ``z_s = h_s @ W_s.T`` and a live teacher's ``z_t = h_t @ W_t.T``, both
+    formed ``chunk_size`` positions at a time (in float32 for the softmax) and never kept for all
+    ``N``. With ``p_s = softmax(z_s / T)`` the soft-label loss ``kd`` is ``T**2`` times the mean over
+    the ``N`` positions of:
+
+    - ``"kl"``: ``KL(p_t || p_s)``, ``p_t = softmax(z_t / T)``, as :func:`~hf_distill.losses.kl_div_loss`;
+    - ``"reverse_kl"``: ``KL(p_s || p_t)``, as :func:`~hf_distill.losses.reverse_kl_loss`;
+    - ``"jsd"``: ``(KL(p_t || m) + KL(p_s || m)) / 2``, ``m = (p_t + p_s) / 2``, as
+      :func:`~hf_distill.losses.jsd_loss`;
+    - ``"topk"``: ``sum_j w_j (log w_j - log p_s[id_j])``, ``w = softmax(v / T)`` over the stored top
+      ``k`` logits ``v`` at ids ``id``, as :func:`~hf_distill.losses.topk_kl_div_loss`;
+    - ``"sampled"`` (RS-KD, Anshumann et al., ACL 2025): ``-sum_j (c_j / n) log p_s[id_j]`` for ids
+      ``id_j`` drawn ``c_j`` times in ``n = sum_j c_j`` draws from ``p_t`` (see
+      :func:`sample_teacher_tokens`). Its expectation over the draws is the cross-entropy
+      ``H(p_t, p_s) = KL(p_t || p_s) + H(p_t)``: the value is a cross-entropy, not a KL (it exceeds
+      the KL by the teacher's entropy), but the teacher's entropy does not depend on the student, so
+      its gradient is an unbiased estimate of the ``"kl"`` gradient.
+
+    The hard-label loss is the cross-entropy at ``T = 1``, ``-log softmax(z_s)[y]``, averaged over
+    the positions whose label ``y`` is not ``-100`` (zero when none is).
+
+    Both losses come from one pass over the chunks, in which the gradients with respect to
+    ``student_hidden`` and ``student_head`` are formed too; backward only scales them. Nothing is
+    computed for gradients when neither input requires grad. Pass ``grad_weights=(alpha, beta)``
+    when the loss you backpropagate is ``alpha * kd + beta * ce`` (times any factor): the combined
+    gradient is then formed once per chunk, halving the matrix products of the gradient; backward
+    raises if the losses were weighted otherwise. Without it, the two gradients are kept apart and
+    any combination works.
+
+    Shapes: ``student_hidden``: ``(N, D)``, the positions that count, already shifted and selected;
+    ``student_head``: ``(V, D)``, no bias (may be tied to the input embeddings); ``teacher_hidden``:
+    ``(N, Dt)`` and ``teacher_head``: ``(V, Dt)`` for ``kl``, ``reverse_kl``, ``jsd``;
+    ``teacher_ids``: ``(N, k)`` integers and ``teacher_values``: ``(N, k)``, the top-k logits
+    (``topk``) or the counts (``sampled``; a count of 0 marks an empty slot); ``labels``: ``(N,)``.
+
+    Returns ``(kd, ce)``, scalars in float32: ``kd`` is a zero tensor when ``kd is None``; ``ce`` is
+    ``None`` when ``labels`` is ``None``.
+    """
+    _check_inputs(
+        student_hidden,
+        student_head,
+        kd,
+        temperature,
+        teacher_hidden,
+        teacher_head,
+        teacher_ids,
+        teacher_values,
+        labels,
+        chunk_size,
+        grad_weights,
+    )
+    if kd not in _DENSE_TEACHER:
+        teacher_hidden = teacher_head = None
+    if kd not in _SPARSE_TEACHER:
+        teacher_ids = teacher_values = None
+    if teacher_hidden is not None:
+        teacher_hidden, teacher_head = teacher_hidden.detach(), teacher_head.detach()
+    kd_value, ce_value = _ChunkedLMLosses.apply(
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        teacher_ids,
+        teacher_values,
+        labels,
+        kd,
+        float(temperature),
+        int(chunk_size),
+        None if grad_weights is None else (float(grad_weights[0]), float(grad_weights[1])),
+    )
+    return kd_value, (ce_value if labels is not None else None)

@@ -1,0 +1,206 @@
+"""The chunked language-model losses equal the dense ones, values and gradients; RS-KD is unbiased."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_distill import losses
+from hf_distill.losses import chunked_lm_losses, sample_teacher_tokens
+
+N, D, DT, V = 13, 6, 5, 17  # 13 positions: chunk sizes 4 and 5 do not divide it, 13 and 64 hold it whole
+
+
+def _inputs(seed=0, k=4, num_samples=6, with_ignored=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=g)
+    head = torch.randn(V, D, generator=g)
+    teacher_hidden = torch.randn(N, DT, generator=g)
+    teacher_head = torch.randn(V, DT, generator=g)
+    teacher_logits = teacher_hidden @ teacher_head.T
+    topk = teacher_logits.topk(k, dim=-1)
+    ids, counts = sample_teacher_tokens(teacher_logits, num_samples, 2.0, generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+    if with_ignored:
+        labels[[0, 5, 6]] = -100
+    return {
+        "hidden": hidden,
+        "head": head,
+        "teacher_hidden": teacher_hidden,
+        "teacher_head": teacher_head,
+        "topk_ids": topk.indices,
+        "topk_values": topk.values,
+        "sampled_ids": ids,
+        "sampled_counts": counts,
+        "labels": labels,
+    }
+
+
+def _dense_kd(kd, student_logits, x, T):
+    """The dense reference: the library's dense losses, or RS-KD written out by hand."""
+    teacher_logits = x["teacher_hidden"] @ x["teacher_head"].T
+    if kd in ("kl", "reverse_kl", "jsd"):
+        return losses.kd_loss(kd, student_logits, teacher_logits, T)
+    if kd == "topk":
+        return losses.topk_kl_div_loss(student_logits, x["topk_values"], x["topk_ids"], T)
+    counts = x["sampled_counts"].double()
+    log_p_s = F.log_softmax(student_logits.double() / T, dim=-1).gather(-1, x["sampled_ids"])
+    return T**2 * (-(counts / counts.sum(-1, keepdim=True)) * log_p_s).sum(-1).mean()
+
+
+def _chunked(kd, hidden, head, x, T, chunk_size, labels=None, **kwargs):
+    sparse = {"topk": ("topk_ids", "topk_values"), "sampled": ("sampled_ids", "sampled_counts")}.get(kd)
+    return chunked_lm_losses(
+        hidden,
+        head,
+        kd=kd,
+        temperature=T,
+        teacher_hidden=x["teacher_hidden"],
+        teacher_head=x["teacher_head"],
+        teacher_ids=x[sparse[0]] if sparse else None,
+        teacher_values=x[sparse[1]] if sparse else None,
+        labels=labels,
+        chunk_size=chunk_size,
+        **kwargs,
+    )
+
+
+def _leaves(x):
+    return x["hidden"].clone().requires_grad_(), x["head"].clone().requires_grad_()
+
+
+@pytest.mark.parametrize("with_labels", [False, True], ids=["no_labels", "labels"])
+@pytest.mark.parametrize("chunk_size", [4, 5, 13, 64])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("kd", ["kl", "reverse_kl", "jsd", "topk", "sampled"])
+def test_chunked_equals_dense_values_and_gradients(kd, T, chunk_size, with_labels):
+    x = _inputs()
+    labels = x["labels"] if with_labels else None
+    # Weights that differ, so that a gradient given to the wrong loss would show.
+    alpha, beta = 0.7, 1.9
+
+    hidden, head = _leaves(x)
+    logits = hidden @ head.T
+    dense_kd = _dense_kd(kd, logits, x, T)
+    dense_ce = F.cross_entropy(logits, labels, ignore_index=-100) if with_labels else None
+    (alpha * dense_kd + (beta * dense_ce if with_labels else 0)).backward()
+    dense_grads = hidden.grad, head.grad
+
+    hidden, head = _leaves(x)
+    kd_value, ce_value = _chunked(kd, hidden, head, x, T, chunk_size, labels)
+    (alpha * kd_value + (beta * ce_value if with_labels else 0)).backward()
+
+    torch.testing.assert_close(kd_value, dense_kd.float(), atol=1e-5, rtol=1e-5)
+    if with_labels:
+        torch.testing.assert_close(ce_value, dense_ce, atol=1e-5, rtol=1e-5)
+    else:
+        assert ce_value is None
+    torch.testing.assert_close(hidden.grad, dense_grads[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head.grad, dense_grads[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kd", ["kl", "sampled"])
+def test_grad_weights_give_the_same_gradients_and_refuse_other_weights(kd):
+    x = _inputs(seed=1)
+    grads = []
+    for grad_weights in (None, (0.7, 1.9)):
+        hidden, head = _leaves(x)
+        kd_value, ce_value = _chunked(kd, hidden, head, x, 2.0, 5, x["labels"], grad_weights=grad_weights)
+        (3.0 * (0.7 * kd_value + 1.9 * ce_value)).backward()  # a common factor, e.g. gradient accumulation
+        grads.append((hidden.grad, head.grad))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-6)
+
+    hidden, head = _leaves(x)
+    kd_value, ce_value = _chunked(kd, hidden, head, x, 2.0, 5, x["labels"], grad_weights=(0.7, 1.9))
+    with pytest.raises(RuntimeError, match="grad_weights"):
+        (kd_value + ce_value).backward()
+
+
+def test_cross_entropy_alone_matches_torch_and_all_ignored_gives_zero():
+    x = _inputs(seed=2)
+    hidden, head = _leaves(x)
+    kd_value, ce_value = _chunked(None, hidden, head, x, 1.0, 4, x["labels"])
+    assert kd_value.item() == 0.0
+    dense = F.cross_entropy(x["hidden"] @ x["head"].T, x["labels"], ignore_index=-100)
+    torch.testing.assert_close(ce_value, dense, atol=1e-5, rtol=1e-5)
+    ce_value.backward()
+    assert hidden.grad.abs().sum() > 0 and head.grad.abs().sum() > 0
+
+    _, ce_value = _chunked(None, *_leaves(x), x, 1.0, 4, torch.full((N,), -100))
+    assert ce_value.item() == 0.0
+
+
+def test_no_gradient_work_without_requires_grad():
+    x = _inputs(seed=3)
+    kd_value, ce_value = _chunked("kl", x["hidden"], x["head"], x, 2.0, 4, x["labels"])
+    assert not kd_value.requires_grad and not ce_value.requires_grad
+    torch.testing.assert_close(
+        kd_value, losses.kl_div_loss(x["hidden"] @ x["head"].T, _teacher_logits(x), 2.0)
+    )
+
+
+def _teacher_logits(x):
+    return x["teacher_hidden"] @ x["teacher_head"].T
+
+
+def test_bfloat16_inputs_close_to_float32():
+    x = _inputs(seed=4)
+    hidden, head = (t.bfloat16().requires_grad_() for t in (x["hidden"], x["head"]))
+    kd_value, _ = _chunked(
+        "kl",
+        hidden,
+        head,
+        x | {"teacher_hidden": x["teacher_hidden"].bfloat16(), "teacher_head": x["teacher_head"].bfloat16()},
+        2.0,
+        5,
+    )
+    kd_value.backward()
+    assert kd_value.dtype == torch.float32 and hidden.grad.dtype == torch.bfloat16
+    reference = losses.kl_div_loss(
+        hidden.float() @ head.float().T, _teacher_logits(x).bfloat16().float(), 2.0
+    )
+    torch.testing.assert_close(kd_value, reference, atol=2e-2, rtol=2e-2)
+
+
+def test_sampler_counts_distinct_ids_and_pads():
+    logits = torch.randn(50, 9, generator=torch.Generator().manual_seed(5)) * 2
+    ids, counts = sample_teacher_tokens(logits, 7, 1.5, generator=torch.Generator().manual_seed(6))
+    assert ids.shape == counts.shape == (50, 7)
+    assert (counts.sum(-1) == 7).all()
+    for row_ids, row_counts in zip(ids.tolist(), counts.tolist(), strict=True):
+        used = [i for i, c in zip(row_ids, row_counts, strict=True) if c > 0]
+        assert used == sorted(set(used))  # distinct, ascending, left-aligned
+        assert row_counts[len(used) :] == [0] * (7 - len(used)) and row_ids[len(used) :] == [0] * (
+            7 - len(used)
+        )
+
+
+def test_sampler_frequencies_follow_the_tempered_softmax():
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0]]).repeat(4000, 1)
+    ids, counts = sample_teacher_tokens(logits, 5, 2.0, generator=torch.Generator().manual_seed(7))
+    frequency = torch.zeros(4).scatter_add_(0, ids.flatten(), counts.flatten().float()) / counts.sum()
+    expected = F.softmax(logits[0] / 2.0, dim=-1)
+    # 20,000 draws: the standard error of each frequency is below 0.004.
+    torch.testing.assert_close(frequency, expected, atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kd": "forward_kl"}, "not one of"),
+        ({"kd": None}, "got neither"),
+        ({"kd": "kl", "teacher_hidden": None}, "needs the live teacher"),
+        ({"kd": "topk"}, "needs teacher_ids"),
+        ({"kd": "kl", "chunk_size": 0}, "chunk_size"),
+        ({"kd": "kl", "temperature": 0.0}, "temperature"),
+        ({"kd": "kl", "labels": torch.zeros(3, dtype=torch.long)}, "labels must be"),
+        ({"kd": "kl", "teacher_head": torch.zeros(V + 1, DT)}, "share the vocabulary"),
+        ({"kd": "kl", "grad_weights": (0.0, 0.0)}, "grad_weights"),
+    ],
+)
+def test_bad_inputs_say_what_is_wrong(kwargs, message):
+    x = _inputs()
+    arguments = {"teacher_hidden": x["teacher_hidden"], "teacher_head": x["teacher_head"]} | kwargs
+    with pytest.raises(ValueError, match=message):
+        chunked_lm_losses(x["hidden"], x["head"], **arguments)
