@@ -15,7 +15,15 @@ from transformers import (
 )
 
 # Precomputed teacher outputs (see ``hf_distill.teacher_cache``).
-TEACHER_LOGIT_COLUMNS = ("teacher_logits", "teacher_topk_values", "teacher_topk_indices")
+TEACHER_LOGIT_COLUMNS = (
+    "teacher_logits",
+    "teacher_topk_values",
+    "teacher_topk_indices",
+    "teacher_sample_ids",
+    "teacher_sample_counts",
+)
+# Of those, the columns of integers (vocabulary ids and counts), kept as integers.
+_INTEGER_COLUMNS = ("teacher_topk_indices", "teacher_sample_ids", "teacher_sample_counts")
 # The teacher's own tokenization, used when teacher and student tokenizers differ.
 TEACHER_INPUT_PREFIX = "teacher_"
 
@@ -41,7 +49,8 @@ class DistillationDataCollator:
     - ``teacher_logits`` is stacked: ``(B, C)`` for sequence-level tasks, ``(B, L, C)`` for token-level
       ones, padded with zeros on the side the tokenizer pads to the student's padded length ``L``
       (padded positions are masked out of the loss). Likewise ``teacher_topk_values`` /
-      ``teacher_topk_indices`` ``(B, L, k)``.
+      ``teacher_topk_indices`` ``(B, L, k)`` and ``teacher_sample_ids`` / ``teacher_sample_counts``
+      ``(B, L, n)`` (ids and counts as int64).
 
     Without a ``base_collator``: ``DataCollatorForTokenClassification`` when the labels are lists,
     ``DataCollatorWithPadding`` for scalar labels, ``default_data_collator`` with no tokenizer.
@@ -73,8 +82,7 @@ class DistillationDataCollator:
         for key in teacher_features[0]:
             rows = [torch.as_tensor(f[key]) for f in teacher_features]
             if key in TEACHER_LOGIT_COLUMNS:
-                if key != "teacher_topk_indices":
-                    rows = [r.float() for r in rows]
+                rows = [r.long() if key in _INTEGER_COLUMNS else r.float() for r in rows]
                 if rows[0].dim() == 1:  # one vector per example: sequence-level logits
                     batch[key] = torch.stack(rows)
                     continue

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from .errors import InputError
 from .losses import KD_LOSSES
 
 HIDDEN_LOSSES = ("cosine", "mse")
@@ -96,6 +97,15 @@ class DistillationConfig(TrainingArguments):
             return torch.float16
         return None
 
+    lm_chunk_size: int | None = field(
+        default=1024,
+        metadata={
+            "help": "Causal LMs: positions per chunk of the fused KD + CE loss, which forms the (positions x "
+            "vocabulary) logits of student and teacher a chunk at a time and never whole "
+            "(hf_distill.vocab_losses.chunked_lm_losses). None: the models' full logits and the dense losses. "
+            "Hidden-state and attention losses use the dense path."
+        },
+    )
     check_finite: bool = field(
         default=True,
         metadata={
@@ -134,6 +144,8 @@ class DistillationConfig(TrainingArguments):
             )
         if self.layer_map is not None and any(i < 0 for i in self.layer_map):
             raise ValueError(f"layer_map entries are teacher layer numbers >= 0, got {self.layer_map}.")
+        if self.lm_chunk_size is not None and self.lm_chunk_size < 1:
+            raise InputError(f"lm_chunk_size must be >= 1 (or None for dense logits), got {self.lm_chunk_size}.")
         if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(
                 f"teacher_dtype must be one of {TEACHER_DTYPES} or None (follow bf16/fp16), got {self.teacher_dtype!r}."

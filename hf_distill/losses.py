@@ -166,6 +166,38 @@ def topk_kl_div_loss(
     return temperature**2 * _masked_mean(per_position, mask)
 
 
+def sampled_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_sample_ids: torch.Tensor,
+    teacher_sample_counts: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RS-KD (Anshumann et al., "Sparse Logit Sampling", ACL 2025) against a teacher stored as sampled tokens.
+
+    Per position the teacher's softmax at ``T`` was sampled ``n`` times with replacement; id ``id_j``
+    was drawn ``c_j`` times (``sum_j c_j = n``; a count of 0 marks an empty slot). With
+    ``p_s = softmax(z_s / T)``:
+
+        T**2 * sum_j (c_j / n) * (-log p_s[id_j])
+
+    an unbiased estimate of the cross-entropy ``T**2 * H(p_t, p_s)``, whose gradient is that of
+    :func:`kl_div_loss` (the two differ by the teacher's entropy, which does not depend on the
+    student). The value is therefore a cross-entropy, not a KL. The dense-logit form of
+    ``hf_distill.vocab_losses.chunked_lm_losses(kd="sampled")``.
+
+    Shapes: ``student_logits``: ``(..., C)``; ``teacher_sample_ids``, ``teacher_sample_counts``:
+    ``(..., n)``; ``mask``: ``(...)``.
+    """
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_s_ids = log_p_s.gather(-1, teacher_sample_ids.long())
+    counts = teacher_sample_counts.float()
+    weights = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+    per_position = -(weights * log_p_s_ids).sum(-1)
+    return temperature**2 * _masked_mean(per_position, mask)
+
+
 def ensemble_logits(
     teacher_logits: list[torch.Tensor], weights: list[float], temperature: float, kd_loss_name: str = "kl"
 ) -> torch.Tensor:

@@ -12,9 +12,10 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+from transformers.modeling_outputs import CausalLMOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import losses, tasks
+from . import losses, tasks, vocab_losses
 from .collator import TEACHER_INPUT_PREFIX, TEACHER_LOGIT_COLUMNS, DistillationDataCollator, teacher_sources
 from .config import DistillationConfig
 from .hub import push_student
@@ -34,15 +35,43 @@ class TeacherOutput:
     """What the loss needs from the teacher(s), live or precomputed.
 
     ``logits``: ``(B, C)``, ``(B, L, C)``, or ``(B, L, 2)`` for question answering (start, end);
-    ``topk_values`` / ``topk_indices``: ``(B, L, k)`` sparse teacher logits; ``hidden_states`` /
-    ``attentions``: the teacher model's, when a hidden-state or attention loss asks for them.
+    ``topk_values`` / ``topk_indices``: ``(B, L, k)`` sparse teacher logits; ``sample_ids`` /
+    ``sample_counts``: ``(B, L, n)`` tokens drawn from the teacher (RS-KD); ``hidden_states`` /
+    ``attentions``: the teacher model's, when a hidden-state or attention loss asks for them (for the
+    fused causal-LM loss, ``hidden_states`` holds the teacher's last hidden state alone and ``logits``
+    is None).
     """
 
     logits: torch.Tensor | None = None
     topk_values: torch.Tensor | None = None
     topk_indices: torch.Tensor | None = None
+    sample_ids: torch.Tensor | None = None
+    sample_counts: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def _output_embedding(model: nn.Module) -> nn.Module:
+    """The output embedding (LM head) of a causal LM, inside any PEFT or DDP wrapper."""
+    return base_model(getattr(model, "module", model)).get_output_embeddings()
+
+
+def _last_hidden_state(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """A causal LM's last hidden state ``(B, L, D)``, the input of its LM head, without its full logits.
+
+    The model is called as a whole (so DDP, PEFT and hooks see a normal forward), with ``logits_to_keep=1``
+    where its forward takes it; a hook on its decoder reads the decoder's output.
+    """
+    decoder = base_model(getattr(model, "module", model)).get_decoder()
+    captured: list[torch.Tensor] = []
+    handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        unwrapped = getattr(model, "module", model)
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(unwrapped) else {}
+        model(**inputs, **keep)
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def default_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
@@ -157,7 +186,7 @@ class DistillationTrainer(Trainer):
                 f"beta={self.args.beta} weights the hard-label loss but the training dataset has no label column "
                 f"(columns: {columns}). Add labels, or set beta=0 to learn from the teacher's soft labels alone."
             )
-        cached = "teacher_logits" in columns or "teacher_topk_values" in columns
+        cached = any(c in columns for c in ("teacher_logits", "teacher_topk_values", "teacher_sample_ids"))
         if not self.teachers and not cached:
             raise ValueError(
                 "No teacher: pass teacher_model, or a training dataset with precomputed teacher logits "
@@ -223,6 +252,10 @@ class DistillationTrainer(Trainer):
         if "teacher_topk_values" in inputs and not (hidden_states or attentions):
             return TeacherOutput(
                 topk_values=inputs["teacher_topk_values"], topk_indices=inputs["teacher_topk_indices"]
+            )
+        if "teacher_sample_ids" in inputs and not (hidden_states or attentions):
+            return TeacherOutput(
+                sample_ids=inputs["teacher_sample_ids"], sample_counts=inputs["teacher_sample_counts"]
             )
         if not self.teachers:
             raise ValueError(
@@ -299,13 +332,17 @@ class DistillationTrainer(Trainer):
             student_logits = student_logits[:, :-1]
             mask = mask[:, 1:] if mask is not None else None
             t_logits = t_logits[:, :-1] if t_logits is not None else None
-            if teacher.topk_values is not None:
-                teacher = TeacherOutput(
-                    topk_values=teacher.topk_values[:, :-1], topk_indices=teacher.topk_indices[:, :-1]
-                )
+            sparse = ("topk_values", "topk_indices", "sample_ids", "sample_counts")
+            teacher = TeacherOutput(
+                **{k: getattr(teacher, k)[:, :-1] for k in sparse if getattr(teacher, k) is not None}
+            )
         if teacher.topk_values is not None:
             return losses.topk_kl_div_loss(
                 student_logits, teacher.topk_values, teacher.topk_indices, T, mask=mask
+            )
+        if teacher.sample_ids is not None:
+            return losses.sampled_kd_loss(
+                student_logits, teacher.sample_ids, teacher.sample_counts, T, mask=mask
             )
         if t_logits.shape[-1] != student_logits.shape[-1] and self.task != tasks.QUESTION_ANSWERING:
             raise ValueError(
@@ -389,10 +426,117 @@ class DistillationTrainer(Trainer):
         }
         return sum(weights[name] * value for name, value in components.items())
 
+    # ---- causal LMs: the fused loss that never holds the vocabulary logits -------------------
+
+    def _fused_causal_lm(self, inputs: dict[str, Any]) -> bool:
+        """Whether this batch's loss goes through :meth:`compute_causal_lm_loss` (``lm_chunk_size`` set).
+
+        Not for hidden-state or attention losses, ensembles, dense cached ``teacher_logits``, the ``mse``
+        loss or output embeddings with a bias: those take the dense path.
+        """
+        args = self.args
+        return (
+            self.task == tasks.CAUSAL_LM
+            and args.lm_chunk_size is not None
+            and args.hidden_loss_weight == 0
+            and args.attention_loss_weight == 0
+            and len(self.teachers) <= 1
+            and args.kd_loss != "mse"
+            and "teacher_logits" not in inputs
+            and _output_embedding(self.model).bias is None
+            and (not self.teachers or _output_embedding(self.teacher).bias is None)
+        )
+
+    def compute_causal_lm_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False):
+        """``alpha * KD + beta * CE`` of a causal LM by :func:`hf_distill.vocab_losses.chunked_lm_losses`.
+
+        The student (and a live teacher) run with ``logits_to_keep=1`` where the model takes it; their last
+        hidden states at the positions that predict a counted token go to the chunked loss with their
+        output embeddings, which forms the logits ``chunk_size`` positions at a time. The KD term is
+        ``args.kd_loss`` against a live teacher, ``"topk"`` against cached top-k logits and ``"sampled"``
+        against cached RS-KD draws; the positions are those of :meth:`_kd_mask`.
+        """
+        args = self.args
+        has_labels = self._has_labels(inputs)
+        if args.beta > 0 and not has_labels:
+            raise ValueError(
+                f"beta={args.beta} weights the hard-label loss but the batch has no {self.label_names}. Add labels "
+                "(label -100 marks an unlabelled token), or set beta=0 to learn from the teacher alone."
+            )
+        student_inputs = {k: v for k, v in self._student_inputs(inputs).items() if k not in self.label_names}
+        hidden = _last_hidden_state(model, student_inputs)
+        width = hidden.shape[-1]
+        mask = self._kd_mask(inputs, hidden.shape[1])
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        positions = mask[:, 1:].reshape(-1).nonzero().squeeze(1)  # position i predicts token i + 1
+
+        def select(t: torch.Tensor) -> torch.Tensor:
+            return t[:, :-1].reshape(-1, *t.shape[2:]).index_select(0, positions)
+
+        labels = None
+        if args.beta > 0:  # the token each selected position predicts
+            labels = inputs["labels"][:, 1:].reshape(-1).index_select(0, positions)
+        kd, sparse, teacher = None, {}, {}
+        if args.alpha > 0:
+            if "teacher_topk_values" in inputs:
+                kd = "topk"
+                sparse = {
+                    "teacher_ids": inputs["teacher_topk_indices"],
+                    "teacher_values": inputs["teacher_topk_values"],
+                }
+            elif "teacher_sample_ids" in inputs:
+                kd = "sampled"
+                sparse = {
+                    "teacher_ids": inputs["teacher_sample_ids"],
+                    "teacher_values": inputs["teacher_sample_counts"],
+                }
+            elif self.teacher is None:
+                raise ValueError(
+                    "This batch has no precomputed teacher outputs and no teacher_model was given: pass "
+                    "teacher_model, or precompute the teacher's outputs for every example."
+                )
+            else:
+                kd = args.kd_loss
+                with torch.no_grad():
+                    t_hidden = _last_hidden_state(self.teacher, self._teacher_inputs(inputs))
+                self._note_finite(TeacherOutput(hidden_states=(t_hidden,)))
+                teacher = {
+                    "teacher_hidden": select(t_hidden),
+                    "teacher_head": _output_embedding(self.teacher).weight,
+                }
+            sparse = {name: select(value) for name, value in sparse.items()}
+        kd_value, ce_value = vocab_losses.chunked_lm_losses(
+            select(hidden).reshape(-1, width),
+            _output_embedding(model).weight,
+            kd=kd,
+            temperature=args.temperature,
+            labels=labels,
+            chunk_size=args.lm_chunk_size,
+            grad_weights=(args.alpha, args.beta),
+            **teacher,
+            **sparse,
+        )
+        components = {}
+        if args.alpha > 0:
+            components["kd"] = kd_value
+        if args.beta > 0:
+            components["ce"] = ce_value
+        loss = self.combine_losses(components)
+        self._record(components)
+        return (loss, CausalLMOutput(loss=loss)) if return_outputs else loss
+
+    def _record(self, components: dict[str, torch.Tensor]) -> None:
+        for name, value in components.items():
+            total, count = self._metrics.get(f"{name}_loss", (0.0, 0))
+            self._metrics[f"{name}_loss"] = (total + value.detach().float(), count + 1)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation: the student's own loss at T = 1
             outputs = model(**self._student_inputs(inputs))
             return (outputs.loss, outputs) if return_outputs else outputs.loss
+        if self._fused_causal_lm(inputs):
+            return self.compute_causal_lm_loss(model, inputs, return_outputs)
 
         args = self.args
         has_labels = self._has_labels(inputs)
@@ -435,9 +579,7 @@ class DistillationTrainer(Trainer):
             # A batch of unlabelled examples only (label -100) has no hard-label term (and no gradient from it).
             components["ce"] = torch.where(labelled, outputs.loss, outputs.loss.new_zeros(()))
         loss = self.combine_losses(components)
-        for name, value in components.items():
-            total, count = self._metrics.get(f"{name}_loss", (0.0, 0))
-            self._metrics[f"{name}_loss"] = (total + value.detach().float(), count + 1)
+        self._record(components)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):

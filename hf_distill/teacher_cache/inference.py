@@ -7,7 +7,9 @@ runs; :func:`length_sorted_batches` shows the batches it forms.
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,8 +26,9 @@ from ..ragged import (
     lists_of_fixed_size_lists,
     longest_first,
 )
-from ..tasks import output_logits
-from .key import AUTOCAST_DTYPES
+from ..tasks import base_model, output_logits
+from ..vocab_losses import sample_teacher_tokens
+from .key import AUTOCAST_DTYPES, index_dtype
 from .storage import _output_width
 
 logger = logging.getLogger(__name__)
@@ -67,11 +70,14 @@ class _TeacherLogits:
         autocast_dtype: str | None,
         max_batch_tokens: int,
         max_batch_size: int,
+        sampling: Mapping[str, Any] | None = None,
     ):
         self.teacher, self.task, self.columns = teacher, task, dict(columns)
         self.pad_token_id, self.dtype, self.top_k = pad_token_id, np.dtype(dtype), top_k
+        self.sampling = dict(sampling) if sampling else None
         self.torch_dtype = getattr(torch, dtype)
-        self.width = _output_width(teacher, task, top_k)
+        self.width = _output_width(teacher, task, top_k, self.sampling and self.sampling["num_samples"])
+        self.index_dtype = np.dtype(index_dtype(base_model(teacher).config.vocab_size))
         self.autocast_dtype = AUTOCAST_DTYPES.get(autocast_dtype) if autocast_dtype else None
         self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
         self.device = next(teacher.parameters()).device
@@ -127,10 +133,15 @@ class _TeacherLogits:
     def _allocate(self, rows: int, tokens: int) -> dict[str, np.ndarray]:
         """The window's outputs in its original order: one row per example or per token."""
         n = rows if self.task == tasks.SEQUENCE_CLASSIFICATION else tokens
+        if self.sampling:
+            return {
+                "teacher_sample_ids": np.empty((n, self.width), self.index_dtype),
+                "teacher_sample_counts": np.empty((n, self.width), np.uint8),
+            }
         if self.task in tasks.VOCABULARY_TASKS and self.top_k is not None:
             return {
                 "teacher_topk_values": np.empty((n, self.width), self.dtype),
-                "teacher_topk_indices": np.empty((n, self.width), np.int32),
+                "teacher_topk_indices": np.empty((n, self.width), self.index_dtype),
             }
         return {"teacher_logits": np.empty((n, self.width), self.dtype)}
 
@@ -169,7 +180,10 @@ class _TeacherLogits:
             index = self._to_device(np.stack([layout.token_row, layout.token_col]))
             logits = logits[index[0], index[1]]
         logits = logits.float()
-        if self.task in tasks.VOCABULARY_TASKS and self.top_k is not None:
+        if self.sampling:
+            values = logits  # NaN or inf in the teacher's logits are refused before sampling
+            results = self._sample(logits, layout, flat)
+        elif self.task in tasks.VOCABULARY_TASKS and self.top_k is not None:
             values, indices = logits.topk(self.width, dim=-1)
             results = {"teacher_topk_values": values, "teacher_topk_indices": indices.to(torch.int32)}
         else:
@@ -179,6 +193,8 @@ class _TeacherLogits:
         peak = values.abs().amax() if self.dtype == np.float16 and values.numel() else None
         results = {key: value.to(self.torch_dtype) if value.is_floating_point() else value
                    for key, value in results.items()}  # fmt: skip
+        if self.sampling:
+            peak = None  # nothing of the logits is stored
         host = {key: self._to_host(value) for key, value in results.items()}
         peak = self._to_host(peak) if peak is not None else None
         done = None
@@ -186,6 +202,32 @@ class _TeacherLogits:
             done = torch.cuda.Event()
             done.record()
         return layout, host, peak, done
+
+    def _sample(self, logits: torch.Tensor, layout: BatchLayout, flat) -> dict[str, torch.Tensor]:
+        """RS-KD draws for the batch's tokens (``logits``: ``(tokens, V)``, rows in ``layout`` order).
+
+        Each row draws from its own generator, seeded by the sampling seed and a hash of the row's
+        tokens, so the draws do not depend on how rows are batched, windowed or sharded.
+        """
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError(
+                "The teacher's logits hold NaN or inf, so no tokens can be sampled from them: check the "
+                "teacher's weights and dtype."
+            )
+        values, offsets = flat["input_ids"]
+        ids = torch.empty(logits.shape[0], self.width, dtype=torch.int64, device=logits.device)
+        counts = torch.empty_like(ids)
+        start = 0
+        for row, length in zip(layout.rows.tolist(), layout.lengths.tolist(), strict=True):
+            tokens = np.ascontiguousarray(values[offsets[row] : offsets[row + 1]], dtype=np.int64)
+            seed = zlib.crc32(tokens.tobytes(), self.sampling["seed"] & 0xFFFFFFFF)
+            generator = torch.Generator(device=logits.device).manual_seed(seed)
+            stop = start + length
+            ids[start:stop], counts[start:stop] = sample_teacher_tokens(
+                logits[start:stop], self.width, self.sampling["temperature"], generator
+            )
+            start = stop
+        return {"teacher_sample_ids": ids, "teacher_sample_counts": counts}
 
     def _collect(self, pending, out: dict[str, np.ndarray]) -> None:
         """Wait for a launched batch and write its outputs to their rows of the window."""

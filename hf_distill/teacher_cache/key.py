@@ -24,9 +24,11 @@ from transformers import PreTrainedTokenizerBase
 
 from .. import tasks
 from ..collator import teacher_sources
+from ..errors import InputError
 from ..tasks import base_model, forward_params, task_of
 
-CACHE_FORMAT_VERSION = 1
+# 2: vocabulary ids stored as uint16 when the vocabulary fits (<= 65,536), and the sampled (RS-KD) format.
+CACHE_FORMAT_VERSION = 2
 # Stored k for masked and causal LMs when ``top_k`` is not given.
 DEFAULT_TOP_K = 64
 STORAGE_DTYPES = ("float16", "float32")
@@ -136,6 +138,33 @@ def _resolve_top_k(task: str, top_k: int | None) -> int | None:
     return top_k
 
 
+def _resolve_sampling(
+    task: str, sampling: Mapping[str, Any] | None, top_k: int | None
+) -> dict[str, Any] | None:
+    """The RS-KD sampling settings as stored in the key: ``num_samples``, ``temperature``, ``seed``."""
+    if not sampling:
+        return None
+    if task not in tasks.VOCABULARY_TASKS:
+        raise InputError(
+            f"num_samples (sampled teacher tokens) applies to masked and causal LMs, not to {task}."
+        )
+    if top_k is not None:
+        raise InputError(
+            f"Give top_k={top_k} or num_samples={sampling.get('num_samples')}, not both: they are two formats."
+        )
+    n, temperature = int(sampling["num_samples"]), float(sampling.get("temperature", 1.0))
+    if not 1 <= n <= 255:
+        raise InputError(f"num_samples must be between 1 and 255 (the counts are stored in 8 bits), got {n}.")
+    if not 0 < temperature < float("inf"):
+        raise InputError(f"The sampling temperature must be > 0, got {temperature}.")
+    return {"num_samples": n, "temperature": temperature, "seed": int(sampling.get("seed", 0))}
+
+
+def index_dtype(vocab_size: int) -> str:
+    """The storage dtype of vocabulary ids: ``uint16`` when every id fits (V <= 65,536), else ``int32``."""
+    return "uint16" if vocab_size <= 2**16 else "int32"
+
+
 def teacher_cache_key(
     teacher: nn.Module,
     dataset: Dataset,
@@ -145,6 +174,7 @@ def teacher_cache_key(
     dtype: str = "float16",
     top_k: int | None = None,
     autocast_dtype: str | None = None,
+    sampling: Mapping[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The cache key (32 hex digits) and the components it hashes (stored in the provenance).
 
@@ -163,6 +193,7 @@ def teacher_cache_key(
             f"preprocessing must be JSON-serialisable settings (numbers, strings, lists): {err}"
         ) from None
     task = task_of(teacher)
+    sampling = _resolve_sampling(task, sampling, top_k)
     components = {
         "format_version": CACHE_FORMAT_VERSION,
         "dataset_fingerprint": dataset._fingerprint,
@@ -175,8 +206,9 @@ def teacher_cache_key(
         "preprocessing": preprocessing,
         "input_columns": _teacher_columns(dataset, teacher, task),
         "dtype": dtype,
-        "top_k": _resolve_top_k(task, top_k),
+        "top_k": None if sampling else _resolve_top_k(task, top_k),
         "autocast_dtype": autocast_dtype,
+        "sampling": sampling,
     }
     return _sha256_json(components)[:32], components
 
@@ -196,6 +228,7 @@ _KEY_COMPONENTS = (
     "dtype",
     "top_k",
     "autocast_dtype",
+    "sampling",
 )
 
 

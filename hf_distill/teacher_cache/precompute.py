@@ -56,6 +56,9 @@ def precompute_teacher_logits(
     cache_dir: str | os.PathLike | None = None,
     dtype: str = "float16",
     top_k: int | None = None,
+    num_samples: int | None = None,
+    sample_temperature: float = 1.0,
+    sample_seed: int = 0,
     autocast_dtype: str | None = None,
     max_batch_tokens: int = 16384,
     max_batch_size: int = 512,
@@ -77,6 +80,12 @@ def precompute_teacher_logits(
         dtype: stored precision, ``"float16"`` (default; values beyond its range raise) or ``"float32"``.
         top_k: masked/causal LM only: store the ``k`` largest logits per token (default
             ``DEFAULT_TOP_K``; ``-1`` for dense ``[L, V]``). Must be None for other tasks.
+        num_samples: masked/causal LM only, instead of top-k: the RS-KD format (Anshumann et al., ACL
+            2025). Per token, ``num_samples`` draws from the teacher's softmax at ``sample_temperature``,
+            stored as ``teacher_sample_ids`` (the distinct ids) and ``teacher_sample_counts`` (how often
+            each was drawn; 0 marks an empty slot), ``[L, num_samples]`` each, ids in uint16 when the
+            vocabulary fits, counts in uint8: 3 bytes per draw. ``sample_seed`` seeds the draws (each
+            row from the seed and its tokens, so batching and sharding do not change them).
         autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run the teacher under ``torch.autocast``.
         max_batch_tokens: padded tokens per forward pass (rows times longest row); halved on
             out-of-memory (the window is run again; garbage is collected and the device cache
@@ -102,8 +111,11 @@ def precompute_teacher_logits(
         tokenizer=tokenizer,
         preprocessing=preprocessing,
         dtype=dtype,
-        top_k=top_k,
+        top_k=None if num_samples and top_k is None else top_k,
         autocast_dtype=autocast_dtype,
+        sampling={"num_samples": num_samples, "temperature": sample_temperature, "seed": sample_seed}
+        if num_samples
+        else None,
     )
     if cache_dir is None and dataset.cache_files:
         cache_dir = Path(dataset.cache_files[0]["filename"]).parent
@@ -133,11 +145,19 @@ def precompute_teacher_logits(
         autocast_dtype=autocast_dtype,
         max_batch_tokens=max_batch_tokens,
         max_batch_size=max_batch_size,
+        sampling=components["sampling"],
     )
     map_kwargs = dict(
         batched=True,
         batch_size=sort_window,
-        features=_features(dataset, teacher, task, dtype, components["top_k"]),
+        features=_features(
+            dataset,
+            teacher,
+            task,
+            dtype,
+            components["top_k"],
+            components["sampling"] and components["sampling"]["num_samples"],
+        ),
         desc="Teacher logits",
     )
     teacher_was_training = teacher.training

@@ -22,27 +22,40 @@ from torch import nn
 
 from .. import tasks
 from ..tasks import base_model
-from .key import _key_of, _mismatch
+from .key import _key_of, _mismatch, index_dtype
 
 logger = logging.getLogger(__name__)
 
 
-def _output_width(teacher: nn.Module, task: str, top_k: int | None) -> int:
-    """Values stored per example (sequence classification) or per token: classes, 2, vocabulary or k."""
+def _output_width(teacher: nn.Module, task: str, top_k: int | None, num_samples: int | None = None) -> int:
+    """Values stored per example (sequence classification) or per token: classes, 2, vocabulary, k or n."""
     config = base_model(teacher).config
     if task in tasks.VOCABULARY_TASKS:
+        if num_samples:
+            return num_samples
         return config.vocab_size if top_k is None else min(top_k, config.vocab_size)
     if task == tasks.QUESTION_ANSWERING:
         return 2
     return config.num_labels
 
 
-def _features(dataset: Dataset, teacher: nn.Module, task: str, dtype: str, top_k: int | None):
+def _features(
+    dataset: Dataset,
+    teacher: nn.Module,
+    task: str,
+    dtype: str,
+    top_k: int | None,
+    num_samples: int | None = None,
+):
     features = dataset.features.copy()
-    value, width = Value(dtype), _output_width(teacher, task, top_k)
-    if task in tasks.VOCABULARY_TASKS and top_k is not None:
+    value, width = Value(dtype), _output_width(teacher, task, top_k, num_samples)
+    ids = Value(index_dtype(base_model(teacher).config.vocab_size))
+    if task in tasks.VOCABULARY_TASKS and num_samples:
+        features["teacher_sample_ids"] = List(List(ids, length=width))
+        features["teacher_sample_counts"] = List(List(Value("uint8"), length=width))
+    elif task in tasks.VOCABULARY_TASKS and top_k is not None:
         features["teacher_topk_values"] = List(List(value, length=width))
-        features["teacher_topk_indices"] = List(List(Value("int32"), length=width))
+        features["teacher_topk_indices"] = List(List(ids, length=width))
     elif task == tasks.SEQUENCE_CLASSIFICATION:
         features["teacher_logits"] = List(value, length=width)
     else:
@@ -135,7 +148,11 @@ def _open_arrow(arrow: Path, provenance: Mapping[str, Any], *, verify_hash: bool
 
 
 def _storage_size(dataset: Dataset, task: str) -> dict[str, float]:
-    columns = [c for c in dataset.column_names if c.startswith("teacher_") and ("logits" in c or "topk" in c)]
+    columns = [
+        c
+        for c in dataset.column_names
+        if c.startswith("teacher_") and c.split("_")[1] in ("logits", "topk", "sample")
+    ]
     total = sum(dataset.data.column(c).nbytes for c in columns)
     size = {"teacher_bytes": total, "bytes_per_example": total / max(len(dataset), 1)}
     if task != tasks.SEQUENCE_CLASSIFICATION:

@@ -1,0 +1,158 @@
+"""The trainer's causal-LM route: the fused chunked loss equals the dense losses, for every teacher source."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import config
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_distill import DistillationTrainer, precompute_teacher_logits, read_provenance
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int, layers: int = 2, hidden: int = 32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # a teacher with a peaked, varied distribution
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+def lm_rows(n: int = 8, length: int = 12, seed: int = 3) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, length), generator=g)
+    labels = ids.clone()
+    labels[0, -3:] = -100  # a few unlabelled tokens
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n, "labels": labels.tolist()})
+
+
+def batch_of(rows: Dataset, trainer: DistillationTrainer) -> dict:
+    return trainer.data_collator([dict(r) for r in rows])
+
+
+def dense_reference(student, batch, teacher_term) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kd, ce) from the student's full logits: ``teacher_term(log_p_s at T, positions)`` and shifted CE."""
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    z = logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    counted = labels != -100
+    ce = F.cross_entropy(z[counted], labels[counted])
+    return teacher_term(z, counted), ce
+
+
+@pytest.mark.parametrize("kd_loss", ["kl", "reverse_kl", "jsd"])
+def test_fused_live_teacher_equals_dense_loss_and_gradients(tmp_path, kd_loss):
+    teacher, rows = tiny_llama(1, layers=3), lm_rows()
+    losses = {}
+    grads = {}
+    for chunk in (None, 5):
+        student = tiny_llama(2)
+        args = config(tmp_path, temperature=2.0, alpha=0.7, beta=0.3, kd_loss=kd_loss, lm_chunk_size=chunk)
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows)
+        batch = batch_of(rows, trainer)
+        assert trainer._fused_causal_lm(batch) == (chunk is not None)
+        student.train()
+        loss = trainer.compute_loss(student, batch)
+        loss.backward()
+        losses[chunk] = loss.detach()
+        grads[chunk] = {n: p.grad.clone() for n, p in student.named_parameters()}
+    torch.testing.assert_close(losses[5], losses[None], rtol=1e-5, atol=1e-6)
+    for name, grad in grads[None].items():
+        torch.testing.assert_close(grads[5][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_live_kl_matches_an_independent_computation(tmp_path):
+    teacher, student, rows = tiny_llama(1, layers=3), tiny_llama(2), lm_rows()
+    T = 2.0
+    args = config(tmp_path, temperature=T, alpha=0.6, beta=0.4, lm_chunk_size=7)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows)
+    batch = batch_of(rows, trainer)
+    student.train()
+    loss = trainer.compute_loss(student, batch)
+    with torch.no_grad():
+        t_logits = teacher.eval()(input_ids=batch["input_ids"]).logits[:, :-1]
+
+    def kl(z, counted):
+        log_p_t = F.log_softmax(t_logits[counted] / T, -1)
+        log_p_s = F.log_softmax(z[counted] / T, -1)
+        return T**2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
+
+    kd, ce = dense_reference(student, batch, kl)
+    torch.testing.assert_close(loss, 0.6 * kd + 0.4 * ce, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_sampled_cache_matches_an_independent_computation(tmp_path):
+    teacher, student, rows = tiny_llama(1, layers=3), tiny_llama(2), lm_rows()
+    T = 1.5
+    cached = precompute_teacher_logits(
+        teacher, rows, cache_dir=tmp_path / "cache", num_samples=6, sample_temperature=T, sample_seed=4
+    )
+    provenance = read_provenance(cached)
+    assert provenance["sampling"] == {"num_samples": 6, "temperature": T, "seed": 4}
+    # uint16 ids + uint8 counts per draw, plus each row's 4-byte list offset in each of the 2 columns
+    assert provenance["bytes_per_token"] == pytest.approx(6 * 3 + 2 * 4 / 12)
+    args = config(tmp_path, temperature=T, alpha=1.0, beta=0.0, lm_chunk_size=5)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=cached)
+    batch = batch_of(cached, trainer)
+    assert batch["teacher_sample_counts"].sum(-1).eq(6).all()
+    student.train()
+    loss = trainer.compute_loss(student, batch)
+
+    def sampled(z, counted):
+        ids, counts = batch["teacher_sample_ids"][:, :-1][counted], batch["teacher_sample_counts"][:, :-1][counted]
+        log_p_s = F.log_softmax(z[counted] / T, -1)
+        return T**2 * -(counts / 6 * log_p_s.gather(-1, ids)).sum(-1).mean()
+
+    # with beta = 0 every real token counts (the _kd_mask fallback for rows with labels is the labels)
+    kd, _ = dense_reference(student, batch, sampled)
+    torch.testing.assert_close(loss, kd, rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_cache_is_the_same_whatever_the_batching(tmp_path):
+    teacher, rows = tiny_llama(1), lm_rows()
+    a = precompute_teacher_logits(teacher, rows, num_samples=8, sample_seed=1, max_batch_size=1)
+    b = precompute_teacher_logits(teacher, rows, num_samples=8, sample_seed=1, max_batch_size=8, sort_window=3)
+    c = precompute_teacher_logits(teacher, rows, num_samples=8, sample_seed=2)
+    assert a["teacher_sample_ids"] == b["teacher_sample_ids"]
+    assert a["teacher_sample_counts"] == b["teacher_sample_counts"]
+    assert a["teacher_sample_ids"] != c["teacher_sample_ids"]  # the seed matters
+
+
+def test_fused_topk_cache_equals_the_dense_topk_route(tmp_path):
+    teacher, rows = tiny_llama(1, layers=3), lm_rows()
+    cached = precompute_teacher_logits(teacher, rows, cache_dir=tmp_path / "cache", top_k=9, dtype="float32")
+    assert cached.features["teacher_topk_indices"].feature.feature.dtype == "uint16"
+    losses = {}
+    for chunk in (None, 4):
+        student = tiny_llama(2)
+        args = config(tmp_path, temperature=2.0, alpha=0.5, beta=0.5, lm_chunk_size=chunk)
+        trainer = DistillationTrainer(model=student, args=args, train_dataset=cached)
+        student.train()
+        losses[chunk] = trainer.compute_loss(student, batch_of(cached, trainer))
+    torch.testing.assert_close(losses[4], losses[None], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_training_moves_every_student_parameter(tmp_path):
+    teacher, student, rows = tiny_llama(1), tiny_llama(2), lm_rows()
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    args = config(tmp_path, per_device_train_batch_size=4, lm_chunk_size=8)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows)
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "kd_loss" in e]
+    assert len(logged) == 2 and all(e["kd_loss"] > 0 and e["ce_loss"] > 0 for e in logged)
+    assert all(not torch.equal(p.detach(), before[n]) for n, p in student.named_parameters())
