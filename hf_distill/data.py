@@ -14,7 +14,14 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 EVAL_SPLITS = ("validation", "test")
 # File suffix -> the datasets builder that reads it.
-FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FILE_BUILDERS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",  # one example per line, in a "text" column
+}
 
 
 # ---- reading --------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ TASK_INFO: dict[str, tuple[str, str, str]] = {
     CAUSAL_LM: ("text-generation", "Text Generation", "AutoModelForCausalLM"),
 }
 TEACHER_MODES = ("live", "cached")
+# Metrics where lower is better: their retention is teacher / student.
+LOWER_IS_BETTER = {"perplexity", "loss"}
 BASE_TAGS = ["knowledge-distillation", "distillation", "hf-distill"]
 # A Hub token on a recorded launch line: `--hub_token X` / `--hub_token=X`, or any `hf_...` token.
 _TOKEN_PATTERNS = (re.compile(r"(--hub[_-]token[= ])\S+"), re.compile(r"()\bhf_[A-Za-z0-9]{20,}"))
@@ -104,6 +106,9 @@ class StudentCardData:
     speedup_hardware: str | None = None
     speedup_setup: str | None = None
     # ---- reproduction
+    # ---- language models: greedy continuations of fixed prompts ({"prompt", "continuation"} each)
+    samples: list[dict[str, str]] | None = None
+    # ---- reproduction
     recipe: str | None = None
     launch_command: str | None = None
     # ---- Hub metadata
@@ -155,9 +160,14 @@ class StudentCardData:
 
     @property
     def retention(self) -> dict[str, float]:
-        """student / teacher for every metric both report (teacher value nonzero)."""
+        """student / teacher for every metric both report (teacher value nonzero); teacher / student for a
+        metric where lower is better (perplexity, loss), so that 100% is the teacher's quality either way."""
         student, teacher = self.student_metrics or {}, self.teacher_metrics or {}
-        return {name: student[name] / teacher[name] for name in student if teacher.get(name)}
+        return {
+            name: teacher[name] / student[name] if name in LOWER_IS_BETTER else student[name] / teacher[name]
+            for name in student
+            if teacher.get(name) and student[name]
+        }
 
     @property
     def size_ratio(self) -> float | None:

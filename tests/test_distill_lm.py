@@ -1,0 +1,181 @@
+"""``scripts/distill_lm.py`` end to end on a tiny Llama built in-process and a small text file."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hf_distill.language_modeling import LMRecipeParser
+from hf_distill.language_modeling.data import pack
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import distill_lm  # noqa: E402
+
+WORDS = "the a of to and in we our you they is was will for on with that this people country work".split()
+
+
+def corpus(n_docs: int = 40, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(n_docs):
+        length = int(torch.randint(20, 60, (1,), generator=g))
+        # a little structure to learn: word i is often followed by word i + 1
+        ids, word = [], int(torch.randint(0, len(WORDS), (1,), generator=g))
+        for _ in range(length):
+            ids.append(word)
+            jump = torch.rand(1, generator=g).item() < 0.3
+            word = int(torch.randint(0, len(WORDS), (1,), generator=g)) if jump else (word + 1) % len(WORDS)
+        docs.append(" ".join(WORDS[i] for i in ids))
+    return docs
+
+
+def word_tokenizer(vocab: list[str]) -> PreTrainedTokenizerFast:
+    table = {w: i for i, w in enumerate(["<eos>", "<unk>", *vocab])}
+    tok = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+
+
+def tiny_teacher(folder: Path, vocab: list[str] = WORDS, positions: int = 64) -> Path:
+    tokenizer = word_tokenizer(vocab)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=positions,
+            tie_word_embeddings=True,
+            eos_token_id=0,
+            pad_token_id=0,
+            bos_token_id=None,
+        )
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_text(path: Path, docs: list[str]) -> Path:
+    path.write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
+    return path
+
+
+def flags(tmp_path: Path, teacher: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(ROOT / "recipes/offline/smollm2.yaml"),
+        "--dataset_name", str(data),
+        "--ood_dataset_name", "none" if False else str(data),
+        "--teacher_model_name_or_path", str(teacher),
+        "--student_num_layers", "2",
+        "--block_size", "16",
+        "--max_train_blocks", "16",
+        "--max_eval_blocks", "4",
+        "--max_steps", "4",
+        "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-2",
+        "--top_k", "4",
+        "--num_samples", "6",
+        "--prompts", "the people", "we will",
+        "--max_new_tokens", "3",
+        "--cache_dir", str(tmp_path / "cache"),
+        "--output_dir", str(output),
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lm")
+    teacher, data = tiny_teacher(tmp / "teacher"), write_text(tmp / "docs.jsonl", corpus())
+    summary = distill_lm.main(flags(tmp, teacher, data, tmp / "out"))
+    return tmp, teacher, data, summary
+
+
+def test_results_hold_perplexities_of_teacher_and_every_student(finished_run):
+    tmp, _, _, summary = finished_run
+    saved = json.loads((tmp / "out" / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(summary["rows"]))
+    trainings = [r["training"] for r in saved["rows"]]
+    assert trainings == ["teacher", "CE only", "KD, live teacher", "KD, top-k cache", "KD, RS-KD cache"]
+    for row in saved["rows"]:
+        for split in ("validation", "ood"):
+            m = row["metrics"][split]
+            assert math.isclose(m["perplexity"], math.exp(m["loss"]), rel_tol=1e-9)
+            assert m["tokens"] == 4 * 15  # 4 blocks of 16 tokens, 15 predicted each
+        assert len(row["samples"]) == 2 and row["forward_tokens_per_second"] > 0
+    students = saved["rows"][1:]
+    assert all(r["step_time_vs_ce"] > 0 for r in students)
+    assert students[0]["step_time_vs_ce"] == 1.0
+    # the caches' sizes: top-4 float16 values + uint16 ids; 6 draws of uint16 ids + uint8 counts
+    assert saved["cache_bytes_per_token"]["topk"] == pytest.approx(4 * 4, abs=1)
+    assert saved["cache_bytes_per_token"]["sampled"] == pytest.approx(6 * 3, abs=1)
+    assert saved["splits"]["validation"]["source"] == "carved from train"
+
+
+def test_the_perplexity_is_the_token_weighted_mean_over_held_out_blocks(finished_run):
+    tmp, teacher, data, summary = finished_run
+    model = AutoModelForCausalLM.from_pretrained(tmp / "out" / "layers-live").eval()
+    args, _ = LMRecipeParser().parse_recipe_and_args(flags(tmp, teacher, data, tmp / "out"))
+    from hf_distill.language_modeling.data import load_corpus
+
+    splits, _ = load_corpus(args)
+    blocks = pack(splits["validation"], AutoTokenizer.from_pretrained(teacher), 16, max_blocks=4)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids in blocks["input_ids"]:  # one block at a time, by hand
+            ids = torch.tensor([ids])
+            log_p = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+            nll -= log_p.gather(-1, ids[0, 1:, None]).sum().item()
+            count += ids.shape[1] - 1
+    row = next(r for r in summary["rows"] if r["output_dir"] == str(tmp / "out" / "layers-live"))
+    assert row["metrics"]["validation"]["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_the_saved_student_loads_and_generates(finished_run):
+    tmp, teacher, _, _ = finished_run
+    folder = tmp / "out" / "layers-sampled"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert model.config.num_hidden_layers == 2
+    inputs = tokenizer("the people", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    card = (folder / "README.md").read_text()
+    assert "perplexity" in card and "**the people**" in card
+
+
+def test_a_second_run_reuses_the_teacher_caches(finished_run):
+    tmp, teacher, data, first = finished_run
+    before = sorted(p.name for p in (tmp / "cache" / "teacher_logits").iterdir())
+    assert len([n for n in before if n.endswith(".arrow")]) == 2  # the top-k and the RS-KD caches
+    args = flags(tmp, teacher, data, tmp / "again", "--teacher_modes", "topk", "sampled", "--train_baseline", "false")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/distill_lm.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Teacher logits" not in result.stderr  # no teacher pass: both caches were hits
+    assert sorted(p.name for p in (tmp / "cache" / "teacher_logits").iterdir()) == before
+    again = json.loads((tmp / "again" / "results.json").read_text())
+    rows = {r["training"]: r for r in again["rows"]}
+    old = {r["training"]: r for r in first["rows"]}
+    for training in ("KD, top-k cache", "KD, RS-KD cache"):  # the same cache, the same weights
+        assert rows[training]["metrics"]["validation"]["loss"] == pytest.approx(
+            old[training]["metrics"]["validation"]["loss"], rel=1e-6
+        )
