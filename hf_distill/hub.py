@@ -24,6 +24,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .errors import InputError
 from .model_card import StudentCardData, render_card
 
 # What a published student folder holds: weights, config and tokenizer files, and its card.
@@ -46,8 +47,12 @@ IGNORE_PATTERNS = [
 ]
 
 
-class HubPushError(RuntimeError):
-    """A push to the Hub failed. The message says where, what failed and how to retry; the cause is chained."""
+class HubPushError(InputError, RuntimeError):
+    """A push to the Hub failed. The message says where, what failed and how to retry; the cause is chained.
+
+    An :class:`~hf_distill.errors.InputError` (a token without write access, a repository that cannot be
+    created, no network): a script prints it as one line. Also a ``RuntimeError``, as it was before.
+    """
 
 
 def merged_student(model: nn.Module) -> PreTrainedModel:
@@ -72,7 +77,7 @@ def stage_student(
     """Write what a push uploads into ``folder``: the merged student (config + safetensors), its tokenizer and
     ``README.md``. Returns the staged file names (relative to ``folder``)."""
     if tokenizer is None:
-        raise ValueError(
+        raise InputError(
             "tokenizer is None: a student on the Hub needs its tokenizer for from_pretrained/pipeline to work. "
             "Pass the tokenizer the student was trained with (the trainer's processing_class)."
         )
@@ -83,7 +88,7 @@ def stage_student(
     staged = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     adapters = [name for name in staged if name.startswith("adapter_")]
     if adapters:
-        raise ValueError(
+        raise RuntimeError(
             f"Staged adapter files {adapters} although the student was merged; refusing to push."
         )
     return staged
@@ -92,7 +97,7 @@ def stage_student(
 def _refuse_token_in_files(folder: Path, staged: list[str], token: str) -> None:
     for name in staged:
         if token.encode() in (folder / name).read_bytes():
-            raise ValueError(
+            raise InputError(
                 f"The Hub token appears in {name}, which would be published. Remove it from what produced "
                 "that file (a card's launch line, a config field) and push again."
             )
@@ -148,7 +153,7 @@ def push_student(
     checks fail.
     """
     if card is None:
-        raise ValueError(
+        raise InputError(
             "card is None: a distilled student is published with its card. Pass card=StudentCardData(...) "
             "or card=hf_distill.model_card.render_card(StudentCardData(...))."
         )
@@ -156,7 +161,7 @@ def push_student(
         card = render_card(card)
     elif isinstance(card, (str, os.PathLike)):
         if not Path(card).is_file():
-            raise ValueError(
+            raise InputError(
                 f"No model card at {card}. Write it first with hf_distill.model_card.write_card(data, path) "
                 "(the script writes <output_dir>/README.md after evaluation), or pass card=StudentCardData(...)."
             )

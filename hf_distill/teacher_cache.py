@@ -57,6 +57,7 @@ from transformers import PreTrainedTokenizerBase
 
 from . import tasks
 from .collator import teacher_sources
+from .errors import InputError
 from .ragged import (
     BatchLayout,
     batch_bounds,
@@ -109,7 +110,7 @@ def weights_hash(model: nn.Module) -> str:
     for name in sorted(state):
         tensor = state[name]
         if tensor.is_meta:
-            raise ValueError(
+            raise InputError(
                 f"Cannot hash the teacher's weights: {name!r} is on the meta device. Load the full teacher "
                 "(not a sharded or offloaded copy) to precompute its logits."
             )
@@ -149,14 +150,14 @@ def _teacher_columns(dataset: Dataset, teacher: nn.Module, task: str) -> dict[st
     columns = set(dataset.column_names)
     own = "teacher_input_ids" in columns
     if own and task != tasks.SEQUENCE_CLASSIFICATION:
-        raise ValueError(
+        raise InputError(
             f"The dataset has teacher_input_ids (a separate teacher tokenization) but the task is {task}: per-token "
             "teacher logits must line up with the student's tokens, so token-level tasks need one shared tokenizer. "
             "Drop the teacher_* columns and tokenize once with the teacher's tokenizer."
         )
     mapping = teacher_sources(columns, forward_params(teacher) & set(_INPUT_NAMES))
     if "input_ids" not in mapping:
-        raise ValueError(
+        raise InputError(
             f"precompute_teacher_logits needs a tokenized dataset with an input_ids column, got columns "
             f"{dataset.column_names}. Tokenize it first (dataset.map(tokenize, batched=True))."
         )
@@ -166,7 +167,7 @@ def _teacher_columns(dataset: Dataset, teacher: nn.Module, task: str) -> dict[st
 def _resolve_top_k(task: str, top_k: int | None) -> int | None:
     if task not in tasks.VOCABULARY_TASKS:
         if top_k is not None:
-            raise ValueError(
+            raise InputError(
                 f"top_k={top_k} applies to masked and causal LMs (large vocabularies); a {task} teacher stores "
                 "dense teacher_logits. Pass top_k=None."
             )
@@ -176,7 +177,7 @@ def _resolve_top_k(task: str, top_k: int | None) -> int | None:
     if top_k < 0:  # -1: dense [L, V]
         return None
     if top_k == 0:
-        raise ValueError("top_k must be >= 1 (or -1 for dense [L, V] logits), got 0.")
+        raise InputError("top_k must be >= 1 (or -1 for dense [L, V] logits), got 0.")
     return top_k
 
 
@@ -195,9 +196,9 @@ def teacher_cache_key(
     Arguments as in :func:`precompute_teacher_logits`.
     """
     if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"dtype must be one of {STORAGE_DTYPES} (the stored precision), got {dtype!r}.")
+        raise InputError(f"dtype must be one of {STORAGE_DTYPES} (the stored precision), got {dtype!r}.")
     if autocast_dtype is not None and autocast_dtype not in AUTOCAST_DTYPES:
-        raise ValueError(
+        raise InputError(
             f"autocast_dtype must be None or one of {list(AUTOCAST_DTYPES)}, got {autocast_dtype!r}."
         )
     try:
@@ -417,7 +418,7 @@ class _TeacherLogits:
             done.synchronize()
         # NaN and inf pass here: the whole cache is scanned for them before it is marked complete.
         if peak is not None and _FLOAT16_MAX < float(peak) < float("inf"):
-            raise ValueError(
+            raise InputError(
                 f"Teacher logits reach {float(peak):.3g}, beyond float16's range ({_FLOAT16_MAX:g}): "
                 "pass dtype='float32'."
             )
@@ -484,7 +485,7 @@ def check_finite_logits(dataset: Dataset, *, where: str) -> None:
     found = nonfinite_rows(dataset)
     if found:
         detail = "; ".join(f"{name}: {len(rows)} rows, e.g. {rows[:10]}" for name, rows in found.items())
-        raise ValueError(
+        raise InputError(
             f"NaN, inf or missing values in {where} ({detail}). Cached teacher logits must be finite: recompute "
             "them with precompute_teacher_logits (dtype='float32' if float16 overflows), or drop those rows "
             "(dataset.select)."
@@ -503,21 +504,21 @@ def _open_arrow(arrow: Path, provenance: Mapping[str, Any], *, verify_hash: bool
     """The cache's data file, refused (``ValueError`` with the path) when truncated, garbled or short of rows."""
     size = arrow.stat().st_size
     if "arrow_bytes" in provenance and size != provenance["arrow_bytes"]:
-        raise ValueError(
+        raise InputError(
             f"Teacher cache {arrow} has {size} bytes, its provenance says {provenance['arrow_bytes']}: the file "
             "was truncated or changed after it was written."
         )
     if verify_hash and "arrow_sha256" in provenance and _file_sha256(arrow) != provenance["arrow_sha256"]:
-        raise ValueError(
+        raise InputError(
             f"Teacher cache {arrow} does not match the sha256 in its provenance: the file was garbled or "
             "changed after it was written."
         )
     try:
         dataset = Dataset.from_file(str(arrow))
     except (pa.ArrowException, OSError, ValueError) as err:
-        raise ValueError(f"Teacher cache {arrow} cannot be read: {type(err).__name__}: {err}") from None
+        raise InputError(f"Teacher cache {arrow} cannot be read: {type(err).__name__}: {err}") from None
     if len(dataset) != provenance.get("num_rows"):
-        raise ValueError(
+        raise InputError(
             f"Teacher cache {arrow} has {len(dataset)} rows, its provenance says {provenance.get('num_rows')}."
         )
     return dataset
@@ -558,7 +559,7 @@ def _provenance_path(path: str | os.PathLike) -> Path:
                 "elsewhere. Run precompute_teacher_logits (or scripts/precompute_teacher_logits.py) to build it."
             )
         if len(found) > 1:
-            raise ValueError(
+            raise InputError(
                 f"Expected exactly one teacher cache in {path}, found {len(found)} "
                 f"({[p.name for p in found]}): pass the .json or .arrow file of the one you want."
             )
@@ -574,7 +575,7 @@ def read_provenance(cache: str | os.PathLike | Dataset) -> dict[str, Any]:
             f["filename"] for f in cache.cache_files if Path(f["filename"]).name.startswith(_CACHE_PREFIX)
         ]
         if not files:
-            raise ValueError(
+            raise InputError(
                 "This dataset is not backed by a teacher cache file (it was computed in memory or transformed "
                 "since): read the provenance from the cache directory instead."
             )
@@ -617,7 +618,7 @@ def _complete(arrow: Path, meta: Path, key: str, components: Mapping[str, Any]) 
     if provenance.get("key") == key and _key_of(provenance, components) != key and not problems:
         problems = [f"its components hash to {_key_of(provenance, components)}, not to its key {key}"]
     if problems:
-        raise ValueError(
+        raise InputError(
             f"The teacher-cache provenance {meta} is filed under key {key} but does not describe that cache: "
             f"{'; '.join(problems)}. It was edited, or copied from another cache. Delete {meta} and {arrow} "
             "to recompute, or put the right provenance back."
@@ -704,13 +705,13 @@ def precompute_teacher_logits(
         if cache_dir is not None and cache_paths(cache_dir, expected_key)[1].exists():
             old = read_provenance(cache_paths(cache_dir, expected_key)[1])
             detail = " Differences: " + "; ".join(_mismatch(old, components)) + "."
-        raise ValueError(
+        raise InputError(
             f"The teacher cache requested has key {key} but expected_key={expected_key}: the teacher, dataset, "
             f"tokenizer or storage settings differ from those the expected cache was built with.{detail} "
             "Drop expected_key to compute a new cache."
         )
     if max_batch_tokens < 1 or max_batch_size < 1 or sort_window < 1:
-        raise ValueError(
+        raise InputError(
             f"max_batch_tokens, max_batch_size and sort_window must be >= 1, got {max_batch_tokens}, "
             f"{max_batch_size}, {sort_window}."
         )
@@ -815,7 +816,7 @@ def _refuse_nonfinite(out: Dataset, arrow: Path) -> None:
         check_finite_logits(out, where="the teacher's outputs")
     except ValueError as err:
         arrow.unlink(missing_ok=True)
-        raise ValueError(f"{err} No cache was written (to {arrow}).") from None
+        raise InputError(f"{err} No cache was written (to {arrow}).") from None
 
 
 def load_teacher_cache(
@@ -841,7 +842,7 @@ def load_teacher_cache(
     """
     provenance = read_provenance(path)
     if provenance.get("format_version") != CACHE_FORMAT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"Teacher cache format {provenance.get('format_version')} but this hf-distill reads format "
             f"{CACHE_FORMAT_VERSION}: rebuild the cache with scripts/precompute_teacher_logits.py."
         )
@@ -854,7 +855,7 @@ def load_teacher_cache(
         )
     problems = _mismatch(provenance, want)
     if problems:
-        raise ValueError(
+        raise InputError(
             f"The teacher cache at {path} does not match what was asked for: {'; '.join(problems)}. "
             "Rebuild it with the intended teacher and settings (scripts/precompute_teacher_logits.py)."
         )
@@ -862,7 +863,7 @@ def load_teacher_cache(
     filed_under = meta.stem.removeprefix(_CACHE_PREFIX)
     components = {k: provenance.get(k) for k in _KEY_COMPONENTS}
     if provenance.get("key") != filed_under or _key_of(provenance, components) != filed_under:
-        raise ValueError(
+        raise InputError(
             f"The teacher-cache provenance {meta} is filed under key {filed_under} but says key "
             f"{provenance.get('key')!r} and its components hash to {_key_of(provenance, components)}: it was "
             "edited, or copied from another cache, so what it describes cannot be trusted. Rebuild the cache "

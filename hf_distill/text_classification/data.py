@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
+from ..errors import InputError
 from . import offline
 from .metrics import main_metric
 
@@ -91,12 +92,12 @@ def _builder(path: str) -> str | None:
 def _read_file(path: str) -> Dataset:
     builder = _builder(path)
     if builder is None:
-        raise ValueError(
+        raise InputError(
             f"Cannot tell the format of {path!r}: expected a file ending in {sorted(FILE_BUILDERS)}, a folder "
             "written by save_to_disk, or a Hub dataset id."
         )
     if not any(ch in path for ch in "*?[") and not Path(path).expanduser().is_file():
-        raise ValueError(f"No such data file: {path!r}.")
+        raise InputError(f"No such data file: {path!r}.")
     kwargs = {"delimiter": "\t"} if path.lower().endswith(".tsv") else {}
     return load_dataset(builder, data_files=str(Path(path).expanduser()), split="train", **kwargs)
 
@@ -154,7 +155,7 @@ def select_splits(
 
     def named(role: str, split: str) -> Dataset:
         if split not in raw:
-            raise ValueError(
+            raise InputError(
                 f"{role}={split!r} is not a split of {dataset_name}: its splits are {available}. Name one of "
                 f"them{'' if role == 'train_split' else ', or auto (carved from the training split), or none'}."
             )
@@ -178,7 +179,7 @@ def select_splits(
         elif _size(size, len(train)) > 0:
             rows = _size(size, len(train))
             if rows >= len(train):
-                raise ValueError(
+                raise InputError(
                     f"Carving a {role} split of {rows} rows from the {len(train)} training rows leaves no training "
                     f"data: lower {role}_size, or give a {role} split."
                 )
@@ -199,7 +200,7 @@ def check_columns(splits: DatasetDict, columns: list[str]) -> None:
     for split, dataset in splits.items():
         missing = [c for c in columns if c not in dataset.column_names]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"The {split} split has no column {missing[0]!r}; its columns are {dataset.column_names}. Set "
                 "text_columns and label_column to the names of your text and label columns."
             )
@@ -213,7 +214,7 @@ def empty_text_rows(dataset: Dataset, column: str) -> list[int]:
     """Rows of ``dataset`` whose ``column`` is null or only white space."""
     values = dataset.data.column(column)
     if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
-        raise ValueError(
+        raise InputError(
             f"Text column {column!r} holds {values.type}, not strings: text_columns must name text columns."
         )
     return _rows(pc.equal(pc.utf8_trim_whitespace(values), ""))
@@ -225,7 +226,7 @@ def check_texts(splits: DatasetDict, text_columns: list[str], drop: bool = False
     for split, dataset in splits.items():
         bad = sorted({i for c in text_columns for i in empty_text_rows(dataset, c)})
         if bad and not drop:
-            raise ValueError(
+            raise InputError(
                 f"The {split} split has {len(bad)} rows with an empty or null text in {text_columns} (rows "
                 f"{bad[:_SHOWN]}{' ...' if len(bad) > _SHOWN else ''}). Remove them from the data, or set "
                 "drop_empty_texts: true to drop them."
@@ -241,7 +242,7 @@ def _label_values(dataset: Dataset, column: str) -> list:
     values = dataset.data.column(column)
     if values.null_count:
         rows = _rows(pc.is_null(values))
-        raise ValueError(
+        raise InputError(
             f"Label column {column!r} has {values.null_count} null values (rows {rows[:_SHOWN]}): every training "
             "and evaluation example needs a label."
         )
@@ -262,12 +263,12 @@ def label_names(splits: DatasetDict, column: str) -> tuple[str, ...] | None:
     if isinstance(feature, Value) and not (
         feature.dtype.startswith(("int", "uint")) or feature.dtype in ("string", "large_string", "bool")
     ):
-        raise ValueError(
+        raise InputError(
             f"Label column {column!r} holds {feature.dtype}: labels are class names, class ids or float scores."
         )
     seen = _label_values(splits["train"], column)
     if len(seen) < 2:
-        raise ValueError(
+        raise InputError(
             f"The training split has {len(seen)} class{'es' if len(seen) != 1 else ''} in {column!r} ({seen}): "
             "classification needs at least two. Check label_column, or use more of the data."
         )
@@ -279,7 +280,7 @@ def label_names(splits: DatasetDict, column: str) -> tuple[str, ...] | None:
                 if -1 in unseen
                 else ""
             )
-            raise ValueError(
+            raise InputError(
                 f"The {split} split has labels {unseen} that the training split never has{hint}: a student "
                 f"cannot learn them. Training labels: {sorted(seen, key=str)}."
             )
@@ -376,9 +377,9 @@ def split_labelled(train: Dataset, num_labelled: int | None) -> tuple[Dataset, D
     if num_labelled is None or num_labelled >= len(train):
         return train, train
     if num_labelled < 1:
-        raise ValueError(f"num_labelled must be >= 1 (or None for all labels), got {num_labelled}.")
+        raise InputError(f"num_labelled must be >= 1 (or None for all labels), got {num_labelled}.")
     if not isinstance(train.features[LABEL], ClassLabel) and train.features[LABEL].dtype.startswith("float"):
-        raise ValueError(
+        raise InputError(
             "num_labelled (unlabelled examples) needs a classification task, not a regression one."
         )
     labelled = train.select(range(num_labelled))

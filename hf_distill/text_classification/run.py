@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from ..config import DistillationConfig
+from ..errors import InputError, reading
 from ..losses import ensemble_logits
 from ..model_card import count_parameters
 from ..teacher_cache import precompute_teacher_logits, weights_hash
@@ -57,10 +58,12 @@ class Prepared:
 def _check_students(script, task: TextTask, tokenizer: PreTrainedTokenizerBase) -> None:
     if "checkpoint" not in script.students:
         return
-    path = offline.resolve_model_path(script.student_model_name_or_path, script.cache_dir)
-    labels_fit(AutoConfig.from_pretrained(path), task, "student checkpoint")  # refuses other label names
-    if AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
-        raise ValueError(
+    with reading(f"the student checkpoint {script.student_model_name_or_path!r}"):
+        path = offline.resolve_model_path(script.student_model_name_or_path, script.cache_dir)
+        config, student_tokenizer = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    labels_fit(config, task, "student checkpoint")  # refuses other label names
+    if student_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise InputError(
             f"The student checkpoint {script.student_model_name_or_path} has another vocabulary than the teacher "
             f"{script.teacher_model_name_or_path}; this script tokenizes once, so both must share a tokenizer."
         )
@@ -73,20 +76,23 @@ def prepare(script, args: DistillationConfig) -> Prepared:
     """
     state = PartialState()
     with state.main_process_first():  # download once, then every rank reads the cache
-        task, splits, record = data.load_splits(script)
-        teacher_path = offline.resolve_model_path(script.teacher_model_name_or_path, script.cache_dir)
+        with reading(f"the data {script.dataset_name!r}"):
+            task, splits, record = data.load_splits(script)
+        with reading(f"the teacher {script.teacher_model_name_or_path!r}"):
+            teacher_path = offline.resolve_model_path(script.teacher_model_name_or_path, script.cache_dir)
+            teacher_config = AutoConfig.from_pretrained(teacher_path)
+            tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     if script.teacher_finetune is not True:
-        labels_fit(AutoConfig.from_pretrained(teacher_path), task, "teacher")  # refuses other label names
+        labels_fit(teacher_config, task, "teacher")  # refuses other label names
     if script.teacher_seeds and (args.hidden_loss_weight > 0 or args.attention_loss_weight > 0):
-        raise ValueError(
+        raise InputError(
             "teacher_seeds (an ensemble) gives the students logits only: the hidden-state and attention losses "
             "take one teacher. Set hidden_loss_weight and attention_loss_weight to 0, or drop teacher_seeds."
         )
     if script.num_labelled is not None and task.is_regression:
-        raise ValueError(
+        raise InputError(
             "num_labelled (unlabelled examples) needs a classification task, not a regression one."
         )
-    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     _check_students(script, task, tokenizer)
 
     train = splits["train"]
@@ -94,7 +100,7 @@ def prepare(script, args: DistillationConfig) -> Prepared:
         train = train.select(range(min(script.max_train_samples, len(train))))
     evals = {s: d for s, d in splits.items() if s != "train"}
     if not evals:
-        raise ValueError("No validation or test split: set validation_split or test_split (auto carves one).")
+        raise InputError("No validation or test split: set validation_split or test_split (auto carves one).")
     if script.max_eval_samples is not None:
         evals = {s: d.select(range(min(script.max_eval_samples, len(d)))) for s, d in evals.items()}
     with state.main_process_first():

@@ -38,6 +38,7 @@ from transformers import (
 )
 
 from ..config import DistillationConfig
+from ..errors import InputError
 from ..teacher_cache import write_json_atomic
 from . import offline
 from .data import TextTask
@@ -82,7 +83,7 @@ def labels_fit(config: PretrainedConfig, task: TextTask, who: str) -> bool:
     if names is None or task.is_regression:
         return config.num_labels == task.num_labels
     if sorted(names) != sorted(task.label_names):
-        raise ValueError(
+        raise InputError(
             f"The {who} predicts the labels {list(names)} but the data's labels are {list(task.label_names)}. "
             f"Use a {who} fine-tuned on these labels, or fine-tune it on the data "
             f"({'teacher_finetune: true' if who == 'teacher' else 'a backbone checkpoint'})."
@@ -99,7 +100,7 @@ def reorder_labels(model: PreTrainedModel, names: tuple[str, ...]) -> PreTrained
     order = [current.index(n) for n in names]
     heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == len(names)]
     if not heads:
-        raise ValueError(
+        raise InputError(
             f"Cannot reorder the labels of {type(model).__name__}: no linear layer with {len(names)} outputs."
         )
     with torch.no_grad():
@@ -176,14 +177,14 @@ def get_teacher(
     config = AutoConfig.from_pretrained(path)
     fits = script.teacher_finetune is not True and labels_fit(config, task, "teacher")
     if fits and seed is not None:
-        raise ValueError(
+        raise InputError(
             f"teacher_seeds fine-tunes one teacher per seed, but {name} is already a classifier of the data's "
             "labels and would be used as it is: give a backbone, or set teacher_finetune: true."
         )
     if fits:
         return Teacher(load_classifier(path, task, "teacher"), path)
     if script.teacher_finetune is False:
-        raise ValueError(
+        raise InputError(
             f"teacher_finetune is false but {name} is not a sequence classifier with the data's "
             f"{task.num_labels} labels. Give a fine-tuned classifier, or let it be fine-tuned (teacher_finetune: null)."
         )
