@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,7 +30,17 @@ from .errors import InputError
 from .model_card import StudentCardData, render_card
 
 # What a published student folder holds: weights, config and tokenizer files, and its card.
-ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md"]
+# The card's pictures (results.png) are the PNG files.
+ALLOW_PATTERNS = [
+    "*.safetensors",
+    "*.json",
+    "*.txt",
+    "*.model",
+    "*.jinja",
+    "*.tiktoken",
+    "README.md",
+    "*.png",
+]
 # Never uploaded, even if they were staged: training state, unmerged adapters, pickles, the teacher.
 IGNORE_PATTERNS = [
     "checkpoint-*",
@@ -72,10 +84,15 @@ def merged_student(model: nn.Module) -> PreTrainedModel:
 
 
 def stage_student(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, card: ModelCard, folder: str | Path
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    card: ModelCard,
+    folder: str | Path,
+    images: list[Path] | tuple[Path, ...] = (),
 ) -> list[str]:
-    """Write what a push uploads into ``folder``: the merged student (config + safetensors), its tokenizer and
-    ``README.md``. Returns the staged file names (relative to ``folder``)."""
+    """Write what a push uploads into ``folder``: the merged student (config + safetensors), its tokenizer,
+    ``README.md`` and the pictures the card shows (``images``, by file name). Returns the staged file names
+    (relative to ``folder``)."""
     if tokenizer is None:
         raise InputError(
             "tokenizer is None: a student on the Hub needs its tokenizer for from_pretrained/pipeline to work. "
@@ -85,6 +102,8 @@ def stage_student(
     merged_student(model).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     card.save(folder / "README.md")
+    for image in images:
+        shutil.copyfile(image, folder / image.name)
     staged = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     adapters = [name for name in staged if name.startswith("adapter_")]
     if adapters:
@@ -92,6 +111,30 @@ def stage_student(
             f"Staged adapter files {adapters} although the student was merged; refusing to push."
         )
     return staged
+
+
+def _card_image(path: Path) -> Path:
+    if not path.is_file():
+        raise InputError(
+            f"The card shows {path.name} (results_image={str(path)!r}) but there is no such file: give the path of "
+            "the run's results.png, or results_image=None for a card without a picture."
+        )
+    return path
+
+
+_IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _images_beside(card_path: Path) -> list[Path]:
+    """The pictures a card file shows by a file name beside it (``![...](results.png)``)."""
+    if not card_path.is_file():
+        return []
+    names = _IMAGE_LINK.findall(card_path.read_text(encoding="utf-8"))
+    return [
+        card_path.parent / n
+        for n in dict.fromkeys(names)
+        if "/" not in n and (card_path.parent / n).is_file()
+    ]
 
 
 def _refuse_token_in_files(folder: Path, staged: list[str], token: str) -> None:
@@ -157,9 +200,13 @@ def push_student(
             "card is None: a distilled student is published with its card. Pass card=StudentCardData(...) "
             "or card=hf_distill.model_card.render_card(StudentCardData(...))."
         )
+    images: list[Path] = []
     if isinstance(card, StudentCardData):
+        if card.results_image is not None:
+            images.append(_card_image(Path(card.results_image)))
         card = render_card(card)
     elif isinstance(card, (str, os.PathLike)):
+        images = _images_beside(Path(card))
         if not Path(card).is_file():
             raise InputError(
                 f"No model card at {card}. Write it first with hf_distill.model_card.write_card(data, path) "
@@ -169,7 +216,7 @@ def push_student(
     api = HfApi(token=token)
     url = f"{api.endpoint}/{repo_id}"
     with tempfile.TemporaryDirectory(prefix="hf-distill-push-") as folder:
-        staged = stage_student(model, tokenizer, card, folder)
+        staged = stage_student(model, tokenizer, card, folder, images)
         if token:
             _refuse_token_in_files(Path(folder), staged, token)
         try:

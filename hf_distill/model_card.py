@@ -107,6 +107,9 @@ class StudentCardData:
     # ---- reproduction
     recipe: str | None = None
     launch_command: str | None = None
+    # a picture of the run's results (e.g. results.png): the card shows it by its file name, so it lives
+    # beside the card; push_student uploads it with the card
+    results_image: str | None = None
     # ---- Hub metadata
     license: str = "apache-2.0"
     language: str | list[str] | None = "en"
@@ -271,6 +274,7 @@ def render_card(data: StudentCardData) -> ModelCard:
         size_ratio=None if data.size_ratio is None else f"{data.size_ratio:.3f}",
         compression=None if data.size_ratio is None else f"{1 / data.size_ratio:.2f}",
         has_baseline=data.baseline_metrics is not None,
+        results_image=None if data.results_image is None else Path(data.results_image).name,
     )
 
 

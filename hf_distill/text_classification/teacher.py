@@ -157,6 +157,31 @@ def teacher_key(
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def fine_tuned_folder(
+    script, args: DistillationConfig, task: TextTask, train: Dataset, cache: Path, seed: int | None = None
+) -> Path:
+    """Where the fine-tuned teacher is kept: ``<cache>/teachers/<task>-<teacher_key>``."""
+    name = script.teacher_model_name_or_path
+    return cache / "teachers" / f"{task.name}-{teacher_key(name, train, task, script, args, seed)}"
+
+
+def teacher_plan(
+    script, args: DistillationConfig, task: TextTask, train: Dataset, cache: Path, seed: int | None = None
+) -> str:
+    """What :func:`get_teacher` will do, in words: use the checkpoint, reuse a fine-tuned teacher, or fine-tune."""
+    name = script.teacher_model_name_or_path
+    config = AutoConfig.from_pretrained(offline.resolve_model_path(name, script.cache_dir))
+    if script.teacher_finetune is not True and labels_fit(config, task, "teacher"):
+        return f"{name}, used as it is (a classifier of the data's labels)"
+    saved = fine_tuned_folder(script, args, task, train, cache, seed)
+    if (saved / TEACHER_INFO).exists():
+        return f"{name}, fine-tuned before: reused from {saved}"
+    return (
+        f"{name}, fine-tuned on {len(train):,} labelled examples for {script.teacher_num_train_epochs:g} epochs "
+        f"(seed {teacher_seed(script, args, seed)}), then kept in {saved}"
+    )
+
+
 def get_teacher(
     script,
     args: DistillationConfig,
@@ -188,7 +213,7 @@ def get_teacher(
             f"teacher_finetune is false but {name} is not a sequence classifier with the data's "
             f"{task.num_labels} labels. Give a fine-tuned classifier, or let it be fine-tuned (teacher_finetune: null)."
         )
-    saved = cache / "teachers" / f"{task.name}-{teacher_key(name, train, task, script, args, seed)}"
+    saved = fine_tuned_folder(script, args, task, train, cache, seed)
     if (saved / TEACHER_INFO).exists():
         print(f"hf_distill: reusing the fine-tuned teacher in {saved}", flush=True)
         info = json.loads((saved / TEACHER_INFO).read_text())
