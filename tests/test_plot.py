@@ -78,7 +78,9 @@ def test_the_benchmark_draws_medians_with_min_max_bars(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     records = []
-    for seed, (acc, speed) in zip((42, 43, 44), ((0.80, 1000.0), (0.84, 1400.0), (0.82, 1100.0)), strict=True):
+    for seed, (acc, speed) in zip(
+        (42, 43, 44), ((0.80, 1000.0), (0.84, 1400.0), (0.82, 1100.0)), strict=True
+    ):
         rows = [
             row(f"teacher (t, seed {seed})", None, "fine-tuned", 0.9, 100.0, 22_000_000),
             row("compact student", "compact", "KD", acc, speed, 4_000_000),
@@ -88,6 +90,8 @@ def test_the_benchmark_draws_medians_with_min_max_bars(tmp_path):
     teacher, student = bench.seed_plot(records, path)
     assert (student.score, student.score_range) == (pytest.approx(82), (pytest.approx(80), pytest.approx(84)))
     assert (student.examples_per_second, student.speed_range) == (1100.0, (1000.0, 1400.0))
-    assert teacher.score_range == (pytest.approx(90), pytest.approx(90)) and teacher.label.startswith("teacher,")
+    assert teacher.score_range == (pytest.approx(90), pytest.approx(90)) and teacher.label.startswith(
+        "teacher,"
+    )
     assert pixels_vary(path) > 0.05
     assert bench.seed_plot(records, tmp_path / "none.png", kind="ensemble") == []
