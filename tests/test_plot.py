@@ -95,3 +95,9 @@ def test_the_benchmark_draws_medians_with_min_max_bars(tmp_path):
     )
     assert pixels_vary(path) > 0.05
     assert bench.seed_plot(records, tmp_path / "none.png", kind="ensemble") == []
+
+
+def test_a_nan_metric_is_left_out_of_the_picture(tmp_path):
+    rows = [ROWS[0], dict(ROWS[1], metrics={"test": {"accuracy": float("nan")}})]
+    points = plot_results(summary(rows), tmp_path / "nan.png")
+    assert len(points) == 2 and pixels_vary(tmp_path / "nan.png") > 0.05

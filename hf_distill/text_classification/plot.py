@@ -9,6 +9,7 @@ display or backend is needed (the PNG is written by the Agg canvas).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -132,8 +133,9 @@ def draw(
             alpha=0.9,
             zorder=3,
         )
-    speeds = [p.examples_per_second for p in points]
-    scores = [s for p in points for s in (p.score, *(p.score_range or ()))]
+    # A metric can be NaN (a correlation of constant predictions): such a point is not drawn and sets no limit.
+    speeds = [p.examples_per_second for p in points if math.isfinite(p.examples_per_second)] or [1.0]
+    scores = [s for p in points for s in (p.score, *(p.score_range or ())) if math.isfinite(s)] or [0.0]
     ax.set_xscale("log")
     ax.set_xlim(min(speeds) / 1.6, max(speeds) * 4)  # room on the right for the labels
     pad = max(1.0, 0.12 * (max(scores) - min(scores)))
@@ -148,7 +150,7 @@ def draw(
     ax.text(
         0.01, 0.01, caption + (f"; {note}" if note else ""), transform=ax.transAxes, fontsize=8, alpha=0.7
     )
-    _label(ax, figure, points, sizes)
+    _label(ax, figure, points, largest)
     figure.savefig(path)
     return points
 
@@ -159,13 +161,15 @@ def _bar(centre: float, bounds: tuple[float, float] | None) -> list[list[float]]
     return [[centre - bounds[0]], [bounds[1] - centre]]
 
 
-def _label(ax, figure: Figure, points: list[Point], sizes: list[float]) -> None:
+def _label(ax, figure: Figure, points: list[Point], largest: int) -> None:
     """A label beside each point: right of it where the label clears every marker and every label placed
     before, else a little higher or lower, left of it, above or below it (the first place that clears and
     stays inside the axes; right of the point when none does)."""
     figure.canvas.draw()  # fixes the limits and the transforms
     renderer = figure.canvas.get_renderer()
     scale = figure.dpi / 72  # pixels per point
+    points = [p for p in points if math.isfinite(p.score) and math.isfinite(p.examples_per_second)]
+    sizes = [max(SMALLEST_MARKER, LARGEST_MARKER * p.parameters / largest) for p in points]
     centres = [ax.transData.transform((p.examples_per_second, p.score)) for p in points]
     radii = [scale * size**0.5 / 2 for size in sizes]
     markers = [
