@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from hf_distill.text_classification import plot
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "offline" / "rotten_tomatoes.yaml"
 
@@ -113,12 +115,7 @@ def seed_table(records: list[dict], kind: str = "seed", split: str = "test") -> 
     runs = [r for r in records if r["kind"] == kind]
     if not runs:
         return f"(no {kind} runs yet)"
-    rows: dict[tuple, list[tuple[dict, dict]]] = {}
-    for record in runs:
-        results = record["summary"]["results"]
-        for row in results:
-            name = row["name"].split(" (")[0] if row["student"] is None else row["name"]
-            rows.setdefault((name, row["training"]), []).append((row, results[0]))
+    rows = _rows_by_model(runs)
     lines = [
         f"| model | training | {split} accuracy, median (min-max) | retention | parameters | examples/s | speedup |",
         "|---|---|---|---|---|---|---|",
@@ -135,6 +132,51 @@ def seed_table(records: list[dict], kind: str = "seed", split: str = "test") -> 
     walls = [r["summary"]["wall_seconds"] for r in runs]
     lines.append(f"\nWall time per run: {', '.join(f'{w:.0f} s' for w in walls)}.")
     return "\n".join(lines)
+
+
+def _rows_by_model(runs: list[dict]) -> dict[tuple[str, str], list[tuple[dict, dict]]]:
+    """(model, training) -> that row of every run, with the run's first teacher row."""
+    rows: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
+    for record in runs:
+        results = record["summary"]["results"]
+        for row in results:
+            name = row["name"].split(" (")[0] if row["student"] is None else row["name"]
+            rows.setdefault((name, row["training"]), []).append((row, results[0]))
+    return rows
+
+
+def seed_plot(records: list[dict], path: Path, kind: str = "seed", split: str = "test") -> list[plot.Point]:
+    """The picture of :func:`seed_table`: each row's median test accuracy against its median speed, with
+    min-max bars over the runs (``hf_distill.text_classification.plot.draw``). Returns the points drawn."""
+    runs = [r for r in records if r["kind"] == kind]
+    if not runs:
+        return []
+    points = []
+    for (name, training), group in _rows_by_model(runs).items():
+        row = group[0][0]
+        acc = [_accuracy(r, split) for r, _ in group]
+        speed = [r["examples_per_second"] for r, _ in group]
+        points.append(
+            plot.Point(
+                label=f"{name}, {training} ({row['parameters'] / 1e6:.1f}M)",
+                kind=plot.kind_of(row),
+                training=training,
+                examples_per_second=statistics.median(speed),
+                score=statistics.median(acc),
+                parameters=row["parameters"],
+                speed_range=(min(speed), max(speed)),
+                score_range=(min(acc), max(acc)),
+            )
+        )
+    summary = runs[0]["summary"]
+    return plot.draw(
+        points,
+        path,
+        ylabel=f"{split} accuracy (%)",
+        title=f"{summary['task']['name']}, offline default: {len(runs)} runs (seeds "
+        f"{', '.join(str(r['seed']) for r in runs)})",
+        note=f"{summary['device']}, {summary['torch_threads']} threads",
+    )
 
 
 def search_table(records: list[dict]) -> str:
@@ -224,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(seed_table(_records(options.out), kind="ensemble"), flush=True)
 
     records = _records(options.out)
+    if seed_plot(records, options.out.with_suffix(".png")):
+        print(f"Picture of the seed runs: {options.out.with_suffix('.png')}")
     print(seed_table(records))
     print()
     print(seed_table(records, kind="ensemble"))

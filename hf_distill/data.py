@@ -12,6 +12,8 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from .errors import InputError
+
 EVAL_SPLITS = ("validation", "test")
 # File suffix -> the datasets builder that reads it.
 FILE_BUILDERS = {
@@ -34,12 +36,12 @@ def _builder(path: str) -> str | None:
 def _read_file(path: str) -> Dataset:
     builder = _builder(path)
     if builder is None:
-        raise ValueError(
+        raise InputError(
             f"Cannot tell the format of {path!r}: expected a file ending in {sorted(FILE_BUILDERS)}, a folder "
             "written by save_to_disk, or a Hub dataset id."
         )
     if not any(ch in path for ch in "*?[") and not Path(path).expanduser().is_file():
-        raise ValueError(f"No such data file: {path!r}.")
+        raise InputError(f"No such data file: {path!r}.")
     kwargs = {"delimiter": "\t"} if path.lower().endswith(".tsv") else {}
     return load_dataset(builder, data_files=str(Path(path).expanduser()), split="train", **kwargs)
 
@@ -94,7 +96,7 @@ def select_splits(
 
     def named(role: str, split: str) -> Dataset:
         if split not in raw:
-            raise ValueError(
+            raise InputError(
                 f"{role}={split!r} is not a split of {dataset_name}: its splits are {available}. Name one of "
                 f"them{'' if role == 'train_split' else ', or auto (carved from the training split), or none'}."
             )
@@ -118,7 +120,7 @@ def select_splits(
         elif _size(size, len(train)) > 0:
             rows = _size(size, len(train))
             if rows >= len(train):
-                raise ValueError(
+                raise InputError(
                     f"Carving a {role} split of {rows} rows from the {len(train)} training rows leaves no training "
                     f"data: lower {role}_size, or give a {role} split."
                 )
@@ -137,7 +139,7 @@ def check_columns(splits: DatasetDict, columns: list[str]) -> None:
     for split, dataset in splits.items():
         missing = [c for c in columns if c not in dataset.column_names]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"The {split} split has no column {missing[0]!r}; its columns are {dataset.column_names}. Set "
                 "the script's column settings (e.g. text_columns, label_column, text_column) to your column names."
             )

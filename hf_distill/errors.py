@@ -9,6 +9,19 @@ traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class InputError(ValueError):
     """The user's input was refused: the message says what was wrong, what was expected and how to fix it."""
+
+
+@contextmanager
+def reading(what: str) -> Iterator[None]:
+    """Inside, an ``OSError`` (no such path, a Hub id that does not exist or cannot be reached, no access) is
+    the user's to fix: re-raised as :class:`InputError` naming ``what``, the original chained."""
+    try:
+        yield
+    except OSError as err:
+        raise InputError(f"Cannot read {what}: {type(err).__name__}: {err}") from err

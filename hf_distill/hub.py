@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,10 +26,21 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .errors import InputError
 from .model_card import StudentCardData, render_card
 
 # What a published student folder holds: weights, config and tokenizer files, and its card.
-ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md"]
+# The card's pictures (results.png) are the PNG files.
+ALLOW_PATTERNS = [
+    "*.safetensors",
+    "*.json",
+    "*.txt",
+    "*.model",
+    "*.jinja",
+    "*.tiktoken",
+    "README.md",
+    "*.png",
+]
 # Never uploaded, even if they were staged: training state, unmerged adapters, pickles, the teacher.
 IGNORE_PATTERNS = [
     "checkpoint-*",
@@ -46,8 +59,12 @@ IGNORE_PATTERNS = [
 ]
 
 
-class HubPushError(RuntimeError):
-    """A push to the Hub failed. The message says where, what failed and how to retry; the cause is chained."""
+class HubPushError(InputError, RuntimeError):
+    """A push to the Hub failed. The message says where, what failed and how to retry; the cause is chained.
+
+    An :class:`~hf_distill.errors.InputError` (a token without write access, a repository that cannot be
+    created, no network): a script prints it as one line. Also a ``RuntimeError``, as it was before.
+    """
 
 
 def merged_student(model: nn.Module) -> PreTrainedModel:
@@ -67,12 +84,17 @@ def merged_student(model: nn.Module) -> PreTrainedModel:
 
 
 def stage_student(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, card: ModelCard, folder: str | Path
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    card: ModelCard,
+    folder: str | Path,
+    images: list[Path] | tuple[Path, ...] = (),
 ) -> list[str]:
-    """Write what a push uploads into ``folder``: the merged student (config + safetensors), its tokenizer and
-    ``README.md``. Returns the staged file names (relative to ``folder``)."""
+    """Write what a push uploads into ``folder``: the merged student (config + safetensors), its tokenizer,
+    ``README.md`` and the pictures the card shows (``images``, by file name). Returns the staged file names
+    (relative to ``folder``)."""
     if tokenizer is None:
-        raise ValueError(
+        raise InputError(
             "tokenizer is None: a student on the Hub needs its tokenizer for from_pretrained/pipeline to work. "
             "Pass the tokenizer the student was trained with (the trainer's processing_class)."
         )
@@ -80,19 +102,45 @@ def stage_student(
     merged_student(model).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     card.save(folder / "README.md")
+    for image in images:
+        shutil.copyfile(image, folder / image.name)
     staged = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     adapters = [name for name in staged if name.startswith("adapter_")]
     if adapters:
-        raise ValueError(
+        raise RuntimeError(
             f"Staged adapter files {adapters} although the student was merged; refusing to push."
         )
     return staged
 
 
+def _card_image(path: Path) -> Path:
+    if not path.is_file():
+        raise InputError(
+            f"The card shows {path.name} (results_image={str(path)!r}) but there is no such file: give the path of "
+            "the run's results.png, or results_image=None for a card without a picture."
+        )
+    return path
+
+
+_IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _images_beside(card_path: Path) -> list[Path]:
+    """The pictures a card file shows by a file name beside it (``![...](results.png)``)."""
+    if not card_path.is_file():
+        return []
+    names = _IMAGE_LINK.findall(card_path.read_text(encoding="utf-8"))
+    return [
+        card_path.parent / n
+        for n in dict.fromkeys(names)
+        if "/" not in n and (card_path.parent / n).is_file()
+    ]
+
+
 def _refuse_token_in_files(folder: Path, staged: list[str], token: str) -> None:
     for name in staged:
         if token.encode() in (folder / name).read_bytes():
-            raise ValueError(
+            raise InputError(
                 f"The Hub token appears in {name}, which would be published. Remove it from what produced "
                 "that file (a card's launch line, a config field) and push again."
             )
@@ -148,15 +196,19 @@ def push_student(
     checks fail.
     """
     if card is None:
-        raise ValueError(
+        raise InputError(
             "card is None: a distilled student is published with its card. Pass card=StudentCardData(...) "
             "or card=hf_distill.model_card.render_card(StudentCardData(...))."
         )
+    images: list[Path] = []
     if isinstance(card, StudentCardData):
+        if card.results_image is not None:
+            images.append(_card_image(Path(card.results_image)))
         card = render_card(card)
     elif isinstance(card, (str, os.PathLike)):
+        images = _images_beside(Path(card))
         if not Path(card).is_file():
-            raise ValueError(
+            raise InputError(
                 f"No model card at {card}. Write it first with hf_distill.model_card.write_card(data, path) "
                 "(the script writes <output_dir>/README.md after evaluation), or pass card=StudentCardData(...)."
             )
@@ -164,7 +216,7 @@ def push_student(
     api = HfApi(token=token)
     url = f"{api.endpoint}/{repo_id}"
     with tempfile.TemporaryDirectory(prefix="hf-distill-push-") as folder:
-        staged = stage_student(model, tokenizer, card, folder)
+        staged = stage_student(model, tokenizer, card, folder, images)
         if token:
             _refuse_token_in_files(Path(folder), staged, token)
         try:

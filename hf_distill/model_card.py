@@ -23,6 +23,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
+from .errors import InputError
 from .tasks import (
     CAUSAL_LM,
     MASKED_LM,
@@ -111,6 +112,9 @@ class StudentCardData:
     # ---- reproduction
     recipe: str | None = None
     launch_command: str | None = None
+    # a picture of the run's results (e.g. results.png): the card shows it by its file name, so it lives
+    # beside the card; push_student uploads it with the card
+    results_image: str | None = None
     # ---- Hub metadata
     license: str = "apache-2.0"
     language: str | list[str] | None = "en"
@@ -120,19 +124,19 @@ class StudentCardData:
 
     def __post_init__(self):
         if self.task not in TASK_INFO:
-            raise ValueError(f"task must be one of {list(TASK_INFO)}, got {self.task!r}.")
+            raise InputError(f"task must be one of {list(TASK_INFO)}, got {self.task!r}.")
         validate_repo_id(self.repo_id)
         if not self.teacher:
-            raise ValueError("teacher is empty: give the teacher's Hub id or local path.")
+            raise InputError("teacher is empty: give the teacher's Hub id or local path.")
         if not self.teacher_weights_hash:
-            raise ValueError(
+            raise InputError(
                 "teacher_weights_hash is empty: compute it with hf_distill.teacher_cache.weights_hash(teacher) so "
                 "users can check which teacher weights were distilled."
             )
         if self.teacher_mode not in TEACHER_MODES:
-            raise ValueError(f"teacher_mode must be one of {TEACHER_MODES}, got {self.teacher_mode!r}.")
+            raise InputError(f"teacher_mode must be one of {TEACHER_MODES}, got {self.teacher_mode!r}.")
         if (self.student_metrics or self.teacher_metrics) and not (self.dataset_name and self.eval_split):
-            raise ValueError(
+            raise InputError(
                 "Metrics need the dataset_name and eval_split they were measured on "
                 f"(got dataset_name={self.dataset_name!r}, eval_split={self.eval_split!r})."
             )
@@ -141,12 +145,12 @@ class StudentCardData:
         if (
             self.teacher_parameters is not None and self.teacher_parameters <= 0
         ) or self.student_parameters <= 0:
-            raise ValueError(
+            raise InputError(
                 f"teacher_parameters and student_parameters must be > 0, got {self.teacher_parameters} and "
                 f"{self.student_parameters}: count them with hf_distill.model_card.count_parameters(model)."
             )
         if self.speedup is not None and not self.speedup_hardware:
-            raise ValueError(f"speedup={self.speedup} needs speedup_hardware (where it was measured).")
+            raise InputError(f"speedup={self.speedup} needs speedup_hardware (where it was measured).")
         if self.launch_command is not None:
             self.launch_command = redact_tokens(self.launch_command)
         if self.pipeline_tag is None:
@@ -280,6 +284,7 @@ def render_card(data: StudentCardData) -> ModelCard:
         size_ratio=None if data.size_ratio is None else f"{data.size_ratio:.3f}",
         compression=None if data.size_ratio is None else f"{1 / data.size_ratio:.2f}",
         has_baseline=data.baseline_metrics is not None,
+        results_image=None if data.results_image is None else Path(data.results_image).name,
     )
 
 

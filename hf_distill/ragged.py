@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from .errors import InputError
+
 
 def flat_lists(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """``(values, offsets)`` of a list column, offsets starting at 0 (a sliced array is handled).
@@ -22,9 +24,9 @@ def flat_lists(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarr
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
-        raise ValueError(f"Expected a column of token lists, got Arrow type {column.type}.")
+        raise InputError(f"Expected a column of token lists, got Arrow type {column.type}.")
     if column.null_count:
-        raise ValueError(f"The token column has {column.null_count} missing (null) rows.")
+        raise InputError(f"The token column has {column.null_count} missing (null) rows.")
     offsets = column.offsets.to_numpy().astype(np.int64)
     values = column.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
     return values, offsets - offsets[0]

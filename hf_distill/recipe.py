@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from .errors import InputError
+
 
 def _field_names(dataclass_types) -> set[str]:
     return {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype) if f.init}
@@ -23,15 +25,18 @@ def _field_names(dataclass_types) -> set[str]:
 
 def read_recipe(path: str | os.PathLike, dataclass_types) -> dict[str, Any]:
     """The recipe's settings; ``ValueError`` when a key is not a field of ``dataclass_types``."""
-    with open(path, encoding="utf-8") as f:
-        recipe = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            recipe = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise InputError(f"Cannot read the recipe {path}: {type(err).__name__}: {err}") from err
     if not isinstance(recipe, dict):
-        raise ValueError(
+        raise InputError(
             f"{path}: a recipe is a flat YAML mapping of field: value, got {type(recipe).__name__}."
         )
     unknown = sorted(set(recipe) - _field_names(dataclass_types))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"{path}: unknown recipe keys {unknown}. Keys must be fields of "
             f"{', '.join(d.__name__ for d in dataclass_types)}; see the script's --help."
         )
@@ -64,15 +69,17 @@ class RecipeParser(HfArgumentParser):
             *outputs, remaining = self.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
         except Exception as err:  # re-raised with the recipe's keys, the cause chained
             if known.config is None:
+                if isinstance(err, ValueError):  # a __post_init__ refused a flag's value
+                    raise InputError(str(err)) from err
                 raise
             # A value the checks above let through but a dataclass refused (TrainingArguments raises
             # TypeError, OSError, ImportError... from deep inside): name the recipe's keys.
-            raise ValueError(
+            raise InputError(
                 f"{known.config}: the settings were refused ({type(err).__name__}: {err}). Recipe keys: "
                 f"{sorted(recipe)}; see `--help` for each key's type and range."
             ) from err
         if remaining:
-            raise ValueError(f"Unknown command-line arguments {remaining}; see --help.")
+            raise InputError(f"Unknown command-line arguments {remaining}; see --help.")
         # The last output is the namespace left over (``config``): not a dataclass.
         return tuple(o for o in outputs if dataclasses.is_dataclass(o))
 
@@ -110,7 +117,7 @@ class RecipeParser(HfArgumentParser):
                 typed[key] = items if listed else items[0]
             except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
                 choices = f" (one of {list(action.choices)})" if action.choices else ""
-                raise ValueError(
+                raise InputError(
                     f"{path}: recipe key {key!r} has {value!r}: {err}. Expected {'a list of ' if listed else ''}"
                     f"{kind}{choices}; see `--help` ({action.help or 'no help'})."
                 ) from None

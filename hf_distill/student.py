@@ -7,6 +7,7 @@ import re
 
 from transformers import PreTrainedModel
 
+from .errors import InputError
 from .tasks import base_model
 
 # model_type -> (config field holding the number of layers, pattern of a layer's parameter names)
@@ -33,7 +34,7 @@ def select_teacher_layers(num_teacher_layers: int, num_layers: int | None = None
     if num_layers is None:
         return list(range(0, num_teacher_layers, 2))
     if not 1 <= num_layers <= num_teacher_layers:
-        raise ValueError(
+        raise InputError(
             f"num_layers must be between 1 and the teacher's {num_teacher_layers} layers, got {num_layers}."
         )
     if num_layers == 1:
@@ -57,7 +58,7 @@ def build_student(
     teacher = base_model(teacher)
     model_type = teacher.config.model_type
     if model_type not in LAYER_LAYOUT:
-        raise ValueError(
+        raise InputError(
             f"build_student does not know the layer layout of model_type={model_type!r}; supported: "
             f"{sorted(LAYER_LAYOUT)}. Build the student yourself and pass it as `model`."
         )
@@ -66,9 +67,9 @@ def build_student(
     if layers is None:
         layers = select_teacher_layers(num_teacher_layers, num_layers)
     elif num_layers is not None and num_layers != len(layers):
-        raise ValueError(f"num_layers={num_layers} but layers={layers} has {len(layers)} entries.")
+        raise InputError(f"num_layers={num_layers} but layers={layers} has {len(layers)} entries.")
     if not layers or any(not 0 <= i < num_teacher_layers for i in layers):
-        raise ValueError(
+        raise InputError(
             f"layers={layers} must be a non-empty list of teacher layers in [0, {num_teacher_layers})."
         )
 

@@ -9,6 +9,8 @@ from peft import PeftModel
 from torch import nn
 from transformers.models.auto import modeling_auto
 
+from .errors import InputError
+
 SEQUENCE_CLASSIFICATION = "sequence_classification"
 TOKEN_CLASSIFICATION = "token_classification"
 QUESTION_ANSWERING = "question_answering"
@@ -56,7 +58,7 @@ def task_of(model: nn.Module) -> str:
     """
     name = type(base_model(model)).__name__
     if name not in _CLASS_TO_TASK:
-        raise ValueError(
+        raise InputError(
             f"{name} has no head hf-distill can distil. Use a ...ForSequenceClassification, "
             "...ForTokenClassification, ...ForQuestionAnswering, ...ForMaskedLM or ...ForCausalLM model."
         )

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from . import tasks
+from .errors import InputError
 from .tasks import base_model, task_of
 
 _AUTO_CLASSES = {
@@ -70,7 +71,7 @@ def _refuse_remote_code(path: str, trust_remote_code: bool | None) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return  # not ours to judge: from_pretrained reports a broken config
     if auto_map:
-        raise ValueError(
+        raise InputError(
             f"The teacher at {path} ships its own modelling code (config.json auto_map: {auto_map}); loading it "
             "would run that code on this machine. Read the code, then allow it with "
             "teacher_init_kwargs={'trust_remote_code': True} (DistillationTrainer) or "
@@ -92,7 +93,7 @@ def check_compatible(
     """
     student_task, teacher_task = task_of(student), task_of(teacher)
     if student_task != teacher_task:
-        raise ValueError(
+        raise InputError(
             f"The teacher is a {teacher_task} model ({type(base_model(teacher)).__name__}) but the student is a "
             f"{student_task} model ({type(base_model(student)).__name__}): both need the same kind of head."
         )
@@ -101,13 +102,13 @@ def check_compatible(
         s_labels = {int(k): v for k, v in s_cfg.id2label.items()}
         t_labels = {int(k): v for k, v in t_cfg.id2label.items()}
         if s_labels != t_labels:
-            raise ValueError(
+            raise InputError(
                 f"Teacher and student labels differ: teacher id2label={t_labels}, student id2label={s_labels}. "
                 "Build the student with the teacher's id2label/label2id (same labels, same order)."
             )
     if student_task in tasks.VOCABULARY_TASKS:
         if s_cfg.vocab_size != t_cfg.vocab_size:
-            raise ValueError(
+            raise InputError(
                 f"Teacher vocab_size={t_cfg.vocab_size} but student vocab_size={s_cfg.vocab_size}: token-level "
                 "distillation compares distributions over the same vocabulary; use a student with the teacher's "
                 "tokenizer."
@@ -117,7 +118,7 @@ def check_compatible(
             and teacher_tokenizer is not None
             and student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab()
         ):
-            raise ValueError(
+            raise InputError(
                 "Teacher and student tokenizers have different vocabularies: token-level distillation needs the "
                 "same vocabulary (same tokens with the same ids)."
             )

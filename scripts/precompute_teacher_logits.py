@@ -16,7 +16,8 @@ then train with ``hf_distill.teacher_cache.load_teacher_cache(logits_dir, ...)``
 dataset and ``teacher_model=None``. The provenance is in the ``.json`` beside the cache.
 
 One process does the work; under ``accelerate launch`` the main process computes and the others
-read the result.
+read the result. A refused request or cache prints one ``precompute_teacher_logits.py: error: ...`` line and
+exits with code 2; ``--debug`` (or ``HF_DISTILL_DEBUG=1``) shows the traceback.
 """
 
 from __future__ import annotations

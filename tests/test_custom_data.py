@@ -15,6 +15,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from offline_fixtures import fake_wheels
 from transformers import AutoModelForSequenceClassification
 
+from hf_distill.cli import run_script
 from hf_distill.text_classification import data
 from hf_distill.text_classification.teacher import reorder_labels
 
@@ -149,57 +150,118 @@ def output(tmp_path):
     return folder
 
 
-def refused(cache, output, *extra) -> str:
-    with pytest.raises(ValueError) as info:
-        distill_glue.main(flags(cache, output, *extra))
-    assert [p.name for p in output.iterdir()] == ["results.json"]
-    assert (output / "results.json").read_text() == '{"earlier": "run"}'
-    return str(info.value)
+@pytest.fixture
+def refused(cache, output, capsys):
+    """Run the script with ``extra`` flags through ``run_script`` as the command line does: it must exit with
+    code 2 and one ``error:`` line, no traceback, and leave ``output`` as it was. Returns the message."""
+
+    def run(*extra: str) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            run_script(distill_glue.main, flags(cache, output, *extra))
+        err = capsys.readouterr().err
+        assert exited.value.code == 2
+        assert "Traceback" not in err
+        errors = [line for line in err.splitlines() if ": error: " in line]
+        assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
+        assert errors[0].startswith("distill_glue.py: error: ")
+        assert [p.name for p in output.iterdir()] == ["results.json"]
+        assert (output / "results.json").read_text() == '{"earlier": "run"}'
+        return errors[0].removeprefix("distill_glue.py: error: ")
+
+    return run
 
 
-def test_missing_column_names_the_columns_present(cache, output, tmp_path):
+def test_missing_column_names_the_columns_present(refused, tmp_path):
     path = write_csv(tmp_path / "d.csv", good_rows(), header=("review", "label"))
-    message = refused(cache, output, "--dataset_name", str(path))
+    message = refused("--dataset_name", str(path))
     assert "no column 'text'" in message and "['review', 'label']" in message
 
 
-def test_label_never_seen_in_training(cache, output, tmp_path):
+def test_label_never_seen_in_training(refused, tmp_path):
     train = write_csv(tmp_path / "train.csv", good_rows())
     test = write_csv(tmp_path / "test.csv", good_rows(6, labels=("a", "c")))
-    message = refused(cache, output, "--dataset_name", str(train), "--test_file", str(test))
+    message = refused("--dataset_name", str(train), "--test_file", str(test))
     assert "test split has labels ['c']" in message and "Training labels: ['a', 'b']" in message
 
 
-def test_empty_and_null_texts(cache, output, tmp_path):
+def test_empty_and_null_texts(refused, tmp_path):
     rows = good_rows()
     rows[3], rows[7] = ("", "a"), ("   ", "b")
     path = write_csv(tmp_path / "d.csv", rows)
-    message = refused(
-        cache, output, "--dataset_name", str(path), "--test_size", "0", "--validation_size", "0.2"
-    )
+    message = refused("--dataset_name", str(path), "--test_size", "0", "--validation_size", "0.2")
     assert "rows with an empty or null text" in message and "drop_empty_texts" in message
 
 
-def test_fewer_than_two_classes(cache, output, tmp_path):
+def test_fewer_than_two_classes(refused, tmp_path):
     path = write_csv(tmp_path / "d.csv", good_rows(labels=("a",)))
-    assert "at least two" in refused(cache, output, "--dataset_name", str(path))
+    assert "at least two" in refused("--dataset_name", str(path))
 
 
-def test_unknown_split_name(cache, output, tmp_path):
+def test_unknown_split_name(refused, tmp_path):
     path = write_csv(tmp_path / "d.csv", good_rows())
-    message = refused(cache, output, "--dataset_name", str(path), "--validation_split", "dev")
+    message = refused("--dataset_name", str(path), "--validation_split", "dev")
     assert "validation_split='dev' is not a split" in message and "['train']" in message
 
 
-def test_teacher_with_other_label_names(cache, output, tmp_path):
+def test_teacher_with_other_label_names(refused, tmp_path):
     teacher = tmp_path / "teacher"
     model = tiny_bert(num_labels=2, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1})
     model.save_pretrained(teacher)
     path = write_csv(tmp_path / "d.csv", good_rows())
-    message = refused(
-        cache, output, "--dataset_name", str(path), "--teacher_model_name_or_path", str(teacher)
-    )
+    message = refused("--dataset_name", str(path), "--teacher_model_name_or_path", str(teacher))
     assert "predicts the labels ['cat', 'dog']" in message and "data's labels are ['a', 'b']" in message
+
+
+def test_a_data_file_that_is_not_there(refused):
+    message = refused("--dataset_name", "nothere.csv")
+    assert message == "No such data file: 'nothere.csv'."
+
+
+def test_a_hub_dataset_that_cannot_be_reached(refused, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = refused("--dataset_name", "someone/no-such-dataset")
+    assert message.startswith("Cannot read the data 'someone/no-such-dataset': ")
+
+
+def test_a_teacher_that_is_not_there(refused, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_csv(tmp_path / "d.csv", good_rows())
+    message = refused("--dataset_name", str(path), "--teacher_model_name_or_path", str(tmp_path / "nothere"))
+    assert message.startswith(f"Cannot read the teacher '{tmp_path / 'nothere'}': ")
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (("--temperature", "0"), "temperature must be > 0, got 0.0"),  # DistillationConfig
+        (("--students", "checkpoint"), "'checkpoint' but student_model_name_or_path is not set"),
+        (("--max_seq_length", "1"), "max_seq_length must be >= 2, got 1"),  # DistillTextArguments
+        (("--no_such_flag", "1"), "Unknown command-line arguments ['--no_such_flag', '1']"),
+    ],
+)
+def test_a_refused_setting(refused, extra, expected):
+    assert expected in refused(*extra)
+
+
+def test_a_recipe_that_is_not_there(cache, output, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exited:
+        run_script(
+            distill_glue.main, ["--config", str(tmp_path / "nothere.yaml"), "--output_dir", str(output)]
+        )
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith(f"distill_glue.py: error: Cannot read the recipe {tmp_path}")
+
+
+def test_a_recipe_with_an_unknown_key(cache, output, capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.read_text() + "\ntemprature: 2\n")
+    with pytest.raises(SystemExit) as exited:
+        run_script(distill_glue.main, ["--config", str(recipe), "--output_dir", str(output)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distill_glue.py: error: ") and "unknown recipe keys ['temprature']" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_drop_empty_texts_drops_them(tmp_path):

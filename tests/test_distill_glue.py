@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,17 @@ def test_offline_recipe_end_to_end(cache, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "stage 1, fine-tuning the teacher" in out
     assert "| teacher (offline:all-MiniLM-L6-v2) |" in out  # the table
+    # The plan comes first: the teacher to fine-tune and every student run with its steps.
+    plan = out[out.index("hf_distill: the plan") : out.index("stage 1, fine-tuning the teacher")]
+    assert "stage 1, teacher: offline:all-MiniLM-L6-v2, fine-tuned on 32 labelled examples" in plan
+    assert "teacher logits: over 96 training texts, computed once and cached" in plan
+    for row in summary["results"][1:]:
+        assert f"{row['student']} student, {row['training']}: {row['steps']} steps" in plan
+        # then one line per finished stage, with its wall time
+        assert re.search(
+            rf"done: stage 2, {row['student']} student, {re.escape(row['training'])} .* in [0-9.]+ s", out
+        )
+    assert re.search(r"done: stage 1, the teacher .* in [0-9.]+ s", out)
 
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["results"] == json.loads(json.dumps(summary["results"]))
@@ -87,6 +99,15 @@ def test_offline_recipe_end_to_end(cache, tmp_path, capsys):
         assert model.config.num_labels == 2 and (folder / "tokenizer_config.json").exists()
         assert (folder / "README.md").exists() == (row["training"] != "hard labels")
     card = (Path(by_row["compact", "KD + transfer set"]["output_dir"]) / "README.md").read_text()
+    # The run's picture beside results.json, one point per row; each card shows its copy.
+    picture = (tmp_path / "out" / "results.png").read_bytes()
+    assert picture.startswith(b"\x89PNG")
+    assert "](results.png)" in card
+    for row in saved["results"][1:]:
+        folder = Path(row["output_dir"])
+        assert (folder / "results.png").exists() == (row["training"] != "hard labels")
+        if row["training"] != "hard labels":
+            assert (folder / "results.png").read_bytes() == picture
     assert str(RECIPE) in card and "python scripts/distill_glue.py --config" in card  # how to reproduce it
     layers = AutoModelForSequenceClassification.from_pretrained(by_row["layers", "KD"]["output_dir"])
     assert layers.config.num_hidden_layers == 3 and layers.config.distillation["teacher_num_layers"] == 4

@@ -22,6 +22,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 
 from hf_distill import DistillationConfig
+from hf_distill.errors import InputError
 from hf_distill.hub import ALLOW_PATTERNS, IGNORE_PATTERNS, HubPushError, push_student
 from hf_distill.model_card import StudentCardData, count_parameters, render_card, settings_of, write_card
 from hf_distill.teacher_cache import weights_hash
@@ -531,3 +532,36 @@ def test_push_to_hub_from_cached_logits_without_evaluation(hub, tokenizer, tmp_p
     assert "Not measured: the student was not evaluated" in text
     assert "| teacher | not measured |" in text  # its size is not in the cache
     assert "precomputed once and cached" in text
+
+
+# ---- the card's picture ---------------------------------------------------------------------------------------
+
+
+def picture(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))  # stands in for results.png
+    return path
+
+
+def test_the_card_shows_its_picture_and_the_push_uploads_it(hub, student, tokenizer, tmp_path):
+    image = picture(tmp_path / "run" / "results.png")
+    data = card_data(student, results_image=str(image))
+    assert "](results.png)" in render_card(data).text
+    assert "](results.png)" not in render_card(card_data(student)).text  # no picture, no link
+    push_student(student, tokenizer, REPO_ID, card=data, token=TOKEN)
+    files = hub.files(REPO_ID)
+    assert set(files) == PUBLISHED | {"results.png"} and files["results.png"] == image.read_bytes()
+
+
+def test_a_card_file_is_pushed_with_the_picture_beside_it(hub, student, tokenizer, output_dir):
+    image = picture(output_dir / "results.png")
+    write_card(card_data(student, results_image=str(image)), output_dir / "README.md")
+    push_student(student, tokenizer, REPO_ID, card=output_dir / "README.md", token=TOKEN)
+    assert hub.files(REPO_ID)["results.png"] == image.read_bytes()
+
+
+def test_a_missing_picture_is_refused_before_any_upload(hub, student, tokenizer, tmp_path):
+    data = card_data(student, results_image=str(tmp_path / "results.png"))
+    with pytest.raises(InputError, match="no such file"):
+        push_student(student, tokenizer, REPO_ID, card=data, token=TOKEN)
+    assert REPO_ID not in hub.state.repos

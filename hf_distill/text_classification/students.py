@@ -35,6 +35,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import DistillationConfig
+from ..errors import InputError
 from ..student import build_student
 from ..teacher_cache import weights_hash, write_json_atomic
 from ..trainer import DistillationTrainer
@@ -86,7 +87,7 @@ def make_student(kind: str, teacher: PreTrainedModel, script, task: TextTask) ->
     if kind == "checkpoint":
         path = offline.resolve_model_path(script.student_model_name_or_path, script.cache_dir)
         return load_classifier(path, task, "student checkpoint")
-    raise ValueError(f"Unknown student kind {kind!r}; expected 'layers', 'compact' or 'checkpoint'.")
+    raise InputError(f"Unknown student kind {kind!r}; expected 'layers', 'compact' or 'checkpoint'.")
 
 
 @dataclass

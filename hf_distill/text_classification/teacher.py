@@ -38,6 +38,7 @@ from transformers import (
 )
 
 from ..config import DistillationConfig
+from ..errors import InputError
 from ..teacher_cache import write_json_atomic
 from . import offline
 from .data import TextTask
@@ -82,7 +83,7 @@ def labels_fit(config: PretrainedConfig, task: TextTask, who: str) -> bool:
     if names is None or task.is_regression:
         return config.num_labels == task.num_labels
     if sorted(names) != sorted(task.label_names):
-        raise ValueError(
+        raise InputError(
             f"The {who} predicts the labels {list(names)} but the data's labels are {list(task.label_names)}. "
             f"Use a {who} fine-tuned on these labels, or fine-tune it on the data "
             f"({'teacher_finetune: true' if who == 'teacher' else 'a backbone checkpoint'})."
@@ -99,7 +100,7 @@ def reorder_labels(model: PreTrainedModel, names: tuple[str, ...]) -> PreTrained
     order = [current.index(n) for n in names]
     heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == len(names)]
     if not heads:
-        raise ValueError(
+        raise InputError(
             f"Cannot reorder the labels of {type(model).__name__}: no linear layer with {len(names)} outputs."
         )
     with torch.no_grad():
@@ -156,6 +157,31 @@ def teacher_key(
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def fine_tuned_folder(
+    script, args: DistillationConfig, task: TextTask, train: Dataset, cache: Path, seed: int | None = None
+) -> Path:
+    """Where the fine-tuned teacher is kept: ``<cache>/teachers/<task>-<teacher_key>``."""
+    name = script.teacher_model_name_or_path
+    return cache / "teachers" / f"{task.name}-{teacher_key(name, train, task, script, args, seed)}"
+
+
+def teacher_plan(
+    script, args: DistillationConfig, task: TextTask, train: Dataset, cache: Path, seed: int | None = None
+) -> str:
+    """What :func:`get_teacher` will do, in words: use the checkpoint, reuse a fine-tuned teacher, or fine-tune."""
+    name = script.teacher_model_name_or_path
+    config = AutoConfig.from_pretrained(offline.resolve_model_path(name, script.cache_dir))
+    if script.teacher_finetune is not True and labels_fit(config, task, "teacher"):
+        return f"{name}, used as it is (a classifier of the data's labels)"
+    saved = fine_tuned_folder(script, args, task, train, cache, seed)
+    if (saved / TEACHER_INFO).exists():
+        return f"{name}, fine-tuned before: reused from {saved}"
+    return (
+        f"{name}, fine-tuned on {len(train):,} labelled examples for {script.teacher_num_train_epochs:g} epochs "
+        f"(seed {teacher_seed(script, args, seed)}), then kept in {saved}"
+    )
+
+
 def get_teacher(
     script,
     args: DistillationConfig,
@@ -176,18 +202,18 @@ def get_teacher(
     config = AutoConfig.from_pretrained(path)
     fits = script.teacher_finetune is not True and labels_fit(config, task, "teacher")
     if fits and seed is not None:
-        raise ValueError(
+        raise InputError(
             f"teacher_seeds fine-tunes one teacher per seed, but {name} is already a classifier of the data's "
             "labels and would be used as it is: give a backbone, or set teacher_finetune: true."
         )
     if fits:
         return Teacher(load_classifier(path, task, "teacher"), path)
     if script.teacher_finetune is False:
-        raise ValueError(
+        raise InputError(
             f"teacher_finetune is false but {name} is not a sequence classifier with the data's "
             f"{task.num_labels} labels. Give a fine-tuned classifier, or let it be fine-tuned (teacher_finetune: null)."
         )
-    saved = cache / "teachers" / f"{task.name}-{teacher_key(name, train, task, script, args, seed)}"
+    saved = fine_tuned_folder(script, args, task, train, cache, seed)
     if (saved / TEACHER_INFO).exists():
         print(f"hf_distill: reusing the fine-tuned teacher in {saved}", flush=True)
         info = json.loads((saved / TEACHER_INFO).read_text())
