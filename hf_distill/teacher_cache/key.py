@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ _CONFIG_NOT_HASHED = {
 }
 _PROVENANCE_SUFFIX = ".json"
 _CACHE_PREFIX = "teacher-logits-"
+_PROVENANCE = re.compile(re.escape(_CACHE_PREFIX) + r"[0-9a-f]{32}" + re.escape(_PROVENANCE_SUFFIX))
+_SHARD = re.compile(r"(" + re.escape(_CACHE_PREFIX) + r"[0-9a-f]{32})-\d{5}-of-\d{5}\.arrow")
 
 
 def _sha256_json(value: Any) -> str:
@@ -214,7 +217,9 @@ def _provenance_path(path: str | os.PathLike) -> Path:
     """The provenance JSON of a cache directory (holding exactly one cache) or of its .arrow/.json file."""
     path = Path(path)
     if path.is_dir():
-        found = sorted(path.glob(f"{_CACHE_PREFIX}*{_PROVENANCE_SUFFIX}"))
+        found = sorted(
+            p for p in path.glob(f"{_CACHE_PREFIX}*{_PROVENANCE_SUFFIX}") if _PROVENANCE.fullmatch(p.name)
+        )
         if not found:
             raise FileNotFoundError(
                 f"No complete teacher cache in {path} (no provenance file): it was never completed or is "
@@ -226,7 +231,10 @@ def _provenance_path(path: str | os.PathLike) -> Path:
                 f"({[p.name for p in found]}): pass the .json or .arrow file of the one you want."
             )
         return found[0]
-    return path.with_suffix(_PROVENANCE_SUFFIX)
+    shard = _SHARD.fullmatch(path.name)  # one shard of several: the provenance of its cache
+    return (
+        path.with_name(shard.group(1) + _PROVENANCE_SUFFIX) if shard else path.with_suffix(_PROVENANCE_SUFFIX)
+    )
 
 
 def read_provenance(cache: str | os.PathLike | Dataset) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -34,17 +34,28 @@ from .key import (
     weights_hash,
     write_json_atomic,
 )
+from .shards import (
+    all_processes,
+    check_shards,
+    compute_own_shards,
+    on_main,
+    open_shards,
+    plan_shards,
+    remove_records,
+)
 from .storage import (
-    _complete,
     _describe_size,
     _features,
-    _file_sha256,
     _open_arrow,
     _storage_size,
     check_finite_logits,
+    provenance_shards,
 )
 
 logger = logging.getLogger(__name__)
+
+# What the provenance lists of each shard.
+_SHARD_ENTRY = ("file", "index", "num_shards", "start", "num_rows", "arrow_bytes", "arrow_sha256")
 
 
 def precompute_teacher_logits(
@@ -91,9 +102,12 @@ def precompute_teacher_logits(
     teacher's forward sets the pace: around a teacher that costs nothing it reaches about 10^5
     examples/s on one CPU core (``benchmarks/bench_gpu.py``, the ceiling section).
 
-    On several processes the main process computes and writes the cache first; the others then
-    read it (``PartialState().main_process_first()``, so ``cache_dir`` must be visible to all).
-    The returned dataset's provenance: :func:`read_provenance`.
+    Under ``accelerate launch`` every process computes its own contiguous shard of the dataset and
+    writes it under the key; the main process checks them all and writes the provenance listing
+    them; every process returns the whole dataset (:mod:`.shards`). ``cache_dir`` must be on a
+    filesystem every process sees (every machine, with ``--num_machines``). The cache is the same
+    whatever the number of processes; a killed run resumes from its complete shards. The returned
+    dataset's provenance: :func:`read_provenance`.
     """
     task = task_of(teacher)
     key, components = teacher_cache_key(
@@ -151,33 +165,46 @@ def precompute_teacher_logits(
             out = _map(dataset, compute, key, keep_in_memory=True, **map_kwargs)
             check_finite_logits(out, where="the teacher's outputs")
             return out
-        arrow, meta = cache_paths(cache_dir, key)
-        with PartialState().main_process_first():
-            hit = _complete(arrow, meta, key, components)
-            if not hit:
-                arrow.parent.mkdir(parents=True, exist_ok=True)
-                meta.unlink(missing_ok=True)
-            out = _map_to_file(dataset, compute, key, arrow, hit, map_kwargs)
-            if not hit:
-                _refuse_nonfinite(out, arrow)
-                provenance = {
-                    **components,
-                    "key": key,
-                    "teacher": teacher_name or base_model(teacher).config._name_or_path or None,
-                    "columns": [c for c in out.column_names if c not in dataset.column_names],
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "versions": {"torch": torch.__version__, "datasets": version("datasets")},
-                    "arrow_bytes": arrow.stat().st_size,
-                    "arrow_sha256": _file_sha256(arrow),
-                    **_storage_size(out, task),
-                }
-                write_json_atomic(meta, provenance)
-                logger.info("Teacher cache written to %s (%s).", arrow, _describe_size(provenance))
-            elif len(out) != components["num_rows"]:
-                raise ValueError(
-                    f"Teacher cache {arrow} has {len(out)} rows, expected {components['num_rows']}."
-                )
-        return out
+        cache_dir = Path(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)  # on every machine: each writes its own shards
+        num_processes = PartialState().num_processes
+        shards, listed = on_main(lambda: plan_shards(cache_dir, key, components, num_processes, sort_window))
+
+        def compute_shard(shard: dict[str, Any], arrow: Path) -> None:
+            part = dataset.select(range(shard["start"], shard["start"] + shard["num_rows"]))
+            fingerprint = f"{key}-{shard['index']}-of-{shard['num_shards']}"
+            _refuse_nonfinite(_map_to_file(part, compute, fingerprint, arrow, False, map_kwargs), arrow)
+
+        reported = all_processes(lambda: compute_own_shards(cache_dir, shards, key, listed, compute_shard))
+        records = sorted((r for own in reported for r in own), key=lambda r: r["start"])
+
+        def finish() -> None:  # main process: every shard is there; the provenance, last
+            check_shards(cache_dir, records, key, components["num_rows"])
+            if listed and not any(r.get("computed") for r in records):
+                return  # a hit
+            out = open_shards(cache_dir, records, dataset)
+            provenance = {
+                **components,
+                "key": key,
+                "teacher": teacher_name or base_model(teacher).config._name_or_path or None,
+                "columns": [c for c in out.column_names if c not in dataset.column_names],
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "versions": {"torch": torch.__version__, "datasets": version("datasets")},
+                "shards": [{k: r[k] for k in _SHARD_ENTRY} for r in records],
+                "arrow_bytes": sum(r["arrow_bytes"] for r in records),
+                **_storage_size(out, task),
+            }
+            write_json_atomic(cache_paths(cache_dir, key)[1], provenance)
+            remove_records(cache_dir, records)
+            logger.info(
+                "Teacher cache written to %s in %d shard(s) (%s).",
+                cache_dir,
+                len(records),
+                _describe_size(provenance),
+            )
+
+        on_main(finish)
+        return _formatted(open_shards(cache_dir, records, dataset), dataset, key)
     finally:
         teacher.train(teacher_was_training)
 
@@ -186,6 +213,11 @@ def _map(dataset: Dataset, compute: _TeacherLogits, key: str, **map_kwargs) -> D
     """``dataset.map(compute)`` on Arrow batches (no conversion to Python lists either way), returned
     in ``dataset``'s format with the new columns added and the fingerprint ``key``."""
     out = dataset.with_format("arrow").map(compute, new_fingerprint=key, **map_kwargs)
+    return _formatted(out, dataset, key)
+
+
+def _formatted(out: Dataset, dataset: Dataset, key: str) -> Dataset:
+    """``out`` (``dataset`` with the teacher's columns) in ``dataset``'s format, with the fingerprint ``key``."""
     fmt = dataset.format
     columns = fmt["columns"]
     if columns is not None:
@@ -276,11 +308,14 @@ def load_teacher_cache(
             "edited, or copied from another cache, so what it describes cannot be trusted. Rebuild the cache "
             "(scripts/precompute_teacher_logits.py) or put the right provenance back."
         )
-    arrow, _ = cache_paths(meta.parent, filed_under)
-    if not arrow.exists():
-        raise FileNotFoundError(
-            f"The teacher cache's provenance is there but its data file {arrow} is missing."
-        )
-    dataset = _open_arrow(arrow, provenance, verify_hash=verify)
-    check_finite_logits(dataset, where=f"the teacher cache {arrow}")
+    parts = []
+    for shard in provenance_shards(provenance):
+        arrow = meta.parent / shard["file"]
+        if not arrow.exists():
+            raise FileNotFoundError(
+                f"The teacher cache's provenance is there but its data file {arrow} is missing."
+            )
+        parts.append(_open_arrow(arrow, shard, verify_hash=verify))
+    dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    check_finite_logits(dataset, where=f"the teacher cache {meta.parent / provenance['key']}")
     return dataset
