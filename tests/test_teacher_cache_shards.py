@@ -147,3 +147,24 @@ def test_a_killed_precompute_resumes_from_its_complete_shards(tmp_path, one_thre
     assert (
         json.loads((cache / f"teacher-logits-{provenance['key']}.json").read_text())["num_rows"] == NUM_ROWS
     )
+
+
+def test_a_cache_written_before_shards_is_still_a_hit(tmp_path):
+    """A provenance without ``shards`` (one file, its size and sha256 at the top level) lists that one file."""
+    from hf_distill.teacher_cache import load_teacher_cache
+    from hf_distill.teacher_cache.storage import _file_sha256
+
+    values, _ = precompute(tmp_path)
+    meta = next(tmp_path.glob("teacher-logits-*.json"))
+    provenance = json.loads(meta.read_text())
+    (shard,) = provenance.pop("shards")
+    arrow = tmp_path / shard["file"]
+    assert arrow.name == f"teacher-logits-{provenance['key']}.arrow"
+    meta.write_text(json.dumps({**provenance, "arrow_sha256": _file_sha256(arrow)}))
+    again, rows = precompute(tmp_path)
+    assert rows == 0
+    np.testing.assert_array_equal(again, values)
+    assert len(load_teacher_cache(tmp_path)) == NUM_ROWS
+    arrow.write_bytes(arrow.read_bytes()[:-50])  # its recorded size and hash are still checked
+    with pytest.raises(ValueError, match="bytes"):
+        load_teacher_cache(tmp_path)
