@@ -16,7 +16,7 @@ How one call goes (:func:`compute_shards`):
    computes those that fail: a missing or corrupt shard is recomputed alone. A shard is written to a
    temporary file and renamed (``datasets``), then checked for NaN and inf, then its record is
    written (atomically): no shard is ever taken as complete before it is.
-3. The processes meet once (``gather_object``); the main process checks every shard it is told of
+3. The processes meet once (a gloo group without a practical timeout); the main process checks every shard it is told of
    (present, its bytes and rows, its key) and writes the provenance listing them, last. A shard
    that another process reports as written but that the main process cannot see stops every
    process with an error naming the path: ``cache_dir`` must be on a filesystem every machine sees.
@@ -29,6 +29,8 @@ bit-identical with 1, 2 or 3 processes (same thread count, same machine).
 
 from __future__ import annotations
 
+import datetime
+import functools
 import json
 import logging
 import pickle
@@ -38,8 +40,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset, concatenate_datasets
 
 from .key import _CACHE_PREFIX, write_json_atomic
@@ -48,6 +50,7 @@ from .storage import _file_sha256, _listed_shards, _open_arrow
 logger = logging.getLogger(__name__)
 
 SHARD_RECORD_SUFFIX = ".shard.json"
+_LONGEST_WAIT = datetime.timedelta(days=7)
 
 
 def shard_bounds(num_rows: int, num_shards: int, sort_window: int) -> list[tuple[int, int]]:
@@ -182,13 +185,24 @@ def _portable(err: BaseException) -> BaseException:
         return RuntimeError(f"{type(err).__name__}: {err}")
 
 
+@functools.cache
+def _meeting_group() -> torch.distributed.ProcessGroup:
+    """A gloo group without a practical timeout: at the end, the processes wait for the slowest shard, which
+    on a resumed run (one shard left, the others done) can take far longer than the default group's timeout."""
+    return torch.distributed.new_group(backend="gloo", timeout=_LONGEST_WAIT)
+
+
 def all_processes(work: Callable[[], Any]) -> list[Any]:
     """Every process's ``work()``, on every process; when one raises, every process raises its error."""
     try:
         outcome = (work(), None)
     except Exception as err:
         own, outcome = err, (None, _portable(err))
-    outcomes = gather_object([outcome])
+    state = PartialState()
+    outcomes = [outcome]
+    if state.num_processes > 1:
+        outcomes = [None] * state.num_processes
+        torch.distributed.all_gather_object(outcomes, outcome, group=_meeting_group())
     for process, (_, error) in enumerate(outcomes):
         if error is not None:
             if process == PartialState().process_index:
@@ -208,7 +222,9 @@ def on_main(work: Callable[[], Any]) -> Any:
             outcome = [(work(), None)]
         except Exception as err:
             own, outcome = err, [(None, _portable(err))]
-    result, error = broadcast_object_list(outcome)[0]
+    if state.num_processes > 1:
+        torch.distributed.broadcast_object_list(outcome, src=0, group=_meeting_group())
+    result, error = outcome[0]
     if error is not None:
         if state.is_main_process:
             raise own
