@@ -15,9 +15,20 @@ For any tokenized dataset saved with ``Dataset.save_to_disk`` and any teacher he
 then train with ``hf_distill.teacher_cache.load_teacher_cache(logits_dir, ...)`` as the training
 dataset and ``teacher_model=None``. The provenance is in the ``.json`` beside the cache.
 
-One process does the work; under ``accelerate launch`` the main process computes and the others
-read the result. A refused request or cache prints one ``precompute_teacher_logits.py: error: ...`` line and
-exits with code 2; ``--debug`` (or ``HF_DISTILL_DEBUG=1``) shows the traceback.
+Under ``accelerate launch`` every process computes its own shard of the cache (``cache_dir``/``--logits_dir``
+must be on a filesystem every machine sees); the main process writes the provenance listing them:
+
+    accelerate launch --num_processes 8 scripts/precompute_teacher_logits.py --config recipes/glue/sst2.yaml \
+        --cache_dir /shared/hf_distill
+    # two machines of 8 GPUs, the same command on each with --machine_rank 0 / 1:
+    accelerate launch --num_machines 2 --num_processes 16 --machine_rank 0 --main_process_ip 10.0.0.1 \
+        --main_process_port 29500 scripts/precompute_teacher_logits.py --config recipes/glue/sst2.yaml \
+        --cache_dir /shared/hf_distill
+
+The cache is the same whatever the number of processes, and a killed run resumes from its complete shards.
+
+A refused request or cache prints one ``precompute_teacher_logits.py: error: ...`` line and exits with
+code 2; ``--debug`` (or ``HF_DISTILL_DEBUG=1``) shows the traceback.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from datasets import DatasetDict, load_from_disk
 from transformers import AutoTokenizer
 
@@ -163,14 +175,18 @@ def main(argv: list[str] | None = None) -> Path:
     )
     seconds = time.perf_counter() - start
     provenance = read_provenance(out)
+    meta = Path(cache_dir) / f"teacher-logits-{provenance['key']}.json"
+    if not PartialState().is_main_process:
+        return meta
     summary = {k: provenance[k] for k in ("key", "teacher", "weights_hash", "dtype", "top_k", "num_rows")}
     summary.update({k: provenance[k] for k in ("bytes_per_example", "bytes_per_token") if k in provenance})
     print(json.dumps(summary, indent=2))
     print(
-        f"{len(out)} examples in {seconds:.1f} s ({len(out) / seconds:.1f} examples/s, cache hits included)"
+        f"{len(out)} examples in {seconds:.1f} s ({len(out) / seconds:.1f} examples/s, cache hits included), "
+        f"{len(provenance.get('shards', [None]))} shard(s)"
     )
-    print(f"cache: {out.cache_files[0]['filename']}")
-    return Path(out.cache_files[0]["filename"])
+    print(f"cache: {meta}")
+    return meta
 
 
 if __name__ == "__main__":

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -462,39 +460,5 @@ def test_script_fills_the_cache_that_distill_glue_reads(tmp_path, capsys):
     written = path.stat().st_mtime_ns
     distill_glue.main([*flags, "--train_baseline", "false"])
     assert "reusing the fine-tuned teacher" in capsys.readouterr().out
-    assert list((cache / "teacher_logits").glob("*.arrow")) == [path]  # the same key: no second cache
+    assert list((cache / "teacher_logits").glob("*.json")) == [path]  # the same key: no second cache
     assert path.stat().st_mtime_ns == written
-
-
-_RANK_SCRIPT = """
-import json, sys
-sys.path.insert(0, {tests!r})
-from accelerate import PartialState
-from conftest import random_classification_dataset, tiny_bert
-from hf_distill.teacher_cache import precompute_teacher_logits
-
-state, teacher, calls = PartialState(cpu=True), tiny_bert(seed=1), []  # gloo: the CPU multi-process mode
-teacher.register_forward_hook(lambda *args: calls.append(1))
-out = precompute_teacher_logits(teacher, random_classification_dataset(24), cache_dir={cache!r})
-with open({report!r} + str(state.process_index), "w") as f:
-    json.dump({{"calls": len(calls), "logits": list(out["teacher_logits"])}}, f)
-"""
-
-
-@pytest.mark.slow
-def test_main_process_computes_and_the_other_ranks_read(tmp_path):
-    script = tmp_path / "rank.py"
-    report = str(tmp_path / "report")
-    script.write_text(_RANK_SCRIPT.format(tests=str(TESTS), cache=str(tmp_path / "cache"), report=report))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command += ["--main_process_port", str(port), "--num_machines", "1", "--mixed_precision", "no"]
-    command += ["--dynamo_backend", "no", str(script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    main, other = (json.loads(Path(report + str(rank)).read_text()) for rank in (0, 1))
-    assert main["calls"] > 0 and other["calls"] == 0
-    assert main["logits"] == other["logits"]

@@ -19,12 +19,12 @@ teacher sees the inputs as stored, so inputs that a collator changes at random e
 LM's dynamic masking) do not go with cached logits: mask once before caching (static masking), or
 run the teacher live.
 
-The cache is a ``datasets`` cache file written by ``Dataset.map(new_fingerprint=key,
-cache_file_name=...)``, which writes to a temporary file and renames it when complete, so an
-interrupted run leaves no file under the cache name. Beside it a JSON provenance file
+The cache is one or more ``datasets`` cache files (one per process that computed it, :mod:`.shards`)
+written by ``Dataset.map(cache_file_name=...)``, which writes to a temporary file and renames it
+when complete, so an interrupted run leaves no file under the cache name. Beside them a JSON provenance file
 (:func:`read_provenance`) records the teacher, its weights hash, the dtype, ``top_k``, every key
-component and the storage size; it is written after the arrow file, and a cache is used only when
-both exist and agree. The key (:func:`teacher_cache_key`) hashes everything that changes the
+component, the shard files and the storage size; it is written after the arrow files, and a cache is
+used only when all exist and agree. The key (:func:`teacher_cache_key`) hashes everything that changes the
 stored values: the dataset's fingerprint, the teacher's weights (:func:`weights_hash`, not its
 name), class and config, the tokenizer (:func:`tokenizer_hash`), the preprocessing settings, the
 stored dtype, ``top_k`` and the autocast dtype. A different request has a different key, hence a
@@ -33,7 +33,7 @@ opens a cache made elsewhere and refuses it when its provenance differs from wha
 
 One module per concept: :mod:`.key` (the key, the provenance file), :mod:`.storage` (the data
 file: columns, checks, size), :mod:`.inference` (the teacher's forward in length-sorted batches),
-:mod:`.precompute` (the two entry points).
+:mod:`.shards` (a cache in one shard per process), :mod:`.precompute` (the two entry points).
 """
 
 from .inference import length_sorted_batches

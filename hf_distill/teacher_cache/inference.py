@@ -18,6 +18,7 @@ from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from torch import nn
 
 from .. import tasks
+from ..errors import InputError
 from ..ragged import (
     BatchLayout,
     batch_bounds,
@@ -210,7 +211,7 @@ class _TeacherLogits:
         tokens, so the draws do not depend on how rows are batched, windowed or sharded.
         """
         if not bool(torch.isfinite(logits).all()):
-            raise ValueError(
+            raise InputError(
                 "The teacher's logits hold NaN or inf, so no tokens can be sampled from them: check the "
                 "teacher's weights and dtype."
             )
@@ -236,7 +237,7 @@ class _TeacherLogits:
             done.synchronize()
         # NaN and inf pass here: the whole cache is scanned for them before it is marked complete.
         if peak is not None and _FLOAT16_MAX < float(peak) < float("inf"):
-            raise ValueError(
+            raise InputError(
                 f"Teacher logits reach {float(peak):.3g}, beyond float16's range ({_FLOAT16_MAX:g}): "
                 "pass dtype='float32'."
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ _CONFIG_NOT_HASHED = {
 }
 _PROVENANCE_SUFFIX = ".json"
 _CACHE_PREFIX = "teacher-logits-"
+_PROVENANCE = re.compile(re.escape(_CACHE_PREFIX) + r"[0-9a-f]{32}" + re.escape(_PROVENANCE_SUFFIX))
+_SHARD = re.compile(r"(" + re.escape(_CACHE_PREFIX) + r"[0-9a-f]{32})-\d{5}-of-\d{5}\.arrow")
 
 
 def _sha256_json(value: Any) -> str:
@@ -67,7 +70,7 @@ def weights_hash(model: nn.Module) -> str:
     for name in sorted(state):
         tensor = state[name]
         if tensor.is_meta:
-            raise ValueError(
+            raise InputError(
                 f"Cannot hash the teacher's weights: {name!r} is on the meta device. Load the full teacher "
                 "(not a sharded or offloaded copy) to precompute its logits."
             )
@@ -107,14 +110,14 @@ def _teacher_columns(dataset: Dataset, teacher: nn.Module, task: str) -> dict[st
     columns = set(dataset.column_names)
     own = "teacher_input_ids" in columns
     if own and task != tasks.SEQUENCE_CLASSIFICATION:
-        raise ValueError(
+        raise InputError(
             f"The dataset has teacher_input_ids (a separate teacher tokenization) but the task is {task}: per-token "
             "teacher logits must line up with the student's tokens, so token-level tasks need one shared tokenizer. "
             "Drop the teacher_* columns and tokenize once with the teacher's tokenizer."
         )
     mapping = teacher_sources(columns, forward_params(teacher) & set(_INPUT_NAMES))
     if "input_ids" not in mapping:
-        raise ValueError(
+        raise InputError(
             f"precompute_teacher_logits needs a tokenized dataset with an input_ids column, got columns "
             f"{dataset.column_names}. Tokenize it first (dataset.map(tokenize, batched=True))."
         )
@@ -124,7 +127,7 @@ def _teacher_columns(dataset: Dataset, teacher: nn.Module, task: str) -> dict[st
 def _resolve_top_k(task: str, top_k: int | None) -> int | None:
     if task not in tasks.VOCABULARY_TASKS:
         if top_k is not None:
-            raise ValueError(
+            raise InputError(
                 f"top_k={top_k} applies to masked and causal LMs (large vocabularies); a {task} teacher stores "
                 "dense teacher_logits. Pass top_k=None."
             )
@@ -134,7 +137,7 @@ def _resolve_top_k(task: str, top_k: int | None) -> int | None:
     if top_k < 0:  # -1: dense [L, V]
         return None
     if top_k == 0:
-        raise ValueError("top_k must be >= 1 (or -1 for dense [L, V] logits), got 0.")
+        raise InputError("top_k must be >= 1 (or -1 for dense [L, V] logits), got 0.")
     return top_k
 
 
@@ -181,9 +184,9 @@ def teacher_cache_key(
     Arguments as in :func:`precompute_teacher_logits`.
     """
     if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"dtype must be one of {STORAGE_DTYPES} (the stored precision), got {dtype!r}.")
+        raise InputError(f"dtype must be one of {STORAGE_DTYPES} (the stored precision), got {dtype!r}.")
     if autocast_dtype is not None and autocast_dtype not in AUTOCAST_DTYPES:
-        raise ValueError(
+        raise InputError(
             f"autocast_dtype must be None or one of {list(AUTOCAST_DTYPES)}, got {autocast_dtype!r}."
         )
     try:
@@ -247,19 +250,24 @@ def _provenance_path(path: str | os.PathLike) -> Path:
     """The provenance JSON of a cache directory (holding exactly one cache) or of its .arrow/.json file."""
     path = Path(path)
     if path.is_dir():
-        found = sorted(path.glob(f"{_CACHE_PREFIX}*{_PROVENANCE_SUFFIX}"))
+        found = sorted(
+            p for p in path.glob(f"{_CACHE_PREFIX}*{_PROVENANCE_SUFFIX}") if _PROVENANCE.fullmatch(p.name)
+        )
         if not found:
             raise FileNotFoundError(
                 f"No complete teacher cache in {path} (no provenance file): it was never completed or is "
                 "elsewhere. Run precompute_teacher_logits (or scripts/precompute_teacher_logits.py) to build it."
             )
         if len(found) > 1:
-            raise ValueError(
+            raise InputError(
                 f"Expected exactly one teacher cache in {path}, found {len(found)} "
                 f"({[p.name for p in found]}): pass the .json or .arrow file of the one you want."
             )
         return found[0]
-    return path.with_suffix(_PROVENANCE_SUFFIX)
+    shard = _SHARD.fullmatch(path.name)  # one shard of several: the provenance of its cache
+    return (
+        path.with_name(shard.group(1) + _PROVENANCE_SUFFIX) if shard else path.with_suffix(_PROVENANCE_SUFFIX)
+    )
 
 
 def read_provenance(cache: str | os.PathLike | Dataset) -> dict[str, Any]:
@@ -270,7 +278,7 @@ def read_provenance(cache: str | os.PathLike | Dataset) -> dict[str, Any]:
             f["filename"] for f in cache.cache_files if Path(f["filename"]).name.startswith(_CACHE_PREFIX)
         ]
         if not files:
-            raise ValueError(
+            raise InputError(
                 "This dataset is not backed by a teacher cache file (it was computed in memory or transformed "
                 "since): read the provenance from the cache directory instead."
             )

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..errors import InputError
 from ..tasks import base_model, task_of
 from .inference import _TeacherLogits
 from .key import (
@@ -34,17 +35,28 @@ from .key import (
     weights_hash,
     write_json_atomic,
 )
+from .shards import (
+    all_processes,
+    check_shards,
+    compute_own_shards,
+    on_main,
+    open_shards,
+    plan_shards,
+    remove_records,
+)
 from .storage import (
-    _complete,
     _describe_size,
     _features,
-    _file_sha256,
     _open_arrow,
     _storage_size,
     check_finite_logits,
+    provenance_shards,
 )
 
 logger = logging.getLogger(__name__)
+
+# What the provenance lists of each shard.
+_SHARD_ENTRY = ("file", "index", "num_shards", "start", "num_rows", "arrow_bytes", "arrow_sha256")
 
 
 def precompute_teacher_logits(
@@ -100,9 +112,12 @@ def precompute_teacher_logits(
     teacher's forward sets the pace: around a teacher that costs nothing it reaches about 10^5
     examples/s on one CPU core (``benchmarks/bench_gpu.py``, the ceiling section).
 
-    On several processes the main process computes and writes the cache first; the others then
-    read it (``PartialState().main_process_first()``, so ``cache_dir`` must be visible to all).
-    The returned dataset's provenance: :func:`read_provenance`.
+    Under ``accelerate launch`` every process computes its own contiguous shard of the dataset and
+    writes it under the key; the main process checks them all and writes the provenance listing
+    them; every process returns the whole dataset (:mod:`.shards`). ``cache_dir`` must be on a
+    filesystem every process sees (every machine, with ``--num_machines``). The cache is the same
+    whatever the number of processes; a killed run resumes from its complete shards. The returned
+    dataset's provenance: :func:`read_provenance`.
     """
     task = task_of(teacher)
     key, components = teacher_cache_key(
@@ -124,13 +139,13 @@ def precompute_teacher_logits(
         if cache_dir is not None and cache_paths(cache_dir, expected_key)[1].exists():
             old = read_provenance(cache_paths(cache_dir, expected_key)[1])
             detail = " Differences: " + "; ".join(_mismatch(old, components)) + "."
-        raise ValueError(
+        raise InputError(
             f"The teacher cache requested has key {key} but expected_key={expected_key}: the teacher, dataset, "
             f"tokenizer or storage settings differ from those the expected cache was built with.{detail} "
             "Drop expected_key to compute a new cache."
         )
     if max_batch_tokens < 1 or max_batch_size < 1 or sort_window < 1:
-        raise ValueError(
+        raise InputError(
             f"max_batch_tokens, max_batch_size and sort_window must be >= 1, got {max_batch_tokens}, "
             f"{max_batch_size}, {sort_window}."
         )
@@ -171,33 +186,46 @@ def precompute_teacher_logits(
             out = _map(dataset, compute, key, keep_in_memory=True, **map_kwargs)
             check_finite_logits(out, where="the teacher's outputs")
             return out
-        arrow, meta = cache_paths(cache_dir, key)
-        with PartialState().main_process_first():
-            hit = _complete(arrow, meta, key, components)
-            if not hit:
-                arrow.parent.mkdir(parents=True, exist_ok=True)
-                meta.unlink(missing_ok=True)
-            out = _map_to_file(dataset, compute, key, arrow, hit, map_kwargs)
-            if not hit:
-                _refuse_nonfinite(out, arrow)
-                provenance = {
-                    **components,
-                    "key": key,
-                    "teacher": teacher_name or base_model(teacher).config._name_or_path or None,
-                    "columns": [c for c in out.column_names if c not in dataset.column_names],
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "versions": {"torch": torch.__version__, "datasets": version("datasets")},
-                    "arrow_bytes": arrow.stat().st_size,
-                    "arrow_sha256": _file_sha256(arrow),
-                    **_storage_size(out, task),
-                }
-                write_json_atomic(meta, provenance)
-                logger.info("Teacher cache written to %s (%s).", arrow, _describe_size(provenance))
-            elif len(out) != components["num_rows"]:
-                raise ValueError(
-                    f"Teacher cache {arrow} has {len(out)} rows, expected {components['num_rows']}."
-                )
-        return out
+        cache_dir = Path(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)  # on every machine: each writes its own shards
+        num_processes = PartialState().num_processes
+        shards, listed = on_main(lambda: plan_shards(cache_dir, key, components, num_processes, sort_window))
+
+        def compute_shard(shard: dict[str, Any], arrow: Path) -> None:
+            part = dataset.select(range(shard["start"], shard["start"] + shard["num_rows"]))
+            fingerprint = f"{key}-{shard['index']}-of-{shard['num_shards']}"
+            _refuse_nonfinite(_map_to_file(part, compute, fingerprint, arrow, False, map_kwargs), arrow)
+
+        reported = all_processes(lambda: compute_own_shards(cache_dir, shards, key, listed, compute_shard))
+        records = sorted((r for own in reported for r in own), key=lambda r: r["start"])
+
+        def finish() -> None:  # main process: every shard is there; the provenance, last
+            check_shards(cache_dir, records, key, components["num_rows"])
+            if listed and not any(r.get("computed") for r in records):
+                return  # a hit
+            out = open_shards(cache_dir, records, dataset)
+            provenance = {
+                **components,
+                "key": key,
+                "teacher": teacher_name or base_model(teacher).config._name_or_path or None,
+                "columns": [c for c in out.column_names if c not in dataset.column_names],
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "versions": {"torch": torch.__version__, "datasets": version("datasets")},
+                "shards": [{k: r[k] for k in _SHARD_ENTRY} for r in records],
+                "arrow_bytes": sum(r["arrow_bytes"] for r in records),
+                **_storage_size(out, task),
+            }
+            write_json_atomic(cache_paths(cache_dir, key)[1], provenance)
+            remove_records(cache_dir, records)
+            logger.info(
+                "Teacher cache written to %s in %d shard(s) (%s).",
+                cache_dir,
+                len(records),
+                _describe_size(provenance),
+            )
+
+        on_main(finish)
+        return _formatted(open_shards(cache_dir, records, dataset), dataset, key)
     finally:
         teacher.train(teacher_was_training)
 
@@ -206,6 +234,11 @@ def _map(dataset: Dataset, compute: _TeacherLogits, key: str, **map_kwargs) -> D
     """``dataset.map(compute)`` on Arrow batches (no conversion to Python lists either way), returned
     in ``dataset``'s format with the new columns added and the fingerprint ``key``."""
     out = dataset.with_format("arrow").map(compute, new_fingerprint=key, **map_kwargs)
+    return _formatted(out, dataset, key)
+
+
+def _formatted(out: Dataset, dataset: Dataset, key: str) -> Dataset:
+    """``out`` (``dataset`` with the teacher's columns) in ``dataset``'s format, with the fingerprint ``key``."""
     fmt = dataset.format
     columns = fmt["columns"]
     if columns is not None:
@@ -243,7 +276,7 @@ def _refuse_nonfinite(out: Dataset, arrow: Path) -> None:
         check_finite_logits(out, where="the teacher's outputs")
     except ValueError as err:
         arrow.unlink(missing_ok=True)
-        raise ValueError(f"{err} No cache was written (to {arrow}).") from None
+        raise InputError(f"{err} No cache was written (to {arrow}).") from None
 
 
 def load_teacher_cache(
@@ -269,7 +302,7 @@ def load_teacher_cache(
     """
     provenance = read_provenance(path)
     if provenance.get("format_version") != CACHE_FORMAT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"Teacher cache format {provenance.get('format_version')} but this hf-distill reads format "
             f"{CACHE_FORMAT_VERSION}: rebuild the cache with scripts/precompute_teacher_logits.py."
         )
@@ -282,7 +315,7 @@ def load_teacher_cache(
         )
     problems = _mismatch(provenance, want)
     if problems:
-        raise ValueError(
+        raise InputError(
             f"The teacher cache at {path} does not match what was asked for: {'; '.join(problems)}. "
             "Rebuild it with the intended teacher and settings (scripts/precompute_teacher_logits.py)."
         )
@@ -290,17 +323,20 @@ def load_teacher_cache(
     filed_under = meta.stem.removeprefix(_CACHE_PREFIX)
     components = {k: provenance.get(k) for k in _KEY_COMPONENTS}
     if provenance.get("key") != filed_under or _key_of(provenance, components) != filed_under:
-        raise ValueError(
+        raise InputError(
             f"The teacher-cache provenance {meta} is filed under key {filed_under} but says key "
             f"{provenance.get('key')!r} and its components hash to {_key_of(provenance, components)}: it was "
             "edited, or copied from another cache, so what it describes cannot be trusted. Rebuild the cache "
             "(scripts/precompute_teacher_logits.py) or put the right provenance back."
         )
-    arrow, _ = cache_paths(meta.parent, filed_under)
-    if not arrow.exists():
-        raise FileNotFoundError(
-            f"The teacher cache's provenance is there but its data file {arrow} is missing."
-        )
-    dataset = _open_arrow(arrow, provenance, verify_hash=verify)
-    check_finite_logits(dataset, where=f"the teacher cache {arrow}")
+    parts = []
+    for shard in provenance_shards(provenance):
+        arrow = meta.parent / shard["file"]
+        if not arrow.exists():
+            raise FileNotFoundError(
+                f"The teacher cache's provenance is there but its data file {arrow} is missing."
+            )
+        parts.append(_open_arrow(arrow, shard, verify_hash=verify))
+    dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    check_finite_logits(dataset, where=f"the teacher cache {meta.parent / provenance['key']}")
     return dataset

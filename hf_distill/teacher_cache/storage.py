@@ -21,8 +21,9 @@ from datasets import Dataset, List, Value
 from torch import nn
 
 from .. import tasks
+from ..errors import InputError
 from ..tasks import base_model
-from .key import _key_of, _mismatch, index_dtype
+from .key import _CACHE_PREFIX, _key_of, _mismatch, index_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def check_finite_logits(dataset: Dataset, *, where: str) -> None:
     found = nonfinite_rows(dataset)
     if found:
         detail = "; ".join(f"{name}: {len(rows)} rows, e.g. {rows[:10]}" for name, rows in found.items())
-        raise ValueError(
+        raise InputError(
             f"NaN, inf or missing values in {where} ({detail}). Cached teacher logits must be finite: recompute "
             "them with precompute_teacher_logits (dtype='float32' if float16 overflows), or drop those rows "
             "(dataset.select)."
@@ -127,21 +128,21 @@ def _open_arrow(arrow: Path, provenance: Mapping[str, Any], *, verify_hash: bool
     """The cache's data file, refused (``ValueError`` with the path) when truncated, garbled or short of rows."""
     size = arrow.stat().st_size
     if "arrow_bytes" in provenance and size != provenance["arrow_bytes"]:
-        raise ValueError(
+        raise InputError(
             f"Teacher cache {arrow} has {size} bytes, its provenance says {provenance['arrow_bytes']}: the file "
             "was truncated or changed after it was written."
         )
     if verify_hash and "arrow_sha256" in provenance and _file_sha256(arrow) != provenance["arrow_sha256"]:
-        raise ValueError(
+        raise InputError(
             f"Teacher cache {arrow} does not match the sha256 in its provenance: the file was garbled or "
             "changed after it was written."
         )
     try:
         dataset = Dataset.from_file(str(arrow))
     except (pa.ArrowException, OSError, ValueError) as err:
-        raise ValueError(f"Teacher cache {arrow} cannot be read: {type(err).__name__}: {err}") from None
+        raise InputError(f"Teacher cache {arrow} cannot be read: {type(err).__name__}: {err}") from None
     if len(dataset) != provenance.get("num_rows"):
-        raise ValueError(
+        raise InputError(
             f"Teacher cache {arrow} has {len(dataset)} rows, its provenance says {provenance.get('num_rows')}."
         )
     return dataset
@@ -161,39 +162,51 @@ def _storage_size(dataset: Dataset, task: str) -> dict[str, float]:
     return size
 
 
-def _complete(arrow: Path, meta: Path, key: str, components: Mapping[str, Any]) -> bool:
-    """Whether a finished, readable cache with ``key`` is there: both files, the provenance naming the key.
+def _listed_shards(meta: Path, key: str, components: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The shards a provenance lists when it describes the cache with ``key``; None without a usable one.
 
     A provenance that parses but disagrees with the request it is filed under (another key, or
     components that do not hash to its key) raises ``ValueError`` naming what differs: which of
-    the two files is wrong cannot be told, so neither is touched. An unreadable provenance, or a
-    data file that is truncated or garbled, is recomputed (with a warning).
+    the files is wrong cannot be told, so none is touched. An unreadable provenance is recomputed
+    (with a warning). The shards' files are not read here (:func:`~.shards.compute_own_shards`
+    checks each). A provenance written before shards existed lists its one file as one shard.
     """
-    if not (arrow.exists() and meta.exists()):
-        return False
+    if not meta.exists():
+        return None
     try:
         provenance = json.loads(meta.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         logger.warning("Teacher-cache provenance %s is not valid JSON: recomputing the cache.", meta)
-        return False
+        return None
     if not isinstance(provenance, dict):
         logger.warning("Teacher-cache provenance %s is not a JSON object: recomputing the cache.", meta)
-        return False
+        return None
     problems = _mismatch(provenance, {"key": key, **components})
     if provenance.get("key") == key and _key_of(provenance, components) != key and not problems:
         problems = [f"its components hash to {_key_of(provenance, components)}, not to its key {key}"]
     if problems:
-        raise ValueError(
+        raise InputError(
             f"The teacher-cache provenance {meta} is filed under key {key} but does not describe that cache: "
-            f"{'; '.join(problems)}. It was edited, or copied from another cache. Delete {meta} and {arrow} "
-            "to recompute, or put the right provenance back."
+            f"{'; '.join(problems)}. It was edited, or copied from another cache. Delete {meta} and its "
+            f"{meta.stem}*.arrow files to recompute, or put the right provenance back."
         )
-    try:
-        _open_arrow(arrow, provenance, verify_hash=True)  # one read of the file: cheap beside the teacher
-    except ValueError as err:
-        logger.warning("%s Recomputing the cache.", err)
-        return False
-    return True
+    return provenance_shards(provenance)
+
+
+def provenance_shards(provenance: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The shard files a provenance lists (``shards``), or the one file of a provenance without shards."""
+    if "shards" in provenance:
+        return [{**shard, "key": provenance["key"]} for shard in provenance["shards"]]
+    return [
+        {
+            "file": f"{_CACHE_PREFIX}{provenance['key']}.arrow",
+            "index": 0,
+            "num_shards": 1,
+            "start": 0,
+            "key": provenance["key"],
+            **{k: provenance[k] for k in ("num_rows", "arrow_bytes", "arrow_sha256") if k in provenance},
+        }
+    ]
 
 
 def _describe_size(provenance: Mapping[str, Any]) -> str:
