@@ -48,7 +48,9 @@ def word_tokenizer(vocab: list[str]) -> PreTrainedTokenizerFast:
     table = {w: i for i, w in enumerate(["<eos>", "<unk>", *vocab])}
     tok = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>"
+    )
 
 
 def tiny_teacher(folder: Path, vocab: list[str] = WORDS, positions: int = 64) -> Path:
@@ -83,7 +85,7 @@ def flags(tmp_path: Path, teacher: Path, data: Path, output: Path, *extra: str) 
     return [
         "--config", str(ROOT / "recipes/offline/smollm2.yaml"),
         "--dataset_name", str(data),
-        "--ood_dataset_name", "none" if False else str(data),
+        "--ood_dataset_name", str(data),
         "--teacher_model_name_or_path", str(teacher),
         "--student_num_layers", "2",
         "--block_size", "16",
@@ -167,7 +169,9 @@ def test_a_second_run_reuses_the_teacher_caches(finished_run):
     tmp, teacher, data, first = finished_run
     before = sorted(p.name for p in (tmp / "cache" / "teacher_logits").iterdir())
     assert len([n for n in before if n.endswith(".arrow")]) == 2  # the top-k and the RS-KD caches
-    args = flags(tmp, teacher, data, tmp / "again", "--teacher_modes", "topk", "sampled", "--train_baseline", "false")
+    args = flags(
+        tmp, teacher, data, tmp / "again", "--teacher_modes", "topk", "sampled", "--train_baseline", "false"
+    )
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts/distill_lm.py"), *args],
         capture_output=True,
@@ -185,3 +189,52 @@ def test_a_second_run_reuses_the_teacher_caches(finished_run):
         assert rows[training]["metrics"]["validation"]["loss"] == pytest.approx(
             old[training]["metrics"]["validation"]["loss"], rel=1e-6
         )
+
+
+# ---- refused before anything is written ------------------------------------------------------------------
+
+
+def refused(capsys, argv: list[str], output: Path) -> str:
+    """Run the script's main through run_script: one error line, exit 2, output_dir untouched."""
+    from hf_distill.cli import run_script
+
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text('{"earlier": true}')
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(distill_lm.main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("distill_lm.py: error: ") and "Traceback" not in "\n".join(err)
+    assert sorted(p.name for p in output.iterdir()) == ["results.json"]
+    assert (output / "results.json").read_text() == '{"earlier": true}'
+    return err[-1]
+
+
+def test_a_missing_text_column_is_refused(tmp_path, capsys):
+    teacher, data = tiny_teacher(tmp_path / "t"), write_text(tmp_path / "d.jsonl", corpus(10))
+    out = tmp_path / "out"
+    message = refused(capsys, flags(tmp_path, teacher, data, out, "--text_column", "body"), out)
+    assert "no column 'body'" in message and "['text']" in message
+
+
+def test_an_empty_corpus_is_refused(tmp_path, capsys):
+    teacher, data = tiny_teacher(tmp_path / "t"), write_text(tmp_path / "d.jsonl", [""] * 10)
+    out = tmp_path / "out"
+    assert "holds no text" in refused(capsys, flags(tmp_path, teacher, data, out), out)
+
+
+def test_a_block_size_beyond_the_teachers_positions_is_refused(tmp_path, capsys):
+    teacher, data = tiny_teacher(tmp_path / "t"), write_text(tmp_path / "d.jsonl", corpus(10))
+    out = tmp_path / "out"
+    message = refused(capsys, flags(tmp_path, teacher, data, out, "--block_size", "65"), out)
+    assert "block_size=65 is beyond the teacher's 64 positions" in message
+
+
+def test_a_student_checkpoint_with_another_tokenizer_is_refused(tmp_path, capsys):
+    teacher, data = tiny_teacher(tmp_path / "t"), write_text(tmp_path / "d.jsonl", corpus(10))
+    other = tiny_teacher(tmp_path / "other", vocab=list(reversed(WORDS)))  # same size, other ids
+    out = tmp_path / "out"
+    argv = flags(
+        tmp_path, teacher, data, out, "--students", "checkpoint", "--student_model_name_or_path", str(other)
+    )
+    assert "tokenizers have different vocabularies" in refused(capsys, argv, out)

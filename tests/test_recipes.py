@@ -13,8 +13,12 @@ from hf_distill.text_classification.arguments import read_recipe
 from hf_distill.text_classification.metrics import GLUE_MAIN_METRICS, load_glue_metric
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+# The language-model application's recipes (tests/test_lm_recipes.py parses them with its own parser).
+LM_RECIPES = [RECIPES / "offline" / "smollm2.yaml"]
 TASK_RECIPES = sorted(
-    [*RECIPES.glob("glue/*.yaml"), *RECIPES.glob("offline/*.yaml"), *RECIPES.glob("custom/*.yaml")]
+    p
+    for p in [*RECIPES.glob("glue/*.yaml"), *RECIPES.glob("offline/*.yaml"), *RECIPES.glob("custom/*.yaml")]
+    if p not in LM_RECIPES
 )
 # GLUE task -> its text columns and number of labels (1: regression), as nyu-mll/glue stores them.
 GLUE = {
