@@ -25,6 +25,7 @@ from hf_distill.language_modeling.data import pack
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import distill_lm  # noqa: E402
+from test_hub import hub  # noqa: E402,F401,F811  (the Hub-compatible server fixture)
 
 WORDS = "the a of to and in we our you they is was will for on with that this people country work".split()
 
@@ -238,3 +239,41 @@ def test_a_student_checkpoint_with_another_tokenizer_is_refused(tmp_path, capsys
         tmp_path, teacher, data, out, "--students", "checkpoint", "--student_model_name_or_path", str(other)
     )
     assert "tokenizers have different vocabularies" in refused(capsys, argv, out)
+
+
+# ---- publishing ------------------------------------------------------------------------------------------
+
+
+def test_push_to_hub_publishes_the_distilled_student_best_on_validation(tmp_path, hub):  # noqa: F811
+    from test_hub import TOKEN
+
+    from hf_distill.language_modeling.report import best_distilled
+
+    teacher, data = tiny_teacher(tmp_path / "t"), write_text(tmp_path / "d.jsonl", corpus())
+    repo = "test-user/tiny-lm-student"
+    summary = distill_lm.main(
+        flags(tmp_path, teacher, data, tmp_path / "out", "--push_to_hub", "true", "--hub_model_id", repo)
+        + ["--hub_token", TOKEN]
+    )
+    rows = summary["rows"]
+    distilled = [r for r in rows if r["mode"] is not None]
+    best = min(distilled, key=lambda r: r["metrics"]["validation"]["perplexity"])
+    assert summary["published_candidate"] == best["output_dir"]
+    downloaded = AutoModelForCausalLM.from_pretrained(repo, token=TOKEN)
+    local = AutoModelForCausalLM.from_pretrained(best["output_dir"])
+    for key, value in local.state_dict().items():
+        assert torch.equal(downloaded.state_dict()[key], value), key
+    # the choice is on validation, never on the out-of-domain split, and never the CE-only row
+    from hf_distill.language_modeling.report import RunResult
+
+    def row(mode, val, ood):
+        metrics = {"validation": {"perplexity": val}, "ood": {"perplexity": ood}}
+        return RunResult("s", "layers", mode or "CE only", mode, metrics, 1, 1.0, 1.0, [])
+
+    results = [
+        row(None, 1.0, 1.0),
+        row("live", 5.0, 100.0),
+        row("topk", 4.0, 900.0),
+        row("sampled", 6.0, 2.0),
+    ]
+    assert best_distilled(results).mode == "topk"
