@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -75,3 +76,26 @@ def output_logits(outputs, task: str) -> torch.Tensor:
     if task == QUESTION_ANSWERING:
         return torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)
     return outputs.logits
+
+
+def output_embedding(model: nn.Module) -> nn.Module:
+    """The output embedding (LM head) of a causal LM, inside any PEFT or DDP wrapper."""
+    return base_model(getattr(model, "module", model)).get_output_embeddings()
+
+
+def last_hidden_state(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """A causal LM's last hidden state ``(B, L, D)``, the input of its LM head, without its full logits.
+
+    The model is called as a whole (so DDP, PEFT and hooks see a normal forward), with ``logits_to_keep=1``
+    where its forward takes it; a hook on its decoder reads the decoder's output.
+    """
+    decoder = base_model(getattr(model, "module", model)).get_decoder()
+    captured: list[torch.Tensor] = []
+    handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        unwrapped = getattr(model, "module", model)
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(unwrapped) else {}
+        model(**inputs, **keep)
+    finally:
+        handle.remove()
+    return captured[-1]

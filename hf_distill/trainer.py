@@ -20,7 +20,7 @@ from .collator import TEACHER_INPUT_PREFIX, TEACHER_LOGIT_COLUMNS, DistillationD
 from .config import DistillationConfig
 from .hub import push_student
 from .model_card import card_data_from_trainer
-from .tasks import base_model, forward_params, output_logits, task_of
+from .tasks import base_model, forward_params, last_hidden_state, output_embedding, output_logits, task_of
 from .teacher_cache import check_finite_logits
 from .teachers import cast_teacher, check_compatible, load_teacher, prepare_teacher
 
@@ -49,29 +49,6 @@ class TeacherOutput:
     sample_counts: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-
-
-def _output_embedding(model: nn.Module) -> nn.Module:
-    """The output embedding (LM head) of a causal LM, inside any PEFT or DDP wrapper."""
-    return base_model(getattr(model, "module", model)).get_output_embeddings()
-
-
-def _last_hidden_state(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-    """A causal LM's last hidden state ``(B, L, D)``, the input of its LM head, without its full logits.
-
-    The model is called as a whole (so DDP, PEFT and hooks see a normal forward), with ``logits_to_keep=1``
-    where its forward takes it; a hook on its decoder reads the decoder's output.
-    """
-    decoder = base_model(getattr(model, "module", model)).get_decoder()
-    captured: list[torch.Tensor] = []
-    handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
-    try:
-        unwrapped = getattr(model, "module", model)
-        keep = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(unwrapped) else {}
-        model(**inputs, **keep)
-    finally:
-        handle.remove()
-    return captured[-1]
 
 
 def default_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
@@ -443,8 +420,8 @@ class DistillationTrainer(Trainer):
             and len(self.teachers) <= 1
             and args.kd_loss != "mse"
             and "teacher_logits" not in inputs
-            and _output_embedding(self.model).bias is None
-            and (not self.teachers or _output_embedding(self.teacher).bias is None)
+            and output_embedding(self.model).bias is None
+            and (not self.teachers or output_embedding(self.teacher).bias is None)
         )
 
     def compute_causal_lm_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False):
@@ -464,7 +441,7 @@ class DistillationTrainer(Trainer):
                 "(label -100 marks an unlabelled token), or set beta=0 to learn from the teacher alone."
             )
         student_inputs = {k: v for k, v in self._student_inputs(inputs).items() if k not in self.label_names}
-        hidden = _last_hidden_state(model, student_inputs)
+        hidden = last_hidden_state(model, student_inputs)
         width = hidden.shape[-1]
         mask = self._kd_mask(inputs, hidden.shape[1])
         if mask is None:
@@ -499,16 +476,16 @@ class DistillationTrainer(Trainer):
             else:
                 kd = args.kd_loss
                 with torch.no_grad():
-                    t_hidden = _last_hidden_state(self.teacher, self._teacher_inputs(inputs))
+                    t_hidden = last_hidden_state(self.teacher, self._teacher_inputs(inputs))
                 self._note_finite(TeacherOutput(hidden_states=(t_hidden,)))
                 teacher = {
                     "teacher_hidden": select(t_hidden),
-                    "teacher_head": _output_embedding(self.teacher).weight,
+                    "teacher_head": output_embedding(self.teacher).weight,
                 }
             sparse = {name: select(value) for name, value in sparse.items()}
         kd_value, ce_value = vocab_losses.chunked_lm_losses(
             select(hidden).reshape(-1, width),
-            _output_embedding(model).weight,
+            output_embedding(model).weight,
             kd=kd,
             temperature=args.temperature,
             labels=labels,
