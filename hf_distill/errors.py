@@ -25,3 +25,8 @@ def reading(what: str) -> Iterator[None]:
         yield
     except OSError as err:
         raise InputError(f"Cannot read {what}: {type(err).__name__}: {err}") from err
+
+
+class MissingFileError(InputError, FileNotFoundError):
+    """A file the user's input points at is not there (a checkpoint's part, a cache's shard): an
+    :class:`InputError` that ``except FileNotFoundError`` still catches."""

@@ -18,6 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from . import losses, tasks, vocab_losses
 from .collator import TEACHER_INPUT_PREFIX, TEACHER_LOGIT_COLUMNS, DistillationDataCollator, teacher_sources
 from .config import DistillationConfig
+from .errors import InputError, MissingFileError
 from .hub import push_student
 from .model_card import card_data_from_trainer
 from .tasks import base_model, forward_params, last_hidden_state, output_embedding, output_logits, task_of
@@ -97,7 +98,7 @@ class DistillationTrainer(Trainer):
                 "use hf_distill.DistillationConfig(output_dir=..., temperature=..., alpha=..., beta=...)."
             )
         if model is None:
-            raise ValueError("DistillationTrainer needs the student as `model`.")
+            raise InputError("DistillationTrainer needs the student as `model`.")
         self.task = task_of(model)
         listed = teacher_model if isinstance(teacher_model, list | tuple) else [teacher_model]
         dtype = args.teacher_torch_dtype
@@ -113,9 +114,9 @@ class DistillationTrainer(Trainer):
             )
         weights = args.teacher_weights or [1.0] * len(teachers)
         if teachers and len(weights) != len(teachers):
-            raise ValueError(f"teacher_weights has {len(weights)} entries for {len(teachers)} teachers.")
+            raise InputError(f"teacher_weights has {len(weights)} entries for {len(teachers)} teachers.")
         if len(teachers) > 1 and (args.hidden_loss_weight > 0 or args.attention_loss_weight > 0):
-            raise ValueError(
+            raise InputError(
                 "Hidden-state and attention losses take one teacher; an ensemble gives logits only."
             )
         if isinstance(train_dataset, Dataset):  # before the Trainer creates output_dir
@@ -159,18 +160,18 @@ class DistillationTrainer(Trainer):
             return
         label_columns = set(self.label_names) | {"label", "label_ids"}
         if self.args.beta > 0 and not label_columns & set(columns):
-            raise ValueError(
+            raise InputError(
                 f"beta={self.args.beta} weights the hard-label loss but the training dataset has no label column "
                 f"(columns: {columns}). Add labels, or set beta=0 to learn from the teacher's soft labels alone."
             )
         cached = any(c in columns for c in ("teacher_logits", "teacher_topk_values", "teacher_sample_ids"))
         if not self.teachers and not cached:
-            raise ValueError(
+            raise InputError(
                 "No teacher: pass teacher_model, or a training dataset with precomputed teacher logits "
                 "(hf_distill.precompute_teacher_logits)."
             )
         if not self.teachers and (self.args.hidden_loss_weight > 0 or self.args.attention_loss_weight > 0):
-            raise ValueError(
+            raise InputError(
                 "Hidden-state and attention losses need a live teacher_model, not cached logits."
             )
 
@@ -235,7 +236,7 @@ class DistillationTrainer(Trainer):
                 sample_ids=inputs["teacher_sample_ids"], sample_counts=inputs["teacher_sample_counts"]
             )
         if not self.teachers:
-            raise ValueError(
+            raise InputError(
                 "This batch has no precomputed teacher logits and no teacher_model was given: pass teacher_model, "
                 "or precompute teacher_logits for every example."
             )
@@ -322,7 +323,7 @@ class DistillationTrainer(Trainer):
                 student_logits, teacher.sample_ids, teacher.sample_counts, T, mask=mask
             )
         if t_logits.shape[-1] != student_logits.shape[-1] and self.task != tasks.QUESTION_ANSWERING:
-            raise ValueError(
+            raise InputError(
                 f"Teacher logits have {t_logits.shape[-1]} classes but the student has {student_logits.shape[-1]}: "
                 "were the cached teacher_logits computed for another task or label set?"
             )
@@ -360,7 +361,7 @@ class DistillationTrainer(Trainer):
         s_hidden, t_hidden = student_outputs.hidden_states, teacher.hidden_states
         layer_map = self.layer_map(len(s_hidden) - 1, len(t_hidden) - 1)
         if len(layer_map) != len(s_hidden) - 1 or max(layer_map) > len(t_hidden) - 1:
-            raise ValueError(
+            raise InputError(
                 f"layer_map={layer_map} must have one entry per student layer ({len(s_hidden) - 1}) with teacher "
                 f"layers between 0 and {len(t_hidden) - 1}."
             )
@@ -377,13 +378,13 @@ class DistillationTrainer(Trainer):
         """Mean over mapped layers of ``losses.attention_loss`` (needs eager attention, same head count)."""
         s_att, t_att = student_outputs.attentions, teacher.attentions
         if s_att is None or t_att is None or any(a is None for a in (*s_att, *t_att)):
-            raise ValueError(
+            raise InputError(
                 "attention_loss_weight > 0 needs attention maps: load student and teacher with "
                 "attn_implementation='eager'."
             )
         layer_map = self.layer_map(len(s_att), len(t_att))
         if s_att[0].shape[1] != t_att[0].shape[1]:
-            raise ValueError(
+            raise InputError(
                 f"The attention loss needs as many heads in the student ({s_att[0].shape[1]}) as in the teacher "
                 f"({t_att[0].shape[1]})."
             )
@@ -436,7 +437,7 @@ class DistillationTrainer(Trainer):
         args = self.args
         has_labels = self._has_labels(inputs)
         if args.beta > 0 and not has_labels:
-            raise ValueError(
+            raise InputError(
                 f"beta={args.beta} weights the hard-label loss but the batch has no {self.label_names}. Add labels "
                 "(label -100 marks an unlabelled token), or set beta=0 to learn from the teacher alone."
             )
@@ -469,7 +470,7 @@ class DistillationTrainer(Trainer):
                     "teacher_values": inputs["teacher_sample_counts"],
                 }
             elif self.teacher is None:
-                raise ValueError(
+                raise InputError(
                     "This batch has no precomputed teacher outputs and no teacher_model was given: pass "
                     "teacher_model, or precompute the teacher's outputs for every example."
                 )
@@ -518,7 +519,7 @@ class DistillationTrainer(Trainer):
         args = self.args
         has_labels = self._has_labels(inputs)
         if args.beta > 0 and not has_labels:
-            raise ValueError(
+            raise InputError(
                 f"beta={args.beta} weights the hard-label loss but the batch has no {self.label_names}. Add labels "
                 "(label -100 marks an unlabelled example), or set beta=0 to learn from the teacher alone."
             )
@@ -638,7 +639,7 @@ class DistillationTrainer(Trainer):
             return
         path = os.path.join(resume_from_checkpoint, HIDDEN_PROJECTION_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{resume_from_checkpoint} has no {HIDDEN_PROJECTION_NAME}: the hidden-state projection this run "
                 "trains (student width != teacher width) was not saved with it (a checkpoint from an older "
                 "hf-distill or another trainer). Resume from a checkpoint this trainer wrote, or start afresh."
@@ -647,7 +648,7 @@ class DistillationTrainer(Trainer):
         try:
             self.hidden_projection.load_state_dict(state)
         except RuntimeError as err:
-            raise ValueError(
+            raise InputError(
                 f"{path} does not fit this run's hidden-state projection "
                 f"({self.hidden_projection.in_features} -> {self.hidden_projection.out_features}): {err}. "
                 "Resume with the student and teacher that wrote the checkpoint."

@@ -44,7 +44,7 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset, concatenate_datasets
 
-from ..errors import InputError
+from ..errors import InputError, MissingFileError
 from .key import _CACHE_PREFIX, write_json_atomic
 from .storage import _file_sha256, _listed_shards, _open_arrow
 
@@ -52,10 +52,6 @@ logger = logging.getLogger(__name__)
 
 SHARD_RECORD_SUFFIX = ".shard.json"
 _LONGEST_WAIT = datetime.timedelta(days=7)
-
-
-class CacheNotSharedError(InputError, FileNotFoundError):
-    """A shard another process wrote is not visible to the main process: ``cache_dir`` is not shared."""
 
 
 def shard_bounds(num_rows: int, num_shards: int, sort_window: int) -> list[tuple[int, int]]:
@@ -244,7 +240,7 @@ def check_shards(cache_dir: Path, records: list[dict[str, Any]], key: str, num_r
     for record in sorted(records, key=lambda r: r["index"]):
         arrow = cache_dir / record["file"]
         if not arrow.exists():
-            raise CacheNotSharedError(
+            raise MissingFileError(
                 f"Process {record['process']} (on {record['host']}) wrote the teacher-cache shard {arrow}, but the "
                 f"main process (on {here}) cannot see it: cache_dir must be on a filesystem every machine sees "
                 "(e.g. NFS or a mounted bucket), at the same path. Point cache_dir there and run again; the "
