@@ -1,0 +1,56 @@
+"""benchmarks/bench_lm.py's summary: each cached teacher's gain over the CE twin of its own seed, and its share
+of dense KD's gain, computed from the rows as an independent check writes them out here."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_lm.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_lm", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _summary(ce: float, live: float, topk: float, sampled: float) -> dict:
+    def row(kind, training, mode, loss, **extra):
+        metrics = {s: {"loss": loss, "perplexity": math.exp(loss)} for s in ("validation", "ood")}
+        return {"name": kind, "kind": kind, "training": training, "mode": mode, "metrics": metrics, **extra}
+
+    return {
+        "rows": [
+            row("teacher", "teacher", None, 2.0),
+            row("layers", "CE only", None, ce, step_time_vs_ce=1.0),
+            row("layers", "KD, live teacher", "live", live, step_time_vs_ce=1.6),
+            row("layers", "KD, top-k cache", "topk", topk, step_time_vs_ce=1.05, cache_bytes_per_token=36.0),
+            row("layers", "KD, RS-KD cache", "sampled", sampled, step_time_vs_ce=1.02, cache_bytes_per_token=36.1),
+        ]
+    }
+
+
+def test_gains_and_shares_are_taken_against_each_seeds_own_twin():
+    bench = _bench()
+    seeds = {"1": _summary(5.0, 4.0, 4.5, 4.1), "2": _summary(6.0, 5.5, 5.9, 5.6)}
+    agg = bench.aggregate(seeds)
+    assert agg["gains"]["live"]["validation_gain"] == pytest.approx([1.0, 0.5])
+    assert agg["gains"]["sampled"]["validation_share_of_dense_gain"] == pytest.approx([0.9, 0.8])
+    assert agg["gains"]["topk"]["validation_share_of_dense_gain"] == pytest.approx([0.5, 0.2])
+    assert agg["rows"]["KD, RS-KD cache"]["cache_bytes_per_token"] == [36.1, 36.1]
+    table = bench.table({"seeds": seeds, "gkd": None})
+    assert "| layers | KD, RS-KD cache | " in table and "85% (80%-90%)" in table  # median (min-max) of the shares
+
+
+def test_no_share_when_dense_kd_does_not_gain():
+    bench = _bench()
+    agg = bench.aggregate({"1": _summary(5.0, 5.2, 5.1, 5.0)})
+    assert "validation_share_of_dense_gain" not in agg["gains"]["sampled"]  # a share of a loss is meaningless
+    assert agg["gains"]["live"]["validation_gain"] == pytest.approx([-0.2])
