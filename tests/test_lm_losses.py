@@ -204,3 +204,65 @@ def test_bad_inputs_say_what_is_wrong(kwargs, message):
     arguments = {"teacher_hidden": x["teacher_hidden"], "teacher_head": x["teacher_head"]} | kwargs
     with pytest.raises(ValueError, match=message):
         chunked_lm_losses(x["hidden"], x["head"], **arguments)
+
+
+def _gradients(kd_value, hidden, head):
+    grads = torch.autograd.grad(kd_value, (hidden, head))
+    return torch.cat([g.flatten() for g in grads])
+
+
+def test_sampled_gradient_is_unbiased_for_the_forward_kl_gradient():
+    """Mean gradient over many independent RS-KD draws = dense forward-KL gradient, within 4 standard errors.
+
+    The same tolerance rejects top-k's gradient (k = 3 of 11), a biased estimate: the test can tell a
+    biased estimate from an unbiased one at this number of draws.
+    """
+    T, draws, num_samples = 2.0, 400, 12
+    g = torch.Generator().manual_seed(8)
+    n, d, vocab = 3, 4, 11
+    hidden = torch.randn(n, d, generator=g).requires_grad_()
+    head = torch.randn(vocab, d, generator=g).requires_grad_()
+    teacher_logits = torch.randn(n, vocab, generator=g) * 2
+    # The dense teacher as hidden states and head: identity head, so teacher logits = teacher_hidden.
+    dense = {"teacher_hidden": teacher_logits, "teacher_head": torch.eye(vocab)}
+    kl_value, _ = chunked_lm_losses(hidden, head, kd="kl", temperature=T, **dense, chunk_size=2)
+    dense_grad = _gradients(kl_value, hidden, head)
+
+    ids, counts = sample_teacher_tokens(teacher_logits.repeat(draws, 1), num_samples, T, generator=g)
+    ids, counts = ids.view(draws, n, num_samples), counts.view(draws, n, num_samples)
+    values, grads = [], []
+    for r in range(draws):
+        value, _ = chunked_lm_losses(
+            hidden,
+            head,
+            kd="sampled",
+            temperature=T,
+            teacher_ids=ids[r],
+            teacher_values=counts[r],
+            chunk_size=2,
+        )
+        values.append(value.detach())
+        grads.append(_gradients(value, hidden, head))
+    grads = torch.stack(grads)
+    mean, standard_error = grads.mean(0), grads.std(0) / draws**0.5
+    tolerance = 4 * standard_error + 1e-6
+    assert ((mean - dense_grad).abs() <= tolerance).all(), ((mean - dense_grad).abs() / standard_error).max()
+
+    # The value estimates the cross-entropy T**2 * H(p_t, p_s) = KL + T**2 * H(p_t), not the KL.
+    log_p_t = F.log_softmax(teacher_logits / T, dim=-1)
+    teacher_entropy = T**2 * -(log_p_t.exp() * log_p_t).sum(-1).mean()
+    values = torch.stack(values)
+    expected = kl_value.detach() + teacher_entropy
+    assert (values.mean() - expected).abs() <= 4 * values.std() / draws**0.5
+
+    topk = teacher_logits.topk(3, dim=-1)
+    topk_value, _ = chunked_lm_losses(
+        hidden,
+        head,
+        kd="topk",
+        temperature=T,
+        teacher_ids=topk.indices,
+        teacher_values=topk.values,
+        chunk_size=2,
+    )
+    assert ((_gradients(topk_value, hidden, head) - dense_grad).abs() > tolerance).any()
