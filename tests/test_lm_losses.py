@@ -266,3 +266,12 @@ def test_sampled_gradient_is_unbiased_for_the_forward_kl_gradient():
         chunk_size=2,
     )
     assert ((_gradients(topk_value, hidden, head) - dense_grad).abs() > tolerance).any()
+
+
+def test_a_second_backward_says_to_recompute():
+    x = _inputs(seed=9)
+    hidden, head = _leaves(x)
+    kd_value, _ = _chunked("kl", hidden, head, x, 1.0, 4)
+    kd_value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="compute the losses again"):
+        kd_value.backward()
