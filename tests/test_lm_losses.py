@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -275,3 +279,30 @@ def test_a_second_backward_says_to_recompute():
     kd_value.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="compute the losses again"):
         kd_value.backward()
+
+
+def _bench():
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_lm_loss.py"
+    spec = importlib.util.spec_from_file_location("bench_lm_loss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_variants_compute_the_same_gradients():
+    """Dense and chunked variants of the memory benchmark compare like with like."""
+    bench = _bench()
+    x = bench.make_inputs(40, 8, 64, k=5, num_samples=4, device="cpu") | {"chunk_size": 16}
+    grads = {variant: bench.run_variant(variant, x) for variant in bench.VARIANTS}
+    for dense, chunked in [*bench.PAIRS.values(), ("dense_kl", "chunked_kl_separate")]:
+        torch.testing.assert_close(grads[chunked], grads[dense], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_benchmark_small_writes_every_ratio(tmp_path):
+    bench = _bench()
+    results = bench.main(["--small", "--rounds", "1", "--out", str(tmp_path / "lm_loss.json")])
+    assert json.loads((tmp_path / "lm_loss.json").read_text()) == json.loads(json.dumps(results))
+    assert set(results["summary"]) == set(bench.VARIANTS)
+    assert all(s["median_seconds"] > 0 and s["peak_mib"] > 0 for s in results["summary"].values())
+    assert set(results["ratios"]) == {"kl", "topk", "sampled", "kl_separate"}
