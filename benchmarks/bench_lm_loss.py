@@ -14,7 +14,8 @@ the variant once on tiny inputs (warm-up), records its resident memory, runs the
 full size, and reports ``ru_maxrss`` minus that (the peak memory of the loss above its inputs;
 if building the inputs peaked higher, this overstates the loss's peak) and the call's wall time. Rounds interleave the
 variants in a rotating order, so that load from other processes hits each alike; times are the
-median over rounds, and the load average is recorded beside them. Goal (issue 16): chunked peak
+median over rounds (wall, and the process's CPU time, which other processes disturb less), and
+the load average is recorded beside them. Goal (issue 16): chunked peak
 at most 20% of dense, at no more than 1.2x its time.
 
     python benchmarks/bench_lm_loss.py                # ~15-25 min on one shared CPU core
@@ -156,18 +157,71 @@ def worker(args: argparse.Namespace) -> dict:
         base = torch.cuda.memory_allocated()
     else:  # what the process holds now; the peak so far (building the inputs) is below it plus a block
         base = _resident_bytes()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     run_variant(args.worker, x)
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = _peak_bytes() - base
-    return {"seconds": time.perf_counter() - start, "peak_bytes": peak}
+    return {
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
+        "peak_bytes": peak,
+    }
 
 
 def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
+
+
+def summarise(args: argparse.Namespace, runs: dict[str, list[dict]], loads: list, rounds_done: int) -> dict:
+    """Medians (min-max) over the rounds so far, chunked/dense ratios, and the settings."""
+    summary = {
+        v: {
+            "median_seconds": statistics.median(m["seconds"] for m in ms),
+            "min_seconds": min(m["seconds"] for m in ms),
+            "max_seconds": max(m["seconds"] for m in ms),
+            "median_cpu_seconds": statistics.median(m["cpu_seconds"] for m in ms),
+            "peak_mib": statistics.median(m["peak_bytes"] for m in ms) / 2**20,
+        }
+        for v, ms in runs.items()
+    }
+    pairs = {**PAIRS, "kl_separate": ("dense_kl", "chunked_kl_separate")}
+    ratios = {
+        kd: {
+            "peak_chunked_over_dense": summary[chunked]["peak_mib"] / summary[dense]["peak_mib"],
+            "time_chunked_over_dense": summary[chunked]["median_seconds"] / summary[dense]["median_seconds"],
+            "cpu_time_chunked_over_dense": summary[chunked]["median_cpu_seconds"]
+            / summary[dense]["median_cpu_seconds"],
+        }
+        for kd, (dense, chunked) in pairs.items()
+        if dense in summary and chunked in summary
+    }
+    results = {
+        "sizes": {
+            "tokens": args.tokens,
+            "batch": args.batch,
+            "seq_len": args.seq_len,
+            "dim": args.dim,
+            "vocab": args.vocab,
+            "chunk_size": args.chunk_size,
+            "k": args.k,
+            "num_samples": args.num_samples,
+            "dtype": "float32",
+        },
+        "device": args.device,
+        "threads": args.threads,
+        "rounds": rounds_done,
+        "load_average_1_5_15_between_rounds": loads,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "summary": summary,
+        "ratios": ratios,
+        "goal": "chunked peak <= 0.20 x dense, chunked time <= 1.2 x dense",
+        "runs": runs,
+    }
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -219,64 +273,23 @@ def main(argv: list[str] | None = None) -> dict:
             )
         loads.append(_load())
 
-    summary = {
-        v: {
-            "median_seconds": statistics.median(m["seconds"] for m in ms),
-            "min_seconds": min(m["seconds"] for m in ms),
-            "max_seconds": max(m["seconds"] for m in ms),
-            "peak_mib": statistics.median(m["peak_bytes"] for m in ms) / 2**20,
-        }
-        for v, ms in runs.items()
-    }
-    ratios = {}
-    for kd, (dense, chunked) in PAIRS.items():
-        if dense in summary and chunked in summary:
-            ratios[kd] = {
-                "peak_chunked_over_dense": summary[chunked]["peak_mib"] / summary[dense]["peak_mib"],
-                "time_chunked_over_dense": summary[chunked]["median_seconds"]
-                / summary[dense]["median_seconds"],
-            }
-    if "chunked_kl_separate" in summary and "dense_kl" in summary:
-        ratios["kl_separate"] = {
-            "peak_chunked_over_dense": summary["chunked_kl_separate"]["peak_mib"]
-            / summary["dense_kl"]["peak_mib"],
-            "time_chunked_over_dense": summary["chunked_kl_separate"]["median_seconds"]
-            / summary["dense_kl"]["median_seconds"],
-        }
-    results = {
-        "sizes": {
-            "tokens": args.tokens,
-            "batch": args.batch,
-            "seq_len": args.seq_len,
-            "dim": args.dim,
-            "vocab": args.vocab,
-            "chunk_size": args.chunk_size,
-            "k": args.k,
-            "num_samples": args.num_samples,
-            "dtype": "float32",
-        },
-        "device": args.device,
-        "threads": args.threads,
-        "rounds": args.rounds,
-        "load_average_1_5_15_between_rounds": loads,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "summary": summary,
-        "ratios": ratios,
-        "goal": "chunked peak <= 0.20 x dense, chunked time <= 1.2 x dense",
-        "runs": runs,
-    }
-    print(f"\n{'variant':22s} {'median s':>9s} {'(min-max)':>16s} {'peak MiB':>10s}")
+        results = summarise(args, runs, loads, rounds_done=r + 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")  # after every round: a long run keeps them
+
+    summary, ratios = results["summary"], results["ratios"]
+    print(f"\n{'variant':22s} {'median s':>9s} {'(min-max)':>18s} {'CPU s':>8s} {'peak MiB':>10s}")
     for v, s in summary.items():
         spread = f"({s['min_seconds']:.2f}-{s['max_seconds']:.2f})"
-        print(f"{v:22s} {s['median_seconds']:9.2f} {spread:>16s} {s['peak_mib']:10.1f}")
+        print(
+            f"{v:22s} {s['median_seconds']:9.2f} {spread:>18s} {s['median_cpu_seconds']:8.2f} {s['peak_mib']:10.1f}"
+        )
     for kd, r in ratios.items():
         print(
-            f"{kd:12s} chunked/dense: peak {r['peak_chunked_over_dense']:.3f}, time {r['time_chunked_over_dense']:.2f}"
+            f"{kd:12s} chunked/dense: peak {r['peak_chunked_over_dense']:.3f}, "
+            f"time {r['time_chunked_over_dense']:.2f}, CPU time {r['cpu_time_chunked_over_dense']:.2f}"
         )
     print(f"load average (1, 5, 15 min) before and after each round: {loads}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 

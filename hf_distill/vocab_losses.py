@@ -292,6 +292,8 @@ def _check_inputs(
         raise ValueError("grad_weights=(0, 0) weights both losses by zero; pass None or a nonzero weight.")
     if labels is not None and tuple(labels.shape) != (n,):
         raise ValueError(f"labels must be (N,) = ({n},), got {tuple(labels.shape)}.")
+    if labels is not None and (labels.dtype.is_floating_point or labels.dtype == torch.bool):
+        raise TypeError(f"labels must be integer token ids (-100 to ignore), got dtype {labels.dtype}.")
     if kd in _DENSE_TEACHER:
         if teacher_hidden is None or teacher_head is None:
             raise ValueError(

@@ -210,6 +210,20 @@ def test_bad_inputs_say_what_is_wrong(kwargs, message):
         chunked_lm_losses(x["hidden"], x["head"], **arguments)
 
 
+def test_float_ids_or_labels_are_refused():
+    x = _inputs()
+    with pytest.raises(TypeError, match="teacher_ids must be integer"):
+        chunked_lm_losses(
+            x["hidden"],
+            x["head"],
+            kd="topk",
+            teacher_ids=x["topk_ids"].float(),
+            teacher_values=x["topk_values"],
+        )
+    with pytest.raises(TypeError, match="labels must be integer"):
+        chunked_lm_losses(x["hidden"], x["head"], kd=None, labels=x["labels"].float())
+
+
 def _gradients(kd_value, hidden, head):
     grads = torch.autograd.grad(kd_value, (hidden, head))
     return torch.cat([g.flatten() for g in grads])
