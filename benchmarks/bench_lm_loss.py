@@ -9,10 +9,10 @@ kept apart, twice the gradient's matrix products).
 
 Sizes default to a batch of 8 x 1,024 tokens with SmolLM2-135M's width and vocabulary (D = 576,
 V = 49,152), float32 on CPU; the teacher has the same width. Every measurement runs in a fresh
-subprocess: it builds the inputs (the caches from the teacher's logits 64 positions at a time), runs
-the variant once on tiny inputs (warm-up), records its resident memory, runs the variant once at
-full size, and reports ``ru_maxrss`` minus that (the peak memory of the loss above its inputs;
-if building the inputs peaked higher, this overstates the loss's peak) and the call's wall time. Rounds interleave the
+subprocess: it builds the inputs, runs the variant once on tiny inputs (warm-up), hands freed heap
+memory back (``malloc_trim``) and resets the peak resident size, runs the variant once at full
+size, and reports the peak resident size minus the resident size before the call (the peak memory
+of the loss above its inputs; ``VmHWM - VmRSS`` from ``/proc/self/status``) and the call's time. Rounds interleave the
 variants in a rotating order, so that load from other processes hits each alike; times are the
 median over rounds (wall, and the process's CPU time, which other processes disturb less), and
 the load average is recorded beside them. Goal (issue 16): chunked peak
@@ -28,10 +28,11 @@ Results: ``benchmarks/results/lm_loss.json`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import importlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -134,13 +135,23 @@ def run_variant(variant: str, x: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return hidden.grad, head.grad
 
 
-def _peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+def _status_bytes(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak) of this process, from ``/proc/self/status``."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _reset_peak_resident() -> int:
+    """Give freed heap memory back to the system, reset the peak resident size to now, return now.
+
+    Without ``malloc_trim``, memory freed while the inputs were built stays resident and the loss's
+    blocks reuse it without the resident size growing; without the reset, the peak of building the
+    inputs would hide the loss's peak. (Linux 4.0+: writing 5 to ``/proc/self/clear_refs``.)"""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_bytes("VmRSS")
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -151,19 +162,20 @@ def worker(args: argparse.Namespace) -> dict:
     run_variant(args.worker, tiny)
     x = make_inputs(args.tokens, args.dim, args.vocab, args.k, args.num_samples, device)
     x["chunk_size"] = args.chunk_size
+    gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:  # what the process holds now; the peak so far (building the inputs) is below it plus a block
-        base = _resident_bytes()
+    else:
+        base = _reset_peak_resident()
     start, cpu_start = time.perf_counter(), time.process_time()
     run_variant(args.worker, x)
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = _peak_bytes() - base
+        peak = _status_bytes("VmHWM") - base
     return {
         "seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - cpu_start,
