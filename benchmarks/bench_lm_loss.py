@@ -9,8 +9,9 @@ kept apart, twice the gradient's matrix products).
 
 Sizes default to a batch of 8 x 1,024 tokens with SmolLM2-135M's width and vocabulary (D = 576,
 V = 49,152), float32 on CPU; the teacher has the same width. Every measurement runs in a fresh
-subprocess: it builds the inputs, runs the variant once on tiny inputs (warm-up), hands freed heap
-memory back (``malloc_trim``) and resets the peak resident size, runs the variant once at full
+subprocess (``MALLOC_MMAP_THRESHOLD_=1048576``, see ``WORKER_ENV``): it builds the inputs, runs the
+variant once on tiny inputs (warm-up), hands freed heap memory back (``malloc_trim``) and resets
+the peak resident size, runs the variant once at full
 size, and reports the peak resident size minus the resident size before the call (the peak memory
 of the loss above its inputs; ``VmHWM - VmRSS`` from ``/proc/self/status``) and the call's time. Rounds interleave the
 variants in a rotating order, so that load from other processes hits each alike; times are the
@@ -56,6 +57,10 @@ PAIRS = {"kl": ("dense_kl", "chunked_kl"), "topk": ("dense_topk", "chunked_topk"
 PAIRS["sampled"] = ("dense_sampled", "chunked_sampled")
 RESULTS = Path(__file__).parent / "results" / "lm_loss.json"
 PACKAGE = Path(__file__).resolve().parent.parent / "hf_distill"
+# glibc serves every block of 1 MiB or more with its own mmap and unmaps it when freed, so the resident
+# size follows the tensors alive. Left to itself, it raises that threshold as blocks are freed and serves
+# later blocks from a heap whose freed pages stay resident: the peak then depends on the history.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 
 def _losses() -> types.ModuleType:
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
                 [sys.executable, __file__, f"--worker={variant}", *shared],
                 capture_output=True,
                 text=True,
-                env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+                env=os.environ | WORKER_ENV | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
             )
             if out.returncode != 0:
                 raise RuntimeError(f"{variant} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
