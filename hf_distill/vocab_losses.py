@@ -65,37 +65,54 @@ def sample_teacher_tokens(
     return ids, counts
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)`` for ``(c, V)`` tensors, without the ``(c, V)`` product."""
+    return torch.einsum("cv,cv->c", a, b)
+
+
 def _kd_grad(
     kd: str,
-    z: torch.Tensor,
+    log_p_s: torch.Tensor,
     temperature: float,
-    teacher_z: torch.Tensor | None,
+    teacher_hidden: torch.Tensor | None,
+    teacher_head: torch.Tensor | None,
     ids: torch.Tensor | None,
     values: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position soft-label loss ``l`` (before ``T**2``) and ``dl/ds`` for ``s = z / T``, one chunk.
 
-    Shapes: ``z``, ``teacher_z``: ``(c, V)`` float32; ``ids``, ``values``: ``(c, k)``. Returns
-    ``(l, g)`` of shapes ``(c,)`` and ``(c, V)``.
+    Works in place on ``log_p_s = log_softmax(s)`` (float32) and frees each ``(c, V)`` block as soon
+    as it is used, so that at most four are alive at once (two for the sparse teachers). Shapes:
+    ``log_p_s``: ``(c, V)``; ``teacher_hidden``: ``(c, Dt)``, ``teacher_head``: ``(V, Dt)``; ``ids``,
+    ``values``: ``(c, k)``. Returns ``(l, g)`` of shapes ``(c,)`` and ``(c, V)``.
     """
-    log_p_s = F.log_softmax(z / temperature, dim=-1)
-    p_s = log_p_s.exp()
     if kd in _DENSE_TEACHER:
-        log_p_t = F.log_softmax(teacher_z / temperature, dim=-1)
+        teacher_z = (teacher_hidden @ teacher_head.T).float()
+        log_p_t = F.log_softmax(teacher_z.div_(temperature), dim=-1)
+        del teacher_z
+    if kd == "kl":  # l = sum p_t (log p_t - log p_s);  dl/ds = p_s - p_t
         p_t = log_p_t.exp()
-        if kd == "kl":  # l = sum p_t (log p_t - log p_s);  dl/ds = p_s - p_t
-            per_position = (p_t * (log_p_t - log_p_s)).sum(-1)
-            return per_position, p_s.sub_(p_t)
-        if kd == "reverse_kl":  # l = sum p_s (log p_s - log p_t);  dl/ds = p_s * (log p_s - log p_t - l)
-            diff = log_p_s.sub_(log_p_t)
-            per_position = (p_s * diff).sum(-1)
-            return per_position, p_s.mul_(diff.sub_(per_position[:, None]))
-        # jsd, m = (p_s + p_t) / 2:  l = (KL(p_t||m) + KL(p_s||m)) / 2;  dl/dp_s = (log p_s - log m) / 2,
-        # dl/ds = p_s * (a - sum p_s a) with a = dl/dp_s (the softmax Jacobian).
+        per_position = _dot(p_t, log_p_t.sub_(log_p_s))
+        del log_p_t
+        return per_position, log_p_s.exp_().sub_(p_t)
+    if kd == "reverse_kl":  # l = sum p_s (log p_s - log p_t);  dl/ds = p_s * (log p_s - log p_t - l)
+        p_s = log_p_s.exp()
+        diff = log_p_s.sub_(log_p_t)
+        del log_p_t
+        per_position = _dot(p_s, diff)
+        return per_position, p_s.mul_(diff.sub_(per_position[:, None]))
+    if kd == "jsd":
+        # m = (p_s + p_t) / 2:  l = (KL(p_t||m) + KL(p_s||m)) / 2;  dl/dp_s = a = (log p_s - log m) / 2,
+        # dl/ds = p_s * (a - sum p_s a) (the softmax Jacobian), and sum p_s a = KL(p_s||m) / 2.
         log_m = torch.logaddexp(log_p_s, log_p_t).sub_(math.log(2.0))
-        per_position = ((p_t * (log_p_t - log_m)).sum(-1) + (p_s * (log_p_s - log_m)).sum(-1)) / 2
-        a = log_p_s.sub_(log_m).mul_(0.5)
-        return per_position, p_s.mul_(a.sub_((p_s * a).sum(-1, keepdim=True)))
+        p_t = log_p_t.exp()
+        kl_t = _dot(p_t, log_p_t.sub_(log_m))
+        del p_t, log_p_t
+        p_s = log_p_s.exp()
+        a = log_p_s.sub_(log_m)
+        del log_m
+        kl_s = _dot(p_s, a)
+        return (kl_t + kl_s) / 2, p_s.mul_(a.sub_(kl_s[:, None]).mul_(0.5))
     # Sparse teacher: weights w_j on ids id_j, l = const - sum_j w_j log p_s[id_j];
     # dl/ds = p_s * sum_j w_j - scatter(w), since d log p_s[i] / ds = onehot(i) - p_s.
     ids = ids.long()
@@ -108,8 +125,7 @@ def _kd_grad(
         counts = values.float()
         w = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
         per_position = -(w * log_p_s_ids).sum(-1)
-    grad = p_s.mul_(w.sum(-1, keepdim=True)).scatter_add_(-1, ids, -w)
-    return per_position, grad
+    return per_position, log_p_s.exp_().mul_(w.sum(-1, keepdim=True)).scatter_add_(-1, ids, -w)
 
 
 class _ChunkedLMLosses(torch.autograd.Function):
@@ -156,19 +172,6 @@ class _ChunkedLMLosses(torch.autograd.Function):
             h = hidden[rows]
             z = (h @ head.T).float()
             chunk_grads = {}
-            if has_kd:
-                teacher_z = (teacher_hidden[rows] @ teacher_head.T).float() if kd in _DENSE_TEACHER else None
-                per_position, g = _kd_grad(
-                    kd,
-                    z,
-                    temperature,
-                    teacher_z,
-                    None if ids is None else ids[rows],
-                    None if values is None else values[rows],
-                )
-                del teacher_z
-                kd_sum += temperature**2 * per_position.sum()
-                chunk_grads["kd"] = g.mul_(kd_scale)
             if has_ce:  # l = -log softmax(z)[y] at T = 1;  dl/dz = softmax(z) - onehot(y), labelled rows
                 mask = labelled[rows]
                 target = torch.where(mask, labels[rows], 0).long()[:, None]
@@ -176,24 +179,41 @@ class _ChunkedLMLosses(torch.autograd.Function):
                 ce_sum -= (log_p.gather(-1, target).squeeze(-1) * mask).sum()
                 if want_grad:
                     weight = (mask.float() / n_labelled)[:, None]
-                    g = log_p.exp_().scatter_add_(-1, target, -torch.ones_like(target, dtype=log_p.dtype))
-                    chunk_grads["ce"] = g.mul_(weight)
+                    minus_one = torch.full_like(target, -1.0, dtype=log_p.dtype)
+                    chunk_grads["ce"] = log_p.exp_().scatter_add_(-1, target, minus_one).mul_(weight)
                 del log_p
-            del z
+            if has_kd:
+                log_p_s = F.log_softmax(z.div_(temperature) if temperature != 1.0 else z, dim=-1)
+                del z
+                per_position, g = _kd_grad(
+                    kd,
+                    log_p_s,
+                    temperature,
+                    None if teacher_hidden is None else teacher_hidden[rows],
+                    teacher_head,
+                    None if ids is None else ids[rows],
+                    None if values is None else values[rows],
+                )
+                del log_p_s
+                kd_sum += temperature**2 * per_position.sum()
+                chunk_grads["kd"] = g.mul_(kd_scale)
+                del g
+            else:
+                del z
             if not want_grad:
                 continue
             if combine:
                 a, b = grad_weights
-                chunk_grads = {"sum": chunk_grads["kd"].mul_(a).add_(chunk_grads["ce"], alpha=b)}
-            for part, g in chunk_grads.items():
-                g = g.to(dtype)
+                chunk_grads = {"sum": chunk_grads.pop("kd").mul_(a).add_(chunk_grads.pop("ce"), alpha=b)}
+            for part in list(chunk_grads):
+                g = chunk_grads.pop(part).to(dtype)
                 if want_hidden:
                     grads_hidden[part][rows] = g @ head
                 if want_head and dtype == torch.float32:
                     grads_head[part].addmm_(g.T, h)
                 elif want_head:
                     grads_head[part] += (g.T @ h).float()
-            del chunk_grads
+                del g  # before the next chunk's blocks are made
         kd_value = kd_sum / max(n, 1)
         ce_value = ce_sum / n_labelled if has_ce else ce_sum
         ctx.parts = parts
@@ -204,6 +224,11 @@ class _ChunkedLMLosses(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_kd, grad_ce):
+        if ctx.grads_hidden is None:
+            raise RuntimeError(
+                "chunked_lm_losses keeps one copy of its gradients, used by the first backward; "
+                "compute the losses again for a second backward (retain_graph=True cannot reuse them)."
+            )
         if ctx.grad_weights is not None:
             a, b = ctx.grad_weights
             scale = grad_kd / a if a != 0 else grad_ce / b
@@ -217,10 +242,13 @@ class _ChunkedLMLosses(torch.autograd.Function):
         else:
             scales = {"kd": grad_kd, "ce": grad_ce}
 
-        def combine(grads):
+        def combine(grads):  # in place: the stored gradients are this call's own
             if not grads:
                 return None
-            return sum(scales[p].to(grads[p].dtype) * grads[p] for p in ctx.parts)
+            total = grads[ctx.parts[0]].mul_(scales[ctx.parts[0]].to(grads[ctx.parts[0]].dtype))
+            for p in ctx.parts[1:]:
+                total.add_(grads[p].mul_(scales[p].to(grads[p].dtype)))
+            return total
 
         grad_hidden, grad_head = combine(ctx.grads_hidden), combine(ctx.grads_head)
         ctx.grads_hidden = ctx.grads_head = None
@@ -264,6 +292,8 @@ def _check_inputs(
         raise ValueError("grad_weights=(0, 0) weights both losses by zero; pass None or a nonzero weight.")
     if labels is not None and tuple(labels.shape) != (n,):
         raise ValueError(f"labels must be (N,) = ({n},), got {tuple(labels.shape)}.")
+    if labels is not None and (labels.dtype.is_floating_point or labels.dtype == torch.bool):
+        raise TypeError(f"labels must be integer token ids (-100 to ignore), got dtype {labels.dtype}.")
     if kd in _DENSE_TEACHER:
         if teacher_hidden is None or teacher_head is None:
             raise ValueError(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -204,3 +208,115 @@ def test_bad_inputs_say_what_is_wrong(kwargs, message):
     arguments = {"teacher_hidden": x["teacher_hidden"], "teacher_head": x["teacher_head"]} | kwargs
     with pytest.raises(ValueError, match=message):
         chunked_lm_losses(x["hidden"], x["head"], **arguments)
+
+
+def test_float_ids_or_labels_are_refused():
+    x = _inputs()
+    with pytest.raises(TypeError, match="teacher_ids must be integer"):
+        chunked_lm_losses(
+            x["hidden"],
+            x["head"],
+            kd="topk",
+            teacher_ids=x["topk_ids"].float(),
+            teacher_values=x["topk_values"],
+        )
+    with pytest.raises(TypeError, match="labels must be integer"):
+        chunked_lm_losses(x["hidden"], x["head"], kd=None, labels=x["labels"].float())
+
+
+def _gradients(kd_value, hidden, head):
+    grads = torch.autograd.grad(kd_value, (hidden, head))
+    return torch.cat([g.flatten() for g in grads])
+
+
+def test_sampled_gradient_is_unbiased_for_the_forward_kl_gradient():
+    """Mean gradient over many independent RS-KD draws = dense forward-KL gradient, within 4 standard errors.
+
+    The same tolerance rejects top-k's gradient (k = 3 of 11), a biased estimate: the test can tell a
+    biased estimate from an unbiased one at this number of draws.
+    """
+    T, draws, num_samples = 2.0, 400, 12
+    g = torch.Generator().manual_seed(8)
+    n, d, vocab = 3, 4, 11
+    hidden = torch.randn(n, d, generator=g).requires_grad_()
+    head = torch.randn(vocab, d, generator=g).requires_grad_()
+    teacher_logits = torch.randn(n, vocab, generator=g) * 2
+    # The dense teacher as hidden states and head: identity head, so teacher logits = teacher_hidden.
+    dense = {"teacher_hidden": teacher_logits, "teacher_head": torch.eye(vocab)}
+    kl_value, _ = chunked_lm_losses(hidden, head, kd="kl", temperature=T, **dense, chunk_size=2)
+    dense_grad = _gradients(kl_value, hidden, head)
+
+    ids, counts = sample_teacher_tokens(teacher_logits.repeat(draws, 1), num_samples, T, generator=g)
+    ids, counts = ids.view(draws, n, num_samples), counts.view(draws, n, num_samples)
+    values, grads = [], []
+    for r in range(draws):
+        value, _ = chunked_lm_losses(
+            hidden,
+            head,
+            kd="sampled",
+            temperature=T,
+            teacher_ids=ids[r],
+            teacher_values=counts[r],
+            chunk_size=2,
+        )
+        values.append(value.detach())
+        grads.append(_gradients(value, hidden, head))
+    grads = torch.stack(grads)
+    mean, standard_error = grads.mean(0), grads.std(0) / draws**0.5
+    tolerance = 4 * standard_error + 1e-6
+    assert ((mean - dense_grad).abs() <= tolerance).all(), ((mean - dense_grad).abs() / standard_error).max()
+
+    # The value estimates the cross-entropy T**2 * H(p_t, p_s) = KL + T**2 * H(p_t), not the KL.
+    log_p_t = F.log_softmax(teacher_logits / T, dim=-1)
+    teacher_entropy = T**2 * -(log_p_t.exp() * log_p_t).sum(-1).mean()
+    values = torch.stack(values)
+    expected = kl_value.detach() + teacher_entropy
+    assert (values.mean() - expected).abs() <= 4 * values.std() / draws**0.5
+
+    topk = teacher_logits.topk(3, dim=-1)
+    topk_value, _ = chunked_lm_losses(
+        hidden,
+        head,
+        kd="topk",
+        temperature=T,
+        teacher_ids=topk.indices,
+        teacher_values=topk.values,
+        chunk_size=2,
+    )
+    assert ((_gradients(topk_value, hidden, head) - dense_grad).abs() > tolerance).any()
+
+
+def test_a_second_backward_says_to_recompute():
+    x = _inputs(seed=9)
+    hidden, head = _leaves(x)
+    kd_value, _ = _chunked("kl", hidden, head, x, 1.0, 4)
+    kd_value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="compute the losses again"):
+        kd_value.backward()
+
+
+def _bench():
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_lm_loss.py"
+    spec = importlib.util.spec_from_file_location("bench_lm_loss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_variants_compute_the_same_gradients():
+    """Dense and chunked variants of the memory benchmark compare like with like."""
+    bench = _bench()
+    x = bench.make_inputs(40, 8, 64, k=5, num_samples=4, device="cpu") | {"chunk_size": 16}
+    grads = {variant: bench.run_variant(variant, x) for variant in bench.VARIANTS}
+    for dense, chunked in [*bench.PAIRS.values(), ("dense_kl", "chunked_kl_separate")]:
+        torch.testing.assert_close(grads[chunked], grads[dense], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_benchmark_small_writes_every_ratio(tmp_path):
+    bench = _bench()
+    results = bench.main(["--small", "--rounds", "1", "--out", str(tmp_path / "lm_loss.json")])
+    assert json.loads((tmp_path / "lm_loss.json").read_text()) == json.loads(json.dumps(results))
+    assert set(results["summary"]) == set(bench.VARIANTS)
+    assert all(s["median_seconds"] > 0 and s["peak_mib"] > 0 for s in results["summary"].values())
+    assert set(results["ratios"]) == {"kl", "topk", "sampled", "kl_separate"}
