@@ -298,6 +298,9 @@ class DistillationTrainer(Trainer):
         if self.task == tasks.CAUSAL_LM:
             student_logits = student_logits[:, :-1]
             mask = mask[:, 1:] if mask is not None else None
+            real = inputs.get("attention_mask")
+            if mask is not None and real is not None:  # left padding: the pad before a row's first token
+                mask = mask & real[:, :-1].bool()
             t_logits = t_logits[:, :-1] if t_logits is not None else None
             if teacher.topk_values is not None:
                 teacher = TeacherOutput(
@@ -321,7 +324,11 @@ class DistillationTrainer(Trainer):
                 if real is not None:
                     s = s.masked_fill(~real.bool(), -1e4)
                     t = t.masked_fill(~real.bool(), -1e4)
-                terms.append(losses.kd_loss(name, s, t, T))
+                if name == "mse":  # no softmax here: one squared difference per real position
+                    mask = real.bool() if real is not None else None
+                    terms.append(losses.mse_logits_loss(s[..., None], t[..., None], mask=mask))
+                else:
+                    terms.append(losses.kd_loss(name, s, t, T))
             return (terms[0] + terms[1]) / 2
         return losses.kd_loss(name, student_logits, t_logits.to(student_logits.device), T, mask=mask)
 
@@ -362,7 +369,8 @@ class DistillationTrainer(Trainer):
     def compute_attention_loss(self, student_outputs, teacher: TeacherOutput, inputs: dict[str, Any]):
         """Mean over mapped layers of ``losses.attention_loss`` (needs eager attention, same head count)."""
         s_att, t_att = student_outputs.attentions, teacher.attentions
-        if s_att is None or t_att is None or any(a is None for a in (*s_att, *t_att)):
+        # sdpa/flash attention give None, or (transformers 5) an empty tuple
+        if not s_att or not t_att or any(a is None for a in (*s_att, *t_att)):
             raise ValueError(
                 "attention_loss_weight > 0 needs attention maps: load student and teacher with "
                 "attn_implementation='eager'."
