@@ -17,10 +17,32 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from ..config import DistillationConfig
+from ..config import AT_LEAST_0, AT_LEAST_1, SEED, DistillationConfig, Range, check_ranges
 
 STUDENT_KINDS = ("layers", "compact", "checkpoint")
 METRICS = ("auto", "glue")
+# Numeric settings with a valid range (max_seq_length: __post_init__).
+RANGES = {
+    "validation_size": Range(0, note="a fraction < 1 or a whole number of rows"),
+    "test_size": Range(0, note="a fraction < 1 or a whole number of rows"),
+    "dataset_seed": SEED,
+    "max_train_samples": AT_LEAST_1,
+    "max_eval_samples": AT_LEAST_1,
+    "num_labelled": AT_LEAST_1,
+    "teacher_seed": SEED,
+    "teacher_seeds": SEED,
+    "teacher_learning_rate": AT_LEAST_0,
+    "teacher_num_train_epochs": AT_LEAST_0,
+    "student_num_layers": AT_LEAST_1,
+    "compact_hidden_size": AT_LEAST_1,
+    "compact_num_layers": AT_LEAST_1,
+    "compact_num_attention_heads": AT_LEAST_1,
+    "compact_intermediate_size": AT_LEAST_1,
+    "compact_learning_rate": AT_LEAST_0,
+    "compact_num_train_epochs": AT_LEAST_0,
+    "speed_samples": AT_LEAST_1,
+    "speed_batch_size": AT_LEAST_1,
+}
 
 
 @dataclass
@@ -217,6 +239,7 @@ class DistillTextArguments:
     )
 
     def __post_init__(self):
+        check_ranges(self, RANGES)
         if not 1 <= len(self.text_columns) <= 2:
             raise ValueError(
                 f"text_columns takes one column (single texts) or two (text pairs), got {self.text_columns}."
@@ -309,10 +332,12 @@ class RecipeParser(HfArgumentParser):
             if known.config is None:
                 raise
             # A value the checks above let through but a dataclass refused (TrainingArguments raises
-            # TypeError, OSError, ImportError... from deep inside): name the recipe's keys.
+            # TypeError, OSError, ImportError... from deep inside): name the recipe keys refused alone.
+            keys = self._refused_keys(recipe) or sorted(recipe)
             raise ValueError(
-                f"{known.config}: the settings were refused ({type(err).__name__}: {err}). Recipe keys: "
-                f"{sorted(recipe)}; see `--help` for each key's type and range."
+                f"{known.config}: the settings were refused ({type(err).__name__}: {err}). "
+                f"{'Recipe key' if len(keys) == 1 else 'Recipe keys'}: {', '.join(map(repr, keys))}; "
+                "see `--help` for each key's type and range."
             ) from err
         if remaining:
             raise ValueError(f"Unknown command-line arguments {remaining}; see --help.")
@@ -358,6 +383,20 @@ class RecipeParser(HfArgumentParser):
                     f"{kind}{choices}; see `--help` ({action.help or 'no help'})."
                 ) from None
         return typed
+
+    def _refused_keys(self, recipe: dict[str, Any]) -> list[str]:
+        """The recipe's keys whose value alone (over the defaults) its dataclass refuses."""
+        refused = []
+        for key, value in recipe.items():
+            owner = next(d for d in self.dataclass_types if key in _field_names([d]))
+            kwargs = {key: value}
+            if "output_dir" in _field_names([owner]):
+                kwargs.setdefault("output_dir", recipe.get("output_dir", "out"))
+            try:
+                owner(**kwargs)
+            except Exception:  # whatever the dataclass raised: only which key matters here
+                refused.append(key)
+        return refused
 
     def _field_type(self, key: str) -> Any:
         return next(f.type for d in self.dataclass_types for f in dataclasses.fields(d) if f.name == key)
