@@ -95,6 +95,24 @@ def test_nonfinite_cached_logits_are_refused_with_their_rows(tmp_path, tokenizer
     assert not out.exists()
 
 
+def test_nonfinite_or_null_token_level_and_topk_columns_are_found_by_row():
+    from datasets import Dataset
+
+    nan, inf = float("nan"), float("inf")
+    ok = [[0.5, -1.0], [2.0, 0.0]]  # (L=2, C=2) per row
+    rows = {
+        "teacher_logits": [ok, [[0.5, nan], [2.0, 0.0]], ok, None, [[0.5, 1.0], None], ok],
+        "teacher_topk_values": [ok, ok, [[1.0, -inf], [0.0, 0.0]], ok, ok, [[1.0, None], [0.0, 0.0]]],
+        "teacher_topk_indices": [[[1, 2], [3, 4]]] * 6,
+    }
+    assert nonfinite_rows(Dataset.from_dict(rows)) == {
+        "teacher_logits": [1, 3, 4],
+        "teacher_topk_values": [2, 5],
+    }
+    clean = {k: [v[0]] * 6 for k, v in rows.items()}
+    assert nonfinite_rows(Dataset.from_dict(clean)) == {}
+
+
 class Snapshots(TrainerCallback):
     def __init__(self):
         self.states = {}
