@@ -5,7 +5,8 @@
 #
 #   pip install mutmut
 #   benchmarks/mutation.sh              # the tests of the working tree
-#   benchmarks/mutation.sh 83ba4af      # the same test files as they were at a commit (a "before" score)
+#   MUTATION_TESTS="tests/test_losses.py tests/test_trainer.py" benchmarks/mutation.sh 83ba4af
+#                                       # test files as they were at a commit (the "before" score)
 #
 # It works in a scratch copy (MUTATION_DIR, default .mutation/, ignored by git), so mutmut's mutants/
 # never enter the repository, and prints the score and every surviving mutant at the end
@@ -14,8 +15,10 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=${MUTATION_DIR:-$repo/.mutation}
 ref=${1:-}
-# The test files that cover the mutated code and run in seconds (no trainer.train() in the new ones).
-tests=(tests/test_losses.py tests/test_trainer.py tests/test_loss_routes.py)
+# The test files that cover the mutated code and run in seconds (MUTATION_TESTS: others, space-separated;
+# the "before" score in the README used "tests/test_losses.py tests/test_trainer.py", whose survivors
+# take a minute each).
+read -r -a tests <<< "${MUTATION_TESTS:-tests/test_losses.py tests/test_loss_routes.py}"
 # What is mutated: whole modules, and only these methods of the trainer.
 targets=(
   'hf_distill.losses.*'
