@@ -11,6 +11,8 @@ layer map, the attention maps' layer indexing, and the weights that combine the 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import VOCAB, config, tiny_bert_config
@@ -394,24 +396,67 @@ def test_attention_loss_matches_each_student_layer_with_its_teacher_layer(tmp_pa
     assert expected > 1e-6
 
 
-def test_attention_loss_refuses_models_without_attention_maps_or_with_other_head_counts(tmp_path, tokenizer):
+@pytest.mark.parametrize("sdpa", ["both", "teacher", "student"])
+def test_attention_loss_refuses_models_without_attention_maps_or_with_other_head_counts(
+    tmp_path, tokenizer, sdpa
+):
     head = "sequence_classification"
     batch_rows = _rows(head)
-    sdpa = _trainer(
+    kinds = {side: "sdpa" if sdpa in (side, "both") else "eager" for side in ("teacher", "student")}
+    no_maps = _trainer(
         tmp_path / "a", tokenizer, head,
-        teacher=HEADS[head](1, 2, attn_implementation="sdpa"), student=HEADS[head](2, 1, attn_implementation="sdpa"),
+        teacher=HEADS[head](1, 2, attn_implementation=kinds["teacher"]),
+        student=HEADS[head](2, 1, attn_implementation=kinds["student"]),
         alpha=0.0, beta=0.0, attention_loss_weight=1.0,
     )  # fmt: skip
-    with pytest.raises(ValueError, match="attn_implementation='eager'"):
-        sdpa.compute_loss(sdpa.model, _collate(sdpa, batch_rows))
+    message = "attention_loss_weight > 0 needs attention maps: load student and teacher with attn_implementation='eager'."
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        no_maps.compute_loss(no_maps.model, _collate(no_maps, batch_rows))
     heads = _trainer(
         tmp_path / "b", tokenizer, head,
-        teacher=HEADS[head](1, 2, attn_implementation="eager", num_attention_heads=4),
+        teacher=HEADS[head](1, 1, attn_implementation="eager", num_attention_heads=4),
         student=HEADS[head](2, 1, attn_implementation="eager"),
         alpha=0.0, beta=0.0, attention_loss_weight=1.0,
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"as many heads in the student \(2\) as in the teacher \(4\)"):
         heads.compute_loss(heads.model, _collate(heads, batch_rows))
+
+
+def test_hidden_loss_refuses_a_layer_map_that_does_not_fit(tmp_path, tokenizer):
+    head = "sequence_classification"
+    for layer_map in ([1], [2, 5]):
+        trainer = _trainer(
+            tmp_path, tokenizer, head, teacher=HEADS[head](1, 4), student=HEADS[head](2, 2),
+            alpha=0.0, beta=0.0, hidden_loss="mse", hidden_loss_weight=1.0, layer_map=layer_map,
+        )  # fmt: skip
+        message = f"layer_map={layer_map} must have one entry per student layer (2) with teacher layers between 0 and 4."
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            trainer.compute_loss(trainer.model, _collate(trainer, _rows(head)))
+
+
+@pytest.mark.parametrize("kd_loss", ["kl", "mse"])
+def test_an_ensemble_distils_the_weighted_mixture(tmp_path, tokenizer, kd_loss):
+    head = "sequence_classification"
+    teachers = [HEADS[head](1, 2), HEADS[head](5, 1)]
+    trainer = _trainer(
+        tmp_path,
+        tokenizer,
+        head,
+        teacher=teachers,
+        kd_loss=kd_loss,
+        teacher_weights=[1.0, 3.0],
+        temperature=2.0,
+    )
+    batch = _collate(trainer, _rows(head))
+    s = _logits(trainer.model, head, batch["input_ids"], batch["attention_mask"])
+    t1, t2 = (_logits(t, head, batch["input_ids"], batch["attention_mask"]) for t in teachers)
+    got = trainer.compute_loss(trainer.model, batch)
+    if kd_loss == "mse":  # logit matching: the weighted mean of the logits
+        expected = ((s - (0.25 * t1 + 0.75 * t2)) ** 2).mean()
+    else:  # the mixture of soft labels, written as logits at T
+        p = 0.25 * torch.softmax(t1 / 2, -1) + 0.75 * torch.softmax(t2 / 2, -1)
+        expected = _kl(s, 2 * p.log(), 2.0)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 # ---- a live teacher's NaN ---------------------------------------------------------------------------
