@@ -329,6 +329,24 @@ def test_collator_pads_teacher_columns_on_the_tokenizers_side(tokenizer, left):
         batch["teacher_topk_indices"].dtype == torch.int64
         and batch["teacher_topk_values"].dtype == torch.float32
     )
+    row = {
+        "input_ids": [5],
+        "labels": [5],
+        "teacher_topk_values": [[2.0, 1.5]],
+        "teacher_topk_indices": [[10, 11]],
+    }
+    one = DistillationDataCollator(tokenizer)([row])  # a last batch of one row
+    assert one["teacher_topk_values"].tolist() == [[[2.0, 1.5]]]
+
+
+def test_kd_mask_without_attention_mask_or_without_labels(tmp_path, tokenizer):
+    trainer = _trainer(tmp_path, tokenizer, "masked_lm")
+    labels = torch.tensor([[-100, 7, -100], [-100, -100, -100]])
+    real = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert trainer._kd_mask({"labels": labels}, 3).tolist() == [[False, True, False], [False, False, False]]
+    assert trainer._kd_mask({"attention_mask": real}, 3).tolist() == real.bool().tolist()
+    both = trainer._kd_mask({"labels": labels, "attention_mask": real}, 3)
+    assert both.tolist() == [[False, True, False], [True, True, False]]  # the unlabelled row: its real tokens
 
 
 # ---- hidden states and attention maps ----------------------------------------------------------------

@@ -188,3 +188,18 @@ def test_ensemble_of_token_level_logits_mixes_over_the_last_dim_and_checks_lengt
     for name in ("kl", "mse"):
         with pytest.raises(ValueError):  # one weight per teacher
             losses.ensemble_logits([z1, z2], [1.0], T, name)
+
+
+def test_kd_loss_passes_the_temperature_to_each_divergence():
+    s, t, T = _logits(4, 6, seed=28), _logits(4, 6, seed=29), 3.0
+    sn, tn = s.double().numpy(), t.double().numpy()
+    p, q = np_softmax(tn / T, -1), np_softmax(sn / T, -1)
+    m = (p + q) / 2
+    expected = {
+        "kl": T**2 * _np_kl(tn, sn, T).mean(),
+        "reverse_kl": T**2 * _np_kl(sn, tn, T).mean(),
+        "jsd": T**2 * ((p * np.log(p / m)).sum(-1) / 2 + (q * np.log(q / m)).sum(-1) / 2).mean(),
+        "mse": ((sn - tn) ** 2).mean(),
+    }
+    for name, value in expected.items():
+        assert losses.kd_loss(name, s, t, T).item() == pytest.approx(value, rel=1e-5), name
