@@ -30,6 +30,7 @@ from transformers import (
 from hf_distill import DistillationTrainer
 from hf_distill.collator import DistillationDataCollator
 from hf_distill.teacher_cache import precompute_teacher_logits
+from hf_distill.trainer import TeacherOutput
 
 V = len(VOCAB)
 LENGTHS = (7, 4, 9, 5)  # padded to 9: rows 1, 3 and 0 have padding
@@ -337,6 +338,40 @@ def test_collator_pads_teacher_columns_on_the_tokenizers_side(tokenizer, left):
     }
     one = DistillationDataCollator(tokenizer)([row])  # a last batch of one row
     assert one["teacher_topk_values"].tolist() == [[[2.0, 1.5]]]
+
+
+def test_kd_term_without_attention_mask(tmp_path, tokenizer):
+    # A batch without attention_mask: every position is real (causal LM: shifted; QA: no padding to fill).
+    g = torch.Generator().manual_seed(3)
+    for head in ("causal_lm", "question_answering"):
+        trainer = _trainer(
+            tmp_path / head, tokenizer, head, kd_loss="mse" if head == "question_answering" else "kl"
+        )
+        width = 2 if head == "question_answering" else V
+        s, t = torch.randn(2, 5, width, generator=g), torch.randn(2, 5, width, generator=g)
+        got = trainer.compute_kd_loss(s, TeacherOutput(logits=t), {})
+        if head == "causal_lm":
+            expected = _kl(s[:, :-1].reshape(-1, V), t[:, :-1].reshape(-1, V), 2.0)
+            labels = torch.tensor([[-100, 7, 8, 9, 10], [-100, -100, -100, 7, 8]])
+            labelled = trainer.compute_kd_loss(s, TeacherOutput(logits=t), {"labels": labels})
+            pairs = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 2), (1, 3)]  # position j predicts labelled j + 1
+            s_rows, t_rows = (torch.stack([x[i, j] for i, j in pairs]) for x in (s, t))
+            torch.testing.assert_close(labelled.double(), _kl(s_rows, t_rows, 2.0), rtol=1e-5, atol=1e-6)
+        else:
+            expected = ((s.double() - t.double()) ** 2).mean()
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_logits_of_another_width_are_refused(tmp_path, tokenizer):
+    trainer = _trainer(tmp_path, tokenizer, "sequence_classification")
+    batch = _collate(trainer, _rows("sequence_classification"))
+    s = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    message = (
+        "Teacher logits have 5 classes but the student has 3: "
+        "were the cached teacher_logits computed for another task or label set?"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        trainer.compute_kd_loss(s, TeacherOutput(logits=torch.zeros(len(LENGTHS), 5)), batch)
 
 
 def test_kd_mask_without_attention_mask_or_without_labels(tmp_path, tokenizer):
