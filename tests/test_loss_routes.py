@@ -302,6 +302,29 @@ def test_cached_topk_of_the_whole_vocabulary_equals_the_live_teacher(tmp_path, t
     assert want > 1e-3
 
 
+@pytest.mark.parametrize("head", list(HEADS))
+def test_cached_dense_teacher_logits_equal_the_live_teacher(tmp_path, tokenizer, head):
+    teacher = HEADS[head](1, 2)
+    rows = _rows(head)
+    dense = {"top_k": -1} if head in ("masked_lm", "causal_lm") else {}
+    data = precompute_teacher_logits(
+        teacher, Dataset.from_list(rows), dtype="float32", cache_dir=tmp_path / "c", **dense
+    )
+    cached = _trainer(tmp_path / "a", tokenizer, head, data=data)
+    live = _trainer(tmp_path / "b", tokenizer, head, teacher=teacher)
+    batch = _collate(cached, list(data))
+    assert "teacher_logits" in batch and cached.teacher is None
+    got = cached.compute_loss(cached.model, batch)
+    want = live.compute_loss(live.model, _collate(live, rows))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert want > 1e-2
+    # Called as a subclass would: the cached logits themselves, and no hidden states or attention maps.
+    out = cached.compute_teacher_outputs(batch)
+    assert out.logits is batch["teacher_logits"] and out.hidden_states is None and out.attentions is None
+    out = live.compute_teacher_outputs(_collate(live, rows))
+    assert out.hidden_states is None and out.attentions is None
+
+
 @pytest.mark.parametrize("left", [False, True])
 def test_collator_pads_teacher_columns_on_the_tokenizers_side(tokenizer, left):
     tokenizer.padding_side = "left" if left else "right"
@@ -425,6 +448,11 @@ def test_hidden_loss_projects_maps_masks_and_averages_layers(tmp_path, tokenizer
     got = trainer.compute_loss(trainer.model, batch)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
     assert trainer._metrics["hidden_loss"][0].item() == pytest.approx(expected.item() / 2, rel=1e-5)
+    # Cached logits in the batch do not stand in for the live teacher's hidden states.
+    with_cached = trainer.compute_loss(
+        trainer.model, {**batch, "teacher_logits": torch.zeros(len(LENGTHS), 3)}
+    )
+    torch.testing.assert_close(with_cached, got)
 
 
 def test_attention_loss_matches_each_student_layer_with_its_teacher_layer(tmp_path, tokenizer):
