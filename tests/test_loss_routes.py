@@ -237,6 +237,59 @@ def test_terms_combine_with_their_weights(tmp_path, tokenizer, head):
     assert trainer._metrics["kd_loss"][0].item() == pytest.approx(kd.item(), rel=1e-5)
 
 
+def test_evaluation_mode_gives_the_students_own_loss(tmp_path, tokenizer):
+    head = "token_classification"
+    trainer = _trainer(tmp_path, tokenizer, head, alpha=0.5, beta=0.5, temperature=4.0)
+    batch = _collate(trainer, _rows(head))
+    trainer.model.eval()
+    with torch.no_grad():
+        own = trainer.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
+        loss = trainer.compute_loss(trainer.model, batch)
+        pair = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    torch.testing.assert_close(loss, own.loss)
+    assert isinstance(pair, tuple) and torch.equal(pair[0], loss) and torch.equal(pair[1].logits, own.logits)
+    assert trainer._metrics == {}  # no KD term, no teacher
+
+
+def test_weights_and_labels_decide_which_terms_run(tmp_path, tokenizer):
+    head = "sequence_classification"
+    rows = _rows(head)
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(set(kwargs))
+
+    # beta = 0: the student gets no labels (with or without them in the batch), no hard-label term
+    trainer = _trainer(tmp_path / "a", tokenizer, head, alpha=1.0, beta=0.0)
+    trainer.model.register_forward_pre_hook(record, with_kwargs=True)
+    trainer.compute_loss(trainer.model, _collate(trainer, rows))
+    no_labels = _collate(trainer, [{k: v for k, v in r.items() if k != "labels"} for r in rows])
+    trainer.compute_loss(trainer.model, no_labels)
+    assert len(seen) == 2 and all("labels" not in kwargs for kwargs in seen)
+    assert set(trainer._metrics) == {"kd_loss"}
+    # alpha = 0: no teacher forward, no KD term
+    trainer = _trainer(tmp_path / "b", tokenizer, head, alpha=0.0, beta=1.0)
+    calls = []
+    trainer.teacher.register_forward_hook(lambda *a: calls.append(1))
+    trainer.compute_loss(trainer.model, _collate(trainer, rows))
+    assert calls == [] and set(trainer._metrics) == {"ce_loss"}
+    # beta > 0 and a batch without labels: refused, naming what to do
+    message = (
+        "beta=1.0 weights the hard-label loss but the batch has no ['labels']. Add labels (label -100 marks an "
+        "unlabelled example), or set beta=0 to learn from the teacher alone."
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        trainer.compute_loss(trainer.model, no_labels)
+    # beta > 0 and a batch of unlabelled rows only: the hard-label term is 0, not NaN
+    trainer = _trainer(tmp_path / "c", tokenizer, head, alpha=0.5, beta=0.5)
+    batch = _collate(trainer, [{**r, "labels": -100} for r in rows])
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert trainer._metrics["ce_loss"][0].item() == 0.0
+    torch.testing.assert_close(loss, 0.5 * trainer._metrics["kd_loss"][0])
+
+
 # ---- the KD term from a cached top-k teacher --------------------------------------------------------
 
 
