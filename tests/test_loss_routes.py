@@ -448,6 +448,52 @@ def test_teacher_logits_of_another_width_are_refused(tmp_path, tokenizer):
     )
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         trainer.compute_kd_loss(s, TeacherOutput(logits=torch.zeros(len(LENGTHS), 5)), batch)
+    tokens = _trainer(tmp_path / "t", tokenizer, "token_classification")
+    batch = _collate(tokens, _rows("token_classification"))
+    s = tokens.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # 4 tags
+    with pytest.raises(ValueError, match=r"^Teacher logits have 5 classes but the student has 4: "):
+        tokens.compute_kd_loss(s, TeacherOutput(logits=torch.zeros(*s.shape[:2], 5)), batch)
+    head = "sequence_classification"
+    data = Dataset.from_list([{**r, "teacher_logits": [0.0, 1.0, 2.0]} for r in _rows(head)])
+    cached_only = _trainer(tmp_path / "c", tokenizer, head, data=data)
+    message = (
+        "This batch has no precomputed teacher logits and no teacher_model was given: pass teacher_model, "
+        "or precompute teacher_logits for every example."
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        cached_only.compute_loss(cached_only.model, _collate(cached_only, _rows(head)))
+
+
+def test_collator_pads_the_teachers_own_tokenization_and_follows_the_students_length(tokenizer):
+    from transformers import DataCollatorForTokenClassification
+
+    rows = [
+        {"input_ids": [5, 6, 7], "label": [0, 1, 0], "teacher_input_ids": [9, 8], "teacher_attention_mask": [1, 1],
+         "teacher_logits": [[1.0, 2.0]] * 3},
+        {"input_ids": [5], "label": [1], "teacher_input_ids": [9, 8, 7, 6], "teacher_attention_mask": [1, 1, 1, 1],
+         "teacher_logits": [[3.0, 4.0]]},
+    ]  # fmt: skip
+    batch = DistillationDataCollator(tokenizer, teacher_pad_token_id=3)([dict(r) for r in rows])
+    labels = batch["labels"] if "labels" in batch else batch["label"]
+    assert labels.tolist() == [[0, 1, 0], [1, -100, -100]]  # "label" lists: token-level padding
+    assert batch["teacher_input_ids"].tolist() == [[9, 8, 3, 3], [9, 8, 7, 6]]  # its own length, its pad id
+    assert batch["teacher_attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch["teacher_input_ids"].dtype == torch.int64 and batch["teacher_logits"].dtype == torch.float32
+    assert batch["teacher_logits"].shape == (2, 3, 2)  # the student's length
+    padded = DistillationDataCollator(
+        tokenizer, base_collator=DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=8)
+    )([dict(r) for r in rows])
+    assert padded["input_ids"].shape == (2, 8) and padded["teacher_logits"].shape == (2, 8, 2)
+    tensors = [
+        {"input_ids": [5, 6], "labels": torch.tensor([0, 1])},
+        {"input_ids": [5], "labels": torch.tensor([1])},
+    ]
+    assert DistillationDataCollator(tokenizer)(tensors)["labels"].tolist() == [[0, 1], [1, -100]]
+    scalars = [
+        {"input_ids": [5, 6], "labels": torch.tensor(0)},
+        {"input_ids": [5], "labels": torch.tensor(2)},
+    ]
+    assert DistillationDataCollator(tokenizer)(scalars)["labels"].tolist() == [0, 2]
 
 
 def test_kd_mask_without_attention_mask_or_without_labels(tmp_path, tokenizer):
@@ -501,11 +547,17 @@ def test_hidden_loss_projects_maps_masks_and_averages_layers(tmp_path, tokenizer
     got = trainer.compute_loss(trainer.model, batch)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
     assert trainer._metrics["hidden_loss"][0].item() == pytest.approx(expected.item() / 2, rel=1e-5)
+    assert set(trainer._metrics) == {"hidden_loss"}  # alpha = 0: no KD term even though the teacher ran
     # Cached logits in the batch do not stand in for the live teacher's hidden states.
     with_cached = trainer.compute_loss(
         trainer.model, {**batch, "teacher_logits": torch.zeros(len(LENGTHS), 3)}
     )
     torch.testing.assert_close(with_cached, got)
+    zeros = torch.zeros(len(LENGTHS), 9, 2)
+    topk = {"teacher_topk_values": zeros, "teacher_topk_indices": zeros.long()}
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, {**batch, **topk}), got)
+    total, count = trainer._metrics["hidden_loss"]  # the sum over the three calls, for the next log
+    assert count == 3 and total.item() == pytest.approx(3 * got.item() / 2, rel=1e-5)
 
 
 def test_attention_loss_matches_each_student_layer_with_its_teacher_layer(tmp_path, tokenizer):

@@ -203,3 +203,11 @@ def test_kd_loss_passes_the_temperature_to_each_divergence():
     }
     for name, value in expected.items():
         assert losses.kd_loss(name, s, t, T).item() == pytest.approx(value, rel=1e-5), name
+
+
+def test_one_counted_position_is_its_own_mean():
+    s, t = _logits(2, 3, 5, seed=30), _logits(2, 3, 5, seed=31)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    mask[1, 2] = True
+    expected = _np_kl(t[1, 2].double().numpy(), s[1, 2].double().numpy(), 1.0)
+    assert losses.kl_div_loss(s, t, mask=mask).item() == pytest.approx(float(expected), rel=1e-5)
