@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import TrainingArguments
@@ -13,6 +15,90 @@ from .losses import KD_LOSSES
 
 HIDDEN_LOSSES = ("cosine", "mse")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting takes: a finite number from ``low`` to ``high`` (``open`` ends excluded)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high == math.inf:
+            text = f"{'>' if self.low_open else '>='} {low}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if math.isfinite(x) and x == int(x) else f"{x:g}"
+
+
+AT_LEAST_1 = Range(1)
+AT_LEAST_0 = Range(0)
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1, high_open=True)
+SEED = Range(0, SEED_MAX)
+
+
+def check_ranges(settings: Any, ranges: dict[str, Range]) -> None:
+    """Raise ``ValueError`` naming the first field of ``settings`` outside its range (None is left alone)."""
+    for name, allowed in ranges.items():
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        values = value if isinstance(value, list | tuple) else [value]
+        for item in values:
+            if isinstance(item, bool) or not isinstance(item, numbers.Real) or item not in allowed:
+                raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+
+
+# The numeric settings of TrainingArguments that have a valid range; checked on the values as given,
+# before TrainingArguments converts some of them or fails on them with an error that names no key.
+TRAINING_RANGES = {
+    "per_device_train_batch_size": AT_LEAST_1,
+    "per_device_eval_batch_size": AT_LEAST_1,
+    "gradient_accumulation_steps": AT_LEAST_1,
+    "eval_accumulation_steps": AT_LEAST_1,
+    "num_train_epochs": AT_LEAST_0,
+    "max_steps": Range(-1, note="-1: num_train_epochs decides"),
+    "learning_rate": AT_LEAST_0,
+    "warmup_steps": Range(0, note="a fraction of the steps if < 1"),
+    "weight_decay": AT_LEAST_0,
+    "adam_beta1": FRACTION,
+    "adam_beta2": FRACTION,
+    "adam_epsilon": POSITIVE,
+    "max_grad_norm": AT_LEAST_0,
+    "label_smoothing_factor": FRACTION,
+    "neftune_noise_alpha": AT_LEAST_0,
+    "torch_empty_cache_steps": AT_LEAST_1,
+    "logging_steps": Range(0, low_open=True, note="a fraction of the steps if < 1"),
+    "eval_steps": Range(0, low_open=True, note="a fraction of the steps if < 1"),
+    "save_steps": Range(0, low_open=True, note="a fraction of the steps if < 1"),
+    "eval_delay": AT_LEAST_0,
+    "save_total_limit": Range(0, note="0: no limit"),
+    "seed": SEED,
+    "data_seed": SEED,
+    "dataloader_num_workers": AT_LEAST_0,
+    "dataloader_prefetch_factor": AT_LEAST_1,
+    "ddp_bucket_cap_mb": AT_LEAST_1,
+    "ddp_timeout": POSITIVE,
+    "local_rank": Range(-1),
+}
 
 
 @dataclass
@@ -117,6 +203,7 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        check_ranges(self, TRAINING_RANGES)  # first: see TRAINING_RANGES
         super().__post_init__()
         if not 0 < self.temperature < math.inf:
             raise ValueError(f"temperature must be > 0, got {self.temperature}. Typical values are 1 to 10.")

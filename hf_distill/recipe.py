@@ -73,10 +73,12 @@ class RecipeParser(HfArgumentParser):
                     raise InputError(str(err)) from err
                 raise
             # A value the checks above let through but a dataclass refused (TrainingArguments raises
-            # TypeError, OSError, ImportError... from deep inside): name the recipe's keys.
+            # TypeError, OSError, ImportError... from deep inside): name the recipe keys refused alone.
+            keys = self._refused_keys(recipe) or sorted(recipe)
             raise InputError(
-                f"{known.config}: the settings were refused ({type(err).__name__}: {err}). Recipe keys: "
-                f"{sorted(recipe)}; see `--help` for each key's type and range."
+                f"{known.config}: the settings were refused ({type(err).__name__}: {err}). "
+                f"{'Recipe key' if len(keys) == 1 else 'Recipe keys'}: {', '.join(map(repr, keys))}; "
+                "see `--help` for each key's type and range."
             ) from err
         if remaining:
             raise InputError(f"Unknown command-line arguments {remaining}; see --help.")
@@ -122,6 +124,20 @@ class RecipeParser(HfArgumentParser):
                     f"{kind}{choices}; see `--help` ({action.help or 'no help'})."
                 ) from None
         return typed
+
+    def _refused_keys(self, recipe: dict[str, Any]) -> list[str]:
+        """The recipe's keys whose value alone (over the defaults) its dataclass refuses."""
+        refused = []
+        for key, value in recipe.items():
+            owner = next(d for d in self.dataclass_types if key in _field_names([d]))
+            kwargs = {key: value}
+            if "output_dir" in _field_names([owner]):
+                kwargs.setdefault("output_dir", recipe.get("output_dir", "out"))
+            try:
+                owner(**kwargs)
+            except Exception:  # whatever the dataclass raised: only which key matters here
+                refused.append(key)
+        return refused
 
     def _field_type(self, key: str) -> Any:
         return next(f.type for d in self.dataclass_types for f in dataclasses.fields(d) if f.name == key)

@@ -309,6 +309,9 @@ class DistillationTrainer(Trainer):
         if self.task == tasks.CAUSAL_LM:
             student_logits = student_logits[:, :-1]
             mask = mask[:, 1:] if mask is not None else None
+            real = inputs.get("attention_mask")
+            if mask is not None and real is not None:  # left padding: the pad before a row's first token
+                mask = mask & real[:, :-1].bool()
             t_logits = t_logits[:, :-1] if t_logits is not None else None
             sparse = ("topk_values", "topk_indices", "sample_ids", "sample_counts")
             teacher = TeacherOutput(
@@ -336,7 +339,11 @@ class DistillationTrainer(Trainer):
                 if real is not None:
                     s = s.masked_fill(~real.bool(), -1e4)
                     t = t.masked_fill(~real.bool(), -1e4)
-                terms.append(losses.kd_loss(name, s, t, T))
+                if name == "mse":  # no softmax here: one squared difference per real position
+                    mask = real.bool() if real is not None else None
+                    terms.append(losses.mse_logits_loss(s[..., None], t[..., None], mask=mask))
+                else:
+                    terms.append(losses.kd_loss(name, s, t, T))
             return (terms[0] + terms[1]) / 2
         return losses.kd_loss(name, student_logits, t_logits.to(student_logits.device), T, mask=mask)
 
@@ -377,7 +384,8 @@ class DistillationTrainer(Trainer):
     def compute_attention_loss(self, student_outputs, teacher: TeacherOutput, inputs: dict[str, Any]):
         """Mean over mapped layers of ``losses.attention_loss`` (needs eager attention, same head count)."""
         s_att, t_att = student_outputs.attentions, teacher.attentions
-        if s_att is None or t_att is None or any(a is None for a in (*s_att, *t_att)):
+        # sdpa/flash attention give None, or (transformers 5) an empty tuple
+        if not s_att or not t_att or any(a is None for a in (*s_att, *t_att)):
             raise InputError(
                 "attention_loss_weight > 0 needs attention maps: load student and teacher with "
                 "attn_implementation='eager'."
@@ -447,7 +455,11 @@ class DistillationTrainer(Trainer):
         mask = self._kd_mask(inputs, hidden.shape[1])
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        positions = mask[:, 1:].reshape(-1).nonzero().squeeze(1)  # position i predicts token i + 1
+        mask = mask[:, 1:]  # position i predicts token i + 1
+        real = inputs.get("attention_mask")
+        if real is not None:  # left padding: the pad before a row's first token predicts nothing
+            mask = mask & real[:, :-1].bool()
+        positions = mask.reshape(-1).nonzero().squeeze(1)
 
         def select(t: torch.Tensor) -> torch.Tensor:
             return t[:, :-1].reshape(-1, *t.shape[2:]).index_select(0, positions)

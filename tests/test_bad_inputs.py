@@ -21,6 +21,8 @@ import errno
 import hashlib
 import io
 import json
+import math
+import re
 import shutil
 import typing
 from pathlib import Path
@@ -36,6 +38,7 @@ from hypothesis import strategies as st
 from transformers import TrainerCallback
 
 from hf_distill import DistillationTrainer
+from hf_distill.config import TRAINING_RANGES, Range
 from hf_distill.teacher_cache import (
     cache_paths,
     load_teacher_cache,
@@ -45,6 +48,7 @@ from hf_distill.teacher_cache import (
 )
 from hf_distill.teachers import load_teacher
 from hf_distill.text_classification import DATACLASSES, RecipeParser
+from hf_distill.text_classification.arguments import RANGES as TEXT_RANGES
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -89,6 +93,24 @@ def test_nonfinite_cached_logits_are_refused_with_their_rows(tmp_path, tokenizer
             model=tiny_bert(seed=2), args=config(tmp_path), train_dataset=bad, processing_class=tokenizer
         )
     assert not out.exists()
+
+
+def test_nonfinite_or_null_token_level_and_topk_columns_are_found_by_row():
+    from datasets import Dataset
+
+    nan, inf = float("nan"), float("inf")
+    ok = [[0.5, -1.0], [2.0, 0.0]]  # (L=2, C=2) per row
+    rows = {
+        "teacher_logits": [ok, [[0.5, nan], [2.0, 0.0]], ok, None, [[0.5, 1.0], None], ok],
+        "teacher_topk_values": [ok, ok, [[1.0, -inf], [0.0, 0.0]], ok, ok, [[1.0, None], [0.0, 0.0]]],
+        "teacher_topk_indices": [[[1, 2], [3, 4]]] * 6,
+    }
+    assert nonfinite_rows(Dataset.from_dict(rows)) == {
+        "teacher_logits": [1, 3, 4],
+        "teacher_topk_values": [2, 5],
+    }
+    clean = {k: [v[0]] * 6 for k, v in rows.items()}
+    assert nonfinite_rows(Dataset.from_dict(clean)) == {}
 
 
 class Snapshots(TrainerCallback):
@@ -331,19 +353,44 @@ def _has_type(value, annotation) -> bool:
     return True
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key=st.sampled_from(sorted(RECIPE_FIELDS)), value=BAD_VALUES)
-def test_recipe_values_of_any_type_give_valid_settings_or_an_error_naming_the_key(tmp_path, key, value):
-    if key == "output_dir":
-        return
+# Every numeric setting with a range, and that range (the tables the dataclasses check against).
+RANGES = {
+    **TRAINING_RANGES,
+    **TEXT_RANGES,
+    "temperature": Range(0, low_open=True),
+    **{name: Range(0) for name in ("alpha", "beta", "hidden_loss_weight", "attention_loss_weight")},
+    "max_seq_length": Range(2),
+}
+# A valid key beside the bad one in every recipe: the error must name the bad key, not list the recipe's.
+DECOYS = {"speed_batch_size": 9, "compact_intermediate_size": 48}
+# What a setting needs beside it to be valid at all.
+NEEDS = {"dataloader_prefetch_factor": {"dataloader_num_workers": 1}}
+
+
+def _edges(allowed: Range) -> tuple[list[float], list[float]]:
+    """Values just inside and just outside ``allowed`` (integers where the range's ends are whole)."""
+    low = allowed.low
+    inside = [low + 1 if allowed.low_open else low]
+    outside = [low if allowed.low_open else low - 1, float("nan"), float("inf")]
+    if allowed.high < math.inf:
+        inside.append((low + allowed.high) / 2)
+        outside.append(allowed.high if allowed.high_open else allowed.high + 1)
+    return inside, outside
+
+
+def _check_recipe_value(tmp_path, key, value):
+    """The recipe ``{key: value}`` (with a decoy key) parses to settings holding a value of the field's
+    type and range, or is refused by an error that names ``key`` and not the decoy."""
+    decoy = next(d for d in DECOYS if d != key)
     try:
-        parsed, usage_error = _parse({key: value}, tmp_path)
+        parsed, usage_error = _parse({key: value, decoy: DECOYS[decoy], **NEEDS.get(key, {})}, tmp_path)
     except ValueError as err:
-        assert key in str(err), f"{key}={value!r}: the error does not name the key: {err}"
-        return
+        message = str(err)
+        assert key in message and decoy not in message, f"{key}={value!r}: the error names another key: {err}"
+        return "refused"
     if usage_error is not None:
         assert key in usage_error, f"{key}={value!r}: argparse's error does not name the flag: {usage_error}"
-        return
+        return "refused"
     hints = {}
     for d in DATACLASSES:
         hints.update(typing.get_type_hints(d))
@@ -353,3 +400,64 @@ def test_recipe_values_of_any_type_give_valid_settings_or_an_error_naming_the_ke
             # TrainingArguments turns some values into objects of its own (enums, AcceleratorConfig).
             converted = type(got).__module__ != "builtins"
             assert converted or _has_type(got, hints[key]), f"{key}={value!r} gave {got!r} ({hints[key]})"
+            if key in RANGES and got is not None:
+                assert all(v in RANGES[key] for v in (got if isinstance(got, list) else [got])), (
+                    f"{key}={value!r} was accepted, outside {RANGES[key]}"
+                )
+    return "accepted"
+
+
+@pytest.mark.parametrize("key", sorted(set(RECIPE_FIELDS) - {"output_dir"}))
+@settings(
+    max_examples=2,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(value=BAD_VALUES)
+def test_recipe_values_of_any_type_give_valid_settings_or_an_error_naming_the_key(tmp_path, key, value):
+    _check_recipe_value(tmp_path, key, value)
+
+
+# Numeric settings without a range of their own, each with the reason; every other int or float
+# setting must have one in RANGES (a key dropped from the code's tables fails the test below).
+UNBOUNDED = {
+    "teacher_weights": "checked in __post_init__ (>= 0, positive sum)",
+    "layer_map": "checked in __post_init__ (>= 0) and against the teacher's depth by the trainer",
+}
+ISSUE_EXAMPLES = [  # accepted by the parser before the range checks
+    {"per_device_train_batch_size": -3},
+    {"compact_num_layers": 0},
+    {"speed_samples": 0},
+    {"save_steps": -1},
+]
+
+
+def test_every_numeric_setting_has_a_range_or_is_listed_as_unbounded(tmp_path):
+    numeric = set()
+    for d in DATACLASSES:
+        for name, hint in typing.get_type_hints(d).items():
+            if name in RECIPE_FIELDS and re.search(r"\b(int|float)\b", str(hint)) and "dict" not in str(hint):
+                numeric.add(name)
+    assert numeric - set(UNBOUNDED) == set(RANGES)
+    for recipe in ISSUE_EXAMPLES:
+        (key,) = recipe
+        with pytest.raises(ValueError, match=rf"{key} must be >"):
+            _parse(recipe, tmp_path)
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_each_numeric_setting_is_refused_outside_its_range_at_parse_time(tmp_path, key):
+    hint = str(typing.get_type_hints(next(d for d in DATACLASSES if key in d.__dataclass_fields__))[key])
+    whole, listed = "float" not in hint, "list" in hint
+    inside, outside = _edges(RANGES[key])
+    if whole:  # an integer setting: NaN and inf are not integers (a type error, tested above)
+        inside, outside = [int(v) for v in inside], [int(v) for v in outside if math.isfinite(v)]
+    for value in inside:
+        assert _check_recipe_value(tmp_path, key, [value, value + 1] if listed else value) == "accepted"
+    for value in outside:
+        # the tables' keys give their range; the older checks (temperature, ...) their own words
+        allowed = re.escape(str(RANGES[key])) + ", got" if key in {**TRAINING_RANGES, **TEXT_RANGES} else ""
+        with pytest.raises(ValueError, match=rf"{key} must be {allowed}"):
+            _parse({key: [value] if listed else value}, tmp_path)

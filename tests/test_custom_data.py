@@ -282,3 +282,65 @@ def test_a_teacher_with_the_labels_in_another_order_is_reordered():
     assert teacher.config.id2label == dict(enumerate(names))
     # each name keeps its logit: the same numbers up to BLAS rounding (a permuted matmul is another computation)
     torch.testing.assert_close(after, before[[1, 2, 0]], rtol=1e-6, atol=1e-6)
+
+
+# ---- file formats and labels, read by the library (no run) ------------------------------------------
+
+
+def test_every_file_format_glob_and_validation_file_reads_the_same_rows(tmp_path):
+    texts, labels = [f"w{i} w{i + 1}" for i in range(6)], ["b", "a", "b", "a", "b", "a"]
+    table = Dataset.from_dict({"text": texts, "label": labels})
+    table.to_csv(str(tmp_path / "d.csv"), index=False)
+    table.to_csv(str(tmp_path / "d.tsv"), index=False, sep="\t")
+    table.to_json(str(tmp_path / "d.jsonl"))
+    table.to_parquet(str(tmp_path / "d.parquet"))
+    table.select(range(3)).to_csv(str(tmp_path / "part-0.csv"), index=False)
+    table.select(range(3, 6)).to_csv(str(tmp_path / "part-1.csv"), index=False)
+    for name in ("d.csv", "d.tsv", "d.jsonl", "d.parquet", "part-*.csv"):
+        train = data.read_dataset(str(tmp_path / name))["train"]
+        assert sorted(zip(train["text"], train["label"], strict=True)) == sorted(
+            zip(texts, labels, strict=True)
+        ), name
+    splits = data.read_dataset(
+        str(tmp_path / "d.parquet"),
+        validation_file=str(tmp_path / "part-0.csv"),
+        test_file=str(tmp_path / "d.tsv"),
+    )
+    assert sorted(splits) == ["test", "train", "validation"]
+    assert splits["validation"]["text"] == texts[:3] and splits["test"]["label"] == labels
+
+
+def test_null_labels_are_refused_with_their_rows():
+    splits = DatasetDict(
+        {"train": Dataset.from_dict({"text": ["a", "b", "c", "d"], "label": ["x", None, "y", None]})}
+    )
+    with pytest.raises(ValueError, match=r"'label' has 2 null values \(rows \[1, 3\]\)"):
+        data.label_names(splits, "label")
+    scores = DatasetDict({"train": Dataset.from_dict({"text": ["a", "b"], "label": [0.5, None]})})
+    with pytest.raises(ValueError, match=r"1 null values \(rows \[1\]\)"):
+        data.label_names(scores, "label")  # regression too
+
+
+@pytest.mark.parametrize(
+    ("labels", "names", "ids"),
+    [
+        ([2, 0, 10, 0, 2], ("0", "2", "10"), [1, 0, 2, 0, 1]),  # integer labels: sorted as numbers
+        (["pos", "neg", "neu", "neg"], ("neg", "neu", "pos"), [2, 0, 1, 0]),
+        (["b", "a"], ("a", "b"), [1, 0]),
+    ],
+)
+def test_each_row_gets_the_class_id_of_its_label(labels, names, ids):
+    splits = DatasetDict({"train": Dataset.from_dict({"text": ["t"] * len(labels), "label": labels})})
+    assert data.label_names(splits, "label") == names
+    encoded = data.encode_labels(splits["train"], "label", names)
+    assert encoded["label"] == ids
+    assert [encoded.features["label"].int2str(i) for i in encoded["label"]] == [str(v) for v in labels]
+
+
+def test_a_class_label_in_another_order_maps_by_name():
+    feature = ClassLabel(names=["pos", "neg"])
+    train = Dataset.from_dict(
+        {"text": ["t"] * 3, "label": [0, 1, 0]}, features=Features(text=Value("string"), label=feature)
+    )
+    encoded = data.encode_labels(train, "label", ("neg", "pos"))
+    assert encoded["label"] == [1, 0, 1]  # pos, neg, pos under the new order

@@ -399,3 +399,23 @@ def test_ensemble_accuracy_is_that_of_the_mean_soft_labels(tmp_path, tokenizer):
             probs.append(torch.stack([m(**inputs).logits[0].softmax(-1) for m in models]).mean(0))
     expected = (torch.stack(probs).argmax(-1) == torch.tensor(data["labels"])).float().mean().item()
     assert got == pytest.approx(expected)
+
+
+def test_push_to_hub_publishes_the_best_distilled_row_on_validation():
+    from hf_distill.text_classification.report import HARD_LABELS, RunResult, best_distilled
+
+    def row(name, student, training, validation, test):
+        metrics = {"validation": {"accuracy": validation}, "test": {"accuracy": test}}
+        return RunResult(name, student, training, metrics, parameters=1, examples_per_second=1.0)
+
+    results = [
+        row("teacher", None, "fine-tuned on 10 labels", 0.99, 0.99),  # the teacher: never published
+        row("layers hard", "layers", HARD_LABELS, 0.95, 0.95),  # a hard-label row: never published
+        row("layers KD", "layers", "KD", 0.70, 0.90),  # best distilled on test only
+        row("compact KD", "compact", "KD", 0.80, 0.60),  # best distilled on validation
+    ]
+    assert best_distilled(results, "accuracy").name == "compact KD"
+    without_validation = [
+        RunResult(r.name, r.student, r.training, {"test": r.metrics["test"]}, 1, 1.0) for r in results
+    ]
+    assert best_distilled(without_validation, "accuracy").name == "layers KD"  # then the report split

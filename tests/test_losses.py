@@ -154,3 +154,60 @@ def test_unknown_loss_names_raise():
         losses.kd_loss("cosine", z, z)
     with pytest.raises(ValueError, match="hidden_loss='kl'"):
         losses.hidden_state_loss("kl", z, z)
+
+
+def test_default_temperature_is_one():
+    s, t = _logits(3, 5, seed=22), _logits(3, 5, seed=23)
+    kl = _np_kl(t.double().numpy(), s.double().numpy(), 1.0).mean()
+    reverse = _np_kl(s.double().numpy(), t.double().numpy(), 1.0).mean()
+    p, q = np_softmax(t.double().numpy(), -1), np_softmax(s.double().numpy(), -1)
+    m = (p + q) / 2
+    jsd = ((p * np.log(p / m)).sum(-1) / 2 + (q * np.log(q / m)).sum(-1) / 2).mean()
+    assert losses.kl_div_loss(s, t).item() == pytest.approx(kl, rel=1e-5)
+    assert losses.reverse_kl_loss(s, t).item() == pytest.approx(reverse, rel=1e-5)
+    assert losses.jsd_loss(s, t).item() == pytest.approx(jsd, rel=1e-5)
+    assert losses.kd_loss("jsd", s, t).item() == pytest.approx(jsd, rel=1e-5)
+    values, indices = t.topk(5, dim=-1)
+    assert losses.topk_kl_div_loss(s, values, indices).item() == pytest.approx(kl, rel=1e-5)
+
+
+@pytest.mark.parametrize("T", [1.5, 3.0])
+def test_jsd_scales_with_t_squared_at_any_temperature(T):
+    s, t = _logits(4, 6, seed=24), _logits(4, 6, seed=25)
+    p, q = np_softmax(t.double().numpy() / T, -1), np_softmax(s.double().numpy() / T, -1)
+    m = (p + q) / 2
+    expected = T**2 * ((p * np.log(p / m)).sum(-1) / 2 + (q * np.log(q / m)).sum(-1) / 2).mean()
+    assert losses.jsd_loss(s, t, T).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_ensemble_of_token_level_logits_mixes_over_the_last_dim_and_checks_lengths():
+    z1, z2, T = _logits(2, 3, 4, seed=26), _logits(2, 3, 4, seed=27), 2.0
+    mixed = losses.ensemble_logits([z1, z2], [1.0, 3.0], T)
+    expected = 0.25 * np_softmax(z1.numpy() / T, -1) + 0.75 * np_softmax(z2.numpy() / T, -1)
+    np.testing.assert_allclose(torch.softmax(mixed / T, -1).numpy(), expected, rtol=1e-5)
+    for name in ("kl", "mse"):
+        with pytest.raises(ValueError):  # one weight per teacher
+            losses.ensemble_logits([z1, z2], [1.0], T, name)
+
+
+def test_kd_loss_passes_the_temperature_to_each_divergence():
+    s, t, T = _logits(4, 6, seed=28), _logits(4, 6, seed=29), 3.0
+    sn, tn = s.double().numpy(), t.double().numpy()
+    p, q = np_softmax(tn / T, -1), np_softmax(sn / T, -1)
+    m = (p + q) / 2
+    expected = {
+        "kl": T**2 * _np_kl(tn, sn, T).mean(),
+        "reverse_kl": T**2 * _np_kl(sn, tn, T).mean(),
+        "jsd": T**2 * ((p * np.log(p / m)).sum(-1) / 2 + (q * np.log(q / m)).sum(-1) / 2).mean(),
+        "mse": ((sn - tn) ** 2).mean(),
+    }
+    for name, value in expected.items():
+        assert losses.kd_loss(name, s, t, T).item() == pytest.approx(value, rel=1e-5), name
+
+
+def test_one_counted_position_is_its_own_mean():
+    s, t = _logits(2, 3, 5, seed=30), _logits(2, 3, 5, seed=31)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    mask[1, 2] = True
+    expected = _np_kl(t[1, 2].double().numpy(), s[1, 2].double().numpy(), 1.0)
+    assert losses.kl_div_loss(s, t, mask=mask).item() == pytest.approx(float(expected), rel=1e-5)

@@ -31,24 +31,24 @@ def assert_same(resumed: dict[str, torch.Tensor], uninterrupted: dict[str, torch
         assert torch.equal(resumed[key], uninterrupted[key]), key
 
 
-def test_checkpoint_holds_the_projection_and_resume_restores_it_with_its_optimizer_state(tmp_path):
-    trainer = make_trainer("hidden", tmp_path / "a")
-    trainer.args.max_steps = 2
-    trainer.train()
+def test_train_resumes_from_a_checkpoint_to_the_uninterrupted_weights_and_projection(tmp_path):
+    # The fast, in-process version of the slow SIGKILL test below, through Trainer.train itself: the
+    # student, the projection and (AdamW, learning rate 1e-2) both their optimizer states must come back.
+    whole = make_trainer("hidden", tmp_path / "a")
+    whole.args.max_steps, whole.args.save_steps = 4, 2
+    whole.train()
+    uninterrupted = final_state(whole)
     checkpoint = tmp_path / "a" / "run" / "checkpoint-2"
     assert (checkpoint / HIDDEN_PROJECTION_NAME).is_file()
-    trained = trainer.hidden_projection.state_dict()
-    moments = trainer.optimizer.state[trainer.hidden_projection.weight]["exp_avg"].clone()
 
-    again = make_trainer("hidden", tmp_path / "b")  # a fresh projection, different from the trained one
-    assert not torch.equal(again.hidden_projection.weight, trained["weight"])
-    # What train(resume_from_checkpoint=...) does before its first step (the slow test below runs it all).
-    again.create_optimizer_and_scheduler(num_training_steps=2)
-    again._load_from_checkpoint(str(checkpoint))
-    again._load_optimizer_and_scheduler(str(checkpoint))
-    for key, value in trained.items():
-        assert torch.equal(again.hidden_projection.state_dict()[key], value), key
-    assert torch.equal(again.optimizer.state[again.hidden_projection.weight]["exp_avg"], moments)
+    resumed = make_trainer("hidden", tmp_path / "b")  # a fresh student and projection
+    resumed.args.max_steps, resumed.args.save_steps = 4, 2
+    assert not torch.equal(resumed.hidden_projection.weight, uninterrupted["projection.weight"])
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    assert_same(final_state(resumed), uninterrupted)
+    initial = final_state(make_trainer("hidden", tmp_path / "c"))
+    assert not torch.equal(initial["projection.weight"], uninterrupted["projection.weight"])
 
 
 def test_resume_without_the_projection_file_is_refused(tmp_path):

@@ -8,14 +8,22 @@ from conftest import tiny_bert
 from transformers import (
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    ElectraConfig,
+    ElectraForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     RobertaConfig,
     RobertaForMaskedLM,
     T5Config,
     T5ForConditionalGeneration,
+    XLMRobertaConfig,
+    XLMRobertaForSequenceClassification,
 )
 
 from hf_distill import build_student, select_teacher_layers
@@ -50,10 +58,49 @@ def _teachers():
             ),
             "model.layers.{}.mlp.up_proj.weight",
         ),
+        "mistral": (
+            MistralForCausalLM(
+                MistralConfig(
+                    hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_key_value_heads=2, **small
+                )
+            ),
+            "model.layers.{}.self_attn.k_proj.weight",
+        ),
+        "qwen2": (  # the one family with per-layer `layer_types`: each layer's own kind must follow it
+            Qwen2ForCausalLM(
+                Qwen2Config(
+                    hidden_size=32,
+                    intermediate_size=37,
+                    num_hidden_layers=4,
+                    num_key_value_heads=2,
+                    use_sliding_window=True,
+                    sliding_window=8,
+                    max_window_layers=2,  # layers 0, 1: full attention; 2, 3: sliding
+                    **small,
+                )
+            ),
+            "model.layers.{}.self_attn.q_proj.bias",
+        ),
+        "xlm-roberta": (
+            XLMRobertaForSequenceClassification(
+                XLMRobertaConfig(hidden_size=32, num_hidden_layers=4, intermediate_size=37, **small)
+            ),
+            "roberta.encoder.layer.{}.attention.self.value.weight",
+        ),
+        "electra": (
+            ElectraForSequenceClassification(
+                ElectraConfig(
+                    embedding_size=16, hidden_size=32, num_hidden_layers=4, intermediate_size=37, **small
+                )
+            ),
+            "electra.encoder.layer.{}.intermediate.dense.weight",
+        ),
     }
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "gpt2", "llama"])
+@pytest.mark.parametrize(
+    "family", ["bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2", "xlm-roberta", "electra"]
+)
 def test_student_copies_chosen_teacher_layers(family):
     teacher, layer_key = _teachers()[family]
     student = build_student(teacher, layers=[1, 3], teacher_name_or_path="some/teacher")
@@ -71,6 +118,14 @@ def test_student_copies_chosen_teacher_layers(family):
         "teacher_layers": [1, 3],
     }
     assert student.num_parameters() < teacher.num_parameters()
+    layer_types = getattr(teacher.config, "layer_types", None)
+    if family == "qwen2":
+        assert layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    if layer_types is not None:  # shrunk with the layers: each copied layer keeps its kind
+        assert student.config.layer_types == [layer_types[1], layer_types[3]]
+    ids = torch.randint(5, 50, (2, 6))
+    with torch.no_grad():  # the student runs
+        student(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
 def test_default_is_every_other_layer_and_mapping_survives_save(tmp_path):

@@ -222,6 +222,28 @@ def test_key_ignores_the_teachers_name(tmp_path):
     assert teacher_cache_key(tiny_bert(seed=2), dataset)[0] != teacher_cache_key(a, dataset)[0]
 
 
+def test_key_changes_with_top_k_and_with_the_teachers_config_at_equal_weights(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    dataset = random_classification_dataset(4).remove_columns("labels")
+
+    def mlm(**kwargs):
+        torch.manual_seed(1)
+        return BertForMaskedLM(
+            BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=37, **kwargs)
+        )  # fmt: skip
+
+    base = mlm()
+    keys = {k: teacher_cache_key(base, dataset, top_k=k)[0] for k in (5, 8, -1)}
+    assert len(set(keys.values())) == 3  # top 5, top 8, dense
+    assert teacher_cache_key(mlm(), dataset, top_k=5)[0] == keys[5]  # same weights, same config
+    # Same weights, a config that changes the logits (GELU vs ReLU): another key.
+    other = mlm(hidden_act="relu")
+    assert weights_hash(other) == weights_hash(base)
+    assert teacher_cache_key(other, dataset, top_k=5)[0] != keys[5]
+
+
 def test_expected_key_mismatch_is_refused_with_the_differences(tmp_path):
     dataset, teacher = random_classification_dataset(8), tiny_bert(seed=1)
     old = precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path)

@@ -103,8 +103,10 @@ def test_teacher_only_columns_reach_the_teacher(tmp_path, tokenizer):
     data = random_classification_dataset(8).map(
         lambda r: {"token_type_ids": [1] * len(r["input_ids"]), "extra": 1}
     )
-    recorder = _Recorder()
+    recorder, student_recorder = _Recorder(), _Recorder()
     teacher.register_forward_pre_hook(recorder.hook, with_kwargs=True)
+    # DistilBERT's forward takes **kwargs: a leaked token_type_ids would not even raise, so record it
+    student.register_forward_pre_hook(student_recorder.hook, with_kwargs=True)
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -116,6 +118,8 @@ def test_teacher_only_columns_reach_the_teacher(tmp_path, tokenizer):
     assert recorder.calls and "token_type_ids" in recorder.calls[0]
     assert int(recorder.calls[0]["token_type_ids"].max()) == 1
     assert "labels" not in recorder.calls[0]
+    assert student_recorder.calls and "token_type_ids" not in student_recorder.calls[0]
+    assert "input_ids" in student_recorder.calls[0]
 
 
 def test_teacher_own_tokenization_is_used(tmp_path, tokenizer):
@@ -136,10 +140,13 @@ def test_teacher_own_tokenization_is_used(tmp_path, tokenizer):
         processing_class=tokenizer,
     )
     trainer.train()
-    seen = recorder.calls[0]
+    seen = recorder.calls[0]  # the one batch: all 8 rows, in the sampler's order
     lengths = [len(r) for r in data["teacher_input_ids"]]
     assert seen["input_ids"].shape[1] == max(lengths)
-    assert seen["input_ids"][0, lengths[0] - 2 : lengths[0]].tolist() == [7, 8]
+    real = [
+        ids[mask.bool()].tolist() for ids, mask in zip(seen["input_ids"], seen["attention_mask"], strict=True)
+    ]
+    assert sorted(real) == sorted(data["teacher_input_ids"])  # each row's own teacher ids, ending 7, 8
 
 
 def test_precomputed_teacher_logits_need_no_teacher(tmp_path, tokenizer):

@@ -76,6 +76,9 @@ def _bad_rows(column: pa.ChunkedArray) -> np.ndarray:
         rows = np.flatnonzero(chunk.is_null().to_numpy(zero_copy_only=False))
         values, parents = chunk, None
         while pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type):
+            if parents is not None:  # a null list inside a row (list_flatten would skip it)
+                nulls = np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))
+                rows = np.union1d(rows, parents[nulls])
             index = pc.list_parent_indices(values).to_numpy()
             parents = index if parents is None else parents[index]
             values = pc.list_flatten(values)

@@ -11,12 +11,34 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import DistillationConfig
+from ..config import AT_LEAST_0, AT_LEAST_1, SEED, DistillationConfig, Range, check_ranges
 from ..recipe import RecipeParser as _RecipeParser
 from ..recipe import read_recipe as _read_recipe
 
 STUDENT_KINDS = ("layers", "compact", "checkpoint")
 METRICS = ("auto", "glue")
+# Numeric settings with a valid range (max_seq_length: __post_init__).
+RANGES = {
+    "validation_size": Range(0, note="a fraction < 1 or a whole number of rows"),
+    "test_size": Range(0, note="a fraction < 1 or a whole number of rows"),
+    "dataset_seed": SEED,
+    "max_train_samples": AT_LEAST_1,
+    "max_eval_samples": AT_LEAST_1,
+    "num_labelled": AT_LEAST_1,
+    "teacher_seed": SEED,
+    "teacher_seeds": SEED,
+    "teacher_learning_rate": AT_LEAST_0,
+    "teacher_num_train_epochs": AT_LEAST_0,
+    "student_num_layers": AT_LEAST_1,
+    "compact_hidden_size": AT_LEAST_1,
+    "compact_num_layers": AT_LEAST_1,
+    "compact_num_attention_heads": AT_LEAST_1,
+    "compact_intermediate_size": AT_LEAST_1,
+    "compact_learning_rate": AT_LEAST_0,
+    "compact_num_train_epochs": AT_LEAST_0,
+    "speed_samples": AT_LEAST_1,
+    "speed_batch_size": AT_LEAST_1,
+}
 
 
 @dataclass
@@ -218,6 +240,7 @@ class DistillTextArguments:
     )
 
     def __post_init__(self):
+        check_ranges(self, RANGES)
         if not 1 <= len(self.text_columns) <= 2:
             raise ValueError(
                 f"text_columns takes one column (single texts) or two (text pairs), got {self.text_columns}."
