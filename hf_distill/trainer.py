@@ -514,7 +514,8 @@ class DistillationTrainer(Trainer):
             components["ce"] = ce_value
         loss = self.combine_losses(components)
         self._record(components)
-        return (loss, CausalLMOutput(loss=loss)) if return_outputs else loss
+        # as the dense path: the outputs carry the student's own (hard-label) loss, when it was computed
+        return (loss, CausalLMOutput(loss=ce_value)) if return_outputs else loss
 
     def _record(self, components: dict[str, torch.Tensor]) -> None:
         for name, value in components.items():

@@ -134,7 +134,7 @@ def test_bad_settings_say_what_to_fix(flags, message, capsys):
     with pytest.raises((ValueError, SystemExit)) as info:
         parse(*flags)
     # argparse's refusals (SystemExit) print their message on stderr
-    said = str(info.value) if info.type is ValueError else capsys.readouterr().err
+    said = str(info.value) if issubclass(info.type, ValueError) else capsys.readouterr().err
     assert message in said
 
 
