@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from .errors import InputError
 from .losses import KD_LOSSES
 
 HIDDEN_LOSSES = ("cosine", "mse")
@@ -70,6 +69,7 @@ def check_ranges(settings: Any, ranges: dict[str, Range]) -> None:
 # The numeric settings of TrainingArguments that have a valid range; checked on the values as given,
 # before TrainingArguments converts some of them or fails on them with an error that names no key.
 TRAINING_RANGES = {
+    "lm_chunk_size": AT_LEAST_1,
     "per_device_train_batch_size": AT_LEAST_1,
     "per_device_eval_batch_size": AT_LEAST_1,
     "gradient_accumulation_steps": AT_LEAST_1,
@@ -231,8 +231,6 @@ class DistillationConfig(TrainingArguments):
             )
         if self.layer_map is not None and any(i < 0 for i in self.layer_map):
             raise ValueError(f"layer_map entries are teacher layer numbers >= 0, got {self.layer_map}.")
-        if self.lm_chunk_size is not None and self.lm_chunk_size < 1:
-            raise InputError(f"lm_chunk_size must be >= 1 (or None for dense logits), got {self.lm_chunk_size}.")
         if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(
                 f"teacher_dtype must be one of {TEACHER_DTYPES} or None (follow bf16/fp16), got {self.teacher_dtype!r}."
