@@ -127,6 +127,14 @@ class DistillLMArguments:
     num_samples: int = field(
         default=12, metadata={"help": "Tokens drawn per token for the RS-KD cache (1 to 255)."}
     )
+    precompute_batch_tokens: int = field(
+        default=4096,
+        metadata={
+            "help": "Tokens per teacher forward when caching (max_batch_tokens of precompute_teacher_logits). The "
+            "teacher's (tokens x vocabulary) float32 logits are held at once, a few times over (4,096 x 49,152: "
+            "about 0.8 GB each), so this bounds the precompute's memory."
+        },
+    )
     cache_dir: str | None = field(
         default=None,
         metadata={
@@ -167,6 +175,7 @@ class DistillLMArguments:
             "num_samples": (1, 255),
             "max_new_tokens": (1, None),
             "eval_batch_size": (1, None),
+            "precompute_batch_tokens": (1, None),
             "max_train_blocks": (1, None),
             "max_eval_blocks": (1, None),
         }

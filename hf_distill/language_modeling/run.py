@@ -136,6 +136,7 @@ def run(
             preprocessing=preprocessing,
             cache_dir=cache_dir(script.cache_dir) / "teacher_logits",
             teacher_name=script.teacher_model_name_or_path,
+            max_batch_tokens=script.precompute_batch_tokens,
             **sparse,
         )
         bytes_per_token[mode] = read_provenance(train[mode])["bytes_per_token"]
