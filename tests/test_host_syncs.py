@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import config, random_classification_dataset, tiny_bert, tiny_bert_config
+from torch.overrides import TorchFunctionMode
 from transformers import BertForMaskedLM, BertForTokenClassification
 
 import hf_distill
@@ -37,6 +38,7 @@ class HostSyncs:
         self.ours: list[str] = []
         self.others: list[str] = []
         self._saved = {}
+        self._own: dict[str, bool] = {}
 
     def _record(self, name: str) -> None:
         for frame in reversed(traceback.extract_stack()[:-2]):
@@ -50,28 +52,57 @@ class HostSyncs:
         original = self._saved[name]
 
         def counted(tensor, *args, **kwargs):
-            if name != "__getitem__":
-                self._record(name)
-            elif _is_mask(args[0]):  # indexing by a boolean mask: its size is read on the host
-                self._record("boolean-mask index")
+            self._record(name)
             return original(tensor, *args, **kwargs)
 
         return counted
 
     def __enter__(self):
-        for name in (*SYNCING, "__getitem__"):
+        for name in SYNCING:
             self._saved[name] = getattr(torch.Tensor, name)
+            self._own[name] = name in vars(torch.Tensor)
             setattr(torch.Tensor, name, self._wrap(name))
+        # Indexing is watched through a torch-function mode, not by setting torch.Tensor.__getitem__: a
+        # __getitem__ set on the class gives every tensor the sequence protocol for the rest of the process
+        # (CPython keeps the sq_item slot after the attribute is deleted), and torch.tensor([tensor(0),
+        # tensor(2)]) then fails with "len() of a 0-d tensor" in later tests.
+        self._mode = _MaskIndexing(self._record)
+        self._mode.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for name, method in self._saved.items():
-            setattr(torch.Tensor, name, method)
+        self._mode.__exit__(*exc)
+        for name, method in self._saved.items():  # put back exactly what was there
+            if self._own[name]:
+                setattr(torch.Tensor, name, method)
+            else:
+                delattr(torch.Tensor, name)
+
+
+class _MaskIndexing(TorchFunctionMode):
+    """Records indexing by a boolean mask (its size is read on the host)."""
+
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__ and _is_mask(args[1]):
+            self.record("boolean-mask index")
+        return func(*args, **(kwargs or {}))
 
 
 def _is_mask(index) -> bool:
     items = index if isinstance(index, tuple) else (index,)
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+def test_the_counter_leaves_torch_tensor_as_it_found_it():
+    before = dict(vars(torch.Tensor))
+    with HostSyncs():
+        torch.ones(2).tolist()
+    assert dict(vars(torch.Tensor)) == before
+    assert torch.tensor([torch.tensor(0), torch.tensor(2)]).tolist() == [0, 2]
 
 
 def test_the_counter_sees_syncs_and_tells_ours_from_others():
