@@ -8,7 +8,8 @@ median (min-max) of validation and out-of-domain perplexity, each run's step tim
 twin, the caches' bytes per token, and the share of dense KD's gain over CE (in held-out loss, nats per
 token) that each cached teacher keeps.
 
-``--gkd`` adds a side-by-side step benchmark on the same blocks and the same student initialisation: TRL's
+``--gkd`` adds a side-by-side step benchmark on the same blocks and the same student initialisation: CE only, KD from
+the live teacher, the top-k cache and the RS-KD cache (the recipe's weights), and TRL's
 ``GKDTrainer`` (``lmbda=0``, ``beta=0``: supervised forward KL, full logits) against ``DistillationTrainer``
 with the same loss (``alpha=1, beta=0``, live teacher, the chunked loss), each in a fresh process with
 rounds interleaved: median step time and peak memory (RSS above the process's size after loading).
@@ -138,16 +139,20 @@ def _seed_table(records: dict[str, Any]) -> list[str]:
 
 
 def _gkd_table(g: dict[str, Any]) -> list[str]:
+    ce = statistics.median(g["variants"]["CE only"]["step_seconds"]) if "CE only" in g["variants"] else None
     lines = [
-        f"Side by side on the same {g['steps']} steps of {g['batch']} x {g['block_size']} tokens, same student "
-        f"initialisation, forward KL at T = 1 (alpha = 1, beta = 0), {g['threads']} threads, rounds interleaved:",
+        f"Steps side by side: {g['steps']} steps of {g['batch']} x {g['block_size']} tokens per variant, each in a fresh "
+        f"process, {len(next(iter(g['variants'].values()))['step_seconds'])} rounds interleaved, {g['threads']} threads "
+        f"(load average after: {', '.join(f'{x:.1f}' for x in g['load_average'])}); the same student initialisation "
+        "and blocks; median step time of each round (the first step left out) and peak memory above the loaded process:",
         "",
-        "| trainer | median step (s) | peak memory above loaded (MB) |",
-        "|---|---|---|",
+        "| trainer | median step (s) | step time vs CE only | peak memory above loaded (MB) |",
+        "|---|---|---|---|",
     ]
     for name, v in g["variants"].items():
+        ratio = f"{statistics.median(v['step_seconds']) / ce:.2f}x" if ce else ""
         lines.append(
-            f"| {name} | {_spread(v['step_seconds'], '{:.2f}')} | {_spread(v['peak_mb'], '{:.0f}')} |"
+            f"| {name} | {_spread(v['step_seconds'], '{:.2f}')} | {ratio} | {_spread(v['peak_mb'], '{:.0f}')} |"
         )
     return lines
 
@@ -172,14 +177,30 @@ def _gkd_worker(variant: str, steps: int, batch: int, block_size: int, cache: st
     from hf_distill.language_modeling.data import load_corpus, pack
     from hf_distill.language_modeling.teacher import load_teacher
 
-    # the recipe's corpus and teacher, without its out-of-domain text
-    script, _ = LMRecipeParser().parse_recipe_and_args(
-        ["--config", str(RECIPE), "--cache_dir", cache, "--output_dir", os.path.join(cache, "bench_gkd")]
+    # the recipe's corpus, blocks and teacher (so the seed runs' caches are hits), without its out-of-domain text
+    script, recipe_args = LMRecipeParser().parse_recipe_and_args(
+        ["--config", str(RECIPE), "--cache_dir", cache, "--output_dir", os.path.join(cache, "bench_steps")]
     )
     script.ood_dataset_name = None
     teacher = load_teacher(script)
     splits, _ = load_corpus(script)
-    blocks = pack(splits["train"], teacher.tokenizer, block_size, max_blocks=steps * batch)
+    blocks = pack(splits["train"], teacher.tokenizer, block_size, max_blocks=script.max_train_blocks)
+    sparse = {"KD, top-k cache": {"top_k": script.top_k}, "KD, RS-KD cache": {
+        "num_samples": script.num_samples, "sample_temperature": recipe_args.temperature, "sample_seed": 42}}  # fmt: skip
+    if variant in sparse:
+        from hf_distill.offline import cache_dir
+        from hf_distill.teacher_cache import precompute_teacher_logits
+
+        preprocessing = {
+            "dataset": script.dataset_name,
+            "text_column": script.text_column,
+            "block_size": block_size,
+        }
+        blocks = precompute_teacher_logits(
+            teacher.model, blocks, tokenizer=teacher.tokenizer, preprocessing=preprocessing,
+            cache_dir=cache_dir(cache) / "teacher_logits", teacher_name=script.teacher_model_name_or_path,
+            max_batch_tokens=script.precompute_batch_tokens, **sparse[variant],
+        )  # fmt: skip
     student = build_student(teacher.model, num_layers=script.student_num_layers)
 
     class StepTimes(TrainerCallback):
@@ -211,9 +232,13 @@ def _gkd_worker(variant: str, steps: int, batch: int, block_size: int, cache: st
             processing_class=teacher.tokenizer, data_collator=default_data_collator, callbacks=[timer],
         )  # fmt: skip
     else:
-        config = DistillationConfig(**common, alpha=1.0, beta=0.0, temperature=1.0, kd_loss="kl")
+        # the GKD twin learns from the teacher alone (alpha = 1, beta = 0); the recipe's runs use its weights
+        weights = {"alpha": 1.0, "beta": 0.0} if variant == GKD_TWIN else {
+            "alpha": 0.0 if variant == "CE only" else recipe_args.alpha, "beta": 1.0 if variant == "CE only" else recipe_args.beta}  # fmt: skip
+        config = DistillationConfig(**common, **weights, temperature=1.0, kd_loss="kl")
+        live = variant in (GKD_TWIN, "KD, live teacher", "CE only")
         trainer = DistillationTrainer(
-            model=student, teacher_model=teacher.model, args=config, train_dataset=blocks,
+            model=student, teacher_model=teacher.model if live else None, args=config, train_dataset=blocks,
             processing_class=teacher.tokenizer, data_collator=default_data_collator, callbacks=[timer],
         )  # fmt: skip
     torch.manual_seed(0)
@@ -230,8 +255,19 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+GKD_TWIN = "hf-distill DistillationTrainer, KD only (alpha 1, beta 0), live teacher"
+STEP_VARIANTS = (
+    "CE only",
+    "KD, live teacher",
+    "KD, top-k cache",
+    "KD, RS-KD cache",
+    GKD_TWIN,
+    "TRL GKDTrainer",
+)
+
+
 def run_gkd(steps: int, batch: int, block_size: int, rounds: int, cache: str) -> dict[str, Any]:
-    variants = ("hf-distill DistillationTrainer (chunked)", "TRL GKDTrainer")
+    variants = STEP_VARIANTS
     results: dict[str, dict[str, list[float]]] = {v: {"step_seconds": [], "peak_mb": []} for v in variants}
     for _ in range(rounds):
         for variant in variants:
@@ -263,8 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs_dir", type=Path, default=ROOT / "outputs/bench_lm")
     parser.add_argument("--summarize", action="store_true")
     parser.add_argument("--gkd", action="store_true")
-    parser.add_argument("--gkd_steps", type=int, default=6)
-    parser.add_argument("--gkd_batch", type=int, default=4)
+    parser.add_argument("--gkd_steps", type=int, default=5)
+    parser.add_argument("--gkd_batch", type=int, default=2)
     parser.add_argument("--gkd_block_size", type=int, default=256)
     parser.add_argument("--gkd_rounds", type=int, default=2)
     parser.add_argument(
