@@ -122,3 +122,13 @@ def resolve_offline(
     if name not in known:
         raise InputError(f"Unknown offline {kind} {name!r}; known: {sorted(known)}.")
     return str(known[name](directory, **kwargs))
+
+
+def describe_offline(name: str, known: Mapping[str, tuple[Callable[..., Path], str]]) -> str:
+    """What a card cites for a dataset ``name``: the offline source ``known[name][1]``, a file or folder's name,
+    or the Hub id itself."""
+    if name in known:
+        return known[name][1]
+    if os.path.exists(os.path.expanduser(name)):
+        return Path(name).name
+    return name

