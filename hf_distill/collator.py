@@ -14,16 +14,8 @@ from transformers import (
     default_data_collator,
 )
 
-# Precomputed teacher outputs (see ``hf_distill.teacher_cache``).
-TEACHER_LOGIT_COLUMNS = (
-    "teacher_logits",
-    "teacher_topk_values",
-    "teacher_topk_indices",
-    "teacher_sample_ids",
-    "teacher_sample_counts",
-)
-# Of those, the columns of integers (vocabulary ids and counts), kept as integers.
-_INTEGER_COLUMNS = ("teacher_topk_indices", "teacher_sample_ids", "teacher_sample_counts")
+from .teacher_outputs import INTEGER_COLUMNS, TEACHER_LOGIT_COLUMNS
+
 # The teacher's own tokenization, used when teacher and student tokenizers differ.
 TEACHER_INPUT_PREFIX = "teacher_"
 
@@ -82,7 +74,7 @@ class DistillationDataCollator:
         for key in teacher_features[0]:
             rows = [torch.as_tensor(f[key]) for f in teacher_features]
             if key in TEACHER_LOGIT_COLUMNS:
-                rows = [r.long() if key in _INTEGER_COLUMNS else r.float() for r in rows]
+                rows = [r.long() if key in INTEGER_COLUMNS else r.float() for r in rows]
                 if rows[0].dim() == 1:  # one vector per example: sequence-level logits
                     batch[key] = torch.stack(rows)
                     continue

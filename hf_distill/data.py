@@ -133,7 +133,6 @@ def select_splits(
     return splits, {s: record[s] for s in splits}
 
 
-
 def check_columns(splits: DatasetDict, columns: list[str]) -> None:
     """Every split has ``columns``; else a ``ValueError`` naming the columns present."""
     for split, dataset in splits.items():

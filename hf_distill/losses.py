@@ -136,6 +136,40 @@ def kd_loss(
     raise ValueError(f"kd_loss={name!r} is not one of {KD_LOSSES}.")
 
 
+def span_kd_loss(
+    name: str,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The KD term of extractive question answering: the mean of the start and end terms.
+
+    The start (``[..., 0]``) and end (``[..., 1]``) logits are each a distribution over the ``L``
+    positions of a row; padding positions (``attention_mask == 0``) are left out of both softmaxes
+    (their logits set to ``-1e4``). With ``s_0, t_0`` the start and ``s_1, t_1`` the end logits:
+
+        (kd_loss(name, s_0, t_0, T) + kd_loss(name, s_1, t_1, T)) / 2
+
+    each over rows ``(B, L)``; for ``name="mse"`` each term is one squared difference per real
+    position instead.
+
+    Shapes: ``student_logits``, ``teacher_logits``: ``(B, L, 2)``; ``attention_mask``: ``(B, L)`` or None.
+    """
+    real = attention_mask.bool() if attention_mask is not None else None
+    terms = []
+    for i in range(2):
+        s, t = student_logits[..., i].float(), teacher_logits[..., i].float()
+        if real is not None:
+            s, t = s.masked_fill(~real, -1e4), t.masked_fill(~real, -1e4)
+        if name == "mse":  # no softmax here: one squared difference per real position
+            terms.append(mse_logits_loss(s[..., None], t[..., None], mask=real))
+        else:
+            terms.append(kd_loss(name, s, t, temperature))
+    return (terms[0] + terms[1]) / 2
+
+
 def topk_kl_div_loss(
     student_logits: torch.Tensor,
     teacher_topk_values: torch.Tensor,

@@ -1,8 +1,14 @@
-"""Which kind of head a model has, read off its class (no probing of attributes)."""
+"""Which kind of head a model has, read off its class (no probing of attributes), and what differs between tasks.
+
+:data:`TASK_SPECS` is the one table of what differs: how the KD logits are read off the outputs, which
+positions count, how student and teacher positions align (the causal shift, once), and which KD loss
+applies. The trainer reads a model's spec once (:func:`task_spec`) and calls it; it never tests the task.
+"""
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,7 +16,9 @@ from peft import PeftModel
 from torch import nn
 from transformers.models.auto import modeling_auto
 
+from . import losses
 from .errors import InputError
+from .teacher_outputs import TeacherOutput
 
 SEQUENCE_CLASSIFICATION = "sequence_classification"
 TOKEN_CLASSIFICATION = "token_classification"
@@ -25,8 +33,6 @@ _MAPPINGS = {
     MASKED_LM: modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     CAUSAL_LM: modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
 }
-# Tasks whose logits have one row per token, compared over the vocabulary or the tag set.
-TOKEN_LEVEL = (TOKEN_CLASSIFICATION, MASKED_LM, CAUSAL_LM)
 # Tasks whose classes are a vocabulary (teacher and student must share it).
 VOCABULARY_TASKS = (MASKED_LM, CAUSAL_LM)
 
@@ -73,9 +79,7 @@ def output_logits(outputs, task: str) -> torch.Tensor:
     the last dimension: ``(B, L, 2)``. The one rule for the live teacher, the student (``trainer``) and
     the cached teacher (``teacher_cache``).
     """
-    if task == QUESTION_ANSWERING:
-        return torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)
-    return outputs.logits
+    return TASK_SPECS[task].logits(outputs)
 
 
 def output_embedding(model: nn.Module) -> nn.Module:
@@ -99,3 +103,142 @@ def last_hidden_state(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     finally:
         handle.remove()
     return captured[-1]
+
+
+# ---- what differs between tasks ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task's rules for the KD term. The base class is sequence classification; each other task
+    overrides one or two methods (as Liger-Kernel's chunked losses override ``distillation_loss_fn``).
+
+    - :meth:`logits`: the logits the KD loss compares, from a model's outputs;
+    - :meth:`kd_mask`: which (aligned) positions count, ``(B, L')`` bool, or None for all;
+    - :meth:`align`: a per-position tensor ``(B, L, ...)`` cut to the positions that are compared;
+    - :meth:`kd_loss`: the KD term of aligned student logits against the aligned teacher.
+    """
+
+    name: str
+    token_level: bool = False  # logits per token, over a tag set or a vocabulary
+    vocabulary: bool = False  # the classes are a vocabulary, shared by teacher and student
+
+    def logits(self, outputs) -> torch.Tensor:
+        return outputs.logits
+
+    def kd_mask(self, inputs: dict[str, Any], length: int) -> torch.Tensor | None:
+        return None
+
+    def align(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def kd_loss(
+        self,
+        name: str,
+        student_logits: torch.Tensor,
+        teacher: TeacherOutput,
+        temperature: float,
+        mask,
+        inputs,
+    ) -> torch.Tensor:
+        """The teacher's form chooses the formula: top-k and RS-KD caches have their own; dense logits take
+        ``name`` (``args.kd_loss``) from :func:`hf_distill.losses.kd_loss`."""
+        if teacher.form == "topk":
+            return losses.topk_kl_div_loss(
+                student_logits, teacher.topk_values, teacher.topk_indices, temperature, mask=mask
+            )
+        if teacher.form == "sampled":
+            return losses.sampled_kd_loss(
+                student_logits, teacher.sample_ids, teacher.sample_counts, temperature, mask=mask
+            )
+        t_logits = teacher.logits
+        if t_logits.shape[-1] != student_logits.shape[-1]:
+            raise InputError(
+                f"Teacher logits have {t_logits.shape[-1]} classes but the student has {student_logits.shape[-1]}: "
+                "were the cached teacher_logits computed for another task or label set?"
+            )
+        return losses.kd_loss(
+            name, student_logits, t_logits.to(student_logits.device), temperature, mask=mask
+        )
+
+
+@dataclass(frozen=True)
+class RegressionSpec(TaskSpec):
+    """A regression head (one output): the KD term is the MSE to the teacher's score, whatever ``kd_loss``."""
+
+    def kd_loss(self, name, student_logits, teacher, temperature, mask, inputs):
+        return super().kd_loss("mse", student_logits, teacher, temperature, mask, inputs)
+
+
+@dataclass(frozen=True)
+class TokenSpec(TaskSpec):
+    """Token-level heads: rows with labels count their labelled positions (for masked LM the masked tokens,
+    as in DistilBERT); rows without any label count every real token."""
+
+    token_level: bool = True
+
+    def kd_mask(self, inputs: dict[str, Any], length: int) -> torch.Tensor | None:
+        attention = inputs.get("attention_mask")
+        real = attention.bool() if attention is not None else None
+        labels = inputs.get("labels")
+        if labels is None:
+            return real
+        labelled = labels != -100
+        if real is None:
+            return labelled
+        row_has_labels = labelled.any(dim=-1, keepdim=True)
+        return torch.where(row_has_labels, labelled, real)[:, :length]
+
+
+@dataclass(frozen=True)
+class CausalLMSpec(TokenSpec):
+    """Position ``i`` predicts token ``i + 1``: the last position is dropped, the mask shifted, and the pad
+    before a left-padded row's first token predicts nothing."""
+
+    vocabulary: bool = True
+
+    def kd_mask(self, inputs: dict[str, Any], length: int) -> torch.Tensor | None:
+        mask = super().kd_mask(inputs, length)
+        if mask is None:
+            return None
+        mask = mask[:, 1:]
+        real = inputs.get("attention_mask")
+        return mask & real[:, :-1].bool() if real is not None else mask
+
+    def align(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[:, :-1]
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The token each aligned position predicts, ``(B, L - 1)``."""
+        return labels[:, 1:]
+
+
+@dataclass(frozen=True)
+class QuestionAnsweringSpec(TaskSpec):
+    """Start and end logits stacked, ``(B, L, 2)``; the KD term is :func:`hf_distill.losses.span_kd_loss`."""
+
+    def logits(self, outputs) -> torch.Tensor:
+        return torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)
+
+    def kd_loss(self, name, student_logits, teacher, temperature, mask, inputs):
+        return losses.span_kd_loss(
+            name, student_logits, teacher.logits, temperature, attention_mask=inputs.get("attention_mask")
+        )
+
+
+TASK_SPECS: dict[str, TaskSpec] = {
+    SEQUENCE_CLASSIFICATION: TaskSpec(SEQUENCE_CLASSIFICATION),
+    TOKEN_CLASSIFICATION: TokenSpec(TOKEN_CLASSIFICATION),
+    QUESTION_ANSWERING: QuestionAnsweringSpec(QUESTION_ANSWERING),
+    MASKED_LM: TokenSpec(MASKED_LM, vocabulary=True),
+    CAUSAL_LM: CausalLMSpec(CAUSAL_LM),
+}
+REGRESSION = RegressionSpec("regression")
+
+
+def task_spec(model: nn.Module) -> TaskSpec:
+    """The spec of ``model``'s head: a one-output sequence-classification head is a regression."""
+    task = task_of(model)
+    if task == SEQUENCE_CLASSIFICATION and base_model(model).config.num_labels == 1:
+        return REGRESSION
+    return TASK_SPECS[task]

@@ -2,59 +2,52 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 from transformers.modeling_outputs import CausalLMOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
 
-from . import losses, tasks, vocab_losses
-from .collator import TEACHER_INPUT_PREFIX, TEACHER_LOGIT_COLUMNS, DistillationDataCollator, teacher_sources
+from .collator import TEACHER_INPUT_PREFIX, DistillationDataCollator, teacher_sources
 from .config import DistillationConfig
-from .errors import InputError, MissingFileError
+from .errors import InputError
 from .hub import push_student
+from .loss_path import FUSED, choose_loss_path
+from .losses import attention_loss, ensemble_logits, hidden_state_loss
 from .model_card import card_data_from_trainer
-from .tasks import base_model, forward_params, last_hidden_state, output_embedding, output_logits, task_of
-from .teacher_cache import check_finite_logits
+from .projection import HIDDEN_PROJECTION_NAME, HiddenProjection  # noqa: F401 (the checkpoint file's name)
+from .tasks import base_model, forward_params, last_hidden_state, output_embedding, task_of, task_spec
+from .teacher_cache import check_finite_logits, read_provenance
+from .teacher_outputs import (
+    LIVE,
+    TEACHER_LOGIT_COLUMNS,
+    TeacherOutput,
+    read_teacher_outputs,
+    teacher_source_of,
+)
 from .teachers import cast_teacher, check_compatible, load_teacher, prepare_teacher
+from .vocab_losses import chunked_lm_losses
+
+logger = logging.get_logger(__name__)
 
 # Arguments never passed to the teacher: its loss and output switches are ours to set.
 _NOT_FOR_TEACHER = {"labels", "start_positions", "end_positions", "return_dict", "use_cache"}
-# The hidden-state projection's weights in a checkpoint folder (its optimizer state is in optimizer.pt).
-HIDDEN_PROJECTION_NAME = "hidden_projection.safetensors"
-
-
-@dataclass
-class TeacherOutput:
-    """What the loss needs from the teacher(s), live or precomputed.
-
-    ``logits``: ``(B, C)``, ``(B, L, C)``, or ``(B, L, 2)`` for question answering (start, end);
-    ``topk_values`` / ``topk_indices``: ``(B, L, k)`` sparse teacher logits; ``sample_ids`` /
-    ``sample_counts``: ``(B, L, n)`` tokens drawn from the teacher (RS-KD); ``hidden_states`` /
-    ``attentions``: the teacher model's, when a hidden-state or attention loss asks for them (for the
-    fused causal-LM loss, ``hidden_states`` holds the teacher's last hidden state alone and ``logits``
-    is None).
-    """
-
-    logits: torch.Tensor | None = None
-    topk_values: torch.Tensor | None = None
-    topk_indices: torch.Tensor | None = None
-    sample_ids: torch.Tensor | None = None
-    sample_counts: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 def default_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
     """Evenly spaced teacher layers (1-based) for student layers ``1..M``; the last maps to the last."""
     return [round((i + 1) * num_teacher_layers / num_student_layers) for i in range(num_student_layers)]
+
+
+def _columns(dataset) -> list[str] | None:
+    """The training dataset's column names, where it has them (``datasets``), else None."""
+    columns = getattr(dataset, "column_names", None)
+    return list(columns) if columns is not None else None
 
 
 class DistillationTrainer(Trainer):
@@ -66,12 +59,33 @@ class DistillationTrainer(Trainer):
             + hidden_loss_weight * H + attention_loss_weight * A
 
     Teachers are frozen, in eval mode, outside the optimizer, and run under ``torch.no_grad()``.
-    When a batch carries precomputed ``teacher_logits`` (or ``teacher_topk_values`` and
-    ``teacher_topk_indices``), no teacher runs. Evaluation reports the student's own loss and
-    metrics at ``T = 1``.
+    Evaluation reports the student's own loss and metrics at ``T = 1``.
+
+    The path is chosen once, here (:func:`hf_distill.loss_path.choose_loss_path`, kept as
+    ``self.loss_path`` and logged): the fused chunked loss of causal LMs or the dense logits, and where the
+    teacher's outputs come from: the training dataset's precomputed columns when it has them (a teacher
+    cache; no teacher runs), else the live teacher. What differs between tasks is the student's
+    :class:`hf_distill.tasks.TaskSpec` (``self.spec``).
+
+    Args:
+        model: the student, a transformers model with a head hf-distill distils (sequence or token
+            classification, question answering, masked or causal LM), optionally PEFT-wrapped.
+        teacher_model: the teacher: a model, a Hub id or local path (loaded with the student's head class),
+            or a list of them for an ensemble (weighted by ``args.teacher_weights``). None when the
+            training dataset holds the teacher's precomputed outputs (``hf_distill.precompute_teacher_logits``).
+        args: a :class:`hf_distill.DistillationConfig` (the weights ``alpha``, ``beta``, the temperature, the
+            KD loss, the extra losses, ``lm_chunk_size``).
+        data_collator: default :class:`hf_distill.DistillationDataCollator` around ``processing_class``.
+        train_dataset, eval_dataset: as for ``Trainer``; teacher columns travel with the training rows.
+        processing_class: the student's tokenizer.
+        teacher_processing_class: the teacher's tokenizer, when it differs from the student's (checked
+            for a shared vocabulary where the task needs one).
+        teacher_init_kwargs: keyword arguments of ``from_pretrained`` for teachers given by name (default
+            dtype: ``args.teacher_torch_dtype``).
+        **kwargs: passed to ``Trainer``.
 
     To change the loss, override :meth:`compute_teacher_outputs`, :meth:`compute_kd_loss` or
-    :meth:`combine_losses`.
+    :meth:`combine_losses` (the dense path).
     """
 
     # compute_loss returns the mean over its micro-batch; the Trainer divides it by the number of
@@ -99,15 +113,8 @@ class DistillationTrainer(Trainer):
             )
         if model is None:
             raise InputError("DistillationTrainer needs the student as `model`.")
-        self.task = task_of(model)
-        listed = teacher_model if isinstance(teacher_model, list | tuple) else [teacher_model]
-        dtype = args.teacher_torch_dtype
-        init_kwargs = dict(teacher_init_kwargs or {})
-        if dtype is not None and "dtype" not in init_kwargs and "torch_dtype" not in init_kwargs:
-            init_kwargs["dtype"] = dtype  # teachers loaded by name: in that dtype from the start
-        teachers = [load_teacher(t, self.task, **init_kwargs) for t in listed if t is not None]
-        if dtype is not None:
-            teachers = [cast_teacher(t, dtype) for t in teachers]
+        self.task, self.spec = task_of(model), task_spec(model)
+        teachers = self._load_teachers(model, teacher_model, args, teacher_init_kwargs)
         for teacher in teachers:
             check_compatible(
                 model, teacher, student_tokenizer=processing_class, teacher_tokenizer=teacher_processing_class
@@ -121,6 +128,15 @@ class DistillationTrainer(Trainer):
             )
         if isinstance(train_dataset, Dataset):  # before the Trainer creates output_dir
             check_finite_logits(train_dataset, where="the training dataset's precomputed teacher columns")
+        self.loss_path = choose_loss_path(
+            args,
+            self.spec,
+            num_teachers=len(teachers),
+            columns=_columns(train_dataset),
+            head_has_bias=self.spec.vocabulary
+            and any(output_embedding(m).bias is not None for m in [model, *teachers]),
+        )
+        self._check_sample_temperature(train_dataset, args)
         if data_collator is None:
             data_collator = DistillationDataCollator(processing_class)
 
@@ -140,22 +156,61 @@ class DistillationTrainer(Trainer):
         self._teacher_params = set().union(*(forward_params(t) for t in teachers)) if teachers else set()
         self.teachers = [prepare_teacher(t, self.accelerator) for t in teachers]
         self._check_train_dataset(train_dataset)
-        self.hidden_projection = self._make_hidden_projection()
+        self.hidden_projection = None
+        if args.hidden_loss_weight > 0 and self.teacher is not None:
+            self.hidden_projection = HiddenProjection.between(
+                base_model(self.model).config.hidden_size,
+                base_model(self.teacher).config.hidden_size,
+                args.device,
+            )
         # Loss component -> (sum on the device, count) since the last log: no host sync per step.
         self._metrics: dict[str, tuple[torch.Tensor, int]] = {}
         # True while every live teacher output of the current optimizer step is finite (a device tensor).
         self._teacher_finite: torch.Tensor | None = None
         self._projection_stepped = True  # the optimizer stepped since the last training_step
+        path = self.loss_path
+        (logger.warning if self.spec.vocabulary and path.name != FUSED else logger.info)(
+            f"hf_distill: {path.describe()}"
+        )
 
     @property
     def teacher(self) -> nn.Module | None:
         """The (first) teacher, placed for inference."""
         return self.teachers[0] if self.teachers else None
 
-    # ---- setup checks -----------------------------------------------------------------------
+    # ---- setup --------------------------------------------------------------------------------
+
+    def _load_teachers(self, model, teacher_model, args, teacher_init_kwargs) -> list[nn.Module]:
+        """The teacher models, loaded by name in ``args.teacher_torch_dtype`` where given, cast otherwise."""
+        listed = teacher_model if isinstance(teacher_model, list | tuple) else [teacher_model]
+        dtype = args.teacher_torch_dtype
+        init_kwargs = dict(teacher_init_kwargs or {})
+        if dtype is not None and "dtype" not in init_kwargs and "torch_dtype" not in init_kwargs:
+            init_kwargs["dtype"] = dtype  # teachers loaded by name: in that dtype from the start
+        teachers = [load_teacher(t, self.task, **init_kwargs) for t in listed if t is not None]
+        return [cast_teacher(t, dtype) for t in teachers] if dtype is not None else teachers
+
+    def _check_sample_temperature(self, dataset, args: DistillationConfig) -> None:
+        """An RS-KD cache's tokens were drawn at its sampling temperature: training at another T is refused."""
+        if self.loss_path.teacher != "sampled" or args.alpha == 0 or not isinstance(dataset, Dataset):
+            return
+        try:
+            drawn_at = read_provenance(dataset)["sampling"]["temperature"]
+        except (InputError, FileNotFoundError, KeyError):
+            logger.warning(
+                "hf_distill: the RS-KD cache's sampling temperature cannot be read (the dataset is no longer "
+                f"backed by its cache file); make sure it was drawn at temperature={args.temperature}."
+            )
+            return
+        if drawn_at != args.temperature:
+            raise InputError(
+                f"The RS-KD cache's tokens were drawn from the teacher's softmax at T={drawn_at}, but this run "
+                f"trains at temperature={args.temperature}: the loss would distil toward the wrong distribution. "
+                f"Set temperature={drawn_at}, or precompute the cache with sample_temperature={args.temperature}."
+            )
 
     def _check_train_dataset(self, dataset) -> None:
-        columns = getattr(dataset, "column_names", None)
+        columns = _columns(dataset)
         if columns is None:
             return
         label_columns = set(self.label_names) | {"label", "label_ids"}
@@ -164,7 +219,7 @@ class DistillationTrainer(Trainer):
                 f"beta={self.args.beta} weights the hard-label loss but the training dataset has no label column "
                 f"(columns: {columns}). Add labels, or set beta=0 to learn from the teacher's soft labels alone."
             )
-        cached = any(c in columns for c in ("teacher_logits", "teacher_topk_values", "teacher_sample_ids"))
+        cached = teacher_source_of(columns) is not None
         if not self.teachers and not cached:
             raise InputError(
                 "No teacher: pass teacher_model, or a training dataset with precomputed teacher logits "
@@ -175,22 +230,10 @@ class DistillationTrainer(Trainer):
                 "Hidden-state and attention losses need a live teacher_model, not cached logits."
             )
 
-    def _make_hidden_projection(self) -> nn.Module | None:
-        """A learned linear map from the student's width to the teacher's, when they differ (TinyBERT)."""
-        if self.args.hidden_loss_weight == 0 or self.teacher is None:
-            return None
-        d_s = base_model(self.model).config.hidden_size
-        d_t = base_model(self.teacher).config.hidden_size
-        if d_s == d_t:
-            return None
-        return nn.Linear(d_s, d_t).to(self.args.device)
-
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         if self.hidden_projection is not None:
-            optimizer.add_param_group(
-                {"params": list(self.hidden_projection.parameters()), "weight_decay": 0.0}
-            )
+            optimizer.add_param_group(self.hidden_projection.param_group())
         return optimizer
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -212,49 +255,59 @@ class DistillationTrainer(Trainer):
         sources = teacher_sources(inputs, self._teacher_params - _NOT_FOR_TEACHER)
         return {name: inputs[key] for name, key in sources.items() if inputs[key] is not None}
 
-    def _has_labels(self, inputs: dict[str, Any]) -> bool:
-        return all(inputs.get(name) is not None for name in self.label_names)
+    def _require_labels(self, inputs: dict[str, Any]) -> None:
+        if self.args.beta > 0 and not all(inputs.get(name) is not None for name in self.label_names):
+            unit = "token" if self.spec.token_level else "example"
+            raise InputError(
+                f"beta={self.args.beta} weights the hard-label loss but the batch has no {self.label_names}. Add "
+                f"labels (label -100 marks an unlabelled {unit}), or set beta=0 to learn from the teacher alone."
+            )
+
+    def _no_teacher(self) -> InputError:
+        return InputError(
+            "This batch has no precomputed teacher outputs and no teacher_model was given: pass teacher_model, "
+            "or precompute the teacher's outputs for every example (hf_distill.precompute_teacher_logits)."
+        )
 
     # ---- the loss ---------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:  # evaluation: the student's own loss at T = 1
+            outputs = model(**self._student_inputs(inputs))
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+        self._require_labels(inputs)
+        if self.loss_path.name == FUSED:
+            loss, outputs, components = self.compute_fused_lm_loss(model, inputs)
+        else:
+            loss, outputs, components = self.compute_dense_loss(model, inputs)
+        self._record(components)
+        return (loss, outputs) if return_outputs else loss
 
     def compute_teacher_outputs(
         self, inputs: dict[str, Any], *, hidden_states: bool = False, attentions: bool = False
     ) -> TeacherOutput:
-        """The teacher's logits for this batch: precomputed if the batch has them, else live.
+        """The teacher's outputs for this batch: from the cache the trainer reads (``loss_path.teacher``),
+        else from the live teacher(s).
 
         An ensemble gives the logits of the weighted mixture of its teachers' soft labels
         (:func:`hf_distill.losses.ensemble_logits`).
         """
-        if "teacher_logits" in inputs and not (hidden_states or attentions):
-            return TeacherOutput(logits=inputs["teacher_logits"])
-        if "teacher_topk_values" in inputs and not (hidden_states or attentions):
-            return TeacherOutput(
-                topk_values=inputs["teacher_topk_values"], topk_indices=inputs["teacher_topk_indices"]
-            )
-        if "teacher_sample_ids" in inputs and not (hidden_states or attentions):
-            return TeacherOutput(
-                sample_ids=inputs["teacher_sample_ids"], sample_counts=inputs["teacher_sample_counts"]
-            )
+        if self.loss_path.teacher not in (LIVE, None) and not (hidden_states or attentions):
+            return read_teacher_outputs(inputs, self.loss_path.teacher)
         if not self.teachers:
-            raise InputError(
-                "This batch has no precomputed teacher logits and no teacher_model was given: pass teacher_model, "
-                "or precompute teacher_logits for every example."
-            )
+            raise self._no_teacher()
         teacher_inputs = self._teacher_inputs(inputs)
-        extra = {}
-        if hidden_states:
-            extra["output_hidden_states"] = True
+        extra = {"output_hidden_states": True} if hidden_states else {}
         if attentions:
             extra["output_attentions"] = True
         all_logits, outputs = [], None
         with torch.no_grad():
             for teacher in self.teachers:
                 outputs = teacher(**teacher_inputs, **extra)
-                all_logits.append(output_logits(outputs, self.task))
-        if len(all_logits) == 1:
-            logits = all_logits[0]
-        else:
-            logits = losses.ensemble_logits(
+                all_logits.append(self.spec.logits(outputs))
+        logits = all_logits[0]
+        if len(all_logits) > 1:
+            logits = ensemble_logits(
                 all_logits, self.teacher_weights, self.args.temperature, self.args.kd_loss
             )
         output = TeacherOutput(
@@ -276,76 +329,64 @@ class DistillationTrainer(Trainer):
         finite = torch.stack([t.isfinite().all() for t in tensors if t is not None]).all()
         self._teacher_finite = finite if self._teacher_finite is None else self._teacher_finite & finite
 
-    def _kd_mask(self, inputs: dict[str, Any], length: int) -> torch.Tensor | None:
-        """Which positions the KD term counts, ``(B, L)``; None for sequence-level tasks.
-
-        Token-level rows with labels count the labelled positions (for masked LM: the masked
-        tokens, as in DistilBERT); rows without any label count every real token.
-        """
-        if self.task not in tasks.TOKEN_LEVEL:
-            return None
-        attention = inputs.get("attention_mask")
-        real = attention.bool() if attention is not None else None
-        labels = inputs.get("labels")
-        if labels is None:
-            return real
-        labelled = labels != -100
-        if real is None:
-            return labelled
-        row_has_labels = labelled.any(dim=-1, keepdim=True)
-        return torch.where(row_has_labels, labelled, real)[:, :length]
-
     def compute_kd_loss(self, student_logits: torch.Tensor, teacher: TeacherOutput, inputs: dict[str, Any]):
-        """The soft-label term at temperature ``T`` (``losses.kd_loss``), masked for the task.
+        """The soft-label term at temperature ``T``: the task spec's positions, alignment and loss
+        (:meth:`hf_distill.tasks.TaskSpec.kd_loss`)."""
+        spec = self.spec
+        mask = spec.kd_mask(inputs, student_logits.shape[1])
+        return spec.kd_loss(
+            self.args.kd_loss,
+            spec.align(student_logits),
+            teacher.map_positions(spec.align),
+            self.args.temperature,
+            mask,
+            inputs,
+        )
 
-        Regression heads (one output) use MSE on the teacher's score; causal LMs compare the
-        positions that predict a next token; question answering averages the start and end terms.
+    def compute_dense_loss(self, model, inputs: dict[str, Any]):
+        """``combine_losses`` of the terms the weights ask for, from the student's full outputs.
+
+        Returns ``(loss, outputs, components)``.
         """
-        T, name = self.args.temperature, self.args.kd_loss
-        if self.task == tasks.SEQUENCE_CLASSIFICATION and student_logits.shape[-1] == 1:
-            name = "mse"
-        mask = self._kd_mask(inputs, student_logits.shape[1]) if student_logits.dim() > 2 else None
-        t_logits = teacher.logits
-        if self.task == tasks.CAUSAL_LM:
-            student_logits = student_logits[:, :-1]
-            mask = mask[:, 1:] if mask is not None else None
-            real = inputs.get("attention_mask")
-            if mask is not None and real is not None:  # left padding: the pad before a row's first token
-                mask = mask & real[:, :-1].bool()
-            t_logits = t_logits[:, :-1] if t_logits is not None else None
-            sparse = ("topk_values", "topk_indices", "sample_ids", "sample_counts")
-            teacher = TeacherOutput(
-                **{k: getattr(teacher, k)[:, :-1] for k in sparse if getattr(teacher, k) is not None}
+        args = self.args
+        want_hidden, want_attention = args.hidden_loss_weight > 0, args.attention_loss_weight > 0
+        student_inputs = self._student_inputs(inputs)
+        labelled = None
+        if args.beta > 0:
+            # Whether any row has a label (-100: unlabelled), kept on the device so that no Python `if`
+            # waits for it: a batch without any label gets placeholder labels (0) for the student's loss,
+            # and its hard-label term is then zeroed below.
+            labelled = torch.stack([(inputs[n] != -100).any() for n in self.label_names]).any()
+            for name in self.label_names:
+                student_inputs[name] = torch.where(labelled, inputs[name], torch.zeros_like(inputs[name]))
+        else:
+            for name in self.label_names:
+                student_inputs.pop(name, None)
+        outputs = model(**student_inputs, **self._output_switches())
+
+        components: dict[str, torch.Tensor] = {}
+        if args.alpha > 0 or want_hidden or want_attention:
+            teacher = self.compute_teacher_outputs(
+                inputs, hidden_states=want_hidden, attentions=want_attention
             )
-        if teacher.topk_values is not None:
-            return losses.topk_kl_div_loss(
-                student_logits, teacher.topk_values, teacher.topk_indices, T, mask=mask
-            )
-        if teacher.sample_ids is not None:
-            return losses.sampled_kd_loss(
-                student_logits, teacher.sample_ids, teacher.sample_counts, T, mask=mask
-            )
-        if t_logits.shape[-1] != student_logits.shape[-1] and self.task != tasks.QUESTION_ANSWERING:
-            raise InputError(
-                f"Teacher logits have {t_logits.shape[-1]} classes but the student has {student_logits.shape[-1]}: "
-                "were the cached teacher_logits computed for another task or label set?"
-            )
-        if self.task == tasks.QUESTION_ANSWERING:
-            # Distributions over positions; padding positions are excluded from both softmaxes.
-            real = inputs.get("attention_mask")
-            terms = []
-            for i in range(2):
-                s, t = student_logits[..., i].float(), t_logits[..., i].float()
-                if real is not None:
-                    s = s.masked_fill(~real.bool(), -1e4)
-                    t = t.masked_fill(~real.bool(), -1e4)
-                if name == "mse":  # no softmax here: one squared difference per real position
-                    mask = real.bool() if real is not None else None
-                    terms.append(losses.mse_logits_loss(s[..., None], t[..., None], mask=mask))
-                else:
-                    terms.append(losses.kd_loss(name, s, t, T))
-            return (terms[0] + terms[1]) / 2
-        return losses.kd_loss(name, student_logits, t_logits.to(student_logits.device), T, mask=mask)
+            if args.alpha > 0:
+                components["kd"] = self.compute_kd_loss(self.spec.logits(outputs), teacher, inputs)
+            if want_hidden:
+                components["hidden"] = self.compute_hidden_loss(outputs, teacher, inputs)
+            if want_attention:
+                components["attention"] = self.compute_attention_loss(outputs, teacher, inputs)
+        if args.beta > 0:
+            # A batch of unlabelled examples only (label -100) has no hard-label term (and no gradient from it).
+            components["ce"] = torch.where(labelled, outputs.loss, outputs.loss.new_zeros(()))
+        return self.combine_losses(components), outputs, components
+
+    def _output_switches(self) -> dict[str, bool]:
+        switches = {}
+        if self.args.hidden_loss_weight > 0:
+            switches["output_hidden_states"] = True
+        if self.args.attention_loss_weight > 0:
+            switches["output_attentions"] = True
+        return switches
 
     def layer_map(self, num_student_layers: int, num_teacher_layers: int) -> list[int]:
         """The teacher layer (1-based) each student layer is matched with by the hidden and attention losses.
@@ -378,7 +419,7 @@ class DistillationTrainer(Trainer):
             h = s_hidden[s_layer]
             if self.hidden_projection is not None:
                 h = self.hidden_projection(h)
-            terms.append(losses.hidden_state_loss(self.args.hidden_loss, h, t_hidden[t_layer], mask=mask))
+            terms.append(hidden_state_loss(self.args.hidden_loss, h, t_hidden[t_layer], mask=mask))
         return torch.stack(terms).mean()
 
     def compute_attention_loss(self, student_outputs, teacher: TeacherOutput, inputs: dict[str, Any]):
@@ -397,9 +438,7 @@ class DistillationTrainer(Trainer):
                 f"({t_att[0].shape[1]})."
             )
         mask = inputs.get("attention_mask")
-        terms = [
-            losses.attention_loss(s_att[i], t_att[max(t - 1, 0)], mask=mask) for i, t in enumerate(layer_map)
-        ]
+        terms = [attention_loss(s_att[i], t_att[max(t - 1, 0)], mask=mask) for i, t in enumerate(layer_map)]
         return torch.stack(terms).mean()
 
     def combine_losses(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -414,164 +453,74 @@ class DistillationTrainer(Trainer):
 
     # ---- causal LMs: the fused loss that never holds the vocabulary logits -------------------
 
-    def _fused_causal_lm(self, inputs: dict[str, Any]) -> bool:
-        """Whether this batch's loss goes through :meth:`compute_causal_lm_loss` (``lm_chunk_size`` set).
-
-        Not for hidden-state or attention losses, ensembles, dense cached ``teacher_logits``, the ``mse``
-        loss or output embeddings with a bias: those take the dense path.
-        """
-        args = self.args
-        return (
-            self.task == tasks.CAUSAL_LM
-            and args.lm_chunk_size is not None
-            and args.hidden_loss_weight == 0
-            and args.attention_loss_weight == 0
-            and len(self.teachers) <= 1
-            and args.kd_loss != "mse"
-            and "teacher_logits" not in inputs
-            and output_embedding(self.model).bias is None
-            and (not self.teachers or output_embedding(self.teacher).bias is None)
-        )
-
-    def compute_causal_lm_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False):
+    def compute_fused_lm_loss(self, model, inputs: dict[str, Any]):
         """``alpha * KD + beta * CE`` of a causal LM by :func:`hf_distill.vocab_losses.chunked_lm_losses`.
 
         The student (and a live teacher) run with ``logits_to_keep=1`` where the model takes it; their last
-        hidden states at the positions that predict a counted token go to the chunked loss with their
-        output embeddings, which forms the logits ``chunk_size`` positions at a time. The KD term is
-        ``args.kd_loss`` against a live teacher, ``"topk"`` against cached top-k logits and ``"sampled"``
-        against cached RS-KD draws; the positions are those of :meth:`_kd_mask`.
+        hidden states at the positions that predict a counted token (the spec's :meth:`kd_mask`) go to the
+        chunked loss with their output embeddings, which forms the logits ``chunk_size`` positions at a
+        time. The KD term is ``args.kd_loss`` against a live teacher, ``"topk"`` against cached top-k logits
+        and ``"sampled"`` against cached RS-KD draws. Returns ``(loss, outputs, components)``; the outputs
+        carry the student's own (hard-label) loss, when it was computed.
         """
-        args = self.args
-        has_labels = self._has_labels(inputs)
-        if args.beta > 0 and not has_labels:
-            raise InputError(
-                f"beta={args.beta} weights the hard-label loss but the batch has no {self.label_names}. Add labels "
-                "(label -100 marks an unlabelled token), or set beta=0 to learn from the teacher alone."
-            )
+        args, spec = self.args, self.spec
         student_inputs = {k: v for k, v in self._student_inputs(inputs).items() if k not in self.label_names}
         hidden = last_hidden_state(model, student_inputs)
-        width = hidden.shape[-1]
-        mask = self._kd_mask(inputs, hidden.shape[1])
+        mask = spec.kd_mask(inputs, hidden.shape[1])
         if mask is None:
-            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        mask = mask[:, 1:]  # position i predicts token i + 1
-        real = inputs.get("attention_mask")
-        if real is not None:  # left padding: the pad before a row's first token predicts nothing
-            mask = mask & real[:, :-1].bool()
+            mask = torch.ones(hidden.shape[0], hidden.shape[1] - 1, dtype=torch.bool, device=hidden.device)
         positions = mask.reshape(-1).nonzero().squeeze(1)
 
-        def select(t: torch.Tensor) -> torch.Tensor:
-            return t[:, :-1].reshape(-1, *t.shape[2:]).index_select(0, positions)
+        def select(t: torch.Tensor, aligned: bool = False) -> torch.Tensor:
+            t = t if aligned else spec.align(t)
+            return t.reshape(-1, *t.shape[2:]).index_select(0, positions)
 
-        labels = None
-        if args.beta > 0:  # the token each selected position predicts
-            labels = inputs["labels"][:, 1:].reshape(-1).index_select(0, positions)
-        kd, sparse, teacher = None, {}, {}
-        if args.alpha > 0:
-            if "teacher_topk_values" in inputs:
-                kd = "topk"
-                sparse = {
-                    "teacher_ids": inputs["teacher_topk_indices"],
-                    "teacher_values": inputs["teacher_topk_values"],
-                }
-            elif "teacher_sample_ids" in inputs:
-                kd = "sampled"
-                sparse = {
-                    "teacher_ids": inputs["teacher_sample_ids"],
-                    "teacher_values": inputs["teacher_sample_counts"],
-                }
-            elif self.teacher is None:
-                raise InputError(
-                    "This batch has no precomputed teacher outputs and no teacher_model was given: pass "
-                    "teacher_model, or precompute the teacher's outputs for every example."
-                )
-            else:
-                kd = args.kd_loss
-                with torch.no_grad():
-                    t_hidden = last_hidden_state(self.teacher, self._teacher_inputs(inputs))
-                self._note_finite(TeacherOutput(hidden_states=(t_hidden,)))
-                teacher = {
-                    "teacher_hidden": select(t_hidden),
-                    "teacher_head": output_embedding(self.teacher).weight,
-                }
-            sparse = {name: select(value) for name, value in sparse.items()}
-        kd_value, ce_value = vocab_losses.chunked_lm_losses(
-            select(hidden).reshape(-1, width),
+        teacher = self._fused_teacher_inputs(inputs, select) if args.alpha > 0 else {"kd": None}
+        labels = select(spec.targets(inputs["labels"]), aligned=True) if args.beta > 0 else None
+        out = chunked_lm_losses(
+            select(hidden),
             output_embedding(model).weight,
-            kd=kd,
             temperature=args.temperature,
             labels=labels,
             chunk_size=args.lm_chunk_size,
-            grad_weights=(args.alpha, args.beta),
+            kd_weight=args.alpha,
+            ce_weight=args.beta,
             **teacher,
-            **sparse,
         )
-        components = {}
-        if args.alpha > 0:
-            components["kd"] = kd_value
+        components = {"kd": out.kd} if args.alpha > 0 else {}
         if args.beta > 0:
-            components["ce"] = ce_value
-        loss = self.combine_losses(components)
-        self._record(components)
-        # as the dense path: the outputs carry the student's own (hard-label) loss, when it was computed
-        return (loss, CausalLMOutput(loss=ce_value)) if return_outputs else loss
+            components["ce"] = out.ce
+        return out.loss, CausalLMOutput(loss=out.ce), components
+
+    def _fused_teacher_inputs(self, inputs: dict[str, Any], select) -> dict[str, Any]:
+        """The teacher's side of :func:`chunked_lm_losses` at the selected positions: a cache's ids and values,
+        or the live teacher's last hidden states and output embedding."""
+        source = self.loss_path.teacher
+        if source in ("topk", "sampled"):
+            cached = read_teacher_outputs(inputs, source)
+            ids, values = (
+                (cached.topk_indices, cached.topk_values)
+                if source == "topk"
+                else (cached.sample_ids, cached.sample_counts)
+            )
+            return {"kd": source, "teacher_ids": select(ids), "teacher_values": select(values)}
+        if self.teacher is None:
+            raise self._no_teacher()
+        with torch.no_grad():
+            t_hidden = last_hidden_state(self.teacher, self._teacher_inputs(inputs))
+        self._note_finite(TeacherOutput(hidden_states=(t_hidden,)))
+        return {
+            "kd": self.args.kd_loss,
+            "teacher_hidden": select(t_hidden),
+            "teacher_head": output_embedding(self.teacher).weight,
+        }
 
     def _record(self, components: dict[str, torch.Tensor]) -> None:
         for name, value in components.items():
             total, count = self._metrics.get(f"{name}_loss", (0.0, 0))
             self._metrics[f"{name}_loss"] = (total + value.detach().float(), count + 1)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not model.training:  # evaluation: the student's own loss at T = 1
-            outputs = model(**self._student_inputs(inputs))
-            return (outputs.loss, outputs) if return_outputs else outputs.loss
-        if self._fused_causal_lm(inputs):
-            return self.compute_causal_lm_loss(model, inputs, return_outputs)
-
-        args = self.args
-        has_labels = self._has_labels(inputs)
-        if args.beta > 0 and not has_labels:
-            raise InputError(
-                f"beta={args.beta} weights the hard-label loss but the batch has no {self.label_names}. Add labels "
-                "(label -100 marks an unlabelled example), or set beta=0 to learn from the teacher alone."
-            )
-        student_inputs = self._student_inputs(inputs)
-        labelled = None
-        if has_labels and args.beta > 0:
-            # Whether any row has a label (-100: unlabelled), kept on the device so that no Python `if`
-            # waits for it: a batch without any label gets placeholder labels (0) for the student's loss,
-            # and its hard-label term is then zeroed below.
-            labelled = torch.stack([(inputs[n] != -100).any() for n in self.label_names]).any()
-            for name in self.label_names:
-                student_inputs[name] = torch.where(labelled, inputs[name], torch.zeros_like(inputs[name]))
-        else:
-            for name in self.label_names:
-                student_inputs.pop(name, None)
-        want_hidden, want_attention = args.hidden_loss_weight > 0, args.attention_loss_weight > 0
-        if want_hidden:
-            student_inputs["output_hidden_states"] = True
-        if want_attention:
-            student_inputs["output_attentions"] = True
-        outputs = model(**student_inputs)
-
-        components: dict[str, torch.Tensor] = {}
-        if args.alpha > 0 or want_hidden or want_attention:
-            teacher = self.compute_teacher_outputs(
-                inputs, hidden_states=want_hidden, attentions=want_attention
-            )
-            if args.alpha > 0:
-                components["kd"] = self.compute_kd_loss(output_logits(outputs, self.task), teacher, inputs)
-            if want_hidden:
-                components["hidden"] = self.compute_hidden_loss(outputs, teacher, inputs)
-            if want_attention:
-                components["attention"] = self.compute_attention_loss(outputs, teacher, inputs)
-        if args.beta > 0:
-            # A batch of unlabelled examples only (label -100) has no hard-label term (and no gradient from it).
-            components["ce"] = torch.where(labelled, outputs.loss, outputs.loss.new_zeros(()))
-        loss = self.combine_losses(components)
-        self._record(components)
-        return (loss, outputs) if return_outputs else loss
+    # ---- the training step ---------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.hidden_projection is not None and self._projection_stepped:
@@ -579,11 +528,8 @@ class DistillationTrainer(Trainer):
             self.hidden_projection.zero_grad(set_to_none=True)
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._projection_stepped = self.accelerator.sync_gradients
-        if self.hidden_projection is not None and self.accelerator.num_processes > 1:
-            # The projection lives outside the DDP-wrapped student: average its gradients by hand.
-            for param in self.hidden_projection.parameters():
-                if param.grad is not None:
-                    param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+        if self.hidden_projection is not None:
+            self.hidden_projection.average_gradients(self.accelerator)
         if self.accelerator.sync_gradients:  # the last micro-batch: the optimizer steps next
             self._check_teacher_finite()
         return loss
@@ -637,35 +583,15 @@ class DistillationTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         # The projection is written first, so a checkpoint with a trainer_state.json always has it.
         if self.hidden_projection is not None and self.args.should_save:
-            folder = (
-                Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            folder.mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().cpu().contiguous() for k, v in self.hidden_projection.state_dict().items()}
-            save_file(state, str(folder / HIDDEN_PROJECTION_NAME))
+            run_dir = Path(self._get_output_dir(trial=trial))
+            self.hidden_projection.save_to(run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # The projection's weights; its optimizer state returns with optimizer.pt (its own param group).
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.hidden_projection is None:
-            return
-        path = os.path.join(resume_from_checkpoint, HIDDEN_PROJECTION_NAME)
-        if not os.path.isfile(path):
-            raise MissingFileError(
-                f"{resume_from_checkpoint} has no {HIDDEN_PROJECTION_NAME}: the hidden-state projection this run "
-                "trains (student width != teacher width) was not saved with it (a checkpoint from an older "
-                "hf-distill or another trainer). Resume from a checkpoint this trainer wrote, or start afresh."
-            )
-        state = load_file(path, device=str(next(self.hidden_projection.parameters()).device))
-        try:
-            self.hidden_projection.load_state_dict(state)
-        except RuntimeError as err:
-            raise InputError(
-                f"{path} does not fit this run's hidden-state projection "
-                f"({self.hidden_projection.in_features} -> {self.hidden_projection.out_features}): {err}. "
-                "Resume with the student and teacher that wrote the checkpoint."
-            ) from None
+        if self.hidden_projection is not None:
+            self.hidden_projection.load_from(resume_from_checkpoint)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Checkpoints are never pushed: the student is published once, by :meth:`push_to_hub`."""

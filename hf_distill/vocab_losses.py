@@ -12,13 +12,14 @@ The soft-label losses are the ones of :mod:`hf_distill.losses`, with the same fo
 ``T**2`` scaling; ``"sampled"`` is the importance-sampled RS-KD of Anshumann et al., "Sparse Logit
 Sampling" (ACL 2025), whose stored draws come from :func:`sample_teacher_tokens`.
 
-Where ``liger-kernel`` is installed on a GPU, its ``LigerFusedLinearJSD`` computes a fused JSD on
-the device; these functions are the pure-PyTorch path that CPUs and the tests use.
+These are pure PyTorch, on CPU and GPU alike (Liger-Kernel's ``LigerFusedLinearJSD`` is the same idea
+in Triton; nothing here calls it).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -129,11 +130,12 @@ def _kd_grad(
 
 
 class _ChunkedLMLosses(torch.autograd.Function):
-    """Forward returns ``(kd, ce)`` and keeps their gradients w.r.t. hidden states and head.
+    """Forward returns ``(total, kd, ce)`` with ``total = kd_weight * kd + ce_weight * ce``; ``kd`` and ``ce``
+    are detached parts for logging.
 
-    The gradients are formed chunk by chunk in forward; backward scales them by the grad outputs.
-    With ``grad_weights = (a, b)`` forward forms the gradient of ``a * kd + b * ce`` once (half the
-    matrix products) and backward checks that the grad outputs are in that ratio.
+    The gradient of ``total`` w.r.t. hidden states and head is formed chunk by chunk in forward, the two
+    losses' gradients combined per chunk with their weights (one matrix product each for the hidden states
+    and the head); backward only scales it by the grad output.
     """
 
     @staticmethod
@@ -149,43 +151,42 @@ class _ChunkedLMLosses(torch.autograd.Function):
         kd,
         temperature,
         chunk_size,
-        grad_weights,
+        kd_weight,
+        ce_weight,
     ):
         n, dtype = hidden.shape[0], hidden.dtype
         want_hidden, want_head = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_grad = want_hidden or want_head
         has_kd, has_ce = kd is not None, labels is not None
-        combine = grad_weights is not None and has_kd and has_ce
-        # One gradient per loss, or one for the weighted sum.
-        parts = ["sum"] if combine else [name for name, on in (("kd", has_kd), ("ce", has_ce)) if on]
-        grads_hidden = {p: torch.zeros_like(hidden) for p in parts} if want_hidden else {}
-        grads_head = {p: torch.zeros(head.shape, dtype=torch.float32, device=head.device) for p in parts}
-        grads_head = grads_head if want_head else {}
+        grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+        grad_head = torch.zeros(head.shape, dtype=torch.float32, device=head.device) if want_head else None
         kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         if has_ce:
             labelled = labels != IGNORE_INDEX
             n_labelled = labelled.sum().clamp_min(1).float()
-        kd_scale = temperature / max(n, 1)  # d(T**2 mean_i l_i)/dz_i = T**2 / N * (1/T) * dl_i/ds_i
+        kd_scale = (
+            kd_weight * temperature / max(n, 1)
+        )  # d(T**2 mean_i l_i)/dz_i = T**2 / N * (1/T) * dl_i/ds_i
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
             h = hidden[rows]
             z = (h @ head.T).float()
-            chunk_grads = {}
+            g = None  # d total / d z for this chunk
             if has_ce:  # l = -log softmax(z)[y] at T = 1;  dl/dz = softmax(z) - onehot(y), labelled rows
                 mask = labelled[rows]
                 target = torch.where(mask, labels[rows], 0).long()[:, None]
                 log_p = F.log_softmax(z, dim=-1)
                 ce_sum -= (log_p.gather(-1, target).squeeze(-1) * mask).sum()
                 if want_grad:
-                    weight = (mask.float() / n_labelled)[:, None]
+                    weight = (ce_weight * mask.float() / n_labelled)[:, None]
                     minus_one = torch.full_like(target, -1.0, dtype=log_p.dtype)
-                    chunk_grads["ce"] = log_p.exp_().scatter_add_(-1, target, minus_one).mul_(weight)
+                    g = log_p.exp_().scatter_add_(-1, target, minus_one).mul_(weight)
                 del log_p
             if has_kd:
                 log_p_s = F.log_softmax(z.div_(temperature) if temperature != 1.0 else z, dim=-1)
                 del z
-                per_position, g = _kd_grad(
+                per_position, g_kd = _kd_grad(
                     kd,
                     log_p_s,
                     temperature,
@@ -196,63 +197,47 @@ class _ChunkedLMLosses(torch.autograd.Function):
                 )
                 del log_p_s
                 kd_sum += temperature**2 * per_position.sum()
-                chunk_grads["kd"] = g.mul_(kd_scale)
-                del g
+                g = g_kd.mul_(kd_scale) if g is None else g.add_(g_kd, alpha=kd_scale)
+                del g_kd
             else:
                 del z
             if not want_grad:
                 continue
-            if combine:
-                a, b = grad_weights
-                chunk_grads = {"sum": chunk_grads.pop("kd").mul_(a).add_(chunk_grads.pop("ce"), alpha=b)}
-            for part in list(chunk_grads):
-                g = chunk_grads.pop(part).to(dtype)
-                if want_hidden:
-                    grads_hidden[part][rows] = g @ head
-                if want_head and dtype == torch.float32:
-                    grads_head[part].addmm_(g.T, h)
-                elif want_head:
-                    grads_head[part] += (g.T @ h).float()
-                del g  # before the next chunk's blocks are made
+            g = g.to(dtype)
+            if want_hidden:
+                grad_hidden[rows] = g @ head
+            if want_head and dtype == torch.float32:
+                grad_head.addmm_(g.T, h)
+            elif want_head:
+                grad_head += (g.T @ h).float()
+            del g  # before the next chunk's blocks are made
         kd_value = kd_sum / max(n, 1)
         ce_value = ce_sum / n_labelled if has_ce else ce_sum
-        ctx.parts = parts
-        ctx.grad_weights = grad_weights if combine else None
-        ctx.grads_hidden = grads_hidden
-        ctx.grads_head = {p: g.to(head.dtype) for p, g in grads_head.items()}
-        return kd_value, ce_value
+        ctx.grad_hidden = grad_hidden
+        ctx.grad_head = grad_head.to(head.dtype) if grad_head is not None else None
+        ctx.used = False
+        ctx.mark_non_differentiable(kd_value, ce_value)
+        total = kd_weight * kd_value + ce_weight * ce_value
+        return total, kd_value, ce_value
 
     @staticmethod
-    def backward(ctx, grad_kd, grad_ce):
-        if ctx.grads_hidden is None:
+    def backward(ctx, grad_total, grad_kd, grad_ce):
+        if ctx.used:
             raise RuntimeError(
                 "chunked_lm_losses keeps one copy of its gradients, used by the first backward; "
                 "compute the losses again for a second backward (retain_graph=True cannot reuse them)."
             )
-        if ctx.grad_weights is not None:
-            a, b = ctx.grad_weights
-            scale = grad_kd / a if a != 0 else grad_ce / b
-            if not torch.allclose(torch.stack([grad_kd, grad_ce]), scale * torch.tensor([a, b]).to(scale)):
-                raise RuntimeError(
-                    f"chunked_lm_losses(grad_weights=({a}, {b})) formed the gradient of {a} * kd + {b} * ce, "
-                    f"but the loss backpropagated weights kd and ce by {grad_kd.item()} and {grad_ce.item()}; "
-                    "pass the weights you combine the two losses with, or grad_weights=None."
-                )
-            scales = {"sum": scale}
-        else:
-            scales = {"kd": grad_kd, "ce": grad_ce}
-
-        def combine(grads):  # in place: the stored gradients are this call's own
-            if not grads:
-                return None
-            total = grads[ctx.parts[0]].mul_(scales[ctx.parts[0]].to(grads[ctx.parts[0]].dtype))
-            for p in ctx.parts[1:]:
-                total.add_(grads[p].mul_(scales[p].to(grads[p].dtype)))
-            return total
-
-        grad_hidden, grad_head = combine(ctx.grads_hidden), combine(ctx.grads_head)
-        ctx.grads_hidden = ctx.grads_head = None
-        return grad_hidden, grad_head, None, None, None, None, None, None, None, None, None
+        ctx.used = True
+        grad_hidden = (
+            ctx.grad_hidden.mul_(grad_total.to(ctx.grad_hidden.dtype))
+            if ctx.grad_hidden is not None
+            else None
+        )
+        grad_head = (
+            ctx.grad_head.mul_(grad_total.to(ctx.grad_head.dtype)) if ctx.grad_head is not None else None
+        )
+        ctx.grad_hidden = ctx.grad_head = None
+        return grad_hidden, grad_head, None, None, None, None, None, None, None, None, None, None
 
 
 def _check_inputs(
@@ -266,7 +251,8 @@ def _check_inputs(
     values,
     labels,
     chunk_size,
-    grad_weights,
+    kd_weight,
+    ce_weight,
 ):
     if kd is not None and kd not in LM_KD_LOSSES:
         raise ValueError(f"kd={kd!r} is not one of {LM_KD_LOSSES} (or None for the hard-label CE only).")
@@ -288,8 +274,10 @@ def _check_inputs(
         raise ValueError(f"temperature={temperature} must be positive.")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be at least 1 position.")
-    if grad_weights is not None and grad_weights[0] == 0 and grad_weights[1] == 0:
-        raise ValueError("grad_weights=(0, 0) weights both losses by zero; pass None or a nonzero weight.")
+    if not (0 <= kd_weight < math.inf and 0 <= ce_weight < math.inf) or kd_weight + ce_weight == 0:
+        raise ValueError(
+            f"kd_weight={kd_weight} and ce_weight={ce_weight} must be finite, >= 0 and not both zero."
+        )
     if labels is not None and tuple(labels.shape) != (n,):
         raise ValueError(f"labels must be (N,) = ({n},), got {tuple(labels.shape)}.")
     if labels is not None and (labels.dtype.is_floating_point or labels.dtype == torch.bool):
@@ -323,6 +311,15 @@ def _check_inputs(
             raise TypeError(f"teacher_ids must be integer token ids, got dtype {ids.dtype}.")
 
 
+class ChunkedLosses(NamedTuple):
+    """What :func:`chunked_lm_losses` returns: ``loss = kd_weight * kd + ce_weight * ce`` (differentiable),
+    and its parts ``kd`` and ``ce``, detached, for logging (``ce`` is None without labels)."""
+
+    loss: torch.Tensor
+    kd: torch.Tensor
+    ce: torch.Tensor | None
+
+
 def chunked_lm_losses(
     student_hidden: torch.Tensor,
     student_head: torch.Tensor,
@@ -335,9 +332,10 @@ def chunked_lm_losses(
     teacher_values: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     chunk_size: int = 1024,
-    grad_weights: tuple[float, float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Soft-label and hard-label losses of a causal LM from its hidden states, in chunks of positions.
+    kd_weight: float = 1.0,
+    ce_weight: float = 1.0,
+) -> ChunkedLosses:
+    """``kd_weight * KD + ce_weight * CE`` of a causal LM from its hidden states, in chunks of positions.
 
     The student's logits are ``z_s = h_s @ W_s.T`` and a live teacher's ``z_t = h_t @ W_t.T``, both
     formed ``chunk_size`` positions at a time (in float32 for the softmax) and never kept for all
@@ -360,13 +358,11 @@ def chunked_lm_losses(
     The hard-label loss is the cross-entropy at ``T = 1``, ``-log softmax(z_s)[y]``, averaged over
     the positions whose label ``y`` is not ``-100`` (zero when none is).
 
-    Both losses come from one pass over the chunks, in which the gradients with respect to
-    ``student_hidden`` and ``student_head`` are formed too; backward only scales them. Nothing is
-    computed for gradients when neither input requires grad. Pass ``grad_weights=(alpha, beta)``
-    when the loss you backpropagate is ``alpha * kd + beta * ce`` (times any factor): the combined
-    gradient is then formed once per chunk, halving the matrix products of the gradient; backward
-    raises if the losses were weighted otherwise. Without it, the two gradients are kept apart and
-    any combination works.
+    The weights go down once, here (as Liger-Kernel's ``weight_soft_loss`` / ``weight_hard_loss``):
+    ``kd_weight`` is the trainer's ``alpha``, ``ce_weight`` its ``beta``. Both losses and the gradient of
+    their weighted sum with respect to ``student_hidden`` and ``student_head`` come from one pass over
+    the chunks; backward only scales that gradient. Nothing is computed for gradients when neither input
+    requires grad.
 
     Shapes: ``student_hidden``: ``(N, D)``, the positions that count, already shifted and selected;
     ``student_head``: ``(V, D)``, no bias (may be tied to the input embeddings); ``teacher_hidden``:
@@ -374,8 +370,8 @@ def chunked_lm_losses(
     ``teacher_ids``: ``(N, k)`` integers and ``teacher_values``: ``(N, k)``, the top-k logits
     (``topk``) or the counts (``sampled``; a count of 0 marks an empty slot); ``labels``: ``(N,)``.
 
-    Returns ``(kd, ce)``, scalars in float32: ``kd`` is a zero tensor when ``kd is None``; ``ce`` is
-    ``None`` when ``labels`` is ``None``.
+    Returns :class:`ChunkedLosses` ``(loss, kd, ce)``, scalars in float32: ``kd`` is zero when ``kd is
+    None``; ``ce`` is None when ``labels`` is None.
     """
     _check_inputs(
         student_hidden,
@@ -388,7 +384,8 @@ def chunked_lm_losses(
         teacher_values,
         labels,
         chunk_size,
-        grad_weights,
+        kd_weight,
+        ce_weight,
     )
     if kd not in _DENSE_TEACHER:
         teacher_hidden = teacher_head = None
@@ -396,7 +393,7 @@ def chunked_lm_losses(
         teacher_ids = teacher_values = None
     if teacher_hidden is not None:
         teacher_hidden, teacher_head = teacher_hidden.detach(), teacher_head.detach()
-    kd_value, ce_value = _ChunkedLMLosses.apply(
+    loss, kd_value, ce_value = _ChunkedLMLosses.apply(
         student_hidden,
         student_head,
         teacher_hidden,
@@ -407,6 +404,7 @@ def chunked_lm_losses(
         kd,
         float(temperature),
         int(chunk_size),
-        None if grad_weights is None else (float(grad_weights[0]), float(grad_weights[1])),
+        float(kd_weight if kd is not None else 0.0),
+        float(ce_weight if labels is not None else 0.0),
     )
-    return kd_value, (ce_value if labels is not None else None)
+    return ChunkedLosses(loss, kd_value, ce_value if labels is not None else None)

@@ -1,0 +1,101 @@
+"""The teacher's outputs a loss reads: live, or precomputed in a batch's columns, and the one reader of them.
+
+A precomputed teacher reaches the trainer as columns of the training dataset (``hf_distill.teacher_cache``),
+padded by :class:`hf_distill.DistillationDataCollator`. Each kind of cache is one *source* with its own
+columns (:data:`TEACHER_SOURCES`); the trainer chooses the source once, from the dataset's columns
+(:func:`teacher_source_of`), and :func:`read_teacher_outputs` reads that source from every batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+TEACHER_LOGITS = "teacher_logits"
+TEACHER_TOPK_VALUES = "teacher_topk_values"
+TEACHER_TOPK_INDICES = "teacher_topk_indices"
+TEACHER_SAMPLE_IDS = "teacher_sample_ids"
+TEACHER_SAMPLE_COUNTS = "teacher_sample_counts"
+
+# Where the teacher's outputs come from -> the batch columns that hold them (none: the teacher runs).
+# In order of precedence: a dataset holding several caches is read as the first one listed.
+LIVE = "live"
+TEACHER_SOURCES: dict[str, tuple[str, ...]] = {
+    "logits": (TEACHER_LOGITS,),
+    "topk": (TEACHER_TOPK_VALUES, TEACHER_TOPK_INDICES),
+    "sampled": (TEACHER_SAMPLE_IDS, TEACHER_SAMPLE_COUNTS),
+}
+# Every precomputed column; and of those, the columns of integers (vocabulary ids and counts).
+TEACHER_LOGIT_COLUMNS = tuple(column for columns in TEACHER_SOURCES.values() for column in columns)
+INTEGER_COLUMNS = (TEACHER_TOPK_INDICES, TEACHER_SAMPLE_IDS, TEACHER_SAMPLE_COUNTS)
+
+
+@dataclass
+class TeacherOutput:
+    """What the loss needs from the teacher(s), live or precomputed.
+
+    ``logits``: ``(B, C)``, ``(B, L, C)``, or ``(B, L, 2)`` for question answering (start, end);
+    ``topk_values`` / ``topk_indices``: ``(B, L, k)`` sparse teacher logits; ``sample_ids`` /
+    ``sample_counts``: ``(B, L, n)`` tokens drawn from the teacher (RS-KD); ``hidden_states`` /
+    ``attentions``: the teacher model's, when a hidden-state or attention loss asks for them.
+    """
+
+    logits: torch.Tensor | None = None
+    topk_values: torch.Tensor | None = None
+    topk_indices: torch.Tensor | None = None
+    sample_ids: torch.Tensor | None = None
+    sample_counts: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+    def map_positions(self, fn) -> TeacherOutput:
+        """The same outputs with ``fn`` applied to each per-position tensor (logits and sparse columns)."""
+        per_position = ("logits", "topk_values", "topk_indices", "sample_ids", "sample_counts")
+        return replace(
+            self, **{f: fn(getattr(self, f)) for f in per_position if getattr(self, f) is not None}
+        )
+
+    @property
+    def form(self) -> str:
+        """``"topk"``, ``"sampled"`` or ``"logits"``: how the teacher's distribution is given."""
+        if self.topk_values is not None:
+            return "topk"
+        if self.sample_ids is not None:
+            return "sampled"
+        return "logits"
+
+
+# The TeacherOutput field of each column.
+_FIELD_OF = {
+    TEACHER_LOGITS: "logits",
+    TEACHER_TOPK_VALUES: "topk_values",
+    TEACHER_TOPK_INDICES: "topk_indices",
+    TEACHER_SAMPLE_IDS: "sample_ids",
+    TEACHER_SAMPLE_COUNTS: "sample_counts",
+}
+
+
+def teacher_source_of(columns: Iterable[str]) -> str | None:
+    """The precomputed source whose columns are all in ``columns`` (first in precedence), else None."""
+    present = set(columns)
+    for source, needed in TEACHER_SOURCES.items():
+        if set(needed) <= present:
+            return source
+    return None
+
+
+def read_teacher_outputs(inputs: dict[str, Any], source: str) -> TeacherOutput:
+    """The precomputed teacher outputs of ``source`` from a batch; one clear error when they are missing."""
+    missing = [column for column in TEACHER_SOURCES[source] if inputs.get(column) is None]
+    if missing:
+        raise InputError(
+            f"This batch has no {', '.join(missing)}, but the trainer reads the teacher from its {source!r} cache "
+            "(chosen from the training dataset's columns): precompute the teacher's outputs for every example "
+            "(hf_distill.precompute_teacher_logits), or pass teacher_model and a dataset without teacher columns."
+        )
+    return TeacherOutput(**{_FIELD_OF[column]: inputs[column] for column in TEACHER_SOURCES[source]})
