@@ -6,12 +6,14 @@ The offline LM default's teacher (``offline:smollm2-135m``) is a GGUF file that 
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 from transformers.utils import import_utils
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+; CI runs 3.11
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

@@ -277,3 +277,11 @@ def test_push_to_hub_publishes_the_distilled_student_best_on_validation(tmp_path
         row("sampled", 6.0, 2.0),
     ]
     assert best_distilled(results).mode == "topk"
+
+
+def test_a_gguf_teacher_without_the_gguf_package_is_one_line(tmp_path, capsys, monkeypatch):
+    teacher, data = tiny_teacher(tmp_path / "t"), write_text(tmp_path / "d.jsonl", corpus(10))
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError, as when not installed
+    out = tmp_path / "out"
+    message = refused(capsys, flags(tmp_path, teacher, data, out, "--teacher_gguf_file", "model.gguf"), out)
+    assert "'model.gguf' needs the package `gguf>=0.10.0`: pip install 'gguf>=0.10.0'" in message
