@@ -4,6 +4,13 @@ from .collator import DistillationDataCollator
 from .config import DistillationConfig
 from .errors import InputError
 from .hub import HubPushError, push_student
+from .instruction_data import (
+    InstructionDataCollator,
+    TruncationCounts,
+    render_example,
+    render_prompt,
+    tokenize_instruction_dataset,
+)
 from .losses import (
     LM_KD_LOSSES,
     attention_loss,
@@ -30,9 +37,11 @@ __all__ = [
     "DistillationTrainer",
     "HubPushError",
     "InputError",
+    "InstructionDataCollator",
     "LM_KD_LOSSES",
     "StudentCardData",
     "TeacherOutput",
+    "TruncationCounts",
     "attention_loss",
     "build_student",
     "chunked_lm_losses",
@@ -48,9 +57,12 @@ __all__ = [
     "push_student",
     "read_provenance",
     "render_card",
+    "render_example",
+    "render_prompt",
     "reverse_kl_loss",
     "sample_teacher_tokens",
     "select_teacher_layers",
+    "tokenize_instruction_dataset",
     "topk_kl_div_loss",
     "weights_hash",
     "write_card",
