@@ -3,6 +3,7 @@
 from .collator import DistillationDataCollator
 from .config import DistillationConfig
 from .errors import InputError
+from .generation import Generation, Generator, TransformersGenerator
 from .hub import HubPushError, push_student
 from .instruction_data import (
     InstructionDataCollator,
@@ -35,12 +36,15 @@ __all__ = [
     "DistillationConfig",
     "DistillationDataCollator",
     "DistillationTrainer",
+    "Generation",
+    "Generator",
     "HubPushError",
     "InputError",
     "InstructionDataCollator",
     "LM_KD_LOSSES",
     "StudentCardData",
     "TeacherOutput",
+    "TransformersGenerator",
     "TruncationCounts",
     "attention_loss",
     "build_student",
