@@ -36,8 +36,8 @@ def _is_messages(value: Any) -> bool:
 def _chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, add_generation_prompt: bool) -> str:
     if not tokenizer.chat_template:
         raise InputError(
-            f"The data holds chat messages but the tokenizer {type(tokenizer).__name__} has no chat template; "
-            "use an instruct model's tokenizer or set tokenizer.chat_template."
+            f"Chat messages (or chat_template_for_text=True) need a chat template, and the tokenizer "
+            f"{type(tokenizer).__name__} has none; use an instruct model's tokenizer or set tokenizer.chat_template."
         )
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt

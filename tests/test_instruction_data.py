@@ -58,8 +58,10 @@ def test_refusals_say_what_to_fix():
     with pytest.raises(InputError, match=r"it has \['question', 'answer'\]"):
         tokenize_instruction_dataset(Dataset.from_dict({"question": ["a"], "answer": ["b"]}), tok, 8, 8)
     chat = Dataset.from_dict({"messages": [[{"role": "user", "content": "w1"}]]})
-    with pytest.raises(InputError, match="no chat template"):
+    with pytest.raises(InputError, match="need a chat template"):
         tokenize_instruction_dataset(chat, chat_tokenizer(with_template=False), 8, 8)
+    with pytest.raises(InputError, match="need a chat template"):
+        render_prompt({"prompt": "w1"}, chat_tokenizer(with_template=False), chat_template_for_text=True)
     long = Dataset.from_dict({"prompt": ["w1 w2 w3 w4 w5"]})
     with pytest.raises(InputError, match="Row 0's prompt is 5 tokens, more than the model's 4 positions"):
         tokenize_instruction_dataset(long, tok, 8, 8, max_positions=4)
