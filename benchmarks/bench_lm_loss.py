@@ -3,9 +3,8 @@
 Dense is what a trainer does without :func:`hf_distill.losses.chunked_lm_losses`: the student's
 logits ``h @ W.T`` for every position (and the live teacher's likewise, without grad), then the
 library's dense loss (``kl_div_loss``, ``topk_kl_div_loss``, or RS-KD written densely) plus
-``F.cross_entropy``, then ``backward()``. Chunked is ``chunked_lm_losses`` on the same tensors with
-``grad_weights=(1, 1)`` (``chunked_kl_separate`` shows the cost of leaving it out: the two gradients
-kept apart, twice the gradient's matrix products).
+``F.cross_entropy``, then ``backward()``. Chunked is ``chunked_lm_losses`` on the same tensors, its
+``loss`` (KD + CE, the weights given once) backpropagated.
 
 Sizes default to a batch of 8 x 1,024 tokens with SmolLM2-135M's width and vocabulary (D = 576,
 V = 49,152), float32 on CPU; the teacher has the same width. Every measurement runs in a fresh
@@ -47,7 +46,6 @@ import torch.nn.functional as F
 VARIANTS = (
     "dense_kl",
     "chunked_kl",
-    "chunked_kl_separate",
     "dense_topk",
     "chunked_topk",
     "dense_sampled",
@@ -123,7 +121,7 @@ def run_variant(variant: str, x: dict) -> tuple[torch.Tensor, torch.Tensor]:
         loss = kd_value + F.cross_entropy(logits, x["labels"])
     else:
         sparse = {"topk": ("topk_ids", "topk_values"), "sampled": ("sampled_ids", "sampled_counts")}.get(kd)
-        kd_value, ce_value = losses.chunked_lm_losses(
+        loss = losses.chunked_lm_losses(
             hidden,
             head,
             kd=kd,
@@ -133,9 +131,7 @@ def run_variant(variant: str, x: dict) -> tuple[torch.Tensor, torch.Tensor]:
             teacher_values=x[sparse[1]] if sparse else None,
             labels=x["labels"],
             chunk_size=x["chunk_size"],
-            grad_weights=None if variant.endswith("separate") else (1.0, 1.0),
-        )
-        loss = kd_value + ce_value
+        ).loss
     loss.backward()
     return hidden.grad, head.grad
 
@@ -204,7 +200,7 @@ def summarise(args: argparse.Namespace, runs: dict[str, list[dict]], loads: list
         }
         for v, ms in runs.items()
     }
-    pairs = {**PAIRS, "kl_separate": ("dense_kl", "chunked_kl_separate")}
+    pairs = PAIRS
     ratios = {
         kd: {
             "peak_chunked_over_dense": summary[chunked]["peak_mib"] / summary[dense]["peak_mib"],

@@ -92,55 +92,64 @@ def test_chunked_equals_dense_values_and_gradients(kd, T, chunk_size, with_label
     dense_grads = hidden.grad, head.grad
 
     hidden, head = _leaves(x)
-    kd_value, ce_value = _chunked(kd, hidden, head, x, T, chunk_size, labels)
-    (alpha * kd_value + (beta * ce_value if with_labels else 0)).backward()
+    out = _chunked(kd, hidden, head, x, T, chunk_size, labels, kd_weight=alpha, ce_weight=beta)
+    out.loss.backward()
 
-    torch.testing.assert_close(kd_value, dense_kd.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.kd, dense_kd.float(), atol=1e-5, rtol=1e-5)
     if with_labels:
-        torch.testing.assert_close(ce_value, dense_ce, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.ce, dense_ce, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.loss, alpha * out.kd + beta * out.ce)
     else:
-        assert ce_value is None
+        assert out.ce is None
+        torch.testing.assert_close(out.loss, alpha * out.kd)
     torch.testing.assert_close(hidden.grad, dense_grads[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(head.grad, dense_grads[1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kd", ["kl", "sampled"])
-def test_grad_weights_give_the_same_gradients_and_refuse_other_weights(kd):
+def test_the_weights_go_down_once_and_the_parts_are_detached(kd):
+    """``loss`` carries ``kd_weight * kd + ce_weight * ce`` and its gradient; a common factor on it (gradient
+    accumulation's scaling) scales the gradient; the parts are for logging only."""
     x = _inputs(seed=1)
     grads = []
-    for grad_weights in (None, (0.7, 1.9)):
+    for factor, weights in ((1.0, (2.1, 5.7)), (3.0, (0.7, 1.9))):
         hidden, head = _leaves(x)
-        kd_value, ce_value = _chunked(kd, hidden, head, x, 2.0, 5, x["labels"], grad_weights=grad_weights)
-        (3.0 * (0.7 * kd_value + 1.9 * ce_value)).backward()  # a common factor, e.g. gradient accumulation
+        out = _chunked(kd, hidden, head, x, 2.0, 5, x["labels"], kd_weight=weights[0], ce_weight=weights[1])
+        assert not out.kd.requires_grad and not out.ce.requires_grad
+        (factor * out.loss).backward()
         grads.append((hidden.grad, head.grad))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-6)
 
     hidden, head = _leaves(x)
-    kd_value, ce_value = _chunked(kd, hidden, head, x, 2.0, 5, x["labels"], grad_weights=(0.7, 1.9))
-    with pytest.raises(RuntimeError, match="grad_weights"):
-        (kd_value + ce_value).backward()
+    kd_only = _chunked(kd, hidden, head, x, 2.0, 5, x["labels"], kd_weight=1.0, ce_weight=0.0)
+    torch.testing.assert_close(kd_only.loss, kd_only.kd)
+    kd_only.loss.backward()
+    reference = _leaves(x)
+    _chunked(kd, *reference, x, 2.0, 5).loss.backward()
+    torch.testing.assert_close(hidden.grad, reference[0].grad, atol=1e-6, rtol=1e-6)
 
 
 def test_cross_entropy_alone_matches_torch_and_all_ignored_gives_zero():
     x = _inputs(seed=2)
     hidden, head = _leaves(x)
-    kd_value, ce_value = _chunked(None, hidden, head, x, 1.0, 4, x["labels"])
-    assert kd_value.item() == 0.0
+    out = _chunked(None, hidden, head, x, 1.0, 4, x["labels"])
+    assert out.kd.item() == 0.0
     dense = F.cross_entropy(x["hidden"] @ x["head"].T, x["labels"], ignore_index=-100)
-    torch.testing.assert_close(ce_value, dense, atol=1e-5, rtol=1e-5)
-    ce_value.backward()
+    torch.testing.assert_close(out.ce, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, out.ce)
+    out.loss.backward()
     assert hidden.grad.abs().sum() > 0 and head.grad.abs().sum() > 0
 
-    _, ce_value = _chunked(None, *_leaves(x), x, 1.0, 4, torch.full((N,), -100))
-    assert ce_value.item() == 0.0
+    out = _chunked(None, *_leaves(x), x, 1.0, 4, torch.full((N,), -100))
+    assert out.ce.item() == 0.0
 
 
 def test_no_gradient_work_without_requires_grad():
     x = _inputs(seed=3)
-    kd_value, ce_value = _chunked("kl", x["hidden"], x["head"], x, 2.0, 4, x["labels"])
-    assert not kd_value.requires_grad and not ce_value.requires_grad
+    out = _chunked("kl", x["hidden"], x["head"], x, 2.0, 4, x["labels"])
+    assert not out.loss.requires_grad
     torch.testing.assert_close(
-        kd_value, losses.kl_div_loss(x["hidden"] @ x["head"].T, _teacher_logits(x), 2.0)
+        out.kd, losses.kl_div_loss(x["hidden"] @ x["head"].T, _teacher_logits(x), 2.0)
     )
 
 
@@ -151,14 +160,14 @@ def _teacher_logits(x):
 def test_bfloat16_inputs_close_to_float32():
     x = _inputs(seed=4)
     hidden, head = (t.bfloat16().requires_grad_() for t in (x["hidden"], x["head"]))
-    kd_value, _ = _chunked(
+    kd_value = _chunked(
         "kl",
         hidden,
         head,
         x | {"teacher_hidden": x["teacher_hidden"].bfloat16(), "teacher_head": x["teacher_head"].bfloat16()},
         2.0,
         5,
-    )
+    ).loss
     kd_value.backward()
     assert kd_value.dtype == torch.float32 and hidden.grad.dtype == torch.bfloat16
     reference = losses.kl_div_loss(
@@ -200,7 +209,8 @@ def test_sampler_frequencies_follow_the_tempered_softmax():
         ({"kd": "kl", "temperature": 0.0}, "temperature"),
         ({"kd": "kl", "labels": torch.zeros(3, dtype=torch.long)}, "labels must be"),
         ({"kd": "kl", "teacher_head": torch.zeros(V + 1, DT)}, "share the vocabulary"),
-        ({"kd": "kl", "grad_weights": (0.0, 0.0)}, "grad_weights"),
+        ({"kd": "kl", "kd_weight": 0.0, "ce_weight": 0.0}, "not both zero"),
+        ({"kd": "kl", "kd_weight": -1.0}, "kd_weight=-1.0"),
     ],
 )
 def test_bad_inputs_say_what_is_wrong(kwargs, message):
@@ -243,14 +253,14 @@ def test_sampled_gradient_is_unbiased_for_the_forward_kl_gradient():
     teacher_logits = torch.randn(n, vocab, generator=g) * 2
     # The dense teacher as hidden states and head: identity head, so teacher logits = teacher_hidden.
     dense = {"teacher_hidden": teacher_logits, "teacher_head": torch.eye(vocab)}
-    kl_value, _ = chunked_lm_losses(hidden, head, kd="kl", temperature=T, **dense, chunk_size=2)
+    kl_value = chunked_lm_losses(hidden, head, kd="kl", temperature=T, **dense, chunk_size=2).loss
     dense_grad = _gradients(kl_value, hidden, head)
 
     ids, counts = sample_teacher_tokens(teacher_logits.repeat(draws, 1), num_samples, T, generator=g)
     ids, counts = ids.view(draws, n, num_samples), counts.view(draws, n, num_samples)
     values, grads = [], []
     for r in range(draws):
-        value, _ = chunked_lm_losses(
+        value = chunked_lm_losses(
             hidden,
             head,
             kd="sampled",
@@ -258,7 +268,7 @@ def test_sampled_gradient_is_unbiased_for_the_forward_kl_gradient():
             teacher_ids=ids[r],
             teacher_values=counts[r],
             chunk_size=2,
-        )
+        ).loss
         values.append(value.detach())
         grads.append(_gradients(value, hidden, head))
     grads = torch.stack(grads)
@@ -274,7 +284,7 @@ def test_sampled_gradient_is_unbiased_for_the_forward_kl_gradient():
     assert (values.mean() - expected).abs() <= 4 * values.std() / draws**0.5
 
     topk = teacher_logits.topk(3, dim=-1)
-    topk_value, _ = chunked_lm_losses(
+    topk_value = chunked_lm_losses(
         hidden,
         head,
         kd="topk",
@@ -282,14 +292,14 @@ def test_sampled_gradient_is_unbiased_for_the_forward_kl_gradient():
         teacher_ids=topk.indices,
         teacher_values=topk.values,
         chunk_size=2,
-    )
+    ).loss
     assert ((_gradients(topk_value, hidden, head) - dense_grad).abs() > tolerance).any()
 
 
 def test_a_second_backward_says_to_recompute():
     x = _inputs(seed=9)
     hidden, head = _leaves(x)
-    kd_value, _ = _chunked("kl", hidden, head, x, 1.0, 4)
+    kd_value = _chunked("kl", hidden, head, x, 1.0, 4).loss
     kd_value.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="compute the losses again"):
         kd_value.backward()
@@ -308,7 +318,7 @@ def test_benchmark_variants_compute_the_same_gradients():
     bench = _bench()
     x = bench.make_inputs(40, 8, 64, k=5, num_samples=4, device="cpu") | {"chunk_size": 16}
     grads = {variant: bench.run_variant(variant, x) for variant in bench.VARIANTS}
-    for dense, chunked in [*bench.PAIRS.values(), ("dense_kl", "chunked_kl_separate")]:
+    for dense, chunked in bench.PAIRS.values():
         torch.testing.assert_close(grads[chunked], grads[dense], atol=1e-5, rtol=1e-5)
 
 
@@ -319,4 +329,4 @@ def test_benchmark_small_writes_every_ratio(tmp_path):
     assert json.loads((tmp_path / "lm_loss.json").read_text()) == json.loads(json.dumps(results))
     assert set(results["summary"]) == set(bench.VARIANTS)
     assert all(s["median_seconds"] > 0 and s["peak_mib"] > 0 for s in results["summary"].values())
-    assert set(results["ratios"]) == {"kl", "topk", "sampled", "kl_separate"}
+    assert set(results["ratios"]) == {"kl", "topk", "sampled"}

@@ -65,7 +65,7 @@ def test_fused_live_teacher_equals_dense_loss_and_gradients(tmp_path, kd_loss):
         args = config(tmp_path, temperature=2.0, alpha=0.7, beta=0.3, kd_loss=kd_loss, lm_chunk_size=chunk)
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows)
         batch = batch_of(rows, trainer)
-        assert trainer._fused_causal_lm(batch) == (chunk is not None)
+        assert (trainer.loss_path.name == "fused") == (chunk is not None)
         student.train()
         loss = trainer.compute_loss(student, batch)
         loss.backward()
@@ -118,7 +118,7 @@ def test_fused_sampled_cache_matches_an_independent_computation(tmp_path):
         log_p_s = F.log_softmax(z[counted] / T, -1)
         return T**2 * -(counts / 6 * log_p_s.gather(-1, ids)).sum(-1).mean()
 
-    # with beta = 0 every real token counts (the _kd_mask fallback for rows with labels is the labels)
+    # with beta = 0 every real token counts (the TaskSpec.kd_mask fallback for rows with labels is the labels)
     kd, _ = dense_reference(student, batch, sampled)
     torch.testing.assert_close(loss, kd, rtol=1e-5, atol=1e-6)
 

@@ -457,8 +457,9 @@ def test_teacher_logits_of_another_width_are_refused(tmp_path, tokenizer):
     data = Dataset.from_list([{**r, "teacher_logits": [0.0, 1.0, 2.0]} for r in _rows(head)])
     cached_only = _trainer(tmp_path / "c", tokenizer, head, data=data)
     message = (
-        "This batch has no precomputed teacher logits and no teacher_model was given: pass teacher_model, "
-        "or precompute teacher_logits for every example."
+        "This batch has no teacher_logits, but the trainer reads the teacher from its 'logits' cache (chosen from "
+        "the training dataset's columns): precompute the teacher's outputs for every example "
+        "(hf_distill.precompute_teacher_logits), or pass teacher_model and a dataset without teacher columns."
     )
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         cached_only.compute_loss(cached_only.model, _collate(cached_only, _rows(head)))
@@ -500,9 +501,9 @@ def test_kd_mask_without_attention_mask_or_without_labels(tmp_path, tokenizer):
     trainer = _trainer(tmp_path, tokenizer, "masked_lm")
     labels = torch.tensor([[-100, 7, -100], [-100, -100, -100]])
     real = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    assert trainer._kd_mask({"labels": labels}, 3).tolist() == [[False, True, False], [False, False, False]]
-    assert trainer._kd_mask({"attention_mask": real}, 3).tolist() == real.bool().tolist()
-    both = trainer._kd_mask({"labels": labels, "attention_mask": real}, 3)
+    assert trainer.spec.kd_mask({"labels": labels}, 3).tolist() == [[False, True, False], [False, False, False]]
+    assert trainer.spec.kd_mask({"attention_mask": real}, 3).tolist() == real.bool().tolist()
+    both = trainer.spec.kd_mask({"labels": labels, "attention_mask": real}, 3)
     assert both.tolist() == [[False, True, False], [True, True, False]]  # the unlabelled row: its real tokens
 
 
