@@ -235,3 +235,31 @@ def push_student(
         except Exception as err:  # the network boundary: re-raised with context
             stage = f"uploading {len(staged)} files ({', '.join(staged)})"
             raise _push_error(err, stage, url, token) from _cause(err, token)
+
+
+def push_trainer_student(trainer, card=None, *, token=None, private=None, commit_message=None, revision=None):
+    """:func:`push_student` of a trainer's student, from the main process only (None elsewhere).
+
+    ``card``: a ``StudentCardData``, a ``ModelCard`` or a README path; default ``<output_dir>/README.md`` when
+    there is one, else a card written from what the trainer knows
+    (:func:`hf_distill.model_card.card_data_from_trainer`). Unset options come from ``trainer.args``.
+    """
+    from .model_card import card_data_from_trainer
+
+    if not trainer.is_world_process_zero():
+        return None
+    args = trainer.args
+    repo_id = trainer.hub_model_id or args.hub_model_id or Path(args.output_dir).name
+    if card is None:
+        written = Path(args.output_dir) / "README.md"
+        card = written if written.is_file() else card_data_from_trainer(trainer, repo_id)
+    return push_student(
+        trainer.model,
+        trainer.processing_class,
+        repo_id,
+        card=card,
+        token=token if token is not None else args.hub_token,
+        private=private if private is not None else args.hub_private_repo,
+        commit_message=commit_message,
+        revision=revision if revision is not None else args.hub_revision,
+    )

@@ -10,10 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from transformers.utils import logging
+
 from .config import DistillationConfig
 from .errors import InputError
-from .tasks import CausalLMSpec, TaskSpec
+from .tasks import CausalLMSpec, TaskSpec, output_embedding
 from .teacher_outputs import LIVE, TEACHER_SOURCES, teacher_source_of
+
+logger = logging.get_logger(__name__)
 
 FUSED = "fused"  # causal LMs: hf_distill.vocab_losses.chunked_lm_losses, never the (positions x vocabulary) logits
 DENSE = "dense"  # the models' logits and hf_distill.losses
@@ -31,6 +35,12 @@ class LossPath:
     name: str
     teacher: str | None
     reason: str
+
+    def log(self, logger, spec: TaskSpec) -> None:
+        """Once, at construction: a warning when a vocabulary task forms the full logits, else info."""
+        (logger.warning if spec.vocabulary and self.name != FUSED else logger.info)(
+            f"hf_distill: {self.describe()}"
+        )
 
     def describe(self) -> str:
         where = {LIVE: "the live teacher", None: "no teacher"}.get(self.teacher, f"the {self.teacher} cache")
@@ -56,11 +66,12 @@ def choose_loss_path(
     *,
     num_teachers: int,
     columns: Iterable[str] | None,
-    head_has_bias: bool = False,
+    models=(),
 ) -> LossPath:
     """The path for this trainer. ``columns``: the training dataset's columns (None when unknown);
-    ``head_has_bias``: whether the student's or a live teacher's output embedding has a bias."""
+    ``models``: the student and live teachers (an output embedding with a bias keeps the dense path)."""
     teacher = choose_teacher_source(args, num_teachers, columns)
+    head_has_bias = spec.vocabulary and any(output_embedding(m).bias is not None for m in models)
     if teacher in ("topk", "sampled") and args.alpha > 0 and args.kd_loss != "kl":
         form = "its top-k logits" if teacher == "topk" else "tokens drawn from it"
         raise InputError(
@@ -86,3 +97,48 @@ def choose_loss_path(
             DENSE, teacher, "; ".join(reasons) + ": the (positions x vocabulary) logits are formed"
         )
     return LossPath(FUSED, teacher, f"chunked causal-LM loss, {args.lm_chunk_size} positions a chunk")
+
+
+def check_sample_temperature(path: LossPath, dataset, args: DistillationConfig) -> None:
+    """An RS-KD cache's tokens were drawn at its sampling temperature: training at another T is refused."""
+    from datasets import Dataset
+
+    from .teacher_cache import read_provenance
+
+    if path.teacher != "sampled" or args.alpha == 0 or not isinstance(dataset, Dataset):
+        return
+    try:
+        drawn_at = read_provenance(dataset)["sampling"]["temperature"]
+    except (InputError, FileNotFoundError, KeyError):
+        logger.warning(
+            "hf_distill: the RS-KD cache's sampling temperature cannot be read (the dataset is no longer "
+            f"backed by its cache file); make sure it was drawn at temperature={args.temperature}."
+        )
+        return
+    if drawn_at != args.temperature:
+        raise InputError(
+            f"The RS-KD cache's tokens were drawn from the teacher's softmax at T={drawn_at}, but this run "
+            f"trains at temperature={args.temperature}: the loss would distil toward the wrong distribution. "
+            f"Set temperature={drawn_at}, or precompute the cache with sample_temperature={args.temperature}."
+        )
+
+
+def check_train_columns(
+    columns: list[str] | None, args: DistillationConfig, label_names: list[str], has_teacher: bool
+) -> None:
+    """Refuse a training dataset whose columns cannot feed the loss: labels for ``beta > 0``, a teacher."""
+    if columns is None:
+        return
+    label_columns = set(label_names) | {"label", "label_ids"}
+    if args.beta > 0 and not label_columns & set(columns):
+        raise InputError(
+            f"beta={args.beta} weights the hard-label loss but the training dataset has no label column "
+            f"(columns: {columns}). Add labels, or set beta=0 to learn from the teacher's soft labels alone."
+        )
+    if not has_teacher and teacher_source_of(columns) is None:
+        raise InputError(
+            "No teacher: pass teacher_model, or a training dataset with precomputed teacher logits "
+            "(hf_distill.precompute_teacher_logits)."
+        )
+    if not has_teacher and (args.hidden_loss_weight > 0 or args.attention_loss_weight > 0):
+        raise InputError("Hidden-state and attention losses need a live teacher_model, not cached logits.")

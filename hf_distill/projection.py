@@ -28,6 +28,16 @@ class HiddenProjection(nn.Linear):
         """A projection when the widths differ, else None (the hidden states are compared as they are)."""
         return None if student_width == teacher_width else cls(student_width, teacher_width).to(device)
 
+    @classmethod
+    def for_models(cls, student, teacher, args) -> HiddenProjection | None:
+        """The projection a hidden-state loss needs between these models (None without that loss or a teacher)."""
+        from .tasks import base_model
+
+        if args.hidden_loss_weight <= 0 or teacher is None:
+            return None
+        widths = (base_model(m).config.hidden_size for m in (student, teacher))
+        return cls.between(*widths, args.device)
+
     def param_group(self) -> dict:
         return {"params": list(self.parameters()), "weight_decay": 0.0}
 

@@ -152,3 +152,87 @@ def prepare_teacher(teacher: nn.Module, accelerator: Accelerator) -> nn.Module:
         engine.eval()
         return engine
     return accelerator.prepare_model(teacher, evaluation_mode=True).eval()
+
+
+def load_teachers(
+    student: nn.Module,
+    teacher_model,
+    args,
+    init_kwargs: dict | None = None,
+    *,
+    student_tokenizer: PreTrainedTokenizerBase | None = None,
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[list[nn.Module], list[float]]:
+    """The teachers (one, a list, or none), loaded by name in ``args.teacher_torch_dtype`` or cast to it, checked
+    against the student, and their normalised ensemble weights (``args.teacher_weights``, default equal)."""
+    listed = teacher_model if isinstance(teacher_model, list | tuple) else [teacher_model]
+    dtype = args.teacher_torch_dtype
+    init_kwargs = dict(init_kwargs or {})
+    if dtype is not None and "dtype" not in init_kwargs and "torch_dtype" not in init_kwargs:
+        init_kwargs["dtype"] = dtype  # teachers loaded by name: in that dtype from the start
+    teachers = [load_teacher(t, task_of(student), **init_kwargs) for t in listed if t is not None]
+    teachers = [cast_teacher(t, dtype) for t in teachers] if dtype is not None else teachers
+    for teacher in teachers:
+        check_compatible(
+            student, teacher, student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer
+        )
+    weights = args.teacher_weights or [1.0] * len(teachers)
+    if teachers and len(weights) != len(teachers):
+        raise InputError(f"teacher_weights has {len(weights)} entries for {len(teachers)} teachers.")
+    if len(teachers) > 1 and (args.hidden_loss_weight > 0 or args.attention_loss_weight > 0):
+        raise InputError("Hidden-state and attention losses take one teacher; an ensemble gives logits only.")
+    return teachers, [w / sum(weights) for w in weights]
+
+
+class FiniteCheck:
+    """Whether every live teacher output of the current optimizer step is finite, as a device flag.
+
+    :meth:`note` folds tensors in without a host sync; :meth:`raise_if_not_finite` reads the flag once per
+    optimizer step (a gather of one flag per process, so that every rank stops together).
+    """
+
+    def __init__(self):
+        self.flag = None
+
+    def note(self, tensors) -> None:
+        finite = torch.stack([t.isfinite().all() for t in tensors if t is not None]).all()
+        self.flag = finite if self.flag is None else self.flag & finite
+
+    def raise_if_not_finite(self, accelerator, step: int, epoch: float, output_dir) -> None:
+        flag, self.flag = self.flag, None
+        if flag is None:
+            return
+        finite = accelerator.gather(flag.reshape(1).int()).tolist()
+        if all(finite):
+            return
+        ranks = [rank for rank, ok in enumerate(finite) if not ok]
+        raise FloatingPointError(
+            f"Step {step} (epoch {epoch:.2f}): the live teacher's outputs hold NaN or inf "
+            f"(process {', '.join(map(str, ranks))}). Training stopped before this step's optimizer update: the "
+            f"student is as after step {step - 1}, and checkpoints already in {output_dir} are "
+            "untouched. Check the teacher's weights and its dtype (float16 overflows: load it in bfloat16 or "
+            "float32) and these inputs; check_finite=False turns this check off."
+        )
+
+
+def run_teachers(
+    teachers: list[nn.Module],
+    inputs: dict,
+    logits_of,
+    weights: list[float],
+    temperature: float,
+    kd_loss: str,
+    **switches,
+):
+    """One no-grad forward of each teacher; returns ``(logits, last outputs)``. An ensemble's logits are those of
+    the weighted mixture of its teachers' soft labels (:func:`hf_distill.losses.ensemble_logits`)."""
+    from .losses import ensemble_logits
+
+    all_logits, outputs = [], None
+    with torch.no_grad():
+        for teacher in teachers:
+            outputs = teacher(**inputs, **switches)
+            all_logits.append(logits_of(outputs))
+    if len(all_logits) == 1:
+        return all_logits[0], outputs
+    return ensemble_logits(all_logits, weights, temperature, kd_loss), outputs

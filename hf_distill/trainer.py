@@ -16,21 +16,25 @@ from transformers.utils import logging
 from .collator import TEACHER_INPUT_PREFIX, DistillationDataCollator, teacher_sources
 from .config import DistillationConfig
 from .errors import InputError
-from .hub import push_student
-from .loss_path import FUSED, choose_loss_path
-from .losses import attention_loss, ensemble_logits, hidden_state_loss
-from .model_card import card_data_from_trainer
+from .hub import push_trainer_student
+from .intermediate_losses import (  # noqa: F401 (default_layer_map: re-exported)
+    check_attention_maps,
+    choose_layer_map,
+    default_layer_map,
+    mapped_attention_loss,
+    mapped_hidden_loss,
+)
+from .loss_path import FUSED, check_sample_temperature, check_train_columns, choose_loss_path
 from .projection import HIDDEN_PROJECTION_NAME, HiddenProjection  # noqa: F401 (the checkpoint file's name)
 from .tasks import base_model, forward_params, last_hidden_state, output_embedding, task_of, task_spec
-from .teacher_cache import check_finite_logits, read_provenance
+from .teacher_cache import check_finite_logits
 from .teacher_outputs import (
     LIVE,
     TEACHER_LOGIT_COLUMNS,
     TeacherOutput,
     read_teacher_outputs,
-    teacher_source_of,
 )
-from .teachers import cast_teacher, check_compatible, load_teacher, prepare_teacher
+from .teachers import FiniteCheck, load_teachers, prepare_teacher, run_teachers
 from .vocab_losses import chunked_lm_losses
 
 logger = logging.get_logger(__name__)
@@ -39,15 +43,20 @@ logger = logging.get_logger(__name__)
 _NOT_FOR_TEACHER = {"labels", "start_positions", "end_positions", "return_dict", "use_cache"}
 
 
-def default_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
-    """Evenly spaced teacher layers (1-based) for student layers ``1..M``; the last maps to the last."""
-    return [round((i + 1) * num_teacher_layers / num_student_layers) for i in range(num_student_layers)]
-
-
 def _columns(dataset) -> list[str] | None:
     """The training dataset's column names, where it has them (``datasets``), else None."""
     columns = getattr(dataset, "column_names", None)
     return list(columns) if columns is not None else None
+
+
+def _check_model_and_args(model, args) -> None:
+    if not isinstance(args, DistillationConfig):
+        raise TypeError(
+            f"args must be a DistillationConfig, got {type(args).__name__}: "
+            "use hf_distill.DistillationConfig(output_dir=..., temperature=..., alpha=..., beta=...)."
+        )
+    if model is None:
+        raise InputError("DistillationTrainer needs the student as `model`.")
 
 
 class DistillationTrainer(Trainer):
@@ -106,26 +115,16 @@ class DistillationTrainer(Trainer):
         teacher_init_kwargs: dict[str, Any] | None = None,
         **kwargs,
     ):
-        if not isinstance(args, DistillationConfig):
-            raise TypeError(
-                f"args must be a DistillationConfig, got {type(args).__name__}: "
-                "use hf_distill.DistillationConfig(output_dir=..., temperature=..., alpha=..., beta=...)."
-            )
-        if model is None:
-            raise InputError("DistillationTrainer needs the student as `model`.")
+        _check_model_and_args(model, args)
         self.task, self.spec = task_of(model), task_spec(model)
-        teachers = self._load_teachers(model, teacher_model, args, teacher_init_kwargs)
-        for teacher in teachers:
-            check_compatible(
-                model, teacher, student_tokenizer=processing_class, teacher_tokenizer=teacher_processing_class
-            )
-        weights = args.teacher_weights or [1.0] * len(teachers)
-        if teachers and len(weights) != len(teachers):
-            raise InputError(f"teacher_weights has {len(weights)} entries for {len(teachers)} teachers.")
-        if len(teachers) > 1 and (args.hidden_loss_weight > 0 or args.attention_loss_weight > 0):
-            raise InputError(
-                "Hidden-state and attention losses take one teacher; an ensemble gives logits only."
-            )
+        teachers, self.teacher_weights = load_teachers(
+            model,
+            teacher_model,
+            args,
+            teacher_init_kwargs,
+            student_tokenizer=processing_class,
+            teacher_tokenizer=teacher_processing_class,
+        )
         if isinstance(train_dataset, Dataset):  # before the Trainer creates output_dir
             check_finite_logits(train_dataset, where="the training dataset's precomputed teacher columns")
         self.loss_path = choose_loss_path(
@@ -133,10 +132,9 @@ class DistillationTrainer(Trainer):
             self.spec,
             num_teachers=len(teachers),
             columns=_columns(train_dataset),
-            head_has_bias=self.spec.vocabulary
-            and any(output_embedding(m).bias is not None for m in [model, *teachers]),
+            models=[model, *teachers],
         )
-        self._check_sample_temperature(train_dataset, args)
+        check_sample_temperature(self.loss_path, train_dataset, args)
         if data_collator is None:
             data_collator = DistillationDataCollator(processing_class)
 
@@ -151,27 +149,16 @@ class DistillationTrainer(Trainer):
         )
         # For transformers versions without `loss_is_scaled_for_ga`.
         self.model_accepts_loss_kwargs = False
-        self.teacher_weights = [w / sum(weights) for w in weights]
         self._student_params = forward_params(self.model)
         self._teacher_params = set().union(*(forward_params(t) for t in teachers)) if teachers else set()
         self.teachers = [prepare_teacher(t, self.accelerator) for t in teachers]
-        self._check_train_dataset(train_dataset)
-        self.hidden_projection = None
-        if args.hidden_loss_weight > 0 and self.teacher is not None:
-            self.hidden_projection = HiddenProjection.between(
-                base_model(self.model).config.hidden_size,
-                base_model(self.teacher).config.hidden_size,
-                args.device,
-            )
+        check_train_columns(_columns(train_dataset), args, self.label_names, has_teacher=bool(teachers))
+        self.hidden_projection = HiddenProjection.for_models(self.model, self.teacher, args)
         # Loss component -> (sum on the device, count) since the last log: no host sync per step.
         self._metrics: dict[str, tuple[torch.Tensor, int]] = {}
-        # True while every live teacher output of the current optimizer step is finite (a device tensor).
-        self._teacher_finite: torch.Tensor | None = None
+        self._teacher_finite = FiniteCheck()  # every live teacher output of this optimizer step finite?
         self._projection_stepped = True  # the optimizer stepped since the last training_step
-        path = self.loss_path
-        (logger.warning if self.spec.vocabulary and path.name != FUSED else logger.info)(
-            f"hf_distill: {path.describe()}"
-        )
+        self.loss_path.log(logger, self.spec)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -179,56 +166,6 @@ class DistillationTrainer(Trainer):
         return self.teachers[0] if self.teachers else None
 
     # ---- setup --------------------------------------------------------------------------------
-
-    def _load_teachers(self, model, teacher_model, args, teacher_init_kwargs) -> list[nn.Module]:
-        """The teacher models, loaded by name in ``args.teacher_torch_dtype`` where given, cast otherwise."""
-        listed = teacher_model if isinstance(teacher_model, list | tuple) else [teacher_model]
-        dtype = args.teacher_torch_dtype
-        init_kwargs = dict(teacher_init_kwargs or {})
-        if dtype is not None and "dtype" not in init_kwargs and "torch_dtype" not in init_kwargs:
-            init_kwargs["dtype"] = dtype  # teachers loaded by name: in that dtype from the start
-        teachers = [load_teacher(t, self.task, **init_kwargs) for t in listed if t is not None]
-        return [cast_teacher(t, dtype) for t in teachers] if dtype is not None else teachers
-
-    def _check_sample_temperature(self, dataset, args: DistillationConfig) -> None:
-        """An RS-KD cache's tokens were drawn at its sampling temperature: training at another T is refused."""
-        if self.loss_path.teacher != "sampled" or args.alpha == 0 or not isinstance(dataset, Dataset):
-            return
-        try:
-            drawn_at = read_provenance(dataset)["sampling"]["temperature"]
-        except (InputError, FileNotFoundError, KeyError):
-            logger.warning(
-                "hf_distill: the RS-KD cache's sampling temperature cannot be read (the dataset is no longer "
-                f"backed by its cache file); make sure it was drawn at temperature={args.temperature}."
-            )
-            return
-        if drawn_at != args.temperature:
-            raise InputError(
-                f"The RS-KD cache's tokens were drawn from the teacher's softmax at T={drawn_at}, but this run "
-                f"trains at temperature={args.temperature}: the loss would distil toward the wrong distribution. "
-                f"Set temperature={drawn_at}, or precompute the cache with sample_temperature={args.temperature}."
-            )
-
-    def _check_train_dataset(self, dataset) -> None:
-        columns = _columns(dataset)
-        if columns is None:
-            return
-        label_columns = set(self.label_names) | {"label", "label_ids"}
-        if self.args.beta > 0 and not label_columns & set(columns):
-            raise InputError(
-                f"beta={self.args.beta} weights the hard-label loss but the training dataset has no label column "
-                f"(columns: {columns}). Add labels, or set beta=0 to learn from the teacher's soft labels alone."
-            )
-        cached = teacher_source_of(columns) is not None
-        if not self.teachers and not cached:
-            raise InputError(
-                "No teacher: pass teacher_model, or a training dataset with precomputed teacher logits "
-                "(hf_distill.precompute_teacher_logits)."
-            )
-        if not self.teachers and (self.args.hidden_loss_weight > 0 or self.args.attention_loss_weight > 0):
-            raise InputError(
-                "Hidden-state and attention losses need a live teacher_model, not cached logits."
-            )
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -296,20 +233,20 @@ class DistillationTrainer(Trainer):
             return read_teacher_outputs(inputs, self.loss_path.teacher)
         if not self.teachers:
             raise self._no_teacher()
-        teacher_inputs = self._teacher_inputs(inputs)
-        extra = {"output_hidden_states": True} if hidden_states else {}
-        if attentions:
-            extra["output_attentions"] = True
-        all_logits, outputs = [], None
-        with torch.no_grad():
-            for teacher in self.teachers:
-                outputs = teacher(**teacher_inputs, **extra)
-                all_logits.append(self.spec.logits(outputs))
-        logits = all_logits[0]
-        if len(all_logits) > 1:
-            logits = ensemble_logits(
-                all_logits, self.teacher_weights, self.args.temperature, self.args.kd_loss
-            )
+        switches = {
+            k: True
+            for k, on in (("output_hidden_states", hidden_states), ("output_attentions", attentions))
+            if on
+        }
+        logits, outputs = run_teachers(
+            self.teachers,
+            self._teacher_inputs(inputs),
+            self.spec.logits,
+            self.teacher_weights,
+            self.args.temperature,
+            self.args.kd_loss,
+            **switches,
+        )
         output = TeacherOutput(
             logits=logits,
             hidden_states=outputs.hidden_states if hidden_states else None,
@@ -319,15 +256,9 @@ class DistillationTrainer(Trainer):
         return output
 
     def _note_finite(self, teacher: TeacherOutput) -> None:
-        """Fold whether the live teacher's outputs are finite into a device flag: no host sync here.
-
-        :meth:`training_step` reads the flag once per optimizer step (``check_finite``).
-        """
-        if not (self.args.check_finite and self.model.training):
-            return
-        tensors = [teacher.logits, *(teacher.hidden_states or ())]
-        finite = torch.stack([t.isfinite().all() for t in tensors if t is not None]).all()
-        self._teacher_finite = finite if self._teacher_finite is None else self._teacher_finite & finite
+        """Fold whether the live teacher's outputs are finite into a device flag (read once per optimizer step)."""
+        if self.args.check_finite and self.model.training:
+            self._teacher_finite.note([teacher.logits, *(teacher.hidden_states or ())])
 
     def compute_kd_loss(self, student_logits: torch.Tensor, teacher: TeacherOutput, inputs: dict[str, Any]):
         """The soft-label term at temperature ``T``: the task spec's positions, alignment and loss
@@ -389,57 +320,25 @@ class DistillationTrainer(Trainer):
         return switches
 
     def layer_map(self, num_student_layers: int, num_teacher_layers: int) -> list[int]:
-        """The teacher layer (1-based) each student layer is matched with by the hidden and attention losses.
+        """The teacher layer (1-based) matched with each student layer (:func:`choose_layer_map`)."""
+        config = base_model(self.model).config
+        return choose_layer_map(self.args.layer_map, config, num_student_layers, num_teacher_layers)
 
-        ``args.layer_map`` if set; else, for a student made by :func:`hf_distill.build_student`, the layers
-        it was copied from (``config.distillation["teacher_layers"]``, 0-based, so ``+1``); else evenly
-        spaced (:func:`default_layer_map`).
-        """
-        if self.args.layer_map:
-            return self.args.layer_map
-        copied = (getattr(base_model(self.model).config, "distillation", None) or {}).get("teacher_layers")
-        if copied and len(copied) == num_student_layers and max(copied) < num_teacher_layers:
-            return [t + 1 for t in copied]
-        return default_layer_map(num_student_layers, num_teacher_layers)
-
-    def compute_hidden_loss(
-        self, student_outputs, teacher: TeacherOutput, inputs: dict[str, Any]
-    ) -> torch.Tensor:
-        """Mean over mapped layers of ``losses.hidden_state_loss`` (student projected to the teacher's width)."""
+    def compute_hidden_loss(self, student_outputs, teacher: TeacherOutput, inputs: dict[str, Any]):
+        """:func:`hf_distill.intermediate_losses.mapped_hidden_loss`, the student projected to the teacher's width."""
         s_hidden, t_hidden = student_outputs.hidden_states, teacher.hidden_states
-        layer_map = self.layer_map(len(s_hidden) - 1, len(t_hidden) - 1)
-        if len(layer_map) != len(s_hidden) - 1 or max(layer_map) > len(t_hidden) - 1:
-            raise InputError(
-                f"layer_map={layer_map} must have one entry per student layer ({len(s_hidden) - 1}) with teacher "
-                f"layers between 0 and {len(t_hidden) - 1}."
-            )
+        layers = self.layer_map(len(s_hidden) - 1, len(t_hidden) - 1)
         mask = inputs.get("attention_mask")
-        terms = []
-        for s_layer, t_layer in enumerate(layer_map, start=1):
-            h = s_hidden[s_layer]
-            if self.hidden_projection is not None:
-                h = self.hidden_projection(h)
-            terms.append(hidden_state_loss(self.args.hidden_loss, h, t_hidden[t_layer], mask=mask))
-        return torch.stack(terms).mean()
+        return mapped_hidden_loss(
+            self.args.hidden_loss, s_hidden, t_hidden, layers, self.hidden_projection, mask
+        )
 
     def compute_attention_loss(self, student_outputs, teacher: TeacherOutput, inputs: dict[str, Any]):
-        """Mean over mapped layers of ``losses.attention_loss`` (needs eager attention, same head count)."""
+        """:func:`hf_distill.intermediate_losses.mapped_attention_loss` (eager attention, same head count)."""
         s_att, t_att = student_outputs.attentions, teacher.attentions
-        # sdpa/flash attention give None, or (transformers 5) an empty tuple
-        if not s_att or not t_att or any(a is None for a in (*s_att, *t_att)):
-            raise InputError(
-                "attention_loss_weight > 0 needs attention maps: load student and teacher with "
-                "attn_implementation='eager'."
-            )
-        layer_map = self.layer_map(len(s_att), len(t_att))
-        if s_att[0].shape[1] != t_att[0].shape[1]:
-            raise InputError(
-                f"The attention loss needs as many heads in the student ({s_att[0].shape[1]}) as in the teacher "
-                f"({t_att[0].shape[1]})."
-            )
-        mask = inputs.get("attention_mask")
-        terms = [attention_loss(s_att[i], t_att[max(t - 1, 0)], mask=mask) for i, t in enumerate(layer_map)]
-        return torch.stack(terms).mean()
+        check_attention_maps(s_att, t_att)
+        layers = self.layer_map(len(s_att), len(t_att))
+        return mapped_attention_loss(s_att, t_att, layers, inputs.get("attention_mask"))
 
     def combine_losses(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
         """``alpha * kd + beta * ce + hidden_loss_weight * hidden + attention_loss_weight * attention``."""
@@ -531,29 +430,10 @@ class DistillationTrainer(Trainer):
         if self.hidden_projection is not None:
             self.hidden_projection.average_gradients(self.accelerator)
         if self.accelerator.sync_gradients:  # the last micro-batch: the optimizer steps next
-            self._check_teacher_finite()
+            self._teacher_finite.raise_if_not_finite(
+                self.accelerator, self.state.global_step + 1, self.state.epoch or 0, self.args.output_dir
+            )
         return loss
-
-    def _check_teacher_finite(self) -> None:
-        """Raise ``FloatingPointError`` before the optimizer step when a live teacher gave NaN or inf.
-
-        One host sync per optimizer step (a gather of one flag per process, so that every rank stops).
-        """
-        flag, self._teacher_finite = self._teacher_finite, None
-        if flag is None:
-            return
-        finite = self.accelerator.gather(flag.reshape(1).int()).tolist()
-        if all(finite):
-            return
-        ranks = [rank for rank, ok in enumerate(finite) if not ok]
-        step = self.state.global_step + 1
-        raise FloatingPointError(
-            f"Step {step} (epoch {self.state.epoch or 0:.2f}): the live teacher's outputs hold NaN or inf "
-            f"(process {', '.join(map(str, ranks))}). Training stopped before this step's optimizer update: the "
-            f"student is as after step {step - 1}, and checkpoints already in {self.args.output_dir} are "
-            "untouched. Check the teacher's weights and its dtype (float16 overflows: load it in bfloat16 or "
-            "float32) and these inputs; check_finite=False turns this check off."
-        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation sees the student's inputs only: its own metrics at T = 1.
@@ -606,27 +486,9 @@ class DistillationTrainer(Trainer):
         card=None,
         **kwargs,
     ):
-        """Upload the student alone (PEFT adapters merged), its tokenizer, config and card.
-
-        ``card``: a ``StudentCardData``, a ``ModelCard`` or a README path; default
-        ``<output_dir>/README.md`` when there is one, else a card written from what the trainer knows
-        (:func:`hf_distill.model_card.card_data_from_trainer`: teacher, settings, sizes, the student's
-        last evaluation; "not measured" for the rest). Never uploads the teacher, checkpoints or the
-        token; see :func:`hf_distill.hub.push_student`.
-        """
-        if not self.is_world_process_zero():
-            return None
-        repo_id = self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).name
-        if card is None:
-            written = Path(self.args.output_dir) / "README.md"
-            card = written if written.is_file() else card_data_from_trainer(self, repo_id)
-        return push_student(
-            self.model,
-            self.processing_class,
-            repo_id,
-            card=card,
-            token=token if token is not None else self.args.hub_token,
-            private=private if private is not None else self.args.hub_private_repo,
-            commit_message=commit_message,
-            revision=revision if revision is not None else self.args.hub_revision,
+        """Upload the student alone (PEFT adapters merged), its tokenizer, config and card (default: the
+        output folder's README.md, else one written from the trainer); never the teacher, checkpoints or the
+        token. See :func:`hf_distill.hub.push_trainer_student`."""
+        return push_trainer_student(
+            self, card, token=token, private=private, commit_message=commit_message, revision=revision
         )
