@@ -70,6 +70,12 @@ def check_ranges(settings: Any, ranges: dict[str, Range]) -> None:
 # before TrainingArguments converts some of them or fails on them with an error that names no key.
 TRAINING_RANGES = {
     "lm_chunk_size": AT_LEAST_1,
+    "jsd_mixture": Range(0, 1),
+    "lmbda": Range(0, 1),
+    "max_new_tokens": AT_LEAST_1,
+    "generation_temperature": POSITIVE,
+    "generation_top_p": Range(0, 1, low_open=True),
+    "rollout_samples": AT_LEAST_0,
     "per_device_train_batch_size": AT_LEAST_1,
     "per_device_eval_batch_size": AT_LEAST_1,
     "gradient_accumulation_steps": AT_LEAST_1,
@@ -132,6 +138,45 @@ class DistillationConfig(TrainingArguments):
             "help": "Soft-label loss: 'kl' (forward KL, Hinton), 'reverse_kl', 'jsd' or 'mse' (on logits). "
             "Regression heads (num_labels=1) always use MSE on the teacher's score.",
             "choices": list(KD_LOSSES),
+        },
+    )
+    jsd_mixture: float = field(
+        default=0.5,
+        metadata={
+            "help": "kd_loss='jsd': the generalized JSD's mixture coefficient b in [0, 1], m = b p_t + (1 - b) p_s "
+            "(GKD's beta; 0 is the forward KL, 1 the reverse KL). Named apart from alpha and beta, the KD and CE "
+            "weights."
+        },
+    )
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "On-policy share (GKD's lambda, in [0, 1]): the fraction of optimizer steps on which the student "
+            "samples completions to the batch's prompts and the live teacher scores them. Needs instruction data "
+            "(hf_distill.tokenize_instruction_dataset)."
+        },
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={
+            "help": "Sequence-level KD: on the steps where the student does not generate, the teacher samples the "
+            "completions (instead of the dataset's)."
+        },
+    )
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "Longest completion a rollout generates (>= 1); cut ones are counted."}
+    )
+    generation_temperature: float = field(
+        default=0.9, metadata={"help": "Sampling temperature of rollouts (> 0; TRL GKD's default 0.9)."}
+    )
+    generation_top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling of rollouts, in (0, 1]."}
+    )
+    rollout_samples: int = field(
+        default=32,
+        metadata={
+            "help": "Rollouts written to <output_dir>/rollouts.jsonl (prompt, completion, who wrote it, the step), "
+            "so that a result can be traced; 0 writes none."
         },
     )
     hidden_loss: str | None = field(

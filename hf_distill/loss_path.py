@@ -129,7 +129,7 @@ def check_train_columns(
     """Refuse a training dataset whose columns cannot feed the loss: labels for ``beta > 0``, a teacher."""
     if columns is None:
         return
-    label_columns = set(label_names) | {"label", "label_ids"}
+    label_columns = set(label_names) | {"label", "label_ids", "completion_input_ids"}
     if args.beta > 0 and not label_columns & set(columns):
         raise InputError(
             f"beta={args.beta} weights the hard-label loss but the training dataset has no label column "

@@ -155,14 +155,16 @@ def kd_loss(
     temperature: float = 1.0,
     *,
     mask: torch.Tensor | None = None,
+    jsd_mixture: float = 0.5,
 ) -> torch.Tensor:
-    """The soft-label loss called ``name`` (one of :data:`KD_LOSSES`); the one place that chooses."""
+    """The soft-label loss called ``name`` (one of :data:`KD_LOSSES`); the one place that chooses. ``jsd_mixture``:
+    the generalized JSD's coefficient for ``name="jsd"`` (:func:`generalized_jsd_loss`)."""
     if name == "kl":
         return kl_div_loss(student_logits, teacher_logits, temperature, mask=mask)
     if name == "reverse_kl":
         return reverse_kl_loss(student_logits, teacher_logits, temperature, mask=mask)
     if name == "jsd":
-        return jsd_loss(student_logits, teacher_logits, temperature, mask=mask)
+        return generalized_jsd_loss(student_logits, teacher_logits, temperature, jsd_mixture, mask=mask)
     if name == "mse":
         return mse_logits_loss(student_logits, teacher_logits, temperature, mask=mask)
     raise ValueError(f"kd_loss={name!r} is not one of {KD_LOSSES}.")
@@ -175,6 +177,7 @@ def span_kd_loss(
     temperature: float = 1.0,
     *,
     attention_mask: torch.Tensor | None = None,
+    jsd_mixture: float = 0.5,
 ) -> torch.Tensor:
     """The KD term of extractive question answering: the mean of the start and end terms.
 
@@ -198,7 +201,7 @@ def span_kd_loss(
         if name == "mse":  # no softmax here: one squared difference per real position
             terms.append(mse_logits_loss(s[..., None], t[..., None], mask=real))
         else:
-            terms.append(kd_loss(name, s, t, temperature))
+            terms.append(kd_loss(name, s, t, temperature, jsd_mixture=jsd_mixture))
     return (terms[0] + terms[1]) / 2
 
 

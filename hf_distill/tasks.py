@@ -140,9 +140,10 @@ class TaskSpec:
         temperature: float,
         mask,
         inputs,
+        jsd_mixture: float = 0.5,
     ) -> torch.Tensor:
         """The teacher's form chooses the formula: top-k and RS-KD caches have their own; dense logits take
-        ``name`` (``args.kd_loss``) from :func:`hf_distill.losses.kd_loss`."""
+        ``name`` (``args.kd_loss``, with ``args.jsd_mixture``) from :func:`hf_distill.losses.kd_loss`."""
         if teacher.form == "topk":
             return losses.topk_kl_div_loss(
                 student_logits, teacher.topk_values, teacher.topk_indices, temperature, mask=mask
@@ -158,7 +159,12 @@ class TaskSpec:
                 "were the cached teacher_logits computed for another task or label set?"
             )
         return losses.kd_loss(
-            name, student_logits, t_logits.to(student_logits.device), temperature, mask=mask
+            name,
+            student_logits,
+            t_logits.to(student_logits.device),
+            temperature,
+            mask=mask,
+            jsd_mixture=jsd_mixture,
         )
 
 
@@ -166,8 +172,8 @@ class TaskSpec:
 class RegressionSpec(TaskSpec):
     """A regression head (one output): the KD term is the MSE to the teacher's score, whatever ``kd_loss``."""
 
-    def kd_loss(self, name, student_logits, teacher, temperature, mask, inputs):
-        return super().kd_loss("mse", student_logits, teacher, temperature, mask, inputs)
+    def kd_loss(self, name, student_logits, teacher, temperature, mask, inputs, jsd_mixture=0.5):
+        return super().kd_loss("mse", student_logits, teacher, temperature, mask, inputs, jsd_mixture)
 
 
 @dataclass(frozen=True)
@@ -220,9 +226,14 @@ class QuestionAnsweringSpec(TaskSpec):
     def logits(self, outputs) -> torch.Tensor:
         return torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)
 
-    def kd_loss(self, name, student_logits, teacher, temperature, mask, inputs):
+    def kd_loss(self, name, student_logits, teacher, temperature, mask, inputs, jsd_mixture=0.5):
         return losses.span_kd_loss(
-            name, student_logits, teacher.logits, temperature, attention_mask=inputs.get("attention_mask")
+            name,
+            student_logits,
+            teacher.logits,
+            temperature,
+            attention_mask=inputs.get("attention_mask"),
+            jsd_mixture=jsd_mixture,
         )
 
 

@@ -17,6 +17,7 @@ from .collator import TEACHER_INPUT_PREFIX, DistillationDataCollator, teacher_so
 from .config import DistillationConfig
 from .errors import InputError
 from .hub import push_trainer_student
+from .instruction_data import InstructionDataCollator
 from .intermediate_losses import (  # noqa: F401 (default_layer_map: re-exported)
     check_attention_maps,
     choose_layer_map,
@@ -26,6 +27,7 @@ from .intermediate_losses import (  # noqa: F401 (default_layer_map: re-exported
 )
 from .loss_path import FUSED, check_sample_temperature, check_train_columns, choose_loss_path
 from .projection import HIDDEN_PROJECTION_NAME, HiddenProjection  # noqa: F401 (the checkpoint file's name)
+from .rollouts import INSTRUCTION_COLUMNS, choose_rollouts, completion_tokens
 from .tasks import base_model, forward_params, last_hidden_state, output_embedding, task_of, task_spec
 from .teacher_cache import check_finite_logits
 from .teacher_outputs import (
@@ -135,7 +137,12 @@ class DistillationTrainer(Trainer):
             models=[model, *teachers],
         )
         check_sample_temperature(self.loss_path, train_dataset, args)
-        if data_collator is None:
+        self.rollouts = choose_rollouts(
+            args, self.spec, self.loss_path.teacher, _columns(train_dataset), processing_class
+        )
+        if data_collator is None and self.rollouts is not None:
+            data_collator = InstructionDataCollator(self.rollouts.pad_token_id)
+        elif data_collator is None:
             data_collator = DistillationDataCollator(processing_class)
 
         super().__init__(
@@ -149,6 +156,8 @@ class DistillationTrainer(Trainer):
         )
         # For transformers versions without `loss_is_scaled_for_ga`.
         self.model_accepts_loss_kwargs = False
+        # Instruction data: each micro-batch's completion-token sum over the step's count (no division by GA).
+        self.loss_is_scaled_for_ga = self.rollouts is not None
         self._student_params = forward_params(self.model)
         self._teacher_params = set().union(*(forward_params(t) for t in teachers)) if teachers else set()
         self.teachers = [prepare_teacher(t, self.accelerator) for t in teachers]
@@ -178,7 +187,7 @@ class DistillationTrainer(Trainer):
         # student) and the precomputed teacher columns: `remove_unused_columns` must not drop them.
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()
-            extra = [*self._teacher_params, *TEACHER_LOGIT_COLUMNS]
+            extra = [*self._teacher_params, *TEACHER_LOGIT_COLUMNS, *INSTRUCTION_COLUMNS]
             extra += [TEACHER_INPUT_PREFIX + p for p in self._teacher_params]
             self._signature_columns += [c for c in extra if c not in self._signature_columns]
 
@@ -218,6 +227,8 @@ class DistillationTrainer(Trainer):
         else:
             loss, outputs, components = self.compute_dense_loss(model, inputs)
         self._record(components)
+        if self.rollouts is not None and num_items_in_batch is not None:  # this micro-batch's token mean ->
+            loss = loss * completion_tokens(inputs) / num_items_in_batch * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     def compute_teacher_outputs(
@@ -272,6 +283,7 @@ class DistillationTrainer(Trainer):
             self.args.temperature,
             mask,
             inputs,
+            jsd_mixture=self.args.jsd_mixture,
         )
 
     def compute_dense_loss(self, model, inputs: dict[str, Any]):
@@ -384,6 +396,7 @@ class DistillationTrainer(Trainer):
             chunk_size=args.lm_chunk_size,
             kd_weight=args.alpha,
             ce_weight=args.beta,
+            jsd_mixture=args.jsd_mixture,
             **teacher,
         )
         components = {"kd": out.kd} if args.alpha > 0 else {}
@@ -420,6 +433,20 @@ class DistillationTrainer(Trainer):
             self._metrics[f"{name}_loss"] = (total + value.detach().float(), count + 1)
 
     # ---- the training step ---------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimizer step; with instruction data, their completions written by whoever
+        :mod:`hf_distill.rollouts` draws, and the number of completion tokens over the step and all processes."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.rollouts is None or not batches:
+            return batches, num_items
+        student = self.accelerator.unwrap_model(self.model)
+        write = self.is_world_process_zero()
+        batches, tokens = self.rollouts.prepare(batches, student, self.teacher, self.state.global_step, write)
+        tokens = torch.tensor(float(tokens), device=device)
+        if self.accelerator.num_processes > 1:
+            tokens = self.accelerator.reduce(tokens, reduction="sum")
+        return batches, tokens.clamp_min(1.0)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.hidden_projection is not None and self._projection_stepped:
