@@ -72,9 +72,9 @@ TRAINING_RANGES = {
     "lm_chunk_size": AT_LEAST_1,
     "jsd_mixture": Range(0, 1),
     "lmbda": Range(0, 1),
-    "max_new_tokens": AT_LEAST_1,
-    "generation_temperature": POSITIVE,
-    "generation_top_p": Range(0, 1, low_open=True),
+    "rollout_max_new_tokens": AT_LEAST_1,
+    "rollout_temperature": POSITIVE,
+    "rollout_top_p": Range(0, 1, low_open=True),
     "rollout_samples": AT_LEAST_0,
     "per_device_train_batch_size": AT_LEAST_1,
     "per_device_eval_batch_size": AT_LEAST_1,
@@ -163,15 +163,13 @@ class DistillationConfig(TrainingArguments):
             "completions (instead of the dataset's)."
         },
     )
-    max_new_tokens: int = field(
+    rollout_max_new_tokens: int = field(
         default=128, metadata={"help": "Longest completion a rollout generates (>= 1); cut ones are counted."}
     )
-    generation_temperature: float = field(
+    rollout_temperature: float = field(
         default=0.9, metadata={"help": "Sampling temperature of rollouts (> 0; TRL GKD's default 0.9)."}
     )
-    generation_top_p: float = field(
-        default=1.0, metadata={"help": "Nucleus sampling of rollouts, in (0, 1]."}
-    )
+    rollout_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts, in (0, 1]."})
     rollout_samples: int = field(
         default=32,
         metadata={

@@ -130,9 +130,9 @@ class Rollouts:
         return cls(
             lmbda=args.lmbda,
             seq_kd=args.seq_kd,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.generation_temperature,
-            top_p=args.generation_top_p,
+            max_new_tokens=args.rollout_max_new_tokens,
+            temperature=args.rollout_temperature,
+            top_p=args.rollout_top_p,
             seed=args.seed,
             pad_token_id=pad,
             generator=generator or TransformersGenerator(pad_token_id=pad, eos_token_id=eos),

@@ -96,7 +96,9 @@ def test_a_mean_per_micro_batch_would_not_match(tmp_path):
     assert (per_batch_means - whole).abs() > 1e-4
 
 
-@pytest.mark.parametrize(("kd_loss", "mixture"), [("kl", 0.5), ("jsd", 0.1), ("jsd", 0.5), ("reverse_kl", 0.5)])
+@pytest.mark.parametrize(
+    ("kd_loss", "mixture"), [("kl", 0.5), ("jsd", 0.1), ("jsd", 0.5), ("reverse_kl", 0.5)]
+)
 @pytest.mark.parametrize("chunk", [4, None], ids=["fused", "dense"])
 def test_prompt_tokens_contribute_nothing(tmp_path, chunk, kd_loss, mixture):
     data = instruction_rows()
@@ -111,7 +113,9 @@ def test_prompt_tokens_contribute_nothing(tmp_path, chunk, kd_loss, mixture):
         teacher = trainer.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     s, t, targets = student[:, :-1], teacher[:, :-1], batch["labels"][:, 1:]
     completion = targets != -100
-    kd = generalized_jsd_loss(s[completion], t[completion], 2.0, {"kl": 0.0, "reverse_kl": 1.0}.get(kd_loss, mixture))
+    kd = generalized_jsd_loss(
+        s[completion], t[completion], 2.0, {"kl": 0.0, "reverse_kl": 1.0}.get(kd_loss, mixture)
+    )
     ce = F.cross_entropy(s[completion], targets[completion])
     torch.testing.assert_close(loss.detach(), 0.6 * kd + 0.4 * ce, atol=1e-5, rtol=1e-5)
 
@@ -159,7 +163,7 @@ def test_rollouts_are_written_by_the_drawn_model_scored_and_logged(tmp_path, lmb
         instruction_rows(),
         lmbda=lmbda,
         seq_kd=seq_kd,
-        max_new_tokens=5,
+        rollout_max_new_tokens=5,
         per_device_train_batch_size=4,
         max_steps=2,
         rollout_samples=3,
@@ -181,10 +185,12 @@ def test_rollouts_are_written_by_the_drawn_model_scored_and_logged(tmp_path, lmb
 def test_the_loss_of_a_rollout_scores_the_generated_tokens(tmp_path):
     """After the student writes, the batch trained on is the prompt followed by the student's own tokens."""
     data = instruction_rows()
-    trainer = _trainer(tmp_path, data, lmbda=1.0, max_new_tokens=4, per_device_train_batch_size=4)
+    trainer = _trainer(tmp_path, data, lmbda=1.0, rollout_max_new_tokens=4, per_device_train_batch_size=4)
     counting = CountingGenerator(trainer.rollouts.generator)
     trainer.rollouts.generator = counting
-    batches, tokens = trainer.get_batch_samples(iter([trainer.data_collator([data[i] for i in range(4)])]), 1, "cpu")
+    batches, tokens = trainer.get_batch_samples(
+        iter([trainer.data_collator([data[i] for i in range(4)])]), 1, "cpu"
+    )
     (_, out, _), batch = counting.calls[0], batches[0]
     for row in range(4):
         written = out.completion_ids[row][out.completion_mask[row]].tolist()
@@ -193,7 +199,9 @@ def test_the_loss_of_a_rollout_scores_the_generated_tokens(tmp_path):
 
 
 def test_settings_that_cannot_work_are_refused_at_construction(tmp_path):
-    plain = Dataset.from_dict({"input_ids": [[3, 9, 10]], "attention_mask": [[1, 1, 1]], "labels": [[3, 9, 10]]})
+    plain = Dataset.from_dict(
+        {"input_ids": [[3, 9, 10]], "attention_mask": [[1, 1, 1]], "labels": [[3, 9, 10]]}
+    )
     with pytest.raises(InputError, match="tokenize it with hf_distill.tokenize_instruction_dataset"):
         _trainer(tmp_path, plain, lmbda=0.5)
     data = instruction_rows(2)
