@@ -1,6 +1,6 @@
 """The GLUE metric as a local ``evaluate`` module, loaded by path (the Hub copy needs the network).
 
-Load it with :func:`hf_distill.metrics.load_glue_metric` or
+Load it with :func:`hf_distill.text_classification.metrics.load_glue_metric` or
 ``evaluate.load("<path to this folder>", config_name)``. Configurations and what they return:
 
 - ``sst2``, ``mnli``, ``mnli_matched``, ``mnli_mismatched``, ``qnli``, ``rte``, ``wnli``, ``hans``: ``accuracy``
