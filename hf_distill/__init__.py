@@ -3,12 +3,21 @@
 from .collator import DistillationDataCollator
 from .config import DistillationConfig
 from .errors import InputError
+from .generation import Generation, Generator, TransformersGenerator
 from .hub import HubPushError, push_student
+from .instruction_data import (
+    InstructionDataCollator,
+    TruncationCounts,
+    render_example,
+    render_prompt,
+    tokenize_instruction_dataset,
+)
 from .losses import (
     LM_KD_LOSSES,
     attention_loss,
     chunked_lm_losses,
     ensemble_logits,
+    generalized_jsd_loss,
     hidden_state_loss,
     jsd_loss,
     kd_loss,
@@ -27,15 +36,21 @@ __all__ = [
     "DistillationConfig",
     "DistillationDataCollator",
     "DistillationTrainer",
+    "Generation",
+    "Generator",
     "HubPushError",
     "InputError",
+    "InstructionDataCollator",
     "LM_KD_LOSSES",
     "StudentCardData",
     "TeacherOutput",
+    "TransformersGenerator",
+    "TruncationCounts",
     "attention_loss",
     "build_student",
     "chunked_lm_losses",
     "ensemble_logits",
+    "generalized_jsd_loss",
     "hidden_state_loss",
     "jsd_loss",
     "kd_loss",
@@ -46,9 +61,12 @@ __all__ = [
     "push_student",
     "read_provenance",
     "render_card",
+    "render_example",
+    "render_prompt",
     "reverse_kl_loss",
     "sample_teacher_tokens",
     "select_teacher_layers",
+    "tokenize_instruction_dataset",
     "topk_kl_div_loss",
     "weights_hash",
     "write_card",

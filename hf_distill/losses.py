@@ -14,6 +14,8 @@ loss at ``T = 1``. ``alpha`` weights the teacher term, ``beta`` the label term.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +34,46 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def generalized_jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mixture: float = 0.5,
+    *,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al., ICLR 2024, eq. 1), scaled by ``T**2``.
+
+    With ``p_t = softmax(z_t / T)``, ``p_s = softmax(z_s / T)`` and ``m = mixture * p_t + (1 - mixture) * p_s``:
+
+        T**2 * (mixture * KL(p_t || m) + (1 - mixture) * KL(p_s || m))      for 0 < mixture < 1
+        T**2 * KL(p_t || p_s)   (forward KL)                                  for mixture == 0
+        T**2 * KL(p_s || p_t)   (reverse KL)                                  for mixture == 1
+
+    averaged over the positions where ``mask`` is true. This is TRL's ``GKDTrainer.generalized_jsd_loss``
+    (its ``beta`` is our ``mixture``; TRL masks ``labels != -100`` and divides by the number of counted
+    positions, as ``mask`` does here) times ``T**2``. The ends are TRL's: the formula for ``0 < mixture < 1``
+    tends to zero as ``mixture`` goes to 0 or 1, so the ends are defined as the two KLs, not as its limits.
+    ``mixture = 0.5`` is the symmetric JSD, bounded by ``T**2 * log 2``.
+
+    Shapes: ``student_logits``, ``teacher_logits``: ``(..., C)``; ``mask``: ``(...)`` bool or None.
+    """
+    if not 0.0 <= mixture <= 1.0:
+        raise ValueError(f"mixture={mixture} must be in [0, 1] (0: forward KL, 1: reverse KL).")
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if mixture == 0.0:
+        per_position = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    elif mixture == 1.0:
+        per_position = (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
+    else:
+        log_m = torch.logaddexp(log_p_t + math.log(mixture), log_p_s + math.log1p(-mixture))
+        kl_t = (log_p_t.exp() * (log_p_t - log_m)).sum(-1)
+        kl_s = (log_p_s.exp() * (log_p_s - log_m)).sum(-1)
+        per_position = mixture * kl_t + (1.0 - mixture) * kl_s
+    return temperature**2 * _masked_mean(per_position, mask)
+
+
 def kl_div_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -45,14 +87,11 @@ def kl_div_loss(
 
         T**2 * sum_c p_t[c] * (log p_t[c] - log p_s[c])
 
-    averaged over the positions where ``mask`` is true.
+    averaged over the positions where ``mask`` is true: :func:`generalized_jsd_loss` at ``mixture = 0``.
 
     Shapes: ``student_logits``, ``teacher_logits``: ``(..., C)``; ``mask``: ``(...)`` bool or None.
     """
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_position = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    return temperature**2 * _masked_mean(per_position, mask)
+    return generalized_jsd_loss(student_logits, teacher_logits, temperature, 0.0, mask=mask)
 
 
 def reverse_kl_loss(
@@ -66,12 +105,9 @@ def reverse_kl_loss(
 
         T**2 * sum_c p_s[c] * (log p_s[c] - log p_t[c])
 
-    Shapes as :func:`kl_div_loss`.
+    :func:`generalized_jsd_loss` at ``mixture = 1``. Shapes as :func:`kl_div_loss`.
     """
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_position = (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
-    return temperature**2 * _masked_mean(per_position, mask)
+    return generalized_jsd_loss(student_logits, teacher_logits, temperature, 1.0, mask=mask)
 
 
 def jsd_loss(
@@ -87,14 +123,10 @@ def jsd_loss(
 
         T**2 * (KL(p_t || m) + KL(p_s || m)) / 2
 
-    Symmetric, bounded by ``T**2 * log 2``. Shapes as :func:`kl_div_loss`.
+    Symmetric, bounded by ``T**2 * log 2``: :func:`generalized_jsd_loss` at ``mixture = 0.5``. Shapes as
+    :func:`kl_div_loss`.
     """
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    log_m = torch.logsumexp(torch.stack([log_p_s, log_p_t]), dim=0) - torch.log(torch.tensor(2.0))
-    kl_t = (log_p_t.exp() * (log_p_t - log_m)).sum(-1)
-    kl_s = (log_p_s.exp() * (log_p_s - log_m)).sum(-1)
-    return temperature**2 * _masked_mean((kl_t + kl_s) / 2, mask)
+    return generalized_jsd_loss(student_logits, teacher_logits, temperature, 0.5, mask=mask)
 
 
 def mse_logits_loss(

@@ -51,7 +51,7 @@ TASK_INFO: dict[str, tuple[str, str, str]] = {
 }
 TEACHER_MODES = ("live", "cached")
 # Metrics where lower is better: their retention is teacher / student.
-LOWER_IS_BETTER = {"perplexity", "loss"}
+LOWER_IS_BETTER = {"perplexity", "loss", "ece"}
 BASE_TAGS = ["knowledge-distillation", "distillation", "hf-distill"]
 # A Hub token on a recorded launch line: `--hub_token X` / `--hub_token=X`, or any `hf_...` token.
 _TOKEN_PATTERNS = (re.compile(r"(--hub[_-]token[= ])\S+"), re.compile(r"()\bhf_[A-Za-z0-9]{20,}"))
@@ -165,7 +165,7 @@ class StudentCardData:
     @property
     def retention(self) -> dict[str, float]:
         """student / teacher for every metric both report (teacher value nonzero); teacher / student for a
-        metric where lower is better (perplexity, loss), so that 100% is the teacher's quality either way."""
+        metric where lower is better (perplexity, loss, ECE), so that 100% is the teacher's quality either way."""
         student, teacher = self.student_metrics or {}, self.teacher_metrics or {}
         return {
             name: teacher[name] / student[name] if name in LOWER_IS_BETTER else student[name] / teacher[name]

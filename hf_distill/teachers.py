@@ -22,6 +22,7 @@ from transformers import (
 
 from . import tasks
 from .errors import InputError
+from .optional import require
 from .tasks import base_model, task_of
 
 _AUTO_CLASSES = {
@@ -133,7 +134,7 @@ def prepare_teacher(teacher: nn.Module, accelerator: Accelerator) -> nn.Module:
     precision without wrapping it for training (each rank holds a full copy).
     """
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        import deepspeed
+        deepspeed = require("deepspeed", "A DeepSpeed run (an accelerate config with deepspeed_config)")
 
         config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
         config.pop("optimizer", None)

@@ -78,13 +78,16 @@ def _kd_grad(
     teacher_head: torch.Tensor | None,
     ids: torch.Tensor | None,
     values: torch.Tensor | None,
+    jsd_mixture: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position soft-label loss ``l`` (before ``T**2``) and ``dl/ds`` for ``s = z / T``, one chunk.
 
     Works in place on ``log_p_s = log_softmax(s)`` (float32) and frees each ``(c, V)`` block as soon
     as it is used, so that at most four are alive at once (two for the sparse teachers). Shapes:
     ``log_p_s``: ``(c, V)``; ``teacher_hidden``: ``(c, Dt)``, ``teacher_head``: ``(V, Dt)``; ``ids``,
-    ``values``: ``(c, k)``. Returns ``(l, g)`` of shapes ``(c,)`` and ``(c, V)``.
+    ``values``: ``(c, k)``. Returns ``(l, g)`` of shapes ``(c,)`` and ``(c, V)``. ``jsd_mixture``
+    (``kd="jsd"`` only) is the ``mixture`` of :func:`~hf_distill.losses.generalized_jsd_loss`, strictly
+    between 0 and 1 (the caller sends its ends to ``"kl"`` and ``"reverse_kl"``).
     """
     if kd in _DENSE_TEACHER:
         teacher_z = (teacher_hidden @ teacher_head.T).float()
@@ -102,9 +105,11 @@ def _kd_grad(
         per_position = _dot(p_s, diff)
         return per_position, p_s.mul_(diff.sub_(per_position[:, None]))
     if kd == "jsd":
-        # m = (p_s + p_t) / 2:  l = (KL(p_t||m) + KL(p_s||m)) / 2;  dl/dp_s = a = (log p_s - log m) / 2,
-        # dl/ds = p_s * (a - sum p_s a) (the softmax Jacobian), and sum p_s a = KL(p_s||m) / 2.
-        log_m = torch.logaddexp(log_p_s, log_p_t).sub_(math.log(2.0))
+        # b = jsd_mixture, m = b p_t + (1 - b) p_s:  l = b KL(p_t||m) + (1 - b) KL(p_s||m);
+        # dl/dp_s = a = (1 - b) (log p_s - log m) (the terms in 1/m cancel since b p_t + (1 - b) p_s = m),
+        # dl/ds = p_s * (a - sum p_s a) (the softmax Jacobian), and sum p_s a = (1 - b) KL(p_s||m).
+        b = jsd_mixture
+        log_m = torch.logaddexp(log_p_t + math.log(b), log_p_s + math.log1p(-b))
         p_t = log_p_t.exp()
         kl_t = _dot(p_t, log_p_t.sub_(log_m))
         del p_t, log_p_t
@@ -112,7 +117,7 @@ def _kd_grad(
         a = log_p_s.sub_(log_m)
         del log_m
         kl_s = _dot(p_s, a)
-        return (kl_t + kl_s) / 2, p_s.mul_(a.sub_(kl_s[:, None]).mul_(0.5))
+        return b * kl_t + (1 - b) * kl_s, p_s.mul_(a.sub_(kl_s[:, None]).mul_(1 - b))
     # Sparse teacher: weights w_j on ids id_j, l = const - sum_j w_j log p_s[id_j];
     # dl/ds = p_s * sum_j w_j - scatter(w), since d log p_s[i] / ds = onehot(i) - p_s.
     ids = ids.long()
@@ -147,6 +152,7 @@ class _ChunkedLMLosses(torch.autograd.Function):
         values,
         labels,
         kd,
+        jsd_mixture,
         temperature,
         chunk_size,
         grad_weights,
@@ -193,6 +199,7 @@ class _ChunkedLMLosses(torch.autograd.Function):
                     teacher_head,
                     None if ids is None else ids[rows],
                     None if values is None else values[rows],
+                    jsd_mixture,
                 )
                 del log_p_s
                 kd_sum += temperature**2 * per_position.sum()
@@ -252,7 +259,7 @@ class _ChunkedLMLosses(torch.autograd.Function):
 
         grad_hidden, grad_head = combine(ctx.grads_hidden), combine(ctx.grads_head)
         ctx.grads_hidden = ctx.grads_head = None
-        return grad_hidden, grad_head, None, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_head, None, None, None, None, None, None, None, None, None, None
 
 
 def _check_inputs(
@@ -336,6 +343,7 @@ def chunked_lm_losses(
     labels: torch.Tensor | None = None,
     chunk_size: int = 1024,
     grad_weights: tuple[float, float] | None = None,
+    jsd_mixture: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Soft-label and hard-label losses of a causal LM from its hidden states, in chunks of positions.
 
@@ -346,8 +354,10 @@ def chunked_lm_losses(
 
     - ``"kl"``: ``KL(p_t || p_s)``, ``p_t = softmax(z_t / T)``, as :func:`~hf_distill.losses.kl_div_loss`;
     - ``"reverse_kl"``: ``KL(p_s || p_t)``, as :func:`~hf_distill.losses.reverse_kl_loss`;
-    - ``"jsd"``: ``(KL(p_t || m) + KL(p_s || m)) / 2``, ``m = (p_t + p_s) / 2``, as
-      :func:`~hf_distill.losses.jsd_loss`;
+    - ``"jsd"``: the generalized JSD of GKD with ``b = jsd_mixture``, ``m = b p_t + (1 - b) p_s``:
+      ``b KL(p_t || m) + (1 - b) KL(p_s || m)``, as :func:`~hf_distill.losses.generalized_jsd_loss`
+      (``b = 0.5``, the default, is :func:`~hf_distill.losses.jsd_loss`; ``b = 0`` is ``"kl"`` and
+      ``b = 1`` is ``"reverse_kl"``, TRL's ends);
     - ``"topk"``: ``sum_j w_j (log w_j - log p_s[id_j])``, ``w = softmax(v / T)`` over the stored top
       ``k`` logits ``v`` at ids ``id``, as :func:`~hf_distill.losses.topk_kl_div_loss`;
     - ``"sampled"`` (RS-KD, Anshumann et al., ACL 2025): ``-sum_j (c_j / n) log p_s[id_j]`` for ids
@@ -396,6 +406,10 @@ def chunked_lm_losses(
         teacher_ids = teacher_values = None
     if teacher_hidden is not None:
         teacher_hidden, teacher_head = teacher_hidden.detach(), teacher_head.detach()
+    if not 0.0 <= jsd_mixture <= 1.0:
+        raise ValueError(f"jsd_mixture={jsd_mixture} must be in [0, 1] (0: forward KL, 1: reverse KL).")
+    if kd == "jsd" and jsd_mixture in (0.0, 1.0):  # the generalized JSD's ends are the two KLs
+        kd = "kl" if jsd_mixture == 0.0 else "reverse_kl"
     kd_value, ce_value = _ChunkedLMLosses.apply(
         student_hidden,
         student_head,
@@ -405,6 +419,7 @@ def chunked_lm_losses(
         teacher_values,
         labels,
         kd,
+        float(jsd_mixture),
         float(temperature),
         int(chunk_size),
         None if grad_weights is None else (float(grad_weights[0]), float(grad_weights[1])),

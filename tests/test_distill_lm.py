@@ -19,8 +19,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from hf_distill.calibration import expected_calibration_error
 from hf_distill.language_modeling import LMRecipeParser
 from hf_distill.language_modeling.data import pack
+from hf_distill.language_modeling.report import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -124,6 +126,7 @@ def test_results_hold_perplexities_of_teacher_and_every_student(finished_run):
             m = row["metrics"][split]
             assert math.isclose(m["perplexity"], math.exp(m["loss"]), rel_tol=1e-9)
             assert m["tokens"] == 4 * 15  # 4 blocks of 16 tokens, 15 predicted each
+            assert 0 <= m["ece"] <= 1
         assert len(row["samples"]) == 2 and row["forward_tokens_per_second"] > 0
     students = saved["rows"][1:]
     assert all(r["step_time_vs_ce"] > 0 for r in students)
@@ -142,15 +145,21 @@ def test_the_perplexity_is_the_token_weighted_mean_over_held_out_blocks(finished
 
     splits, _ = load_corpus(args)
     blocks = pack(splits["validation"], AutoTokenizer.from_pretrained(teacher), 16, max_blocks=4)
-    nll, count = 0.0, 0
+    nll, count, logits, labels = 0.0, 0, [], []
     with torch.no_grad():
         for ids in blocks["input_ids"]:  # one block at a time, by hand
             ids = torch.tensor([ids])
-            log_p = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+            logits.append(model(input_ids=ids).logits[0, :-1])
+            labels.append(ids[0, 1:])
+            log_p = torch.log_softmax(logits[-1], -1)
             nll -= log_p.gather(-1, ids[0, 1:, None]).sum().item()
             count += ids.shape[1] - 1
     row = next(r for r in summary["rows"] if r["output_dir"] == str(tmp / "out" / "layers-live"))
     assert row["metrics"]["validation"]["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    ece = expected_calibration_error(torch.cat(logits), torch.cat(labels))  # over the same tokens, in one go
+    assert row["metrics"]["validation"]["ece"] == pytest.approx(ece, abs=1e-5)
+    table = format_table(summary).splitlines()
+    assert "| validation perplexity | validation ECE |" in table[0] and "| out-of-domain ECE |" in table[0]
 
 
 def test_the_saved_student_loads_and_generates(finished_run):
@@ -163,7 +172,7 @@ def test_the_saved_student_loads_and_generates(finished_run):
     out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     card = (folder / "README.md").read_text()
-    assert "perplexity" in card and "**the people**" in card
+    assert "perplexity" in card and "| ece |" in card and "**the people**" in card
 
 
 def test_a_second_run_reuses_the_teacher_caches(finished_run):
@@ -277,3 +286,11 @@ def test_push_to_hub_publishes_the_distilled_student_best_on_validation(tmp_path
         row("sampled", 6.0, 2.0),
     ]
     assert best_distilled(results).mode == "topk"
+
+
+def test_a_gguf_teacher_without_the_gguf_package_is_one_line(tmp_path, capsys, monkeypatch):
+    teacher, data = tiny_teacher(tmp_path / "t"), write_text(tmp_path / "d.jsonl", corpus(10))
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError, as when not installed
+    out = tmp_path / "out"
+    message = refused(capsys, flags(tmp_path, teacher, data, out, "--teacher_gguf_file", "model.gguf"), out)
+    assert "'model.gguf' needs the package `gguf>=0.10.0`: pip install 'gguf>=0.10.0'" in message

@@ -33,6 +33,8 @@ from hf_distill.teacher_cache import (
     teacher_cache_key,
     weights_hash,
 )
+from hf_distill.teacher_cache import precompute as precompute_module
+from hf_distill.teacher_cache.precompute import default_batch_tokens
 
 TESTS = Path(__file__).parent
 
@@ -156,6 +158,29 @@ def test_out_of_memory_halves_the_batch_until_it_fits(tmp_path):
     for row, ref in zip(
         out.with_format("torch"), _one_by_one(teacher, dataset, "token_classification"), strict=True
     ):
+        torch.testing.assert_close(row["teacher_logits"], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_default_batch_keeps_one_forwards_float32_logits_within_2_gib():
+    assert default_batch_tokens(49_152) == 10_922 and 10_922 * 49_152 * 4 <= 2**31 < 10_923 * 49_152 * 4
+    assert default_batch_tokens(2) == 16_384  # a classifier: the cap
+    assert default_batch_tokens(2**24) == 256  # beyond 2**21 outputs: the floor
+    with pytest.raises(ValueError, match="num_outputs must be >= 1, got 0"):
+        default_batch_tokens(0)
+
+
+def test_precompute_without_max_batch_tokens_sizes_its_forwards_from_the_vocabulary(tmp_path, monkeypatch):
+    teacher, dataset = TEACHERS["masked_lm"](), random_classification_dataset(20, seed=3)
+    vocab = teacher.config.vocab_size
+    monkeypatch.setattr(precompute_module, "MIN_BATCH_TOKENS", 1)
+    monkeypatch.setattr(precompute_module, "LOGITS_BYTES", 4 * vocab * 24)  # room for 24 tokens' logits
+    sizes = []
+    teacher.register_forward_pre_hook(
+        lambda m, a, kw: sizes.append(kw["input_ids"].numel()), with_kwargs=True
+    )
+    out = precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, dtype="float32", top_k=-1)
+    assert len(sizes) > 1 and max(sizes) <= 24 and sum(sizes) >= sum(map(len, dataset["input_ids"]))
+    for row, ref in zip(out.with_format("torch"), _one_by_one(teacher, dataset, "masked_lm"), strict=True):
         torch.testing.assert_close(row["teacher_logits"], ref, rtol=1e-4, atol=1e-5)
 
 

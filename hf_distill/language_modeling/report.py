@@ -30,7 +30,7 @@ class RunResult:
     kind: str
     training: str
     mode: str | None
-    metrics: dict[str, dict[str, float]]  # split -> {"loss" (nats/token), "perplexity", "tokens"}
+    metrics: dict[str, dict[str, float]]  # split -> {"loss" (nats/token), "perplexity", "ece", "tokens"}
     parameters: int
     forward_tokens_per_second: float
     generate_tokens_per_second: float
@@ -92,17 +92,23 @@ def _ppl(row: dict[str, Any], split: str) -> str:
     return "" if value is None else f"{value:.1f}"
 
 
+def _ece(row: dict[str, Any], split: str) -> str:
+    value = row["metrics"].get(split, {}).get("ece")
+    return "" if value is None else f"{value:.3f}"
+
+
 def format_table(summary: dict[str, Any]) -> str:
-    """The rows as a Markdown table: perplexities, size, speeds, step time against CE only, cache size."""
+    """The rows as a Markdown table: perplexities, calibration (ECE), size, speeds, step time against CE only, cache size."""
     has_ood = any("ood" in r["metrics"] for r in summary["rows"])
-    head = "| model | training | validation perplexity |" + (" out-of-domain perplexity |" if has_ood else "")
+    head = "| model | training | validation perplexity | validation ECE |"
+    head += " out-of-domain perplexity | out-of-domain ECE |" if has_ood else ""
     head += " parameters | forward tokens/s | generated tokens/s | step time vs CE | cache bytes/token |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in summary["rows"]:
         ratio = r.get("step_time_vs_ce")
-        cells = [r["name"], r["training"], _ppl(r, "validation")]
+        cells = [r["name"], r["training"], _ppl(r, "validation"), _ece(r, "validation")]
         if has_ood:
-            cells.append(_ppl(r, "ood"))
+            cells += [_ppl(r, "ood"), _ece(r, "ood")]
         cells += [
             f"{r['parameters'] / 1e6:.1f}M",
             f"{r['forward_tokens_per_second']:.0f}",
@@ -133,12 +139,14 @@ def student_card(
     recipe: str | None,
     launch_command: str | None,
 ) -> StudentCardData:
-    """The card of a distilled student: validation perplexity of teacher, student and CE twin, settings, sizes."""
+    """The card of a distilled student: validation perplexity and ECE of teacher, student and CE twin, settings, sizes."""
     teacher = next(r for r in results if r.kind == TEACHER)
     twin = next((r for r in results if r.kind == result.kind and r.mode is None), None)
 
     def metrics(row: RunResult | None) -> dict[str, float] | None:
-        return None if row is None else {k: row.metrics["validation"][k] for k in ("perplexity", "loss")}
+        return (
+            None if row is None else {k: row.metrics["validation"][k] for k in ("perplexity", "loss", "ece")}
+        )
 
     return StudentCardData(
         repo_id=args.hub_model_id or f"{Path(args.output_dir).name}-{result.kind}-student",

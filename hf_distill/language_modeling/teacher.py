@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from .. import tasks
 from ..errors import InputError
+from ..optional import require_gguf
 from ..tasks import task_of
 from . import offline
 
@@ -40,6 +41,9 @@ def load_causal_lm(path: str, who: str, **kwargs) -> PreTrainedModel:
 def load_teacher(script) -> Teacher:
     """The teacher of ``script`` (``teacher_model_name_or_path``, ``teacher_gguf_file``), in eval mode."""
     path = offline.resolve_model_path(script.teacher_model_name_or_path, script.cache_dir)
-    kwargs = {"gguf_file": script.teacher_gguf_file} if script.teacher_gguf_file else {}
+    kwargs = {}
+    if script.teacher_gguf_file:
+        require_gguf(f"The GGUF teacher file {script.teacher_gguf_file!r}")
+        kwargs = {"gguf_file": script.teacher_gguf_file}
     model = load_causal_lm(path, "teacher", **kwargs).eval()
     return Teacher(model, load_tokenizer(path, **kwargs), script.teacher_model_name_or_path)

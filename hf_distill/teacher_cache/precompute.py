@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import InputError
-from ..tasks import base_model, task_of
+from ..tasks import VOCABULARY_TASKS, base_model, task_of
 from .inference import _TeacherLogits
 from .key import (
     _CACHE_PREFIX,
@@ -55,6 +55,25 @@ from .storage import (
 
 logger = logging.getLogger(__name__)
 
+# The default tokens per forward: one forward's float32 logits stay within LOGITS_BYTES (2 GiB).
+LOGITS_BYTES = 2**31
+MIN_BATCH_TOKENS = 256
+MAX_BATCH_TOKENS = 16384
+
+
+def default_batch_tokens(num_outputs: int) -> int:
+    """Tokens per teacher forward by default: ``clip(LOGITS_BYTES // (4 * num_outputs), 256, 16384)``.
+
+    ``num_outputs`` is the number of logits per token (the vocabulary ``V`` of a language model). One
+    forward's float32 logits ``[tokens, V]`` then take at most ``LOGITS_BYTES`` = 2 GiB (unless ``V`` is
+    beyond 2**21, where the 256-token floor holds): ``V = 49,152`` gives 10,922 tokens (2.0 GiB), where
+    16,384 would hold 3.0 GiB per copy of the logits. A classifier's few outputs get the 16,384 cap.
+    """
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs must be >= 1, got {num_outputs}.")
+    return min(MAX_BATCH_TOKENS, max(MIN_BATCH_TOKENS, LOGITS_BYTES // (4 * num_outputs)))
+
+
 # What the provenance lists of each shard.
 _SHARD_ENTRY = ("file", "index", "num_shards", "start", "num_rows", "arrow_bytes", "arrow_sha256")
 
@@ -72,7 +91,7 @@ def precompute_teacher_logits(
     sample_temperature: float = 1.0,
     sample_seed: int = 0,
     autocast_dtype: str | None = None,
-    max_batch_tokens: int = 16384,
+    max_batch_tokens: int | None = None,
     max_batch_size: int = 512,
     sort_window: int = 4096,
     teacher_name: str | None = None,
@@ -99,7 +118,9 @@ def precompute_teacher_logits(
             vocabulary fits, counts in uint8: 3 bytes per draw. ``sample_seed`` seeds the draws (each
             row from the seed and its tokens, so batching and sharding do not change them).
         autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run the teacher under ``torch.autocast``.
-        max_batch_tokens: padded tokens per forward pass (rows times longest row); halved on
+        max_batch_tokens: padded tokens per forward pass (rows times longest row); default
+            :func:`default_batch_tokens` of the teacher's logits per token (its vocabulary for a
+            language model), so one forward's float32 logits take at most 2 GiB; halved on
             out-of-memory (the window is run again; garbage is collected and the device cache
             emptied then only) until a batch fits.
         max_batch_size: rows per forward pass at most.
@@ -143,6 +164,11 @@ def precompute_teacher_logits(
             f"The teacher cache requested has key {key} but expected_key={expected_key}: the teacher, dataset, "
             f"tokenizer or storage settings differ from those the expected cache was built with.{detail} "
             "Drop expected_key to compute a new cache."
+        )
+    if max_batch_tokens is None:
+        config = base_model(teacher).config
+        max_batch_tokens = default_batch_tokens(
+            config.vocab_size if task in VOCABULARY_TASKS else config.num_labels
         )
     if max_batch_tokens < 1 or max_batch_size < 1 or sort_window < 1:
         raise InputError(
