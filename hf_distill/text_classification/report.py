@@ -14,8 +14,8 @@ from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import DistillationConfig
-from ..hub import push_student
-from ..model_card import StudentCardData, settings_of, write_card
+from ..hub import write_cards_and_push_best
+from ..model_card import StudentCardData, settings_of
 from .data import TextTask
 from .plot import plot_results
 from .students import ENSEMBLE, HARD_LABELS
@@ -211,17 +211,6 @@ def write_cards_and_publish(
                 launch_command=launch_command,
                 results_image=None if image is None else str(image),
             )
-            write_card(cards[result.output_dir], Path(result.output_dir) / "README.md")
-    if not args.push_to_hub:
-        return None
-    best = best_distilled(results, task.main_metric)
-    card = cards[best.output_dir]
-    push_student(
-        students[best.output_dir],
-        tokenizer,
-        card.repo_id,
-        card=card,
-        token=args.hub_token,
-        private=args.hub_private_repo,
-    )
+    best = best_distilled(results, task.main_metric) if args.push_to_hub else None
+    write_cards_and_push_best(cards, students, tokenizer, args, None if best is None else best.output_dir)
     return best
