@@ -12,9 +12,9 @@ Same formulas and names as the Hub's ``glue`` metric (scikit-learn and scipy com
 and the correlations; they are imported only by the configurations that use them).
 """
 
-import datasets
 import evaluate
-import numpy as np
+
+from hf_distill.text_classification.metrics import shared
 
 _CITATION = """\
 @inproceedings{wang2019glue,
@@ -37,43 +37,26 @@ ACCURACY_F1 = ("mrpc", "qqp")
 CONFIGS = (*ACCURACY, *ACCURACY_F1, "cola", "stsb")
 
 
-def _accuracy(predictions, references) -> float:
-    return float((np.asarray(predictions) == np.asarray(references)).mean())
-
-
 def _accuracy_f1(predictions, references) -> dict[str, float]:
     from sklearn.metrics import f1_score
 
-    return {"accuracy": _accuracy(predictions, references), "f1": float(f1_score(references, predictions))}
-
-
-def _pearson_spearman(predictions, references) -> dict[str, float]:
-    from scipy.stats import pearsonr, spearmanr
-
     return {
-        "pearson": float(pearsonr(predictions, references)[0]),
-        "spearmanr": float(spearmanr(predictions, references)[0]),
+        "accuracy": shared.accuracy(predictions, references),
+        "f1": float(f1_score(references, predictions)),
     }
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Glue(evaluate.Metric):
     def _info(self):
-        if self.config_name not in CONFIGS:
-            raise KeyError(
-                f"Unknown GLUE metric configuration {self.config_name!r}; expected one of {list(CONFIGS)}."
-            )
-        dtype = "float32" if self.config_name == "stsb" else "int64"
-        return evaluate.MetricInfo(
+        return shared.metric_info(
+            "GLUE",
+            self.config_name,
+            CONFIGS,
+            float_config="stsb",
             description=_DESCRIPTION,
-            citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value(dtype), "references": datasets.Value(dtype)}
-            ),
-            codebase_urls=[],
-            reference_urls=[],
-            format="numpy",
+            citation=_CITATION,
         )
 
     def _compute(self, predictions, references):
@@ -82,7 +65,7 @@ class Glue(evaluate.Metric):
 
             return {"matthews_correlation": float(matthews_corrcoef(references, predictions))}
         if self.config_name == "stsb":
-            return _pearson_spearman(predictions, references)
+            return shared.pearson_spearman(predictions, references)
         if self.config_name in ACCURACY_F1:
             return _accuracy_f1(predictions, references)
-        return {"accuracy": _accuracy(predictions, references)}
+        return {"accuracy": shared.accuracy(predictions, references)}
