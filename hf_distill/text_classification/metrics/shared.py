@@ -12,6 +12,16 @@ import evaluate
 import numpy as np
 
 
+def inputs_description(float_config: str) -> str:
+    """What ``compute`` takes and returns, for a metric whose configuration ``float_config`` scores regression."""
+    return f"""
+Args:
+    predictions: predicted class ids (int), or predicted scores (float) for {float_config}.
+    references: gold class ids (int), or gold scores (float) for {float_config}.
+Returns: a dict of the configuration's metrics (see the module docstring).
+"""
+
+
 def metric_info(
     name: str,
     config_name: str,
@@ -19,12 +29,11 @@ def metric_info(
     *,
     float_config: str,
     description: str,
-    inputs_description: str,
     citation: str = "",
 ) -> evaluate.MetricInfo:
     """The ``MetricInfo`` of configuration ``config_name`` of the ``name`` metric: int64 class ids as
-    predictions and references, float32 scores for ``float_config`` (the regression one). An unknown
-    configuration raises ``KeyError`` with the known ones."""
+    predictions and references, float32 scores for ``float_config`` (the regression one), inputs described
+    by :func:`inputs_description`. An unknown configuration raises ``KeyError`` with the known ones."""
     if config_name not in configs:
         raise KeyError(
             f"Unknown {name} metric configuration {config_name!r}; expected one of {list(configs)}."
@@ -33,7 +42,7 @@ def metric_info(
     return evaluate.MetricInfo(
         description=description,
         citation=citation,
-        inputs_description=inputs_description,
+        inputs_description=inputs_description(float_config),
         features=datasets.Features(
             {"predictions": datasets.Value(dtype), "references": datasets.Value(dtype)}
         ),

@@ -15,12 +15,7 @@ import evaluate
 from hf_distill.text_classification.metrics import shared
 
 _DESCRIPTION = "Text classification metrics: accuracy and macro-F1, or Pearson and Spearman for regression."
-_KWARGS_DESCRIPTION = """
-Args:
-    predictions: predicted class ids (int), or predicted scores (float) for regression.
-    references: gold class ids (int), or gold scores (float) for regression.
-Returns: a dict of the configuration's metrics (see the module docstring).
-"""
+_KWARGS_DESCRIPTION = shared.inputs_description("regression")
 CONFIGS = ("single_label", "regression")
 
 
@@ -33,7 +28,6 @@ class Classification(evaluate.Metric):
             CONFIGS,
             float_config="regression",
             description=_DESCRIPTION,
-            inputs_description=_KWARGS_DESCRIPTION,
         )
 
     def _compute(self, predictions, references):

@@ -25,12 +25,7 @@ _CITATION = """\
 }
 """
 _DESCRIPTION = "GLUE evaluation metric: accuracy, F1, Matthews correlation or Pearson/Spearman, per task."
-_KWARGS_DESCRIPTION = """
-Args:
-    predictions: predicted class ids (int), or predicted scores (float) for stsb.
-    references: gold class ids (int), or gold scores (float) for stsb.
-Returns: a dict of the task's metrics (see the module docstring).
-"""
+_KWARGS_DESCRIPTION = shared.inputs_description("stsb")
 
 ACCURACY = ("sst2", "mnli", "mnli_mismatched", "mnli_matched", "qnli", "rte", "wnli", "hans")
 ACCURACY_F1 = ("mrpc", "qqp")
@@ -55,7 +50,6 @@ class Glue(evaluate.Metric):
             CONFIGS,
             float_config="stsb",
             description=_DESCRIPTION,
-            inputs_description=_KWARGS_DESCRIPTION,
             citation=_CITATION,
         )
 
