@@ -179,6 +179,28 @@ def test_card_metadata_follows_hub_conventions_and_numbers_are_computed(student)
     assert TOKEN not in str(card) and "--hub_token <HUB_TOKEN>" in text
 
 
+def test_a_calibration_error_is_shown_as_values_without_retention(student):
+    data = card_data(
+        student,
+        task="causal_lm",
+        teacher_metrics={"perplexity": 10.0, "loss": 2.0, "ece": 0.01},
+        student_metrics={"perplexity": 20.0, "loss": 2.5, "ece": 0.02},
+        baseline_metrics={"perplexity": 25.0, "loss": 3.0, "ece": 0.0},
+    )
+    assert data.retention == pytest.approx(
+        {"perplexity": 0.5, "loss": 0.8}
+    )  # no "ece": a ratio means nothing
+    text = render_card(data).text
+    assert "| perplexity | 10 | 20 | 25 | 50.0% |" in text
+    assert "| ece | 0.01 | 0.02 | 0 | n/a (compare the values) |" in text
+    # a teacher with ECE 0 divides nothing either
+    zero = card_data(student, task="causal_lm", teacher_metrics={"ece": 0.0}, student_metrics={"ece": 0.02})
+    assert (
+        zero.retention == {}
+        and "| ece | 0 | 0.02 | not measured | n/a (compare the values) |" in render_card(zero).text
+    )
+
+
 def test_card_without_optional_measurements_says_so(student, tmp_path):
     data = card_data(student, baseline_metrics=None, speedup=None, speedup_hardware=None, launch_command=None)
     text = write_card(data, tmp_path / "cards" / "README.md").text
