@@ -25,6 +25,7 @@ from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
 from .errors import InputError
+from .student import teacher_layers_of
 from .tasks import (
     CAUSAL_LM,
     MASKED_LM,
@@ -366,9 +367,7 @@ def card_data_from_trainer(trainer, repo_id: str) -> StudentCardData:
         eval_split="eval (the trainer's eval_dataset)" if metrics else None,
         teacher=teacher,
         teacher_weights_hash=teacher_hash,
-        student_init_layers=(base_model(student).config.to_dict().get("distillation") or {}).get(
-            "teacher_layers"
-        ),
+        student_init_layers=teacher_layers_of(student),
         teacher_mode=mode,
         teacher_metrics=None,
         student_metrics=metrics,

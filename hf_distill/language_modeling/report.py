@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..config import DistillationConfig
 from ..hub import write_cards_and_push_best
 from ..model_card import StudentCardData, settings_of
+from ..student import teacher_layers_of
 from ..tasks import CAUSAL_LM
 from ..teacher_cache import write_json_atomic
 from . import offline
@@ -156,7 +157,7 @@ def student_card(
         eval_split="validation",
         teacher=script.teacher_model_name_or_path,
         teacher_weights_hash=teacher_weights_hash,
-        student_init_layers=(student.config.to_dict().get("distillation") or {}).get("teacher_layers"),
+        student_init_layers=teacher_layers_of(student),
         student_init_checkpoint=script.student_model_name_or_path if result.kind == "checkpoint" else None,
         teacher_mode="live" if result.mode == "live" else "cached",
         teacher_metrics=metrics(teacher),

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..config import DistillationConfig
 from ..hub import write_cards_and_push_best
 from ..model_card import StudentCardData, settings_of
+from ..student import teacher_layers_of
 from .data import TextTask
 from .plot import plot_results
 from .students import ENSEMBLE, HARD_LABELS
@@ -149,7 +150,7 @@ def student_card(
         teacher=script.teacher_model_name_or_path
         + (f" (ensemble, seeds {', '.join(map(str, script.teacher_seeds))})" if from_ensemble else ""),
         teacher_weights_hash=teacher_weights_hashes["ensemble" if from_ensemble else "teacher"],
-        student_init_layers=(student.config.to_dict().get("distillation") or {}).get("teacher_layers"),
+        student_init_layers=teacher_layers_of(student),
         student_init_checkpoint=script.student_model_name_or_path if result.student == "checkpoint" else None,
         teacher_mode="cached" if script.use_teacher_cache else "live",
         teacher_metrics=teacher.metrics[split],
