@@ -1,4 +1,5 @@
-"""Running a script's ``main``: the user's mistakes as one ``error:`` line, our bugs with their traceback."""
+"""Running a script's ``main``: the user's mistakes as one ``error:`` line, our bugs with their traceback; and
+the ``main`` of an application's script (parse the recipe and flags, run, print the table)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
+
 from .errors import InputError
+from .recipe import RecipeParser
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "HF_DISTILL_DEBUG"
@@ -47,6 +51,30 @@ def run_script(main: Callable[[list[str] | None], Any], argv: list[str] | None =
             raise
         print(error_line(_script_name(main), err), file=sys.stderr, flush=True)
         sys.exit(EXIT_INPUT_ERROR)
+
+
+def run_application(
+    script: str,
+    argv: list[str] | None,
+    parser: RecipeParser,
+    run: Callable[..., dict[str, Any]],
+    format_table: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """The ``main`` of an application's script (``script``, its path as the cards' launch line shows it).
+
+    ``argv`` (default ``sys.argv[1:]``) is parsed by ``parser.parse_recipe_and_args`` into the script's and the
+    training arguments; ``run(script_args, training_args, recipe=..., launch_command=...)`` returns the summary
+    (``results.json``), whose ``format_table`` the main process prints with the path of ``results.json``.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    script_args, training_args = parser.parse_recipe_and_args(argv)
+    summary = run(
+        script_args, training_args, recipe=recipe_of(argv), launch_command=launch_line(script, argv)
+    )
+    if PartialState().is_main_process:
+        print("\n" + format_table(summary) + "\n", flush=True)
+        print(f"Results: {training_args.output_dir}/results.json", flush=True)
+    return summary
 
 
 def recipe_of(argv: list[str]) -> str | None:

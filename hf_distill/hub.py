@@ -18,16 +18,17 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from peft import PeftModel
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 from .errors import InputError
-from .model_card import StudentCardData, render_card
+from .model_card import StudentCardData, render_card, write_card
 
 # What a published student folder holds: weights, config and tokenizer files, and its card.
 # The card's pictures (results.png) are the PNG files.
@@ -262,4 +263,38 @@ def push_trainer_student(trainer, card=None, *, token=None, private=None, commit
         private=private if private is not None else args.hub_private_repo,
         commit_message=commit_message,
         revision=revision if revision is not None else args.hub_revision,
+
+
+def write_cards_and_push_best(
+    cards: Mapping[str, StudentCardData],
+    students: Mapping[str, nn.Module],
+    tokenizer: PreTrainedTokenizerBase,
+    args: TrainingArguments,
+    best: str | None,
+) -> CommitInfo | None:
+    """The end of an application's run: write each student's card, then publish the best student.
+
+    ``cards`` and ``students`` are keyed by the student's output directory; each card is written there as
+    ``README.md`` (:func:`~hf_distill.model_card.write_card`). With ``args.push_to_hub``, the student at ``best``
+    (one of those directories: the application's pick) is published with :func:`push_student` under its card's
+    ``repo_id``, with ``args.hub_token`` and ``args.hub_private_repo``. Returns the push's ``CommitInfo``, None
+    without a push.
+    """
+    for output_dir, card in cards.items():
+        write_card(card, Path(output_dir) / "README.md")
+    if not args.push_to_hub:
+        return None
+    if best is None:
+        raise InputError(
+            "push_to_hub publishes the best distilled student, but this run trained none. "
+            "Train at least one distilled student, or drop --push_to_hub."
+        )
+    card = cards[best]
+    return push_student(
+        students[best],
+        tokenizer,
+        card.repo_id,
+        card=card,
+        token=args.hub_token,
+        private=args.hub_private_repo,
     )

@@ -5,8 +5,9 @@
 ``hf_distill/templates/student_card.md``. The YAML metadata is built by ``huggingface_hub`` itself
 (``ModelCardData`` + ``EvalResult`` -> ``model-index``), so it follows the Hub's conventions.
 
-Derived numbers are computed here, not typed: retention = student / teacher for every metric both report, size
-ratio = student parameters / teacher parameters.
+Derived numbers are computed here, not typed: retention = student / teacher for every metric both report (but
+an error whose ideal is zero, such as ECE: see ``NO_RETENTION``), size ratio = student parameters / teacher
+parameters.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
 from .errors import InputError
+from .student import teacher_layers_of
 from .tasks import (
     CAUSAL_LM,
     MASKED_LM,
@@ -51,7 +53,11 @@ TASK_INFO: dict[str, tuple[str, str, str]] = {
 }
 TEACHER_MODES = ("live", "cached")
 # Metrics where lower is better: their retention is teacher / student.
-LOWER_IS_BETTER = {"perplexity", "loss", "ece"}
+LOWER_IS_BETTER = {"perplexity", "loss"}
+# Metrics shown as plain values, without retention: an error whose ideal is 0, where a ratio to the teacher's
+# means nothing (a student with ECE 0.02 against a teacher's 0.01 is not "50% of the teacher"; 0 divides by 0).
+NO_RETENTION = {"ece"}
+NO_RETENTION_CELL = "n/a (compare the values)"
 BASE_TAGS = ["knowledge-distillation", "distillation", "hf-distill"]
 # A Hub token on a recorded launch line: `--hub_token X` / `--hub_token=X`, or any `hf_...` token.
 _TOKEN_PATTERNS = (re.compile(r"(--hub[_-]token[= ])\S+"), re.compile(r"()\bhf_[A-Za-z0-9]{20,}"))
@@ -165,12 +171,13 @@ class StudentCardData:
     @property
     def retention(self) -> dict[str, float]:
         """student / teacher for every metric both report (teacher value nonzero); teacher / student for a
-        metric where lower is better (perplexity, loss, ECE), so that 100% is the teacher's quality either way."""
+        metric where lower is better (perplexity, loss), so that 100% is the teacher's quality either way. None
+        for a metric in ``NO_RETENTION`` (ECE): the card shows its values alone."""
         student, teacher = self.student_metrics or {}, self.teacher_metrics or {}
         return {
             name: teacher[name] / student[name] if name in LOWER_IS_BETTER else student[name] / teacher[name]
             for name in student
-            if teacher.get(name) and student[name]
+            if name not in NO_RETENTION and teacher.get(name) and student[name]
         }
 
     @property
@@ -219,6 +226,12 @@ def _fmt(value: float | None) -> str:
     return NOT_MEASURED if value is None else f"{value:.4g}"
 
 
+def _retention_cell(name: str, retention: dict[str, float]) -> str:
+    if name in NO_RETENTION:
+        return NO_RETENTION_CELL
+    return NOT_MEASURED if name not in retention else f"{100 * retention[name]:.1f}%"
+
+
 def _result_rows(data: StudentCardData) -> list[dict[str, str]]:
     retention = data.retention
     teacher, student, baseline = (
@@ -232,7 +245,7 @@ def _result_rows(data: StudentCardData) -> list[dict[str, str]]:
             "teacher": _fmt(teacher.get(name)),
             "student": _fmt(student.get(name)),
             "baseline": _fmt(baseline.get(name)),
-            "retention": NOT_MEASURED if name not in retention else f"{100 * retention[name]:.1f}%",
+            "retention": _retention_cell(name, retention),
         }
         for name in dict.fromkeys([*student, *teacher])
     ]
@@ -354,9 +367,7 @@ def card_data_from_trainer(trainer, repo_id: str) -> StudentCardData:
         eval_split="eval (the trainer's eval_dataset)" if metrics else None,
         teacher=teacher,
         teacher_weights_hash=teacher_hash,
-        student_init_layers=(base_model(student).config.to_dict().get("distillation") or {}).get(
-            "teacher_layers"
-        ),
+        student_init_layers=teacher_layers_of(student),
         teacher_mode=mode,
         teacher_metrics=None,
         student_metrics=metrics,

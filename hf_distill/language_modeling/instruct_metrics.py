@@ -51,35 +51,6 @@ def token_kl(
 
 
 @torch.no_grad()
-def _kl_on_completions_of(
-    sampler: torch.nn.Module,
-    other: torch.nn.Module,
-    prompt_input_ids: torch.Tensor,
-    prompt_attention_mask: torch.Tensor,
-    generator: Generator,
-    max_new_tokens: int,
-    temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-weighted ``KL(p_sampler || p_other)`` on ``sampler``'s completions sampled at ``temperature``."""
-    gen = generator.generate(
-        sampler,
-        prompt_input_ids,
-        prompt_attention_mask,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        do_sample=True,
-    )
-    args = (prompt_input_ids, prompt_attention_mask, gen.completion_ids, gen.completion_mask)
-    was = sampler.training, other.training
-    sampler.eval(), other.eval()
-    try:
-        return token_kl(
-            completion_logits(sampler, *args), completion_logits(other, *args), gen.completion_mask
-        )
-    finally:
-        sampler.train(was[0]), other.train(was[1])
-
-
 def reverse_kl(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
@@ -90,10 +61,26 @@ def reverse_kl(
     max_new_tokens: int = 128,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum, count)`` of per-token ``KL(p_s || p_t)`` on the student's completions sampled at ``temperature``."""
-    return _kl_on_completions_of(
-        student, teacher, prompt_input_ids, prompt_attention_mask, generator, max_new_tokens, temperature
+    """``(sum, count)`` of per-token ``KL(p_s || p_t)`` on the student's completions sampled at ``temperature``.
+
+    Both models run in eval mode (each restored to its mode after)."""
+    gen = generator.generate(
+        student,
+        prompt_input_ids,
+        prompt_attention_mask,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        do_sample=True,
     )
+    args = (prompt_input_ids, prompt_attention_mask, gen.completion_ids, gen.completion_mask)
+    was = student.training, teacher.training
+    student.eval(), teacher.eval()
+    try:
+        return token_kl(
+            completion_logits(student, *args), completion_logits(teacher, *args), gen.completion_mask
+        )
+    finally:
+        student.train(was[0]), teacher.train(was[1])
 
 
 def forward_kl(
@@ -106,9 +93,16 @@ def forward_kl(
     max_new_tokens: int = 128,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum, count)`` of per-token ``KL(p_t || p_s)`` on the teacher's completions sampled at ``temperature``."""
-    return _kl_on_completions_of(
-        teacher, student, prompt_input_ids, prompt_attention_mask, generator, max_new_tokens, temperature
+    """``(sum, count)`` of per-token ``KL(p_t || p_s)`` on the teacher's completions sampled at ``temperature``:
+    :func:`reverse_kl` with the roles swapped."""
+    return reverse_kl(
+        teacher,
+        student,
+        prompt_input_ids,
+        prompt_attention_mask,
+        generator,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
     )
 
 

@@ -13,8 +13,9 @@ from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import DistillationConfig
-from ..hub import push_student
-from ..model_card import StudentCardData, settings_of, write_card
+from ..hub import write_cards_and_push_best
+from ..model_card import StudentCardData, settings_of
+from ..student import teacher_layers_of
 from ..tasks import CAUSAL_LM
 from ..teacher_cache import write_json_atomic
 from . import offline
@@ -156,7 +157,7 @@ def student_card(
         eval_split="validation",
         teacher=script.teacher_model_name_or_path,
         teacher_weights_hash=teacher_weights_hash,
-        student_init_layers=(student.config.to_dict().get("distillation") or {}).get("teacher_layers"),
+        student_init_layers=teacher_layers_of(student),
         student_init_checkpoint=script.student_model_name_or_path if result.kind == "checkpoint" else None,
         teacher_mode="live" if result.mode == "live" else "cached",
         teacher_metrics=metrics(teacher),
@@ -191,30 +192,20 @@ def write_cards_and_publish(
     validation perplexity (:func:`best_distilled`). Main process only; returns the published row."""
     if not PartialState().is_main_process:
         return None
-    cards = {}
-    for result in results:
-        if result.distilled:
-            card = student_card(
-                result,
-                results,
-                script,
-                args,
-                teacher_weights_hash=teacher_weights_hash,
-                student=students[result.output_dir],
-                recipe=recipe,
-                launch_command=launch_command,
-            )
-            write_card(card, Path(result.output_dir) / "README.md")
-            cards[result.output_dir] = card
-    if not args.push_to_hub:
-        return None
-    best = best_distilled(results)
-    push_student(
-        students[best.output_dir],
-        tokenizer,
-        cards[best.output_dir].repo_id,
-        card=cards[best.output_dir],
-        token=args.hub_token,
-        private=args.hub_private_repo,
-    )
+    cards = {
+        result.output_dir: student_card(
+            result,
+            results,
+            script,
+            args,
+            teacher_weights_hash=teacher_weights_hash,
+            student=students[result.output_dir],
+            recipe=recipe,
+            launch_command=launch_command,
+        )
+        for result in results
+        if result.distilled
+    }
+    best = best_distilled(results) if args.push_to_hub else None
+    write_cards_and_push_best(cards, students, tokenizer, args, None if best is None else best.output_dir)
     return best

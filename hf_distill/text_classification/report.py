@@ -14,8 +14,9 @@ from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import DistillationConfig
-from ..hub import push_student
-from ..model_card import StudentCardData, settings_of, write_card
+from ..hub import write_cards_and_push_best
+from ..model_card import StudentCardData, settings_of
+from ..student import teacher_layers_of
 from .data import TextTask
 from .plot import plot_results
 from .students import ENSEMBLE, HARD_LABELS
@@ -149,7 +150,7 @@ def student_card(
         teacher=script.teacher_model_name_or_path
         + (f" (ensemble, seeds {', '.join(map(str, script.teacher_seeds))})" if from_ensemble else ""),
         teacher_weights_hash=teacher_weights_hashes["ensemble" if from_ensemble else "teacher"],
-        student_init_layers=(student.config.to_dict().get("distillation") or {}).get("teacher_layers"),
+        student_init_layers=teacher_layers_of(student),
         student_init_checkpoint=script.student_model_name_or_path if result.student == "checkpoint" else None,
         teacher_mode="cached" if script.use_teacher_cache else "live",
         teacher_metrics=teacher.metrics[split],
@@ -211,17 +212,6 @@ def write_cards_and_publish(
                 launch_command=launch_command,
                 results_image=None if image is None else str(image),
             )
-            write_card(cards[result.output_dir], Path(result.output_dir) / "README.md")
-    if not args.push_to_hub:
-        return None
-    best = best_distilled(results, task.main_metric)
-    card = cards[best.output_dir]
-    push_student(
-        students[best.output_dir],
-        tokenizer,
-        card.repo_id,
-        card=card,
-        token=args.hub_token,
-        private=args.hub_private_repo,
-    )
+    best = best_distilled(results, task.main_metric) if args.push_to_hub else None
+    write_cards_and_push_best(cards, students, tokenizer, args, None if best is None else best.output_dir)
     return best

@@ -1,7 +1,8 @@
 """Task metrics as local ``evaluate`` modules, loaded by path (no Hub needed).
 
 - ``classification/``: accuracy and macro-F1 (``single_label``), Pearson and Spearman (``regression``);
-- ``glue/``: GLUE's own metric, one configuration per task (``sst2``, ``mnli``, ``cola``, ``stsb``, ...).
+- ``glue/``: GLUE's own metric, one configuration per task (``sst2``, ``mnli``, ``cola``, ``stsb``, ...);
+- ``shared.py``: what both share (their ``MetricInfo``, accuracy, Pearson and Spearman), imported by them.
 """
 
 from __future__ import annotations

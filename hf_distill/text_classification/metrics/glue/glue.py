@@ -1,6 +1,6 @@
 """The GLUE metric as a local ``evaluate`` module, loaded by path (the Hub copy needs the network).
 
-Load it with :func:`hf_distill.metrics.load_glue_metric` or
+Load it with :func:`hf_distill.text_classification.metrics.load_glue_metric` or
 ``evaluate.load("<path to this folder>", config_name)``. Configurations and what they return:
 
 - ``sst2``, ``mnli``, ``mnli_matched``, ``mnli_mismatched``, ``qnli``, ``rte``, ``wnli``, ``hans``: ``accuracy``
@@ -12,9 +12,9 @@ Same formulas and names as the Hub's ``glue`` metric (scikit-learn and scipy com
 and the correlations; they are imported only by the configurations that use them).
 """
 
-import datasets
 import evaluate
-import numpy as np
+
+from hf_distill.text_classification.metrics import shared
 
 _CITATION = """\
 @inproceedings{wang2019glue,
@@ -25,55 +25,32 @@ _CITATION = """\
 }
 """
 _DESCRIPTION = "GLUE evaluation metric: accuracy, F1, Matthews correlation or Pearson/Spearman, per task."
-_KWARGS_DESCRIPTION = """
-Args:
-    predictions: predicted class ids (int), or predicted scores (float) for stsb.
-    references: gold class ids (int), or gold scores (float) for stsb.
-Returns: a dict of the task's metrics (see the module docstring).
-"""
+_KWARGS_DESCRIPTION = shared.inputs_description("stsb")
 
 ACCURACY = ("sst2", "mnli", "mnli_mismatched", "mnli_matched", "qnli", "rte", "wnli", "hans")
 ACCURACY_F1 = ("mrpc", "qqp")
 CONFIGS = (*ACCURACY, *ACCURACY_F1, "cola", "stsb")
 
 
-def _accuracy(predictions, references) -> float:
-    return float((np.asarray(predictions) == np.asarray(references)).mean())
-
-
 def _accuracy_f1(predictions, references) -> dict[str, float]:
     from sklearn.metrics import f1_score
 
-    return {"accuracy": _accuracy(predictions, references), "f1": float(f1_score(references, predictions))}
-
-
-def _pearson_spearman(predictions, references) -> dict[str, float]:
-    from scipy.stats import pearsonr, spearmanr
-
     return {
-        "pearson": float(pearsonr(predictions, references)[0]),
-        "spearmanr": float(spearmanr(predictions, references)[0]),
+        "accuracy": shared.accuracy(predictions, references),
+        "f1": float(f1_score(references, predictions)),
     }
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Glue(evaluate.Metric):
     def _info(self):
-        if self.config_name not in CONFIGS:
-            raise KeyError(
-                f"Unknown GLUE metric configuration {self.config_name!r}; expected one of {list(CONFIGS)}."
-            )
-        dtype = "float32" if self.config_name == "stsb" else "int64"
-        return evaluate.MetricInfo(
+        return shared.metric_info(
+            "GLUE",
+            self.config_name,
+            CONFIGS,
+            float_config="stsb",
             description=_DESCRIPTION,
             citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value(dtype), "references": datasets.Value(dtype)}
-            ),
-            codebase_urls=[],
-            reference_urls=[],
-            format="numpy",
         )
 
     def _compute(self, predictions, references):
@@ -82,7 +59,7 @@ class Glue(evaluate.Metric):
 
             return {"matthews_correlation": float(matthews_corrcoef(references, predictions))}
         if self.config_name == "stsb":
-            return _pearson_spearman(predictions, references)
+            return shared.pearson_spearman(predictions, references)
         if self.config_name in ACCURACY_F1:
             return _accuracy_f1(predictions, references)
-        return {"accuracy": _accuracy(predictions, references)}
+        return {"accuracy": shared.accuracy(predictions, references)}
