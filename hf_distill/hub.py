@@ -263,6 +263,7 @@ def push_trainer_student(trainer, card=None, *, token=None, private=None, commit
         private=private if private is not None else args.hub_private_repo,
         commit_message=commit_message,
         revision=revision if revision is not None else args.hub_revision,
+    )
 
 
 def write_cards_and_push_best(
