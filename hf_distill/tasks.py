@@ -129,6 +129,15 @@ class TaskSpec:
     def kd_mask(self, inputs: dict[str, Any], length: int) -> torch.Tensor | None:
         return None
 
+    def check_labels(self, inputs: dict[str, Any], label_names: list[str], beta: float) -> None:
+        """Refuse a training batch without labels when ``beta > 0`` weights the hard-label loss."""
+        if beta > 0 and not all(inputs.get(name) is not None for name in label_names):
+            unit = "token" if self.token_level else "example"
+            raise InputError(
+                f"beta={beta} weights the hard-label loss but the batch has no {label_names}. Add "
+                f"labels (label -100 marks an unlabelled {unit}), or set beta=0 to learn from the teacher alone."
+            )
+
     def align(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
@@ -214,6 +223,20 @@ class CausalLMSpec(TokenSpec):
     def align(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor[:, :-1]
 
+    def position_selector(self, inputs: dict[str, Any], hidden: torch.Tensor):
+        """``select(t, aligned=False)``: the rows of ``t`` ``(B, L, ...)`` (aligned first unless ``aligned``) at the
+        positions that count (:meth:`kd_mask`; every aligned position without a mask), flattened ``(N, ...)``."""
+        mask = self.kd_mask(inputs, hidden.shape[1])
+        if mask is None:
+            mask = torch.ones(hidden.shape[0], hidden.shape[1] - 1, dtype=torch.bool, device=hidden.device)
+        positions = mask.reshape(-1).nonzero().squeeze(1)
+
+        def select(t: torch.Tensor, aligned: bool = False) -> torch.Tensor:
+            t = t if aligned else self.align(t)
+            return t.reshape(-1, *t.shape[2:]).index_select(0, positions)
+
+        return select
+
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         """The token each aligned position predicts, ``(B, L - 1)``."""
         return labels[:, 1:]
@@ -253,3 +276,19 @@ def task_spec(model: nn.Module) -> TaskSpec:
     if task == SEQUENCE_CLASSIFICATION and base_model(model).config.num_labels == 1:
         return REGRESSION
     return TASK_SPECS[task]
+
+
+def labels_for_student(student_inputs: dict[str, Any], label_names: list[str], beta: float):
+    """The student's inputs with its labels (``beta > 0``) or without (its own loss is then not computed), and
+    whether any row has a label, as a device flag (None without labels).
+
+    The flag stays on the device so that no Python ``if`` waits for it: a batch without any label (all -100)
+    gets placeholder labels (0) for the student's loss, whose hard-label term the caller then zeroes.
+    """
+    if beta <= 0:
+        return {k: v for k, v in student_inputs.items() if k not in label_names}, None
+    labelled = torch.stack([(student_inputs[n] != -100).any() for n in label_names]).any()
+    placed = {
+        n: torch.where(labelled, student_inputs[n], torch.zeros_like(student_inputs[n])) for n in label_names
+    }
+    return {**student_inputs, **placed}, labelled

@@ -60,6 +60,12 @@ class TeacherOutput:
             self, **{f: fn(getattr(self, f)) for f in per_position if getattr(self, f) is not None}
         )
 
+    def sparse_target(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, values)`` of a sparse cache: top-k indices and logits, or RS-KD token ids and counts."""
+        if self.form == "topk":
+            return self.topk_indices, self.topk_values
+        return self.sample_ids, self.sample_counts
+
     @property
     def form(self) -> str:
         """``"topk"``, ``"sampled"`` or ``"logits"``: how the teacher's distribution is given."""

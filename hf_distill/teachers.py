@@ -222,17 +222,27 @@ def run_teachers(
     weights: list[float],
     temperature: float,
     kd_loss: str,
-    **switches,
+    *,
+    hidden_states: bool = False,
+    attentions: bool = False,
 ):
-    """One no-grad forward of each teacher; returns ``(logits, last outputs)``. An ensemble's logits are those of
-    the weighted mixture of its teachers' soft labels (:func:`hf_distill.losses.ensemble_logits`)."""
+    """One no-grad forward of each teacher, as a :class:`hf_distill.teacher_outputs.TeacherOutput` (hidden states
+    and attention maps of the last teacher where asked). An ensemble's logits are those of the weighted mixture
+    of its teachers' soft labels (:func:`hf_distill.losses.ensemble_logits`)."""
     from .losses import ensemble_logits
+    from .teacher_outputs import TeacherOutput
 
+    switches = {"output_hidden_states": hidden_states, "output_attentions": attentions}
     all_logits, outputs = [], None
     with torch.no_grad():
         for teacher in teachers:
-            outputs = teacher(**inputs, **switches)
+            outputs = teacher(**inputs, **{k: True for k, on in switches.items() if on})
             all_logits.append(logits_of(outputs))
-    if len(all_logits) == 1:
-        return all_logits[0], outputs
-    return ensemble_logits(all_logits, weights, temperature, kd_loss), outputs
+    logits = (
+        all_logits[0] if len(all_logits) == 1 else ensemble_logits(all_logits, weights, temperature, kd_loss)
+    )
+    return TeacherOutput(
+        logits=logits,
+        hidden_states=outputs.hidden_states if hidden_states else None,
+        attentions=outputs.attentions if attentions else None,
+    )

@@ -25,10 +25,19 @@ from .intermediate_losses import (  # noqa: F401 (default_layer_map: re-exported
     mapped_attention_loss,
     mapped_hidden_loss,
 )
+from .loss_log import LossMeans
 from .loss_path import FUSED, check_sample_temperature, check_train_columns, choose_loss_path
 from .projection import HIDDEN_PROJECTION_NAME, HiddenProjection  # noqa: F401 (the checkpoint file's name)
 from .rollouts import INSTRUCTION_COLUMNS, choose_rollouts, completion_tokens
-from .tasks import base_model, forward_params, last_hidden_state, output_embedding, task_of, task_spec
+from .tasks import (
+    base_model,
+    forward_params,
+    labels_for_student,
+    last_hidden_state,
+    output_embedding,
+    task_of,
+    task_spec,
+)
 from .teacher_cache import check_finite_logits
 from .teacher_outputs import (
     LIVE,
@@ -49,6 +58,13 @@ def _columns(dataset) -> list[str] | None:
     """The training dataset's column names, where it has them (``datasets``), else None."""
     columns = getattr(dataset, "column_names", None)
     return list(columns) if columns is not None else None
+
+
+def _no_teacher() -> InputError:
+    return InputError(
+        "This batch has no precomputed teacher outputs and no teacher_model was given: pass teacher_model, "
+        "or precompute the teacher's outputs for every example (hf_distill.precompute_teacher_logits)."
+    )
 
 
 def _check_model_and_args(model, args) -> None:
@@ -76,7 +92,9 @@ class DistillationTrainer(Trainer):
     ``self.loss_path`` and logged): the fused chunked loss of causal LMs or the dense logits, and where the
     teacher's outputs come from: the training dataset's precomputed columns when it has them (a teacher
     cache; no teacher runs), else the live teacher. What differs between tasks is the student's
-    :class:`hf_distill.tasks.TaskSpec` (``self.spec``).
+    :class:`hf_distill.tasks.TaskSpec` (``self.spec``). Instruction data (``prompt_input_ids`` /
+    ``completion_input_ids``) train on completion tokens only, written by the dataset, the student (on-policy,
+    ``lmbda``) or the teacher (``seq_kd``): :mod:`hf_distill.rollouts` (``self.rollouts``).
 
     Args:
         model: the student, a transformers model with a head hf-distill distils (sequence or token
@@ -85,8 +103,9 @@ class DistillationTrainer(Trainer):
             or a list of them for an ensemble (weighted by ``args.teacher_weights``). None when the
             training dataset holds the teacher's precomputed outputs (``hf_distill.precompute_teacher_logits``).
         args: a :class:`hf_distill.DistillationConfig` (the weights ``alpha``, ``beta``, the temperature, the
-            KD loss, the extra losses, ``lm_chunk_size``).
-        data_collator: default :class:`hf_distill.DistillationDataCollator` around ``processing_class``.
+            KD loss and ``jsd_mixture``, the extra losses, ``lm_chunk_size``, the rollout settings).
+        data_collator: default :class:`hf_distill.InstructionDataCollator` for instruction data, else
+            :class:`hf_distill.DistillationDataCollator` around ``processing_class``.
         train_dataset, eval_dataset: as for ``Trainer``; teacher columns travel with the training rows.
         processing_class: the student's tokenizer.
         teacher_processing_class: the teacher's tokenizer, when it differs from the student's (checked
@@ -127,24 +146,9 @@ class DistillationTrainer(Trainer):
             student_tokenizer=processing_class,
             teacher_tokenizer=teacher_processing_class,
         )
-        if isinstance(train_dataset, Dataset):  # before the Trainer creates output_dir
-            check_finite_logits(train_dataset, where="the training dataset's precomputed teacher columns")
-        self.loss_path = choose_loss_path(
-            args,
-            self.spec,
-            num_teachers=len(teachers),
-            columns=_columns(train_dataset),
-            models=[model, *teachers],
+        data_collator = self._choose_paths(
+            model, teachers, args, train_dataset, processing_class, data_collator
         )
-        check_sample_temperature(self.loss_path, train_dataset, args)
-        self.rollouts = choose_rollouts(
-            args, self.spec, self.loss_path.teacher, _columns(train_dataset), processing_class
-        )
-        if data_collator is None and self.rollouts is not None:
-            data_collator = InstructionDataCollator(self.rollouts.pad_token_id)
-        elif data_collator is None:
-            data_collator = DistillationDataCollator(processing_class)
-
         super().__init__(
             model=model,
             args=args,
@@ -163,8 +167,7 @@ class DistillationTrainer(Trainer):
         self.teachers = [prepare_teacher(t, self.accelerator) for t in teachers]
         check_train_columns(_columns(train_dataset), args, self.label_names, has_teacher=bool(teachers))
         self.hidden_projection = HiddenProjection.for_models(self.model, self.teacher, args)
-        # Loss component -> (sum on the device, count) since the last log: no host sync per step.
-        self._metrics: dict[str, tuple[torch.Tensor, int]] = {}
+        self._metrics = LossMeans()  # the loss components since the last log
         self._teacher_finite = FiniteCheck()  # every live teacher output of this optimizer step finite?
         self._projection_stepped = True  # the optimizer stepped since the last training_step
         self.loss_path.log(logger, self.spec)
@@ -175,6 +178,23 @@ class DistillationTrainer(Trainer):
         return self.teachers[0] if self.teachers else None
 
     # ---- setup --------------------------------------------------------------------------------
+
+    def _choose_paths(self, model, teachers, args, train_dataset, processing_class, data_collator):
+        """Once, before the Trainer creates output_dir: the loss path, the rollouts of instruction data, and the
+        collator they need (unless one was given); every refusal of the settings happens here."""
+        columns = _columns(train_dataset)
+        if isinstance(train_dataset, Dataset):
+            check_finite_logits(train_dataset, where="the training dataset's precomputed teacher columns")
+        self.loss_path = choose_loss_path(
+            args, self.spec, num_teachers=len(teachers), columns=columns, models=[model, *teachers]
+        )
+        check_sample_temperature(self.loss_path, train_dataset, args)
+        self.rollouts = choose_rollouts(args, self.spec, self.loss_path.teacher, columns, processing_class)
+        if data_collator is not None:
+            return data_collator
+        if self.rollouts is not None:
+            return InstructionDataCollator(self.rollouts.pad_token_id)
+        return DistillationDataCollator(processing_class)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -201,32 +221,18 @@ class DistillationTrainer(Trainer):
         sources = teacher_sources(inputs, self._teacher_params - _NOT_FOR_TEACHER)
         return {name: inputs[key] for name, key in sources.items() if inputs[key] is not None}
 
-    def _require_labels(self, inputs: dict[str, Any]) -> None:
-        if self.args.beta > 0 and not all(inputs.get(name) is not None for name in self.label_names):
-            unit = "token" if self.spec.token_level else "example"
-            raise InputError(
-                f"beta={self.args.beta} weights the hard-label loss but the batch has no {self.label_names}. Add "
-                f"labels (label -100 marks an unlabelled {unit}), or set beta=0 to learn from the teacher alone."
-            )
-
-    def _no_teacher(self) -> InputError:
-        return InputError(
-            "This batch has no precomputed teacher outputs and no teacher_model was given: pass teacher_model, "
-            "or precompute the teacher's outputs for every example (hf_distill.precompute_teacher_logits)."
-        )
-
     # ---- the loss ---------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation: the student's own loss at T = 1
             outputs = model(**self._student_inputs(inputs))
             return (outputs.loss, outputs) if return_outputs else outputs.loss
-        self._require_labels(inputs)
+        self.spec.check_labels(inputs, self.label_names, self.args.beta)
         if self.loss_path.name == FUSED:
             loss, outputs, components = self.compute_fused_lm_loss(model, inputs)
         else:
             loss, outputs, components = self.compute_dense_loss(model, inputs)
-        self._record(components)
+        self._metrics.add(components)
         if self.rollouts is not None and num_items_in_batch is not None:  # this micro-batch's token mean ->
             loss = loss * completion_tokens(inputs) / num_items_in_batch * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
@@ -243,25 +249,16 @@ class DistillationTrainer(Trainer):
         if self.loss_path.teacher not in (LIVE, None) and not (hidden_states or attentions):
             return read_teacher_outputs(inputs, self.loss_path.teacher)
         if not self.teachers:
-            raise self._no_teacher()
-        switches = {
-            k: True
-            for k, on in (("output_hidden_states", hidden_states), ("output_attentions", attentions))
-            if on
-        }
-        logits, outputs = run_teachers(
+            raise _no_teacher()
+        args = self.args
+        ensemble = (self.teacher_weights, args.temperature, args.kd_loss)
+        output = run_teachers(
             self.teachers,
             self._teacher_inputs(inputs),
             self.spec.logits,
-            self.teacher_weights,
-            self.args.temperature,
-            self.args.kd_loss,
-            **switches,
-        )
-        output = TeacherOutput(
-            logits=logits,
-            hidden_states=outputs.hidden_states if hidden_states else None,
-            attentions=outputs.attentions if attentions else None,
+            *ensemble,
+            hidden_states=hidden_states,
+            attentions=attentions,
         )
         self._note_finite(output)
         return output
@@ -293,19 +290,11 @@ class DistillationTrainer(Trainer):
         """
         args = self.args
         want_hidden, want_attention = args.hidden_loss_weight > 0, args.attention_loss_weight > 0
-        student_inputs = self._student_inputs(inputs)
-        labelled = None
-        if args.beta > 0:
-            # Whether any row has a label (-100: unlabelled), kept on the device so that no Python `if`
-            # waits for it: a batch without any label gets placeholder labels (0) for the student's loss,
-            # and its hard-label term is then zeroed below.
-            labelled = torch.stack([(inputs[n] != -100).any() for n in self.label_names]).any()
-            for name in self.label_names:
-                student_inputs[name] = torch.where(labelled, inputs[name], torch.zeros_like(inputs[name]))
-        else:
-            for name in self.label_names:
-                student_inputs.pop(name, None)
-        outputs = model(**student_inputs, **self._output_switches())
+        student_inputs, labelled = labels_for_student(
+            self._student_inputs(inputs), self.label_names, args.beta
+        )
+        switches = {"output_hidden_states": want_hidden, "output_attentions": want_attention}
+        outputs = model(**student_inputs, **{k: True for k, on in switches.items() if on})
 
         components: dict[str, torch.Tensor] = {}
         if args.alpha > 0 or want_hidden or want_attention:
@@ -322,14 +311,6 @@ class DistillationTrainer(Trainer):
             # A batch of unlabelled examples only (label -100) has no hard-label term (and no gradient from it).
             components["ce"] = torch.where(labelled, outputs.loss, outputs.loss.new_zeros(()))
         return self.combine_losses(components), outputs, components
-
-    def _output_switches(self) -> dict[str, bool]:
-        switches = {}
-        if self.args.hidden_loss_weight > 0:
-            switches["output_hidden_states"] = True
-        if self.args.attention_loss_weight > 0:
-            switches["output_attentions"] = True
-        return switches
 
     def layer_map(self, num_student_layers: int, num_teacher_layers: int) -> list[int]:
         """The teacher layer (1-based) matched with each student layer (:func:`choose_layer_map`)."""
@@ -365,27 +346,14 @@ class DistillationTrainer(Trainer):
     # ---- causal LMs: the fused loss that never holds the vocabulary logits -------------------
 
     def compute_fused_lm_loss(self, model, inputs: dict[str, Any]):
-        """``alpha * KD + beta * CE`` of a causal LM by :func:`hf_distill.vocab_losses.chunked_lm_losses`.
-
-        The student (and a live teacher) run with ``logits_to_keep=1`` where the model takes it; their last
-        hidden states at the positions that predict a counted token (the spec's :meth:`kd_mask`) go to the
-        chunked loss with their output embeddings, which forms the logits ``chunk_size`` positions at a
-        time. The KD term is ``args.kd_loss`` against a live teacher, ``"topk"`` against cached top-k logits
-        and ``"sampled"`` against cached RS-KD draws. Returns ``(loss, outputs, components)``; the outputs
-        carry the student's own (hard-label) loss, when it was computed.
-        """
+        """``alpha * KD + beta * CE`` of a causal LM by :func:`hf_distill.vocab_losses.chunked_lm_losses`: the last
+        hidden states (``logits_to_keep=1``) at the positions that count go to the chunked loss with the output
+        embeddings, which forms the logits a chunk at a time. KD: ``args.kd_loss`` against a live teacher, ``"topk"``
+        or ``"sampled"`` against a cache. Returns ``(loss, outputs, components)``."""
         args, spec = self.args, self.spec
         student_inputs = {k: v for k, v in self._student_inputs(inputs).items() if k not in self.label_names}
         hidden = last_hidden_state(model, student_inputs)
-        mask = spec.kd_mask(inputs, hidden.shape[1])
-        if mask is None:
-            mask = torch.ones(hidden.shape[0], hidden.shape[1] - 1, dtype=torch.bool, device=hidden.device)
-        positions = mask.reshape(-1).nonzero().squeeze(1)
-
-        def select(t: torch.Tensor, aligned: bool = False) -> torch.Tensor:
-            t = t if aligned else spec.align(t)
-            return t.reshape(-1, *t.shape[2:]).index_select(0, positions)
-
+        select = spec.position_selector(inputs, hidden)
         teacher = self._fused_teacher_inputs(inputs, select) if args.alpha > 0 else {"kd": None}
         labels = select(spec.targets(inputs["labels"]), aligned=True) if args.beta > 0 else None
         out = chunked_lm_losses(
@@ -409,15 +377,10 @@ class DistillationTrainer(Trainer):
         or the live teacher's last hidden states and output embedding."""
         source = self.loss_path.teacher
         if source in ("topk", "sampled"):
-            cached = read_teacher_outputs(inputs, source)
-            ids, values = (
-                (cached.topk_indices, cached.topk_values)
-                if source == "topk"
-                else (cached.sample_ids, cached.sample_counts)
-            )
+            ids, values = read_teacher_outputs(inputs, source).sparse_target()
             return {"kd": source, "teacher_ids": select(ids), "teacher_values": select(values)}
         if self.teacher is None:
-            raise self._no_teacher()
+            raise _no_teacher()
         with torch.no_grad():
             t_hidden = last_hidden_state(self.teacher, self._teacher_inputs(inputs))
         self._note_finite(TeacherOutput(hidden_states=(t_hidden,)))
@@ -426,11 +389,6 @@ class DistillationTrainer(Trainer):
             "teacher_hidden": select(t_hidden),
             "teacher_head": output_embedding(self.teacher).weight,
         }
-
-    def _record(self, components: dict[str, torch.Tensor]) -> None:
-        for name, value in components.items():
-            total, count = self._metrics.get(f"{name}_loss", (0.0, 0))
-            self._metrics[f"{name}_loss"] = (total + value.detach().float(), count + 1)
 
     # ---- the training step ---------------------------------------------------------------------
 
@@ -469,12 +427,8 @@ class DistillationTrainer(Trainer):
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Training logs carry the mean of each loss component since the last log, over all processes.
-        if "loss" in logs and self._metrics:
-            for name, (total, count) in self._metrics.items():
-                mean = total / count
-                logs[name] = self.accelerator.reduce(mean.to(self.args.device), reduction="mean").item()
-            self._metrics.clear()
+        if "loss" in logs:  # training logs: the mean of each loss component since the last log, all processes
+            logs.update(self._metrics.pop_means(self.accelerator, self.args.device))
         super().log(logs, start_time)
 
     # ---- saving and publishing ----------------------------------------------------------------
