@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from .config import DistillationConfig
 from .errors import InputError, MissingFileError
 from .hub import push_student
 from .model_card import card_data_from_trainer
+from .sharding import gathered_weight
 from .tasks import base_model, forward_params, last_hidden_state, output_embedding, output_logits, task_of
 from .teacher_cache import check_finite_logits
 from .teachers import cast_teacher, check_compatible, load_teacher, prepare_teacher
@@ -493,20 +495,24 @@ class DistillationTrainer(Trainer):
                 self._note_finite(TeacherOutput(hidden_states=(t_hidden,)))
                 teacher = {
                     "teacher_hidden": select(t_hidden),
-                    "teacher_head": output_embedding(self.teacher).weight,
+                    "teacher_head": output_embedding(self.teacher),  # its weight is gathered below
                 }
             sparse = {name: select(value) for name, value in sparse.items()}
-        kd_value, ce_value = vocab_losses.chunked_lm_losses(
-            select(hidden).reshape(-1, width),
-            output_embedding(model).weight,
-            kd=kd,
-            temperature=args.temperature,
-            labels=labels,
-            chunk_size=args.lm_chunk_size,
-            grad_weights=(args.alpha, args.beta),
-            **teacher,
-            **sparse,
-        )
+        # ZeRO-3 / FSDP2: the full heads, for this loss only (hf_distill.sharding)
+        with ExitStack() as gathered:
+            if teacher:
+                teacher["teacher_head"] = gathered.enter_context(gathered_weight(teacher["teacher_head"]))
+            kd_value, ce_value = vocab_losses.chunked_lm_losses(
+                select(hidden).reshape(-1, width),
+                gathered.enter_context(gathered_weight(output_embedding(model))),
+                kd=kd,
+                temperature=args.temperature,
+                labels=labels,
+                chunk_size=args.lm_chunk_size,
+                grad_weights=(args.alpha, args.beta),
+                **teacher,
+                **sparse,
+            )
         components = {}
         if args.alpha > 0:
             components["kd"] = kd_value
