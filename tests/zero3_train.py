@@ -10,6 +10,7 @@ shuffling cannot matter and the mean of the ranks' losses is the whole batch's l
 
 from __future__ import annotations
 
+import resource
 import sys
 from pathlib import Path
 
@@ -76,7 +77,9 @@ def main(out: Path, per_device_batch: int, source: str) -> None:
         args=args,
         train_dataset=rows,
     )
-    trainer.train()
+    runtime = trainer.train().metrics["train_runtime"]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+    print(f"rank {trainer.accelerator.process_index}: train_runtime {runtime:.2f} s, peak RSS {peak:.0f} MB")
     sharded = is_zero3_partitioned(trainer.model.lm_head.weight)
     teacher_sharded = source == "live" and is_zero3_partitioned(output_embedding(trainer.teacher).weight)
     state = {}
