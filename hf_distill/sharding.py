@@ -54,3 +54,35 @@ def gathered_weight(module: nn.Module) -> Iterator[torch.Tensor]:
         yield full.to_local(grad_placements=[Partial("avg")] * mesh.ndim)
     else:
         yield weight
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()``, with its ZeRO-3 partitions gathered, as copies (a collective: call on every rank).
+
+    A model loaded under ZeRO-3 (``from_pretrained`` runs ``deepspeed.zero.Init`` when a ZeRO-3 config is
+    active) holds empty placeholders; its plain state dict holds those.
+    """
+    partitioned = [p for p in model.parameters() if is_zero3_partitioned(p)]
+    if not partitioned:
+        return model.state_dict()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+@contextmanager
+def gathered_model(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, ``model`` with every ZeRO-3 partition gathered, for reading (evaluation, counting, sampling).
+
+    For a model that no DeepSpeed engine drives (a teacher loaded under ZeRO-3 and evaluated before training):
+    its forward then sees whole weights. Holds the whole model on every rank; nothing else changes.
+    """
+    partitioned = [p for p in model.parameters() if is_zero3_partitioned(p)]
+    if not partitioned:
+        yield model
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield model
