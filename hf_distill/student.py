@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .errors import InputError
+from .sharding import full_state_dict
 from .tasks import base_model
 
 # model_type -> (config field holding the number of layers, pattern of a layer's parameter names)
@@ -89,7 +90,7 @@ def build_student(
 
     layer_re = re.compile(pattern)
     source_of = {s: t for s, t in enumerate(layers)}
-    teacher_state = teacher.state_dict()
+    teacher_state = full_state_dict(teacher)  # gathered when loaded under ZeRO-3
     state = {}
     for key in student.state_dict():
         match = layer_re.search(key)

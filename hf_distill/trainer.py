@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from .loss_log import LossMeans
 from .loss_path import FUSED, check_sample_temperature, check_train_columns, choose_loss_path
 from .projection import HIDDEN_PROJECTION_NAME, HiddenProjection  # noqa: F401 (the checkpoint file's name)
 from .rollouts import INSTRUCTION_COLUMNS, choose_rollouts, completion_tokens
+from .sharding import gathered_weight
 from .tasks import (
     base_model,
     forward_params,
@@ -240,12 +242,8 @@ class DistillationTrainer(Trainer):
     def compute_teacher_outputs(
         self, inputs: dict[str, Any], *, hidden_states: bool = False, attentions: bool = False
     ) -> TeacherOutput:
-        """The teacher's outputs for this batch: from the cache the trainer reads (``loss_path.teacher``),
-        else from the live teacher(s).
-
-        An ensemble gives the logits of the weighted mixture of its teachers' soft labels
-        (:func:`hf_distill.losses.ensemble_logits`).
-        """
+        """The teacher's outputs for this batch: from the cache the trainer reads (``loss_path.teacher``), else
+        from the live teacher(s) (:func:`hf_distill.teachers.run_teachers`: an ensemble mixes soft labels)."""
         if self.loss_path.teacher not in (LIVE, None) and not (hidden_states or attentions):
             return read_teacher_outputs(inputs, self.loss_path.teacher)
         if not self.teachers:
@@ -356,17 +354,22 @@ class DistillationTrainer(Trainer):
         select = spec.position_selector(inputs, hidden)
         teacher = self._fused_teacher_inputs(inputs, select) if args.alpha > 0 else {"kd": None}
         labels = select(spec.targets(inputs["labels"]), aligned=True) if args.beta > 0 else None
-        out = chunked_lm_losses(
-            select(hidden),
-            output_embedding(model).weight,
-            temperature=args.temperature,
-            labels=labels,
-            chunk_size=args.lm_chunk_size,
-            kd_weight=args.alpha,
-            ce_weight=args.beta,
-            jsd_mixture=args.jsd_mixture,
-            **teacher,
-        )
+        with (
+            ExitStack() as gathered
+        ):  # ZeRO-3 / FSDP2: the whole heads, for this loss only (hf_distill.sharding)
+            if "teacher_head" in teacher:
+                teacher["teacher_head"] = gathered.enter_context(gathered_weight(teacher["teacher_head"]))
+            out = chunked_lm_losses(
+                select(hidden),
+                gathered.enter_context(gathered_weight(output_embedding(model))),
+                temperature=args.temperature,
+                labels=labels,
+                chunk_size=args.lm_chunk_size,
+                kd_weight=args.alpha,
+                ce_weight=args.beta,
+                jsd_mixture=args.jsd_mixture,
+                **teacher,
+            )
         components = {"kd": out.kd} if args.alpha > 0 else {}
         if args.beta > 0:
             components["ce"] = out.ce
@@ -387,7 +390,7 @@ class DistillationTrainer(Trainer):
         return {
             "kd": self.args.kd_loss,
             "teacher_hidden": select(t_hidden),
-            "teacher_head": output_embedding(self.teacher).weight,
+            "teacher_head": output_embedding(self.teacher),  # its weight is gathered for the loss
         }
 
     # ---- the training step ---------------------------------------------------------------------

@@ -148,5 +148,17 @@ def test_accelerate_configs_load(path):
     raw = yaml.safe_load(path.read_text())
     if raw["distributed_type"] == "FSDP":
         assert raw["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # saved students load whole
+    if raw["distributed_type"] == "FSDP":
+        assert raw["fsdp_config"]["fsdp_version"] == 2  # fully_shard: hf_distill.sharding reads its DTensors
     if raw["distributed_type"] == "DEEPSPEED":
         assert raw["deepspeed_config"]["zero3_save_16bit_model"] is True
+        assert raw["deepspeed_config"]["zero_stage"] == 3
+
+
+def test_cpu_zero3_config_loads():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = Path(__file__).parent / "zero3_cpu.yaml"
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert (config.distributed_type, config.use_cpu, config.mixed_precision) == ("DEEPSPEED", True, "no")
+    assert config.deepspeed_config["zero_stage"] == 3

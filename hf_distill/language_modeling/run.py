@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from ..config import DistillationConfig
 from ..model_card import count_parameters
 from ..offline import cache_dir
+from ..sharding import gathered_model
 from ..teacher_cache import precompute_teacher_logits, read_provenance, weights_hash
 from .data import check_block_size, load_corpus, pack
 from .evaluation import forward_speed, greedy_samples, perplexity
@@ -73,22 +74,25 @@ def _plan(prepared: Prepared, script, args: DistillationConfig, blocks: dict[str
 def _row(
     name: str, kind: str, training: str, mode: str | None, model, tokenizer, blocks, script, **extra
 ) -> RunResult:
-    metrics = {
-        split: perplexity(model, b, script.eval_batch_size) for split, b in blocks.items() if split != "train"
-    }
-    samples, generate_speed = greedy_samples(model, tokenizer, script.prompts, script.max_new_tokens)
-    return RunResult(
-        name=name,
-        kind=kind,
-        training=training,
-        mode=mode,
-        metrics=metrics,
-        parameters=count_parameters(model),
-        forward_tokens_per_second=forward_speed(model, blocks["validation"], script.eval_batch_size),
-        generate_tokens_per_second=generate_speed,
-        samples=samples,
-        **extra,
-    )
+    with gathered_model(model):  # ZeRO-3: whole weights for the evaluation
+        metrics = {
+            split: perplexity(model, b, script.eval_batch_size)
+            for split, b in blocks.items()
+            if split != "train"
+        }
+        samples, generate_speed = greedy_samples(model, tokenizer, script.prompts, script.max_new_tokens)
+        return RunResult(
+            name=name,
+            kind=kind,
+            training=training,
+            mode=mode,
+            metrics=metrics,
+            parameters=count_parameters(model),
+            forward_tokens_per_second=forward_speed(model, blocks["validation"], script.eval_batch_size),
+            generate_tokens_per_second=generate_speed,
+            samples=samples,
+            **extra,
+        )
 
 
 def run(

@@ -1,0 +1,123 @@
+"""FSDP2 (``fully_shard``, gloo, CPU) on the ranks of ``torchrun``: the fused causal-LM loss of a sharded
+student against a sharded live teacher, and one optimizer step, against the same models unsharded on the
+whole batch in this process.
+
+``torchrun --nproc_per_node 2 tests/fsdp2_fused.py OUT [--tie]`` writes ``OUT/rank<R>.pt`` with both losses
+and both students' full weights after the step. The loss is formed as the trainer's fused path forms it
+(:func:`hf_distill.tasks.last_hidden_state`, :func:`hf_distill.sharding.gathered_weight`,
+:func:`hf_distill.vocab_losses.chunked_lm_losses`); Accelerate's Trainer refuses FSDP on the CPU, so the
+ranks call it directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_distill.sharding import gathered_weight
+from hf_distill.tasks import last_hidden_state
+from hf_distill.vocab_losses import chunked_lm_losses
+
+VOCAB, ROWS, LENGTH = 96, 4, 12
+
+
+def tiny_llama(seed: int, layers: int, tie: bool) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+def shard(model: LlamaForCausalLM, tie: bool) -> LlamaForCausalLM:
+    for layer in model.model.layers:
+        fully_shard(layer)
+    if not tie:  # its own unit, resharded after the forward: a DTensor when the loss reads it
+        fully_shard(model.lm_head)
+    fully_shard(model)
+    return model
+
+
+def fused_loss(student, teacher, input_ids, labels) -> torch.Tensor:
+    """0.5 * KL + 0.5 * CE over every position, as DistillationTrainer.compute_causal_lm_loss forms it."""
+    inputs = {"input_ids": input_ids}
+    hidden = last_hidden_state(student, inputs)[:, :-1].reshape(-1, 32)
+    with torch.no_grad():
+        t_hidden = last_hidden_state(teacher, inputs)[:, :-1].reshape(-1, 32)
+    with gathered_weight(student.lm_head) as head, gathered_weight(teacher.lm_head) as t_head:
+        kd, ce = chunked_lm_losses(
+            hidden,
+            head,
+            kd="kl",
+            temperature=2.0,
+            labels=labels[:, 1:].reshape(-1),
+            chunk_size=7,
+            teacher_hidden=t_hidden,
+            teacher_head=t_head,
+            grad_weights=(0.5, 0.5),
+        )
+    return 0.5 * kd + 0.5 * ce
+
+
+def full_state(model) -> dict[str, torch.Tensor]:
+    return {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+        for k, v in model.state_dict().items()
+    }
+
+
+def main(out: Path, tie: bool) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    student, teacher = tiny_llama(2, 2, tie), tiny_llama(1, 3, tie).eval()
+    teacher.requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(1, VOCAB, (ROWS, LENGTH), generator=g)
+
+    # one process, the whole batch
+    ref_student, ref_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+    ref_opt = torch.optim.AdamW(ref_student.parameters(), lr=1e-2)
+    ref_loss = fused_loss(ref_student, ref_teacher, input_ids, input_ids)
+    ref_loss.backward()
+    ref_opt.step()
+
+    # the ranks, each its slice of the batch; every position counts, so the mean of the ranks' losses is
+    # the whole batch's loss and FSDP2's averaged gradient is the whole batch's gradient
+    shard(student, tie)
+    shard(teacher, tie)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    rows = input_ids.chunk(world)[rank]
+    loss = fused_loss(student, teacher, rows, rows)
+    loss.backward()
+    opt.step()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
+    result = {"loss": mean_loss, "ref_loss": ref_loss.detach(), "state": full_state(student)}
+    result["ref_state"] = {k: v.detach().clone() for k, v in ref_student.state_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(result, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), tie="--tie" in sys.argv[2:])

@@ -1,0 +1,77 @@
+"""The fused causal-LM loss on sharded students and teachers (hf_distill.sharding), 2 CPU processes on gloo,
+against one process on the same batches.
+
+FSDP2: ``tests/fsdp2_fused.py`` on torchrun (Accelerate's Trainer refuses FSDP on the CPU).
+ZeRO-3: ``tests/zero3_train.py`` through ``accelerate launch`` with ``tests/zero3_cpu.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from launch import accelerate_launch, free_port
+
+HERE = Path(__file__).parent
+
+
+def _torchrun(script: Path, out: Path, *args: str) -> list[dict]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(free_port()), str(script), str(out), *args]
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tie", [False, True], ids=["own-head-resharded", "tied-head-in-root"])
+def test_fsdp2_fused_loss_and_step_equal_one_process(tmp_path, tie):
+    ranks = _torchrun(HERE / "fsdp2_fused.py", tmp_path, *(["--tie"] if tie else []))
+    for result in ranks:
+        torch.testing.assert_close(result["loss"], result["ref_loss"], rtol=0, atol=1e-5)
+        assert result["state"].keys() == result["ref_state"].keys()
+        for key, value in result["ref_state"].items():
+            torch.testing.assert_close(result["state"][key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def _zero3_run(out: Path, processes: int, source: str) -> dict:
+    """tests/zero3_train.py on one CPU process (global batch 4), or on 2 under ZeRO-3 (2 rows each)."""
+    env = {"PYTHONPATH": str(HERE.parent)}
+    if processes == 1:
+        accelerate_launch([HERE / "zero3_train.py", out, 4, source], processes=1, log_dir=out.parent, env=env)
+    else:  # the config's DEEPSPEED, not launch.py's --multi_gpu
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(HERE / "zero3_cpu.yaml"),
+        ]
+        command += ["--num_processes", "2", "--main_process_port", str(free_port())]
+        command += [str(HERE / "zero3_train.py"), str(out), "2", source]
+        env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=400, env={**os.environ, **env}
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    return torch.load(out / "student.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["live", "topk", "sampled"])
+def test_zero3_fused_training_equals_one_process(tmp_path, source):
+    pytest.importorskip("deepspeed")
+    one = _zero3_run(tmp_path / "one", 1, source)
+    two = _zero3_run(tmp_path / "two", 2, source)
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    assert two["sharded"] and not one["sharded"]  # the student's head was a ZeRO-3 partition
+    assert two["teacher_sharded"] == (source == "live")  # a live teacher is sharded too
+    assert len(one["losses"]) == 3
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=0, atol=1e-5)
+    for key, value in one["state"].items():
+        torch.testing.assert_close(two["state"][key], value, rtol=0, atol=1e-5, msg=key)

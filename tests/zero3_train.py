@@ -1,0 +1,110 @@
+"""Run by test_sharded_lm.py: DistillationTrainer's fused causal-LM loss for 3 steps on a tiny Llama, under
+``accelerate launch`` (ZeRO-3 with tests/zero3_cpu.yaml, or one CPU process), then each step's loss and the
+student's full weights to ``<out>/student.pt``.
+
+    python tests/zero3_train.py OUT PER_DEVICE_BATCH {live,topk,sampled}
+
+One global batch is the whole dataset (4 rows of one length, every token labelled), so the launchers'
+shuffling cannot matter and the mean of the ranks' losses is the whole batch's loss.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_distill import DistillationConfig, DistillationTrainer, precompute_teacher_logits
+from hf_distill.sharding import gathered_weight, is_zero3_partitioned
+from hf_distill.tasks import output_embedding
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int, layers: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # a teacher with a peaked, varied distribution
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+def main(out: Path, per_device_batch: int, source: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, VOCAB, (4, 12), generator=g).tolist()
+    rows = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 12] * 4, "labels": ids})
+    teacher = tiny_llama(1, layers=3)
+    if source == "topk":
+        rows = precompute_teacher_logits(teacher, rows, top_k=9, dtype="float32")
+    elif source == "sampled":
+        rows = precompute_teacher_logits(teacher, rows, num_samples=6, sample_temperature=2.0, sample_seed=4)
+    args = DistillationConfig(
+        output_dir=str(out / "run"),
+        per_device_train_batch_size=per_device_batch,
+        max_steps=3,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        temperature=2.0,
+        alpha=0.6,
+        beta=0.4,
+        lm_chunk_size=7,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+    )
+    trainer = DistillationTrainer(
+        model=tiny_llama(2, layers=2),
+        teacher_model=teacher if source == "live" else None,
+        args=args,
+        train_dataset=rows,
+    )
+    runtime = trainer.train().metrics["train_runtime"]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+    print(f"rank {trainer.accelerator.process_index}: train_runtime {runtime:.2f} s, peak RSS {peak:.0f} MB")
+    sharded = is_zero3_partitioned(trainer.model.lm_head.weight)
+    teacher_sharded = source == "live" and is_zero3_partitioned(output_embedding(trainer.teacher).weight)
+    state = {}
+    for name, param in trainer.model.named_parameters():  # gathered on every rank (a collective)
+        with gathered_weight(_Holder(param)) as full:
+            state[name] = full.detach().clone()
+    if trainer.accelerator.is_main_process:
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        torch.save(
+            {
+                "losses": losses,
+                "state": state,
+                "num_processes": trainer.accelerator.num_processes,
+                "sharded": sharded,
+                "teacher_sharded": teacher_sharded,
+            },
+            out / "student.pt",
+        )
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, weight: torch.nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
