@@ -57,13 +57,13 @@ def shard(model: LlamaForCausalLM, tie: bool) -> LlamaForCausalLM:
 
 
 def fused_loss(student, teacher, input_ids, labels) -> torch.Tensor:
-    """0.5 * KL + 0.5 * CE over every position, as DistillationTrainer.compute_causal_lm_loss forms it."""
+    """0.5 * KL + 0.5 * CE over every position, as DistillationTrainer.compute_fused_lm_loss forms it."""
     inputs = {"input_ids": input_ids}
     hidden = last_hidden_state(student, inputs)[:, :-1].reshape(-1, 32)
     with torch.no_grad():
         t_hidden = last_hidden_state(teacher, inputs)[:, :-1].reshape(-1, 32)
     with gathered_weight(student.lm_head) as head, gathered_weight(teacher.lm_head) as t_head:
-        kd, ce = chunked_lm_losses(
+        out = chunked_lm_losses(
             hidden,
             head,
             kd="kl",
@@ -72,9 +72,10 @@ def fused_loss(student, teacher, input_ids, labels) -> torch.Tensor:
             chunk_size=7,
             teacher_hidden=t_hidden,
             teacher_head=t_head,
-            grad_weights=(0.5, 0.5),
+            kd_weight=0.5,
+            ce_weight=0.5,
         )
-    return 0.5 * kd + 0.5 * ce
+    return out.loss
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
