@@ -54,7 +54,13 @@ def sample_teacher_tokens(
         raise ValueError(f"num_samples={num_samples} must be at least 1.")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be positive.")
-    probs = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    return _draw(F.softmax(teacher_logits.float() / temperature, dim=-1), num_samples, generator)
+
+
+def _draw(
+    probs: torch.Tensor, num_samples: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` draws per row of ``probs`` ``(N, V)`` (unnormalised), as distinct ids and counts."""
     draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
     draws, _ = draws.sort(dim=-1)
     starts = torch.ones_like(draws, dtype=torch.bool)
@@ -63,6 +69,63 @@ def sample_teacher_tokens(
     counts = torch.zeros_like(draws).scatter_add_(-1, slot, torch.ones_like(draws))
     ids = torch.zeros_like(draws).scatter_(-1, slot, draws)  # all draws of a slot carry the same id
     return ids, counts
+
+
+def sample_head_and_tail(
+    teacher_logits: torch.Tensor,
+    head: int,
+    num_samples: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RS-KD with an exact head: the ``head`` most likely tokens kept exactly, ``num_samples`` draws from the rest.
+
+    With ``p = softmax(z_t / T)``, ``H`` the ``head`` largest entries of ``p`` and ``m = 1 - sum_{i in H} p_i``
+    the tail's mass, the tail draws ``x_1, ..., x_n ~ p_i / m`` (``i`` not in ``H``) are stored as
+    :func:`sample_teacher_tokens` stores its draws. The sparse target (:func:`head_tail_weights`) puts
+    ``p_i`` on each head id and ``m * c_j / n`` on a tail id drawn ``c_j`` times: its expectation over
+    the draws is ``p`` exactly, and its variance is that of plain RS-KD restricted to the tail, scaled
+    by ``m**2``. A row whose tail holds no mass (``m = 0`` in float32) draws uniformly: those draws
+    weigh 0.
+
+    Shapes: ``teacher_logits``: ``(N, V)``. Returns ``(head_ids, head_probs, tail_ids, tail_counts)``:
+    ``(N, head)`` int64 ids by decreasing probability and their float32 probabilities; ``(N,
+    num_samples)`` int64 tail ids and counts as :func:`sample_teacher_tokens` returns them.
+    """
+    if teacher_logits.dim() != 2:
+        raise ValueError(
+            f"teacher_logits must be (N, V), got shape {tuple(teacher_logits.shape)}; flatten the "
+            "batch and sequence dimensions first (logits.flatten(0, -2))."
+        )
+    if not 1 <= head < teacher_logits.shape[-1]:
+        raise ValueError(
+            f"head={head} must be between 1 and the vocabulary size minus one, {teacher_logits.shape[-1] - 1}."
+        )
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be at least 1.")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive.")
+    probs = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    head_probs, head_ids = probs.topk(head, dim=-1)
+    tail = probs.scatter(-1, head_ids, 0.0)
+    empty = tail.sum(-1) <= 0
+    if bool(empty.any()):
+        tail[empty] = 1.0
+    tail_ids, tail_counts = _draw(tail, num_samples, generator)
+    return head_ids, head_probs, tail_ids, tail_counts
+
+
+def head_tail_weights(head_probs: torch.Tensor, tail_counts: torch.Tensor) -> torch.Tensor:
+    """The sparse target of :func:`sample_head_and_tail`: ``[p_head, m * c / n]`` with ``m = 1 - sum p_head``.
+
+    ``m`` is clamped at 0 (a head holding all the mass, rounded); ``n = sum_j c_j`` (at least 1, so a
+    padded position with no draws weighs its head only). Shapes: ``head_probs``: ``(..., h)``,
+    ``tail_counts``: ``(..., n)``; returns ``(..., h + n)`` float32 weights, the ``teacher_values`` of
+    ``chunked_lm_losses(kd="sampled")`` for the ids ``[head_ids, tail_ids]``.
+    """
+    head_probs, counts = head_probs.float(), tail_counts.float()
+    tail_mass = (1.0 - head_probs.sum(-1, keepdim=True)).clamp_min(0.0)
+    return torch.cat([head_probs, tail_mass * counts / counts.sum(-1, keepdim=True).clamp_min(1.0)], dim=-1)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
