@@ -21,9 +21,11 @@ TEACHER_LOGIT_COLUMNS = (
     "teacher_topk_indices",
     "teacher_sample_ids",
     "teacher_sample_counts",
+    "teacher_head_ids",
+    "teacher_head_probs",
 )
 # Of those, the columns of integers (vocabulary ids and counts), kept as integers.
-_INTEGER_COLUMNS = ("teacher_topk_indices", "teacher_sample_ids", "teacher_sample_counts")
+_INTEGER_COLUMNS = ("teacher_topk_indices", "teacher_sample_ids", "teacher_sample_counts", "teacher_head_ids")
 # The teacher's own tokenization, used when teacher and student tokenizers differ.
 TEACHER_INPUT_PREFIX = "teacher_"
 
@@ -50,7 +52,8 @@ class DistillationDataCollator:
       ones, padded with zeros on the side the tokenizer pads to the student's padded length ``L``
       (padded positions are masked out of the loss). Likewise ``teacher_topk_values`` /
       ``teacher_topk_indices`` ``(B, L, k)`` and ``teacher_sample_ids`` / ``teacher_sample_counts``
-      ``(B, L, n)`` (ids and counts as int64).
+      ``(B, L, n)`` (ids and counts as int64), with ``teacher_head_ids`` / ``teacher_head_probs``
+      ``(B, L, h)`` for an RS-KD cache with an exact head.
 
     Without a ``base_collator``: ``DataCollatorForTokenClassification`` when the labels are lists,
     ``DataCollatorWithPadding`` for scalar labels, ``default_data_collator`` with no tokenizer.

@@ -37,7 +37,9 @@ class TeacherOutput:
 
     ``logits``: ``(B, C)``, ``(B, L, C)``, or ``(B, L, 2)`` for question answering (start, end);
     ``topk_values`` / ``topk_indices``: ``(B, L, k)`` sparse teacher logits; ``sample_ids`` /
-    ``sample_counts``: ``(B, L, n)`` tokens drawn from the teacher (RS-KD); ``hidden_states`` /
+    ``sample_counts``: ``(B, L, n)`` tokens drawn from the teacher (RS-KD) and how often each was drawn,
+    or, from a cache with an exact head, ``(B, L, h + n)`` head and tail ids with their weights
+    (:func:`sampled_target`); ``hidden_states`` /
     ``attentions``: the teacher model's, when a hidden-state or attention loss asks for them (for the
     fused causal-LM loss, ``hidden_states`` holds the teacher's last hidden state alone and ``logits``
     is None).
@@ -50,6 +52,21 @@ class TeacherOutput:
     sample_counts: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def sampled_target(inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RS-KD cache's sparse target in a batch: ``(ids, values)`` for ``kd="sampled"``.
+
+    Plain RS-KD: ``teacher_sample_ids`` and their ``teacher_sample_counts``. With an exact head
+    (``teacher_head_ids`` and ``teacher_head_probs``): the head ids then the tail's, weighted by
+    :func:`hf_distill.vocab_losses.head_tail_weights` (``p_i`` on each head id, ``m * c_j / n`` on the
+    tail's). Either way the loss takes ``values / sum(values)`` as the target's weights.
+    """
+    ids, counts = inputs["teacher_sample_ids"], inputs["teacher_sample_counts"]
+    if "teacher_head_ids" not in inputs:
+        return ids, counts
+    weights = vocab_losses.head_tail_weights(inputs["teacher_head_probs"], counts)
+    return torch.cat([inputs["teacher_head_ids"], ids], dim=-1), weights
 
 
 def default_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
@@ -232,9 +249,8 @@ class DistillationTrainer(Trainer):
                 topk_values=inputs["teacher_topk_values"], topk_indices=inputs["teacher_topk_indices"]
             )
         if "teacher_sample_ids" in inputs and not (hidden_states or attentions):
-            return TeacherOutput(
-                sample_ids=inputs["teacher_sample_ids"], sample_counts=inputs["teacher_sample_counts"]
-            )
+            ids, values = sampled_target(inputs)
+            return TeacherOutput(sample_ids=ids, sample_counts=values)
         if not self.teachers:
             raise InputError(
                 "This batch has no precomputed teacher logits and no teacher_model was given: pass teacher_model, "
@@ -477,10 +493,8 @@ class DistillationTrainer(Trainer):
                 }
             elif "teacher_sample_ids" in inputs:
                 kd = "sampled"
-                sparse = {
-                    "teacher_ids": inputs["teacher_sample_ids"],
-                    "teacher_values": inputs["teacher_sample_counts"],
-                }
+                ids, values = sampled_target(inputs)
+                sparse = {"teacher_ids": ids, "teacher_values": values}
             elif self.teacher is None:
                 raise InputError(
                     "This batch has no precomputed teacher outputs and no teacher_model was given: pass "

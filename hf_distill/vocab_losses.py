@@ -189,7 +189,7 @@ def _kd_grad(
         log_w = F.log_softmax(values.float() / temperature, dim=-1)
         w = log_w.exp()
         per_position = (w * (log_w - log_p_s_ids)).sum(-1)
-    else:  # sampled: w_j = c_j / n, l = -sum_j w_j log p_s[id_j]
+    else:  # sampled: w_j = c_j / n (or head-and-tail weights, summing to 1), l = -sum_j w_j log p_s[id_j]
         counts = values.float()
         w = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
         per_position = -(w * log_p_s_ids).sum(-1)
@@ -428,7 +428,10 @@ def chunked_lm_losses(
       :func:`sample_teacher_tokens`). Its expectation over the draws is the cross-entropy
       ``H(p_t, p_s) = KL(p_t || p_s) + H(p_t)``: the value is a cross-entropy, not a KL (it exceeds
       the KL by the teacher's entropy), but the teacher's entropy does not depend on the student, so
-      its gradient is an unbiased estimate of the ``"kl"`` gradient.
+      its gradient is an unbiased estimate of the ``"kl"`` gradient. The values are read as
+      weights, ``w_j = v_j / sum_k v_k``: counts as above, or the exact-head-plus-sampled-tail
+      weights of :func:`head_tail_weights` (``p_i`` on head ids, ``m c_j / n`` on tail ids), whose
+      expectation is ``p_t`` too, so the same holds of them.
 
     The hard-label loss is the cross-entropy at ``T = 1``, ``-log softmax(z_s)[y]``, averaged over
     the positions whose label ``y`` is not ``-100`` (zero when none is).
@@ -445,7 +448,7 @@ def chunked_lm_losses(
     ``student_head``: ``(V, D)``, no bias (may be tied to the input embeddings); ``teacher_hidden``:
     ``(N, Dt)`` and ``teacher_head``: ``(V, Dt)`` for ``kl``, ``reverse_kl``, ``jsd``;
     ``teacher_ids``: ``(N, k)`` integers and ``teacher_values``: ``(N, k)``, the top-k logits
-    (``topk``) or the counts (``sampled``; a count of 0 marks an empty slot); ``labels``: ``(N,)``.
+    (``topk``) or the counts or weights (``sampled``; 0 marks an empty slot); ``labels``: ``(N,)``.
 
     Returns ``(kd, ce)``, scalars in float32: ``kd`` is a zero tensor when ``kd is None``; ``ce`` is
     ``None`` when ``labels`` is ``None``.
