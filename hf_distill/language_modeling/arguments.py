@@ -127,6 +127,14 @@ class DistillLMArguments:
     num_samples: int = field(
         default=12, metadata={"help": "Tokens drawn per token for the RS-KD cache (1 to 255)."}
     )
+    sample_head: int = field(
+        default=0,
+        metadata={
+            "help": "RS-KD cache with an exact head: the sample_head most likely tokens per token are kept with "
+            "their probabilities (4 bytes each) and the num_samples draws (3 bytes each) come from the rest; "
+            "0 for plain RS-KD. At least 0 and below the teacher's vocabulary size."
+        },
+    )
     precompute_batch_tokens: int | None = field(
         default=None,
         metadata={
@@ -174,6 +182,7 @@ class DistillLMArguments:
             "student_num_layers": (1, None),
             "top_k": (1, None),
             "num_samples": (1, 255),
+            "sample_head": (0, None),
             "max_new_tokens": (1, None),
             "eval_batch_size": (1, None),
             "precompute_batch_tokens": (1, None),
