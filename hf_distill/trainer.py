@@ -57,12 +57,17 @@ class TeacherOutput:
 def sampled_target(inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """The RS-KD cache's sparse target in a batch: ``(ids, values)`` for ``kd="sampled"``.
 
-    Plain RS-KD: ``teacher_sample_ids`` and their ``teacher_sample_counts``. With an exact head
+    Plain RS-KD: ``teacher_sample_ids`` and their ``teacher_sample_counts`` (or, from a tempered
+    proposal, their importance weights ``teacher_sample_weights``). With an exact head
     (``teacher_head_ids`` and ``teacher_head_probs``): the head ids then the tail's, weighted by
     :func:`hf_distill.vocab_losses.head_tail_weights` (``p_i`` on each head id, ``m * c_j / n`` on the
-    tail's). Either way the loss takes ``values / sum(values)`` as the target's weights.
+    tail's). Either way the values are the target's weights, summing to 1 (counts: to ``n``, read as ``c / n``).
     """
-    ids, counts = inputs["teacher_sample_ids"], inputs["teacher_sample_counts"]
+    ids = inputs["teacher_sample_ids"]
+    if "teacher_sample_counts" in inputs:
+        counts = inputs["teacher_sample_counts"]
+    else:  # importance weights, stored rounded: summing to 1 again (the loss leaves sums below 1 as they are)
+        counts = vocab_losses.normalised(inputs["teacher_sample_weights"])
     if "teacher_head_ids" not in inputs:
         return ids, counts
     weights = vocab_losses.head_tail_weights(inputs["teacher_head_probs"], counts)

@@ -77,6 +77,7 @@ def sample_head_and_tail(
     num_samples: int,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    proposal_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """RS-KD with an exact head: the ``head`` most likely tokens kept exactly, ``num_samples`` draws from the rest.
 
@@ -86,7 +87,8 @@ def sample_head_and_tail(
     ``p_i`` on each head id and ``m * c_j / n`` on a tail id drawn ``c_j`` times: its expectation over
     the draws is ``p`` exactly, and its variance is that of plain RS-KD restricted to the tail, scaled
     by ``m**2``. A row whose tail holds no mass (``m = 0`` in float32) draws uniformly: those draws
-    weigh 0.
+    weigh 0. With ``proposal_temperature != 1`` the tail is drawn from a tempered proposal and
+    ``tail_counts`` are float importance weights (:func:`sample_sparse_target`).
 
     Shapes: ``teacher_logits``: ``(N, V)``. Returns ``(head_ids, head_probs, tail_ids, tail_counts)``:
     ``(N, head)`` int64 ids by decreasing probability and their float32 probabilities; ``(N,
@@ -111,21 +113,98 @@ def sample_head_and_tail(
     empty = tail.sum(-1) <= 0
     if bool(empty.any()):
         tail[empty] = 1.0
+    if proposal_temperature != 1.0:  # tail weights in the counts' place (sample_sparse_target)
+        tail_ids, tail_weights = _draw_tempered(tail, num_samples, proposal_temperature, generator)
+        return head_ids, head_probs, tail_ids, tail_weights
     tail_ids, tail_counts = _draw(tail, num_samples, generator)
     return head_ids, head_probs, tail_ids, tail_counts
+
+
+def sample_sparse_target(
+    teacher_logits: torch.Tensor,
+    num_samples: int,
+    temperature: float = 1.0,
+    *,
+    head: int = 0,
+    proposal_temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """The RS-KD cache's draws for one batch, in any of its forms: plain, exact head, tempered proposal.
+
+    - ``head = 0``, ``proposal_temperature = 1``: :func:`sample_teacher_tokens`, ``(ids, counts)``.
+    - ``head > 0``: :func:`sample_head_and_tail`, ``(head_ids, head_probs, tail_ids, tail_counts)``.
+    - ``proposal_temperature = tau != 1``: the draws come from the proposal ``q ∝ r**(1/tau)`` instead of
+      the target ``r`` (``p``, or the tail ``p / m`` with a head), and each distinct id carries the
+      self-normalised importance weight ``w_j = c_j r_j / q_j / sum_k c_k r_k / q_k`` (the normalising
+      constants cancel: ``r_j / q_j ∝ r_j**(1 - 1/tau)``): float32 weights summing to 1 take the
+      counts' place. ``tau > 1`` flattens the proposal (more of the tail is seen), ``tau < 1``
+      sharpens it. Self-normalised importance sampling is consistent, not unbiased: its bias
+      shrinks as ``1 / n``.
+
+    Shapes: ``teacher_logits``: ``(N, V)``; every output ``(N, head)`` or ``(N, num_samples)``.
+    """
+    if not 0 < proposal_temperature < float("inf"):
+        raise ValueError(f"proposal_temperature={proposal_temperature} must be positive and finite.")
+    if head:
+        head_ids, head_probs, tail_ids, tail_counts = sample_head_and_tail(
+            teacher_logits, head, num_samples, temperature, generator, proposal_temperature
+        )
+        return head_ids, head_probs, tail_ids, tail_counts
+    if proposal_temperature == 1.0:
+        return sample_teacher_tokens(teacher_logits, num_samples, temperature, generator)
+    if teacher_logits.dim() != 2:
+        raise ValueError(
+            f"teacher_logits must be (N, V), got shape {tuple(teacher_logits.shape)}; flatten the "
+            "batch and sequence dimensions first (logits.flatten(0, -2))."
+        )
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be at least 1.")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive.")
+    return _draw_tempered(
+        F.softmax(teacher_logits.float() / temperature, dim=-1), num_samples, proposal_temperature, generator
+    )
+
+
+def _draw_tempered(
+    target: torch.Tensor, num_samples: int, proposal_temperature: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws from ``q ∝ target**(1/tau)`` (``target`` ``(N, V)``, unnormalised), as distinct ids and their
+    self-normalised importance weights ``c_j (target_j / q_j)``, summing to 1 per row."""
+    log_target = target.log()
+    log_q = log_target / proposal_temperature
+    proposal = (log_q - log_q.amax(-1, keepdim=True)).exp()
+    ids, counts = _draw(proposal, num_samples, generator)
+    drawn = counts > 0
+    log_ratio = torch.where(
+        drawn, (1.0 - 1.0 / proposal_temperature) * log_target.gather(-1, ids), -torch.inf
+    )
+    weights = counts * (log_ratio - log_ratio.amax(-1, keepdim=True)).exp()
+    return ids, weights / weights.sum(-1, keepdim=True)
 
 
 def head_tail_weights(head_probs: torch.Tensor, tail_counts: torch.Tensor) -> torch.Tensor:
     """The sparse target of :func:`sample_head_and_tail`: ``[p_head, m * c / n]`` with ``m = 1 - sum p_head``.
 
-    ``m`` is clamped at 0 (a head holding all the mass, rounded); ``n = sum_j c_j`` (at least 1, so a
-    padded position with no draws weighs its head only). Shapes: ``head_probs``: ``(..., h)``,
+    ``m`` is clamped at 0 (a head holding all the mass, rounded); ``n = sum_j c_j`` (a padded position
+    with no draws weighs its head only). ``tail_counts`` may be importance weights (a tempered
+    proposal): they are normalised the same way (:func:`normalised`), so the weights sum to 1. Shapes: ``head_probs``: ``(..., h)``,
     ``tail_counts``: ``(..., n)``; returns ``(..., h + n)`` float32 weights, the ``teacher_values`` of
     ``chunked_lm_losses(kd="sampled")`` for the ids ``[head_ids, tail_ids]``.
     """
-    head_probs, counts = head_probs.float(), tail_counts.float()
+    head_probs = head_probs.float()
     tail_mass = (1.0 - head_probs.sum(-1, keepdim=True)).clamp_min(0.0)
-    return torch.cat([head_probs, tail_mass * counts / counts.sum(-1, keepdim=True).clamp_min(1.0)], dim=-1)
+    return torch.cat([head_probs, tail_mass * normalised(tail_counts)], dim=-1)
+
+
+def normalised(values: torch.Tensor) -> torch.Tensor:
+    """``values / sum(values)`` over the last dim in float32; a row summing to 0 (padding) stays 0.
+
+    Counts ``c / n``; stored importance weights (float16) summing to 1 again after their rounding.
+    """
+    values = values.float()
+    total = values.sum(-1, keepdim=True)
+    return values / torch.where(total > 0, total, 1.0)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from hf_distill import losses
 from hf_distill.losses import chunked_lm_losses, sample_teacher_tokens
-from hf_distill.vocab_losses import head_tail_weights, sample_head_and_tail
+from hf_distill.vocab_losses import head_tail_weights, sample_head_and_tail, sample_sparse_target
 
 N, D, DT, V = 13, 6, 5, 17  # 13 positions: chunk sizes 4 and 5 do not divide it, 13 and 64 hold it whole
 
@@ -363,6 +363,43 @@ def test_head_and_tail_when_the_head_holds_all_the_mass():
     torch.testing.assert_close(weights.sum(-1), torch.ones(2))
     with pytest.raises(ValueError, match="head=4 must be between 1 and the vocabulary size minus one"):
         sample_head_and_tail(logits, 4, 3)
+
+
+def _mean_target(ids, weights, draws, n, vocab):
+    return torch.zeros(draws * n, vocab).scatter_add_(-1, ids, weights).view(draws, n, vocab).mean(0)
+
+
+def test_tempered_proposal_weights_are_self_normalised_and_consistent():
+    """Draws from ``q ∝ p**(1/tau)`` weighted ``c_j p_j / q_j``, normalised: weights sum to 1, ``tau = 1`` is
+    plain RS-KD draw for draw, and the mean target's error (the ratio estimator's bias) shrinks as ``1/n``."""
+    g = torch.Generator().manual_seed(8)
+    T, n, vocab, draws = 2.0, 3, 11, 2000
+    logits = torch.randn(n, vocab, generator=g) * 2
+    p_t = F.softmax(logits / T, dim=-1)
+    plain = sample_teacher_tokens(logits, 7, T, generator=torch.Generator().manual_seed(1))
+    same = sample_sparse_target(
+        logits, 7, T, proposal_temperature=1.0, generator=torch.Generator().manual_seed(1)
+    )
+    assert all(torch.equal(a, b) for a, b in zip(plain, same, strict=True))
+    for tau in (2.0, 0.5):
+        errors = []
+        for num_samples in (10, 40):
+            ids, weights = sample_sparse_target(
+                logits.repeat(draws, 1), num_samples, T, proposal_temperature=tau, generator=g
+            )
+            assert weights.dtype == torch.float32
+            torch.testing.assert_close(weights.sum(-1), torch.ones(draws * n))
+            errors.append((_mean_target(ids, weights, draws, n, vocab) - p_t).abs().max())
+        assert errors[1] < 0.5 * errors[0] and errors[1] < 0.03, (tau, errors)
+        # with an exact head: the head exact, the tail's weights in the counts' place
+        head_ids, head_probs, tail_ids, tail_weights = sample_sparse_target(
+            logits.repeat(draws, 1), 40, T, head=2, proposal_temperature=tau, generator=g
+        )
+        torch.testing.assert_close(head_probs[:n], p_t.topk(2).values)
+        target = _mean_target(
+            torch.cat([head_ids, tail_ids], -1), head_tail_weights(head_probs, tail_weights), draws, n, vocab
+        )
+        assert (target - p_t).abs().max() < 0.01
 
 
 def test_a_second_backward_says_to_recompute():

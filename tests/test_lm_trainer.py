@@ -177,6 +177,50 @@ def test_fused_head_and_tail_cache_matches_an_independent_computation(tmp_path):
     )
 
 
+@pytest.mark.parametrize("head", [0, 2])
+def test_tempered_proposal_cache_trains_on_its_importance_weights(tmp_path, head):
+    teacher, student, rows = tiny_llama(1, layers=3), tiny_llama(2), lm_rows()
+    n = 8
+    cached = precompute_teacher_logits(
+        teacher,
+        rows,
+        cache_dir=tmp_path / "cache",
+        num_samples=n,
+        sample_head=head,
+        sample_proposal_temperature=2.0,
+    )
+    provenance = read_provenance(cached)
+    assert provenance["sampling"]["proposal_temperature"] == 2.0
+    assert (
+        "teacher_sample_weights" in cached.column_names and "teacher_sample_counts" not in cached.column_names
+    )
+    # per draw a uint16 id + a float16 weight, per head token a uint16 id + a float16 probability
+    assert provenance["bytes_per_token"] == pytest.approx(head * 4 + n * 4 + (4 if head else 2) * 4 / 12)
+    args = config(tmp_path, temperature=1.0, alpha=1.0, beta=0.0, lm_chunk_size=5)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=cached)
+    batch = batch_of(cached, trainer)
+    assert batch["teacher_sample_weights"].dtype == torch.float32
+    student.train()
+    loss = trainer.compute_loss(student, batch)
+
+    def weighted(z, counted):
+        ids, weights = (
+            batch["teacher_sample_ids"][:, :-1][counted],
+            batch["teacher_sample_weights"][:, :-1][counted],
+        )
+        if head:
+            probs = batch["teacher_head_probs"][:, :-1][counted]
+            ids = torch.cat([batch["teacher_head_ids"][:, :-1][counted], ids], -1)
+            weights = torch.cat(
+                [probs, (1 - probs.sum(-1, keepdim=True)) * weights / weights.sum(-1, keepdim=True)], -1
+            )
+        weights = weights / weights.sum(-1, keepdim=True)
+        return -(weights * F.log_softmax(z[counted], -1).gather(-1, ids)).sum(-1).mean()
+
+    kd, _ = dense_reference(student, batch, weighted)
+    torch.testing.assert_close(loss, kd, rtol=1e-5, atol=1e-6)
+
+
 def test_sampled_cache_is_the_same_whatever_the_batching(tmp_path):
     teacher, rows = tiny_llama(1), lm_rows()
     a = precompute_teacher_logits(teacher, rows, num_samples=8, sample_seed=1, max_batch_size=1)

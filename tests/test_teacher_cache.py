@@ -192,6 +192,8 @@ FORMATS = {
     "topk": {"top_k": 8},
     "sampled": {"num_samples": 6, "sample_temperature": 1.5, "sample_seed": 3},
     "head": {"num_samples": 5, "sample_head": 2, "sample_seed": 3},
+    "tempered": {"num_samples": 5, "sample_proposal_temperature": 2.0, "sample_seed": 3},
+    "head, tempered": {"num_samples": 5, "sample_head": 1, "sample_proposal_temperature": 0.5},
 }
 _SAME = ("key", "columns", "num_rows", "top_k", "sampling", "teacher_bytes", "bytes_per_token")
 
@@ -212,7 +214,7 @@ def test_one_teacher_pass_writes_every_format_as_each_alone_would(tmp_path):
     passes = counter.calls
     for name in FORMATS:
         alone, calls = _alone(_gpt2(1), dataset, tmp_path / name, name, **budget)
-        assert calls == passes > 0  # four formats from the forwards of one
+        assert calls == passes > 0  # six formats from the forwards of one
         assert together[name].column_names == alone.column_names
         for column in alone.column_names:
             assert together[name][column] == alone[column], (name, column)  # same computation: bitwise
@@ -258,8 +260,16 @@ def test_bad_formats_are_refused_in_one_line(tmp_path):
         precompute_teacher_caches(teacher, dataset, {"a": {"k": 3}}, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="at least one format"):
         precompute_teacher_caches(teacher, dataset, {}, cache_dir=tmp_path)
-    with pytest.raises(ValueError, match="sample_head=2 needs num_samples"):
-        precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, sample_head=2)
+    for shape in ({"sample_head": 2}, {"sample_proposal_temperature": 2.0}):
+        with pytest.raises(
+            ValueError, match="sample_proposal_temperature shape the RS-KD draws: they need num_samples"
+        ):
+            precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, **shape)
+    for tau in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match=rf"sample_proposal_temperature must be > 0 .*, got {tau}\."):
+            precompute_teacher_logits(
+                teacher, dataset, cache_dir=tmp_path, num_samples=4, sample_proposal_temperature=tau
+            )
     vocab = len(VOCAB)
     for head in (-1, vocab):
         with pytest.raises(

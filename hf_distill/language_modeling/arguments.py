@@ -135,6 +135,14 @@ class DistillLMArguments:
             "0 for plain RS-KD. At least 0 and below the teacher's vocabulary size."
         },
     )
+    sample_proposal_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "RS-KD cache drawn from a tempered proposal: tau > 0; the draws (of the tail, with sample_head) "
+            "come from p**(1/tau), normalised, each stored with its self-normalised importance weight p/q (a "
+            "float16 in place of the uint8 count: 4 bytes a draw); 1 draws from the teacher itself."
+        },
+    )
     precompute_batch_tokens: int | None = field(
         default=None,
         metadata={
@@ -200,6 +208,11 @@ class DistillLMArguments:
             raise InputError(
                 f"student_layers={self.student_layers} has {len(self.student_layers)} entries but "
                 f"student_num_layers={self.student_num_layers}: give one teacher layer per student layer."
+            )
+        if not 0 < self.sample_proposal_temperature < math.inf:
+            raise InputError(
+                f"sample_proposal_temperature must be > 0 and finite (1 draws from the teacher itself), got "
+                f"{self.sample_proposal_temperature}."
             )
         if not math.isfinite(self.validation_size):
             raise InputError(f"validation_size must be finite, got {self.validation_size}.")

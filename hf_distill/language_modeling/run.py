@@ -68,6 +68,8 @@ def _plan(prepared: Prepared, script, args: DistillationConfig, blocks: dict[str
             size = f"top {script.top_k} logits" if mode == "topk" else f"{script.num_samples} sampled tokens"
             if mode == "sampled" and script.sample_head:
                 size = f"{script.sample_head} most likely tokens exactly and {script.num_samples} sampled from the rest"
+            if mode == "sampled" and script.sample_proposal_temperature != 1.0:
+                size += f" (proposal at tau = {script.sample_proposal_temperature:g}, importance-weighted)"
             lines.append(
                 f"hf_distill: plan: cache the teacher's {size} per token (reused when cached before)"
             )
@@ -134,7 +136,8 @@ def run(
     formats = {
         "topk": {"top_k": script.top_k},
         "sampled": {"num_samples": script.num_samples, "sample_temperature": args.temperature,
-                    "sample_seed": args.seed, "sample_head": script.sample_head},
+                    "sample_seed": args.seed, "sample_head": script.sample_head,
+                    "sample_proposal_temperature": script.sample_proposal_temperature},
     }  # fmt: skip
     formats = {mode: spec for mode, spec in formats.items() if mode in script.teacher_modes}
     bytes_per_token = {}

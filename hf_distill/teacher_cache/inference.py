@@ -28,7 +28,7 @@ from ..ragged import (
     longest_first,
 )
 from ..tasks import output_logits
-from ..vocab_losses import sample_head_and_tail, sample_teacher_tokens
+from ..vocab_losses import sample_sparse_target
 from .key import AUTOCAST_DTYPES
 from .storage import format_columns
 
@@ -183,7 +183,7 @@ class _TeacherLogits:
         for prefix, (top_k, sampling) in self.formats.items():
             if sampling:  # NaN or inf in the teacher's logits are refused before sampling
                 own = self._sample(logits, layout, flat, sampling)
-                stored += [v for k, v in own.items() if k == "teacher_head_probs"]
+                stored += [v for k, v in own.items() if k in ("teacher_head_probs", "teacher_sample_weights")]
             elif self.task in tasks.VOCABULARY_TASKS and top_k is not None:
                 values, indices = logits.topk(self.outputs[prefix + "teacher_topk_values"][1], dim=-1)
                 own = {"teacher_topk_values": values, "teacher_topk_indices": indices.to(torch.int32)}
@@ -214,8 +214,9 @@ class _TeacherLogits:
         Each row draws from its own generator, seeded by the sampling seed and a hash of the row's
         tokens, so the draws do not depend on how rows are batched, windowed or sharded, nor on the
         other formats computed from the same forward. With ``sampling["head"] = h`` the ``h`` most
-        likely tokens are kept exactly and the draws come from the rest
-        (:func:`~hf_distill.vocab_losses.sample_head_and_tail`).
+        likely tokens are kept exactly and the draws come from the rest, and with
+        ``sampling["proposal_temperature"]`` from a tempered proposal, importance-weighted
+        (:func:`~hf_distill.vocab_losses.sample_sparse_target`).
         """
         if not bool(torch.isfinite(logits).all()):
             raise InputError(
@@ -224,24 +225,27 @@ class _TeacherLogits:
             )
         values, offsets = flat["input_ids"]
         n, head, temperature = sampling["num_samples"], sampling.get("head", 0), sampling["temperature"]
-        out = {}
-        if head:
-            out["teacher_head_ids"] = torch.empty(
-                logits.shape[0], head, dtype=torch.int64, device=logits.device
-            )
-            out["teacher_head_probs"] = torch.empty(logits.shape[0], head, device=logits.device)
-        out["teacher_sample_ids"] = torch.empty(logits.shape[0], n, dtype=torch.int64, device=logits.device)
-        out["teacher_sample_counts"] = torch.empty_like(out["teacher_sample_ids"])
+        proposal = sampling.get("proposal_temperature", 1.0)
+        names = format_columns(self.teacher, self.task, "float32", None, sampling)  # in the order drawn
+        out = {
+            name: torch.empty(logits.shape[0], width, device=logits.device,
+                              dtype=torch.float32 if stored == "float32" else torch.int64)
+            for name, (stored, width) in names.items()
+        }  # fmt: skip
         start = 0
         for row, length in zip(layout.rows.tolist(), layout.lengths.tolist(), strict=True):
             tokens = np.ascontiguousarray(values[offsets[row] : offsets[row + 1]], dtype=np.int64)
             seed = zlib.crc32(tokens.tobytes(), sampling["seed"] & 0xFFFFFFFF)
             generator = torch.Generator(device=logits.device).manual_seed(seed)
             stop = start + length
-            if head:
-                drawn = sample_head_and_tail(logits[start:stop], head, n, temperature, generator)
-            else:
-                drawn = sample_teacher_tokens(logits[start:stop], n, temperature, generator)
+            drawn = sample_sparse_target(
+                logits[start:stop],
+                n,
+                temperature,
+                head=head,
+                proposal_temperature=proposal,
+                generator=generator,
+            )
             for name, value in zip(out, drawn, strict=True):
                 out[name][start:stop] = value
             start = stop

@@ -144,8 +144,9 @@ def _resolve_top_k(task: str, top_k: int | None) -> int | None:
 def _resolve_sampling(
     task: str, sampling: Mapping[str, Any] | None, top_k: int | None, vocab_size: int | None = None
 ) -> dict[str, Any] | None:
-    """The RS-KD sampling settings as stored in the key: ``num_samples``, ``temperature``, ``seed``, and
-    ``head`` when the cache keeps an exact head (left out at 0, so plain RS-KD keys stay as they were)."""
+    """The RS-KD sampling settings as stored in the key: ``num_samples``, ``temperature``, ``seed``;
+    ``head`` when the cache keeps an exact head and ``proposal_temperature`` when the draws come from a
+    tempered proposal (each left out at its default, so plain RS-KD keys stay as they were)."""
     if not sampling:
         return None
     if task not in tasks.VOCABULARY_TASKS:
@@ -168,8 +169,14 @@ def _resolve_sampling(
             f"sample_head (tokens kept exactly before the sampled tail) must be a whole number >= 0{bound}, "
             f"got {head}."
         )
+    proposal = float(sampling.get("proposal_temperature", 1.0))
+    if not 0 < proposal < float("inf"):
+        raise InputError(
+            f"sample_proposal_temperature must be > 0 (1 draws from the teacher itself), got {proposal}."
+        )
     resolved = {"num_samples": n, "temperature": temperature, "seed": int(sampling.get("seed", 0))}
-    return resolved | ({"head": int(head)} if head else {})
+    resolved |= {"head": int(head)} if head else {}
+    return resolved | ({"proposal_temperature": proposal} if proposal != 1.0 else {})
 
 
 def index_dtype(vocab_size: int) -> str:

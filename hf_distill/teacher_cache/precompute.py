@@ -93,6 +93,7 @@ def precompute_teacher_logits(
     sample_temperature: float = 1.0,
     sample_seed: int = 0,
     sample_head: int = 0,
+    sample_proposal_temperature: float = 1.0,
     autocast_dtype: str | None = None,
     max_batch_tokens: int | None = None,
     max_batch_size: int = 512,
@@ -126,6 +127,11 @@ def precompute_teacher_logits(
             ``sample_temperature`` in ``dtype``: 4 bytes per head token in float16) and draw the
             ``num_samples`` from the rest (:func:`hf_distill.vocab_losses.sample_head_and_tail`); 0
             (default) for plain RS-KD. Must be below the vocabulary size.
+        sample_proposal_temperature: with ``num_samples``: ``tau``, the draws (of the tail, with a
+            head) come from the proposal ``q ∝ p**(1/tau)`` and each distinct id is stored with its
+            self-normalised importance weight ``c_j p_j / q_j`` (``teacher_sample_weights`` in the
+            stored dtype, in place of the counts: 4 bytes per draw in float16); 1 (default) draws from
+            ``p`` itself.
         autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run the teacher under ``torch.autocast``.
         max_batch_tokens: padded tokens per forward pass (rows times longest row); default
             :func:`default_batch_tokens` of the teacher's logits per token (its vocabulary for a
@@ -150,7 +156,8 @@ def precompute_teacher_logits(
     dataset's provenance: :func:`read_provenance`.
     """
     fmt = {"top_k": top_k, "num_samples": num_samples, "sample_temperature": sample_temperature,
-           "sample_seed": sample_seed, "sample_head": sample_head, "expected_key": expected_key}  # fmt: skip
+           "sample_seed": sample_seed, "sample_head": sample_head,
+           "sample_proposal_temperature": sample_proposal_temperature, "expected_key": expected_key}  # fmt: skip
     return precompute_teacher_caches(
         teacher,
         dataset,
@@ -168,7 +175,15 @@ def precompute_teacher_logits(
 
 
 # What a format of precompute_teacher_caches may set: precompute_teacher_logits' arguments of that name.
-FORMAT_OPTIONS = ("top_k", "num_samples", "sample_temperature", "sample_seed", "sample_head", "expected_key")
+FORMAT_OPTIONS = (
+    "top_k",
+    "num_samples",
+    "sample_temperature",
+    "sample_seed",
+    "sample_head",
+    "sample_proposal_temperature",
+    "expected_key",
+)
 
 
 def precompute_teacher_caches(
@@ -373,9 +388,13 @@ def _request(teacher, dataset, task, spec, tokenizer, preprocessing, dtype, auto
     sampling = None
     if num_samples:
         sampling = {"num_samples": num_samples, "temperature": spec.get("sample_temperature", 1.0),
-                    "seed": spec.get("sample_seed", 0), "head": spec.get("sample_head", 0)}  # fmt: skip
-    elif spec.get("sample_head"):
-        raise InputError(f"sample_head={spec['sample_head']} needs num_samples (the draws of the tail).")
+                    "seed": spec.get("sample_seed", 0), "head": spec.get("sample_head", 0),
+                    "proposal_temperature": spec.get("sample_proposal_temperature", 1.0)}  # fmt: skip
+    elif spec.get("sample_head") or spec.get("sample_proposal_temperature", 1.0) != 1.0:
+        raise InputError(
+            "sample_head and sample_proposal_temperature shape the RS-KD draws: they need num_samples, got "
+            f"{spec}."
+        )
     return teacher_cache_key(
         teacher,
         dataset,
