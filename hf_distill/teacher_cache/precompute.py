@@ -205,9 +205,9 @@ def precompute_teacher_caches(
 
     ``formats``: a name of your choice -> that cache's format, given by the arguments of
     :func:`precompute_teacher_logits` named in ``FORMAT_OPTIONS`` (``top_k``, ``num_samples``,
-    ``sample_temperature``, ``sample_seed``, ``sample_head``, ``expected_key``), e.g. ``{"topk": {"top_k":
-    9}, "sampled": {"num_samples": 12}}``. The other arguments are shared, as in
-    :func:`precompute_teacher_logits`.
+    ``sample_temperature``, ``sample_seed``, ``sample_head``, ``sample_proposal_temperature``,
+    ``expected_key``), e.g. ``{"topk": {"top_k": 9}, "sampled": {"num_samples": 12}}``. The other
+    arguments are shared, as in :func:`precompute_teacher_logits`.
 
     Each format is its own cache, with its own key, files and provenance, exactly as
     :func:`precompute_teacher_logits` writes it alone: the values are the same, and a cache asked for
@@ -215,7 +215,7 @@ def precompute_teacher_caches(
     one forward gives every such format its columns (each sampling format draws from its own seeded
     generators, so the draws do not depend on what else is computed). With several formats to
     compute, a shard is first written with all their columns to one temporary file, then split into
-    each format's file.
+    each format's file (so the disk holds the shard's columns twice until the split is done).
     """
     unknown = sorted({k for spec in formats.values() for k in spec} - set(FORMAT_OPTIONS))
     if unknown or not formats:
