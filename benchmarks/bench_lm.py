@@ -186,7 +186,8 @@ def _gkd_worker(variant: str, steps: int, batch: int, block_size: int, cache: st
     splits, _ = load_corpus(script)
     blocks = pack(splits["train"], teacher.tokenizer, block_size, max_blocks=script.max_train_blocks)
     sparse = {"KD, top-k cache": {"top_k": script.top_k}, "KD, RS-KD cache": {
-        "num_samples": script.num_samples, "sample_temperature": recipe_args.temperature, "sample_seed": 42}}  # fmt: skip
+        "num_samples": script.num_samples, "sample_temperature": recipe_args.temperature, "sample_seed": 42,
+        "sample_head": script.sample_head, "sample_proposal_temperature": script.sample_proposal_temperature}}  # fmt: skip
     if variant in sparse:
         from hf_distill.offline import cache_dir
         from hf_distill.teacher_cache import precompute_teacher_logits

@@ -29,7 +29,13 @@ from .losses import (
 )
 from .model_card import StudentCardData, render_card, write_card
 from .student import build_student, select_teacher_layers
-from .teacher_cache import load_teacher_cache, precompute_teacher_logits, read_provenance, weights_hash
+from .teacher_cache import (
+    load_teacher_cache,
+    precompute_teacher_caches,
+    precompute_teacher_logits,
+    read_provenance,
+    weights_hash,
+)
 from .trainer import DistillationTrainer, TeacherOutput
 
 __all__ = [
@@ -57,6 +63,7 @@ __all__ = [
     "kl_div_loss",
     "load_teacher_cache",
     "mse_logits_loss",
+    "precompute_teacher_caches",
     "precompute_teacher_logits",
     "push_student",
     "read_provenance",

@@ -42,7 +42,9 @@ class DistillationDataCollator:
       ones, padded with zeros on the side the tokenizer pads to the student's padded length ``L``
       (padded positions are masked out of the loss). Likewise ``teacher_topk_values`` /
       ``teacher_topk_indices`` ``(B, L, k)`` and ``teacher_sample_ids`` / ``teacher_sample_counts``
-      ``(B, L, n)`` (ids and counts as int64).
+      ``(B, L, n)`` (ids and counts as int64; ``teacher_sample_weights`` in the counts' place from a
+      tempered proposal), with ``teacher_head_ids`` / ``teacher_head_probs`` ``(B, L, h)`` for an RS-KD
+      cache with an exact head.
 
     Without a ``base_collator``: ``DataCollatorForTokenClassification`` when the labels are lists,
     ``DataCollatorWithPadding`` for scalar labels, ``default_data_collator`` with no tokenizer.

@@ -21,6 +21,9 @@ TEACHER_TOPK_VALUES = "teacher_topk_values"
 TEACHER_TOPK_INDICES = "teacher_topk_indices"
 TEACHER_SAMPLE_IDS = "teacher_sample_ids"
 TEACHER_SAMPLE_COUNTS = "teacher_sample_counts"
+TEACHER_SAMPLE_WEIGHTS = "teacher_sample_weights"  # a tempered proposal's importance weights, for the counts
+TEACHER_HEAD_IDS = "teacher_head_ids"  # an RS-KD cache with an exact head: its ids and probabilities
+TEACHER_HEAD_PROBS = "teacher_head_probs"
 
 # Where the teacher's outputs come from -> the batch columns that hold them (none: the teacher runs).
 # In order of precedence: a dataset holding several caches is read as the first one listed.
@@ -28,11 +31,15 @@ LIVE = "live"
 TEACHER_SOURCES: dict[str, tuple[str, ...]] = {
     "logits": (TEACHER_LOGITS,),
     "topk": (TEACHER_TOPK_VALUES, TEACHER_TOPK_INDICES),
-    "sampled": (TEACHER_SAMPLE_IDS, TEACHER_SAMPLE_COUNTS),
+    "sampled": (TEACHER_SAMPLE_IDS,),  # with TEACHER_SAMPLE_COUNTS or _WEIGHTS, and optionally an exact head
 }
+_SAMPLED_EXTRAS = (TEACHER_SAMPLE_COUNTS, TEACHER_SAMPLE_WEIGHTS, TEACHER_HEAD_IDS, TEACHER_HEAD_PROBS)
 # Every precomputed column; and of those, the columns of integers (vocabulary ids and counts).
-TEACHER_LOGIT_COLUMNS = tuple(column for columns in TEACHER_SOURCES.values() for column in columns)
-INTEGER_COLUMNS = (TEACHER_TOPK_INDICES, TEACHER_SAMPLE_IDS, TEACHER_SAMPLE_COUNTS)
+TEACHER_LOGIT_COLUMNS = (
+    *(column for columns in TEACHER_SOURCES.values() for column in columns),
+    *_SAMPLED_EXTRAS,
+)
+INTEGER_COLUMNS = (TEACHER_TOPK_INDICES, TEACHER_SAMPLE_IDS, TEACHER_SAMPLE_COUNTS, TEACHER_HEAD_IDS)
 
 
 @dataclass
@@ -104,4 +111,34 @@ def read_teacher_outputs(inputs: dict[str, Any], source: str) -> TeacherOutput:
             "(chosen from the training dataset's columns): precompute the teacher's outputs for every example "
             "(hf_distill.precompute_teacher_logits), or pass teacher_model and a dataset without teacher columns."
         )
+    if source == "sampled":
+        ids, values = sampled_target(inputs)
+        return TeacherOutput(sample_ids=ids, sample_counts=values)
     return TeacherOutput(**{_FIELD_OF[column]: inputs[column] for column in TEACHER_SOURCES[source]})
+
+
+def sampled_target(inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RS-KD cache's sparse target in a batch: ``(ids, values)`` for ``kd="sampled"``.
+
+    Plain RS-KD: ``teacher_sample_ids`` and their ``teacher_sample_counts`` (or, from a tempered proposal, their
+    importance weights ``teacher_sample_weights``). With an exact head (``teacher_head_ids`` and
+    ``teacher_head_probs``): the head ids then the tail's, weighted by
+    :func:`hf_distill.vocab_losses.head_tail_weights` (``p_i`` on each head id, ``m * c_j / n`` on the tail's).
+    Either way the values are the target's weights, summing to 1 (counts: to ``n``, read as ``c / n``).
+    """
+    from . import vocab_losses
+
+    ids = inputs[TEACHER_SAMPLE_IDS]
+    if inputs.get(TEACHER_SAMPLE_COUNTS) is not None:
+        counts = inputs[TEACHER_SAMPLE_COUNTS]
+    elif inputs.get(TEACHER_SAMPLE_WEIGHTS) is not None:  # stored rounded: summing to 1 again
+        counts = vocab_losses.normalised(inputs[TEACHER_SAMPLE_WEIGHTS])
+    else:
+        raise InputError(
+            f"This batch has {TEACHER_SAMPLE_IDS} but neither {TEACHER_SAMPLE_COUNTS} nor {TEACHER_SAMPLE_WEIGHTS}: "
+            "the RS-KD cache is incomplete; precompute it again."
+        )
+    if inputs.get(TEACHER_HEAD_IDS) is None:
+        return ids, counts
+    weights = vocab_losses.head_tail_weights(inputs[TEACHER_HEAD_PROBS], counts)
+    return torch.cat([inputs[TEACHER_HEAD_IDS], ids], dim=-1), weights

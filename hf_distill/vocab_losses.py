@@ -55,7 +55,13 @@ def sample_teacher_tokens(
         raise ValueError(f"num_samples={num_samples} must be at least 1.")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be positive.")
-    probs = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    return _draw(F.softmax(teacher_logits.float() / temperature, dim=-1), num_samples, generator)
+
+
+def _draw(
+    probs: torch.Tensor, num_samples: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` draws per row of ``probs`` ``(N, V)`` (unnormalised), as distinct ids and counts."""
     draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
     draws, _ = draws.sort(dim=-1)
     starts = torch.ones_like(draws, dtype=torch.bool)
@@ -64,6 +70,142 @@ def sample_teacher_tokens(
     counts = torch.zeros_like(draws).scatter_add_(-1, slot, torch.ones_like(draws))
     ids = torch.zeros_like(draws).scatter_(-1, slot, draws)  # all draws of a slot carry the same id
     return ids, counts
+
+
+def sample_head_and_tail(
+    teacher_logits: torch.Tensor,
+    head: int,
+    num_samples: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    proposal_temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RS-KD with an exact head: the ``head`` most likely tokens kept exactly, ``num_samples`` draws from the rest.
+
+    With ``p = softmax(z_t / T)``, ``H`` the ``head`` largest entries of ``p`` and ``m = 1 - sum_{i in H} p_i``
+    the tail's mass, the tail draws ``x_1, ..., x_n ~ p_i / m`` (``i`` not in ``H``) are stored as
+    :func:`sample_teacher_tokens` stores its draws. The sparse target (:func:`head_tail_weights`) puts
+    ``p_i`` on each head id and ``m * c_j / n`` on a tail id drawn ``c_j`` times: its expectation over
+    the draws is ``p`` exactly, and its variance is that of plain RS-KD restricted to the tail, scaled
+    by ``m**2``. A row whose tail holds no mass (``m = 0`` in float32) draws uniformly: those draws
+    weigh 0. With ``proposal_temperature != 1`` the tail is drawn from a tempered proposal and
+    ``tail_counts`` are float importance weights (:func:`sample_sparse_target`).
+
+    Shapes: ``teacher_logits``: ``(N, V)``. Returns ``(head_ids, head_probs, tail_ids, tail_counts)``:
+    ``(N, head)`` int64 ids by decreasing probability and their float32 probabilities; ``(N,
+    num_samples)`` int64 tail ids and counts as :func:`sample_teacher_tokens` returns them.
+    """
+    if teacher_logits.dim() != 2:
+        raise ValueError(
+            f"teacher_logits must be (N, V), got shape {tuple(teacher_logits.shape)}; flatten the "
+            "batch and sequence dimensions first (logits.flatten(0, -2))."
+        )
+    if not 1 <= head < teacher_logits.shape[-1]:
+        raise ValueError(
+            f"head={head} must be between 1 and the vocabulary size minus one, {teacher_logits.shape[-1] - 1}."
+        )
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be at least 1.")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive.")
+    probs = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    head_probs, head_ids = probs.topk(head, dim=-1)
+    tail = probs.scatter(-1, head_ids, 0.0)
+    empty = tail.sum(-1) <= 0
+    if bool(empty.any()):
+        tail[empty] = 1.0
+    if proposal_temperature != 1.0:  # tail weights in the counts' place (sample_sparse_target)
+        tail_ids, tail_weights = _draw_tempered(tail, num_samples, proposal_temperature, generator)
+        return head_ids, head_probs, tail_ids, tail_weights
+    tail_ids, tail_counts = _draw(tail, num_samples, generator)
+    return head_ids, head_probs, tail_ids, tail_counts
+
+
+def sample_sparse_target(
+    teacher_logits: torch.Tensor,
+    num_samples: int,
+    temperature: float = 1.0,
+    *,
+    head: int = 0,
+    proposal_temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """The RS-KD cache's draws for one batch, in any of its forms: plain, exact head, tempered proposal.
+
+    - ``head = 0``, ``proposal_temperature = 1``: :func:`sample_teacher_tokens`, ``(ids, counts)``.
+    - ``head > 0``: :func:`sample_head_and_tail`, ``(head_ids, head_probs, tail_ids, tail_counts)``.
+    - ``proposal_temperature = tau != 1``: the draws come from the proposal ``q ∝ r**(1/tau)`` instead of
+      the target ``r`` (``p``, or the tail ``p / m`` with a head), and each distinct id carries the
+      self-normalised importance weight ``w_j = c_j r_j / q_j / sum_k c_k r_k / q_k`` (the normalising
+      constants cancel: ``r_j / q_j ∝ r_j**(1 - 1/tau)``): float32 weights summing to 1 take the
+      counts' place. ``tau > 1`` flattens the proposal (more of the tail is seen), ``tau < 1``
+      sharpens it. Self-normalised importance sampling is consistent, not unbiased: its bias
+      shrinks as ``1 / n``.
+
+    Shapes: ``teacher_logits``: ``(N, V)``; every output ``(N, head)`` or ``(N, num_samples)``.
+    """
+    if not 0 < proposal_temperature < float("inf"):
+        raise ValueError(f"proposal_temperature={proposal_temperature} must be positive and finite.")
+    if head:
+        head_ids, head_probs, tail_ids, tail_counts = sample_head_and_tail(
+            teacher_logits, head, num_samples, temperature, generator, proposal_temperature
+        )
+        return head_ids, head_probs, tail_ids, tail_counts
+    if proposal_temperature == 1.0:
+        return sample_teacher_tokens(teacher_logits, num_samples, temperature, generator)
+    if teacher_logits.dim() != 2:
+        raise ValueError(
+            f"teacher_logits must be (N, V), got shape {tuple(teacher_logits.shape)}; flatten the "
+            "batch and sequence dimensions first (logits.flatten(0, -2))."
+        )
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be at least 1.")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive.")
+    return _draw_tempered(
+        F.softmax(teacher_logits.float() / temperature, dim=-1), num_samples, proposal_temperature, generator
+    )
+
+
+def _draw_tempered(
+    target: torch.Tensor, num_samples: int, proposal_temperature: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws from ``q ∝ target**(1/tau)`` (``target`` ``(N, V)``, unnormalised), as distinct ids and their
+    self-normalised importance weights ``c_j (target_j / q_j)``, summing to 1 per row."""
+    log_target = target.log()
+    log_q = log_target / proposal_temperature
+    proposal = (log_q - log_q.amax(-1, keepdim=True)).exp()
+    ids, counts = _draw(proposal, num_samples, generator)
+    drawn = counts > 0
+    log_ratio = torch.where(
+        drawn, (1.0 - 1.0 / proposal_temperature) * log_target.gather(-1, ids), -torch.inf
+    )
+    weights = counts * (log_ratio - log_ratio.amax(-1, keepdim=True)).exp()
+    return ids, weights / weights.sum(-1, keepdim=True)
+
+
+def head_tail_weights(head_probs: torch.Tensor, tail_counts: torch.Tensor) -> torch.Tensor:
+    """The sparse target of :func:`sample_head_and_tail`: ``[p_head, m * c / n]`` with ``m = 1 - sum p_head``.
+
+    ``m`` is clamped at 0 (a head holding all the mass, rounded); ``n = sum_j c_j`` (a padded position
+    with no draws weighs its head only). ``tail_counts`` may be importance weights (a tempered
+    proposal): they are normalised the same way (:func:`normalised`), so the weights sum to 1. Shapes: ``head_probs``: ``(..., h)``,
+    ``tail_counts``: ``(..., n)``; returns ``(..., h + n)`` float32 weights, the ``teacher_values`` of
+    ``chunked_lm_losses(kd="sampled")`` for the ids ``[head_ids, tail_ids]``.
+    """
+    head_probs = head_probs.float()
+    tail_mass = (1.0 - head_probs.sum(-1, keepdim=True)).clamp_min(0.0)
+    return torch.cat([head_probs, tail_mass * normalised(tail_counts)], dim=-1)
+
+
+def normalised(values: torch.Tensor) -> torch.Tensor:
+    """``values / sum(values)`` over the last dim in float32; a row summing to 0 (padding) stays 0.
+
+    Counts ``c / n``; stored importance weights (float16) summing to 1 again after their rounding.
+    """
+    values = values.float()
+    total = values.sum(-1, keepdim=True)
+    return values / torch.where(total > 0, total, 1.0)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -127,7 +269,7 @@ def _kd_grad(
         log_w = F.log_softmax(values.float() / temperature, dim=-1)
         w = log_w.exp()
         per_position = (w * (log_w - log_p_s_ids)).sum(-1)
-    else:  # sampled: w_j = c_j / n, l = -sum_j w_j log p_s[id_j]
+    else:  # sampled: w_j = c_j / n (or head-and-tail weights, summing to 1), l = -sum_j w_j log p_s[id_j]
         counts = values.float()
         w = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
         per_position = -(w * log_p_s_ids).sum(-1)
@@ -363,7 +505,10 @@ def chunked_lm_losses(
       :func:`sample_teacher_tokens`). Its expectation over the draws is the cross-entropy
       ``H(p_t, p_s) = KL(p_t || p_s) + H(p_t)``: the value is a cross-entropy, not a KL (it exceeds
       the KL by the teacher's entropy), but the teacher's entropy does not depend on the student, so
-      its gradient is an unbiased estimate of the ``"kl"`` gradient.
+      its gradient is an unbiased estimate of the ``"kl"`` gradient. The values are read as
+      weights, ``w_j = v_j / sum_k v_k``: counts as above, or the exact-head-plus-sampled-tail
+      weights of :func:`head_tail_weights` (``p_i`` on head ids, ``m c_j / n`` on tail ids), whose
+      expectation is ``p_t`` too, so the same holds of them.
 
     The hard-label loss is the cross-entropy at ``T = 1``, ``-log softmax(z_s)[y]``, averaged over
     the positions whose label ``y`` is not ``-100`` (zero when none is).
@@ -378,7 +523,7 @@ def chunked_lm_losses(
     ``student_head``: ``(V, D)``, no bias (may be tied to the input embeddings); ``teacher_hidden``:
     ``(N, Dt)`` and ``teacher_head``: ``(V, Dt)`` for ``kl``, ``reverse_kl``, ``jsd``;
     ``teacher_ids``: ``(N, k)`` integers and ``teacher_values``: ``(N, k)``, the top-k logits
-    (``topk``) or the counts (``sampled``; a count of 0 marks an empty slot); ``labels``: ``(N,)``.
+    (``topk``) or the counts or weights (``sampled``; 0 marks an empty slot); ``labels``: ``(N,)``.
 
     Returns :class:`ChunkedLosses` ``(loss, kd, ce)``, scalars in float32: ``kd`` is zero when ``kd is
     None``; ``ce`` is None when ``labels`` is None.

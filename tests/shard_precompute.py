@@ -9,6 +9,8 @@ Each step is ``MODE:DIR``; each process saves what it saw to ``OUT/<step number>
 - ``unshared:DIR``: every process gets its own ``DIR/rank<i>`` (a cache_dir no other machine sees); the
   error is saved.
 - ``die:DIR``: process 1 dies (``os._exit``, as if killed) in the middle of its shard, once shard 0 is complete.
+- ``formats:DIR``: a masked-LM teacher's top-k and RS-KD caches from one pass into ``DIR`` (:data:`FORMATS`);
+  ``values``: the top-k values, ``counts``: the RS-KD counts.
 """
 
 from __future__ import annotations
@@ -23,11 +25,36 @@ import torch
 from accelerate import PartialState
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import random_classification_dataset, tiny_bert  # noqa: E402
+from conftest import random_classification_dataset, tiny_bert, tiny_bert_config  # noqa: E402
+from transformers import BertForMaskedLM  # noqa: E402
 
-from hf_distill.teacher_cache import precompute_teacher_logits  # noqa: E402
+from hf_distill.teacher_cache import precompute_teacher_caches, precompute_teacher_logits  # noqa: E402
 
 NUM_ROWS, SORT_WINDOW = 30, 4
+FORMATS = {"topk": {"top_k": 5}, "sampled": {"num_samples": 4, "sample_head": 1, "sample_seed": 2}}
+
+
+def masked_lm_teacher():
+    torch.manual_seed(1)
+    return BertForMaskedLM(tiny_bert_config(num_layers=2)).eval()
+
+
+def formats(teacher, data, cache_dir):
+    """The :data:`FORMATS` caches from one pass: (top-k values, RS-KD counts)."""
+    out = precompute_teacher_caches(
+        teacher,
+        data,
+        FORMATS,
+        cache_dir=cache_dir,
+        dtype="float32",
+        sort_window=SORT_WINDOW,
+        max_batch_size=4,
+    )
+    values = np.concatenate([np.asarray(v) for v in out["topk"].with_format("numpy")["teacher_topk_values"]])
+    counts = np.concatenate(
+        [np.asarray(c) for c in out["sampled"].with_format("numpy")["teacher_sample_counts"]]
+    )
+    return values, counts
 
 
 def teacher_and_data():
@@ -57,17 +84,27 @@ def main(out: str, *steps: str) -> None:
     for number, step in enumerate(steps):
         mode, folder = step.split(":", 1)
         teacher, data = teacher_and_data()
+        if mode == "formats":
+            teacher = masked_lm_teacher()
         cache_dir = Path(folder)
         dying = mode == "die" and state.process_index == 1
         counter = RowCounter(teacher, die_after=2 if dying else None, wait_for=cache_dir)
         if mode == "unshared":
             cache_dir = cache_dir / f"rank{state.process_index}"
-        values, error = np.zeros(0), ""
+        values, counts, error = np.zeros(0), np.zeros(0), ""
         try:
-            result = precompute_teacher_logits(
-                teacher, data, cache_dir=cache_dir, dtype="float32", sort_window=SORT_WINDOW, max_batch_size=4
-            )
-            values = np.asarray(result.with_format("numpy")["teacher_logits"])
+            if mode == "formats":
+                values, counts = formats(teacher, data, cache_dir)
+            else:
+                result = precompute_teacher_logits(
+                    teacher,
+                    data,
+                    cache_dir=cache_dir,
+                    dtype="float32",
+                    sort_window=SORT_WINDOW,
+                    max_batch_size=4,
+                )
+                values = np.asarray(result.with_format("numpy")["teacher_logits"])
         except Exception as err:  # noqa: BLE001 - the test reads it
             if mode != "unshared":
                 raise
@@ -75,6 +112,7 @@ def main(out: str, *steps: str) -> None:
         np.savez(
             Path(out) / f"{number}-rank{state.process_index}.npz",
             values=values,
+            counts=counts,
             rows=counter.rows,
             error=error,
         )

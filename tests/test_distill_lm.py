@@ -242,6 +242,17 @@ def test_a_block_size_beyond_the_teachers_positions_is_refused(tmp_path, capsys)
     assert "block_size=65 is beyond the teacher's 64 positions" in message
 
 
+def test_a_sample_head_not_below_the_vocabulary_is_refused(tmp_path, capsys):
+    from transformers import AutoConfig
+
+    teacher, data = tiny_teacher(tmp_path / "t"), write_text(tmp_path / "d.jsonl", corpus(10))
+    vocab = AutoConfig.from_pretrained(teacher).vocab_size
+    out = tmp_path / "out"
+    message = refused(capsys, flags(tmp_path, teacher, data, out, "--sample_head", str(vocab)), out)
+    assert f"sample_head must be below the teacher's vocabulary size {vocab}" in message
+    assert f"got {vocab}." in message
+
+
 def test_a_student_checkpoint_with_another_tokenizer_is_refused(tmp_path, capsys):
     teacher, data = tiny_teacher(tmp_path / "t"), write_text(tmp_path / "d.jsonl", corpus(10))
     other = tiny_teacher(tmp_path / "other", vocab=list(reversed(WORDS)))  # same size, other ids

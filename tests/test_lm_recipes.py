@@ -38,6 +38,8 @@ def test_a_classifier_key_is_refused_by_the_lm_parser(tmp_path):
     [
         ("--block_size", "1", "block_size must be >= 2, got 1"),
         ("--num_samples", "300", "num_samples must be between 1 and 255, got 300"),
+        ("--sample_head", "-1", "sample_head must be >= 0, got -1"),
+        ("--sample_proposal_temperature", "0", "sample_proposal_temperature must be > 0 and finite"),
         ("--top_k", "0", "top_k must be >= 1, got 0"),
         ("--validation_size", "0", "validation_size must be a fraction"),
     ],

@@ -38,7 +38,9 @@ def lm_rows(n: int = 8, length: int = 12, seed: int = 3) -> Dataset:
     ids = torch.randint(1, VOCAB, (n, length), generator=g)
     labels = ids.clone()
     labels[0, -3:] = -100  # a few unlabelled tokens
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n, "labels": labels.tolist()})
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n, "labels": labels.tolist()}
+    )
 
 
 def batch_of(rows: Dataset, trainer: DistillationTrainer) -> dict:
@@ -114,7 +116,10 @@ def test_fused_sampled_cache_matches_an_independent_computation(tmp_path):
     loss = trainer.compute_loss(student, batch)
 
     def sampled(z, counted):
-        ids, counts = batch["teacher_sample_ids"][:, :-1][counted], batch["teacher_sample_counts"][:, :-1][counted]
+        ids, counts = (
+            batch["teacher_sample_ids"][:, :-1][counted],
+            batch["teacher_sample_counts"][:, :-1][counted],
+        )
         log_p_s = F.log_softmax(z[counted] / T, -1)
         return T**2 * -(counts / 6 * log_p_s.gather(-1, ids)).sum(-1).mean()
 
@@ -123,10 +128,105 @@ def test_fused_sampled_cache_matches_an_independent_computation(tmp_path):
     torch.testing.assert_close(loss, kd, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_head_and_tail_cache_matches_an_independent_computation(tmp_path):
+    teacher, student, rows = tiny_llama(1, layers=3), tiny_llama(2), lm_rows()
+    T, h, n = 1.5, 2, 10
+    cached = precompute_teacher_logits(
+        teacher, rows, cache_dir=tmp_path / "cache", num_samples=n, sample_head=h, sample_temperature=T
+    )
+    provenance = read_provenance(cached)
+    assert provenance["sampling"] == {"num_samples": n, "temperature": T, "seed": 0, "head": h}
+    # per head token uint16 id + float16 probability, per draw uint16 id + uint8 count: 38 B, plus
+    # each row's 4-byte list offset in each of the 4 columns
+    assert provenance["bytes_per_token"] == pytest.approx(h * 4 + n * 3 + 4 * 4 / 12)
+    with torch.no_grad():
+        p_t = F.softmax(teacher.eval()(input_ids=torch.tensor(rows["input_ids"])).logits / T, -1)
+    head_probs = torch.tensor(cached["teacher_head_probs"])
+    torch.testing.assert_close(head_probs, p_t.topk(h).values.half().float())  # exact, to float16
+    args = config(tmp_path, temperature=T, alpha=1.0, beta=0.0, lm_chunk_size=5)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=cached)
+    batch = batch_of(cached, trainer)
+    student.train()
+    loss = trainer.compute_loss(student, batch)
+
+    def head_and_tail(z, counted):
+        head_ids, probs = (
+            batch["teacher_head_ids"][:, :-1][counted],
+            batch["teacher_head_probs"][:, :-1][counted],
+        )
+        ids, counts = (
+            batch["teacher_sample_ids"][:, :-1][counted],
+            batch["teacher_sample_counts"][:, :-1][counted],
+        )
+        log_p_s = F.log_softmax(z[counted] / T, -1)
+        tail = (1 - probs.sum(-1, keepdim=True)) * counts / n
+        return (
+            T**2
+            * -(
+                (probs * log_p_s.gather(-1, head_ids)).sum(-1) + (tail * log_p_s.gather(-1, ids)).sum(-1)
+            ).mean()
+        )
+
+    kd, _ = dense_reference(student, batch, head_and_tail)
+    torch.testing.assert_close(loss, kd, rtol=1e-5, atol=1e-6)
+    # the unfused route (sampled_kd_loss on the full logits) reads the same target
+    args = config(tmp_path, temperature=T, alpha=1.0, beta=0.0, lm_chunk_size=None)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=cached)
+    torch.testing.assert_close(
+        trainer.compute_loss(student, batch_of(cached, trainer)), kd, rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("head", [0, 2])
+def test_tempered_proposal_cache_trains_on_its_importance_weights(tmp_path, head):
+    teacher, student, rows = tiny_llama(1, layers=3), tiny_llama(2), lm_rows()
+    n = 8
+    cached = precompute_teacher_logits(
+        teacher,
+        rows,
+        cache_dir=tmp_path / "cache",
+        num_samples=n,
+        sample_head=head,
+        sample_proposal_temperature=2.0,
+    )
+    provenance = read_provenance(cached)
+    assert provenance["sampling"]["proposal_temperature"] == 2.0
+    assert (
+        "teacher_sample_weights" in cached.column_names and "teacher_sample_counts" not in cached.column_names
+    )
+    # per draw a uint16 id + a float16 weight, per head token a uint16 id + a float16 probability
+    assert provenance["bytes_per_token"] == pytest.approx(head * 4 + n * 4 + (4 if head else 2) * 4 / 12)
+    args = config(tmp_path, temperature=1.0, alpha=1.0, beta=0.0, lm_chunk_size=5)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=cached)
+    batch = batch_of(cached, trainer)
+    assert batch["teacher_sample_weights"].dtype == torch.float32
+    student.train()
+    loss = trainer.compute_loss(student, batch)
+
+    def weighted(z, counted):
+        ids, weights = (
+            batch["teacher_sample_ids"][:, :-1][counted],
+            batch["teacher_sample_weights"][:, :-1][counted],
+        )
+        if head:
+            probs = batch["teacher_head_probs"][:, :-1][counted]
+            ids = torch.cat([batch["teacher_head_ids"][:, :-1][counted], ids], -1)
+            weights = torch.cat(
+                [probs, (1 - probs.sum(-1, keepdim=True)) * weights / weights.sum(-1, keepdim=True)], -1
+            )
+        weights = weights / weights.sum(-1, keepdim=True)
+        return -(weights * F.log_softmax(z[counted], -1).gather(-1, ids)).sum(-1).mean()
+
+    kd, _ = dense_reference(student, batch, weighted)
+    torch.testing.assert_close(loss, kd, rtol=1e-5, atol=1e-6)
+
+
 def test_sampled_cache_is_the_same_whatever_the_batching(tmp_path):
     teacher, rows = tiny_llama(1), lm_rows()
     a = precompute_teacher_logits(teacher, rows, num_samples=8, sample_seed=1, max_batch_size=1)
-    b = precompute_teacher_logits(teacher, rows, num_samples=8, sample_seed=1, max_batch_size=8, sort_window=3)
+    b = precompute_teacher_logits(
+        teacher, rows, num_samples=8, sample_seed=1, max_batch_size=8, sort_window=3
+    )
     c = precompute_teacher_logits(teacher, rows, num_samples=8, sample_seed=2)
     assert a["teacher_sample_ids"] == b["teacher_sample_ids"]
     assert a["teacher_sample_counts"] == b["teacher_sample_counts"]

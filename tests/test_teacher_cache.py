@@ -28,6 +28,7 @@ from hf_distill.teacher_cache import (
     cache_paths,
     length_sorted_batches,
     load_teacher_cache,
+    precompute_teacher_caches,
     precompute_teacher_logits,
     read_provenance,
     teacher_cache_key,
@@ -182,6 +183,100 @@ def test_precompute_without_max_batch_tokens_sizes_its_forwards_from_the_vocabul
     assert len(sizes) > 1 and max(sizes) <= 24 and sum(sizes) >= sum(map(len, dataset["input_ids"]))
     for row, ref in zip(out.with_format("torch"), _one_by_one(teacher, dataset, "masked_lm"), strict=True):
         torch.testing.assert_close(row["teacher_logits"], ref, rtol=1e-4, atol=1e-5)
+
+
+# ---- several formats from one teacher pass --------------------------------------------------------
+
+FORMATS = {
+    "dense": {"top_k": -1},
+    "topk": {"top_k": 8},
+    "sampled": {"num_samples": 6, "sample_temperature": 1.5, "sample_seed": 3},
+    "head": {"num_samples": 5, "sample_head": 2, "sample_seed": 3},
+    "tempered": {"num_samples": 5, "sample_proposal_temperature": 2.0, "sample_seed": 3},
+    "head, tempered": {"num_samples": 5, "sample_head": 1, "sample_proposal_temperature": 0.5},
+}
+_SAME = ("key", "columns", "num_rows", "top_k", "sampling", "teacher_bytes", "bytes_per_token")
+
+
+def _alone(teacher, dataset, folder, name, **kwargs):
+    """``name``'s format computed by itself in ``folder``, and the teacher forwards that took."""
+    counter = ForwardCounter(teacher)
+    out = precompute_teacher_logits(teacher, dataset, cache_dir=folder, **FORMATS[name], **kwargs)
+    return out, counter.calls
+
+
+def test_one_teacher_pass_writes_every_format_as_each_alone_would(tmp_path):
+    dataset = random_classification_dataset(20, seed=3)
+    budget = {"max_batch_tokens": 40, "sort_window": 7}  # several batches per window, several windows
+    teacher = _gpt2(1)
+    counter = ForwardCounter(teacher)
+    together = precompute_teacher_caches(teacher, dataset, FORMATS, cache_dir=tmp_path / "together", **budget)
+    passes = counter.calls
+    for name in FORMATS:
+        alone, calls = _alone(_gpt2(1), dataset, tmp_path / name, name, **budget)
+        assert calls == passes > 0  # six formats from the forwards of one
+        assert together[name].column_names == alone.column_names
+        for column in alone.column_names:
+            assert together[name][column] == alone[column], (name, column)  # same computation: bitwise
+        mine, theirs = read_provenance(together[name]), read_provenance(alone)
+        assert {k: mine[k] for k in _SAME} == {k: theirs[k] for k in _SAME}
+        # each format is its own cache: asked for alone afterwards, a hit
+        again, calls = _alone(teacher, dataset, tmp_path / "together", name, **budget)
+        assert calls == 0 and again[column] == alone[column]
+    assert not list((tmp_path / "together").glob("*together*"))  # the scratch file is gone
+    assert len(list((tmp_path / "together").glob("*.json"))) == len(FORMATS)
+
+
+def test_one_pass_computes_only_the_formats_missing(tmp_path):
+    dataset, teacher = random_classification_dataset(12, seed=4), _gpt2(1)
+    first, calls = _alone(teacher, dataset, tmp_path, "topk")
+    counter = ForwardCounter(teacher)
+    both = precompute_teacher_caches(
+        teacher, dataset, {k: FORMATS[k] for k in ("topk", "head")}, cache_dir=tmp_path
+    )
+    assert counter.calls == calls  # one pass, for the head format only
+    assert read_provenance(both["topk"])["created"] == read_provenance(first)["created"]  # untouched
+    assert both["topk"]["teacher_topk_values"] == first["teacher_topk_values"]
+    assert set(both["head"].column_names) > {"teacher_head_ids", "teacher_head_probs", "teacher_sample_ids"}
+
+
+def test_one_pass_in_memory_equals_each_format_alone():
+    dataset, teacher = random_classification_dataset(10, seed=5), _gpt2(1)
+    counter = ForwardCounter(teacher)
+    together = precompute_teacher_caches(teacher, dataset, FORMATS, max_batch_tokens=30)
+    passes = counter.calls
+    for name, spec in FORMATS.items():
+        counter = ForwardCounter(teacher := _gpt2(1))
+        alone = precompute_teacher_logits(teacher, dataset, max_batch_tokens=30, **spec)
+        assert counter.calls == passes
+        assert together[name].column_names == alone.column_names
+        for column in alone.column_names:
+            assert together[name][column] == alone[column], (name, column)
+
+
+def test_bad_formats_are_refused_in_one_line(tmp_path):
+    dataset, teacher = random_classification_dataset(4), _gpt2(1)
+    with pytest.raises(ValueError, match=r"sets some of \['top_k'"):
+        precompute_teacher_caches(teacher, dataset, {"a": {"k": 3}}, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="at least one format"):
+        precompute_teacher_caches(teacher, dataset, {}, cache_dir=tmp_path)
+    for shape in ({"sample_head": 2}, {"sample_proposal_temperature": 2.0}):
+        with pytest.raises(
+            ValueError, match="sample_proposal_temperature shape the RS-KD draws: they need num_samples"
+        ):
+            precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, **shape)
+    for tau in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match=rf"sample_proposal_temperature must be > 0 .*, got {tau}\."):
+            precompute_teacher_logits(
+                teacher, dataset, cache_dir=tmp_path, num_samples=4, sample_proposal_temperature=tau
+            )
+    vocab = len(VOCAB)
+    for head in (-1, vocab):
+        with pytest.raises(
+            ValueError, match=rf"sample_head .* below the vocabulary size {vocab}, got {head}\."
+        ):
+            precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, num_samples=4, sample_head=head)
+    assert not list(tmp_path.iterdir())
 
 
 # ---- cache hits and misses --------------------------------------------------------------------------

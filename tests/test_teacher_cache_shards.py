@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from launch import LaunchFailed, accelerate_launch
-from shard_precompute import NUM_ROWS, SORT_WINDOW, RowCounter, teacher_and_data
+from shard_precompute import NUM_ROWS, SORT_WINDOW, RowCounter, formats, masked_lm_teacher, teacher_and_data
 
 from hf_distill.teacher_cache import precompute_teacher_logits, read_provenance
 from hf_distill.teacher_cache.shards import shard_bounds
@@ -64,6 +64,25 @@ def test_shards_are_contiguous_whole_sort_windows():
         assert all(start % window == 0 for start, _ in bounds)
         sizes = [-(-(stop - start) // window) for start, stop in bounds]  # windows per shard
         assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.slow
+def test_two_processes_write_every_format_from_one_pass_over_their_own_shards(tmp_path, one_thread):
+    teacher, data = masked_lm_teacher(), teacher_and_data()[1]
+    counter = RowCounter(teacher)
+    values, counts = formats(teacher, data, tmp_path / "one")
+    assert counter.rows == NUM_ROWS  # one pass for both formats
+    (two,) = launch(tmp_path, 2, f"formats:{tmp_path / 'two'}")
+    shards = shard_bounds(NUM_ROWS, 2, SORT_WINDOW)
+    assert [int(r["rows"]) for r in two] == [
+        stop - start for start, stop in shards
+    ]  # each its own rows, once
+    for rank in two:
+        np.testing.assert_array_equal(rank["values"], values)
+        np.testing.assert_array_equal(rank["counts"], counts)
+    for name in ("one", "two"):  # two caches, each with its own provenance; no scratch file left
+        assert len(list((tmp_path / name).glob("teacher-logits-*.json"))) == 2
+        assert not list((tmp_path / name).glob("*together*"))
 
 
 def test_two_processes_one_cache_reused_by_one_and_refused_when_unshared(tmp_path, one_thread):

@@ -127,6 +127,22 @@ class DistillLMArguments:
     num_samples: int = field(
         default=12, metadata={"help": "Tokens drawn per token for the RS-KD cache (1 to 255)."}
     )
+    sample_head: int = field(
+        default=0,
+        metadata={
+            "help": "RS-KD cache with an exact head: the sample_head most likely tokens per token are kept with "
+            "their probabilities (4 bytes each) and the num_samples draws (3 bytes each) come from the rest; "
+            "0 for plain RS-KD. At least 0 and below the teacher's vocabulary size."
+        },
+    )
+    sample_proposal_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "RS-KD cache drawn from a tempered proposal: tau > 0; the draws (of the tail, with sample_head) "
+            "come from p**(1/tau), normalised, each stored with its self-normalised importance weight p/q (a "
+            "float16 in place of the uint8 count: 4 bytes a draw); 1 draws from the teacher itself."
+        },
+    )
     precompute_batch_tokens: int | None = field(
         default=None,
         metadata={
@@ -174,6 +190,7 @@ class DistillLMArguments:
             "student_num_layers": (1, None),
             "top_k": (1, None),
             "num_samples": (1, 255),
+            "sample_head": (0, None),
             "max_new_tokens": (1, None),
             "eval_batch_size": (1, None),
             "precompute_batch_tokens": (1, None),
@@ -191,6 +208,11 @@ class DistillLMArguments:
             raise InputError(
                 f"student_layers={self.student_layers} has {len(self.student_layers)} entries but "
                 f"student_num_layers={self.student_num_layers}: give one teacher layer per student layer."
+            )
+        if not 0 < self.sample_proposal_temperature < math.inf:
+            raise InputError(
+                f"sample_proposal_temperature must be > 0 and finite (1 draws from the teacher itself), got "
+                f"{self.sample_proposal_temperature}."
             )
         if not math.isfinite(self.validation_size):
             raise InputError(f"validation_size must be finite, got {self.validation_size}.")

@@ -16,10 +16,11 @@ from datasets import Dataset, DatasetDict
 from transformers import PreTrainedModel
 
 from ..config import DistillationConfig
+from ..errors import InputError
 from ..model_card import count_parameters
 from ..offline import cache_dir
 from ..sharding import gathered_model
-from ..teacher_cache import precompute_teacher_logits, read_provenance, weights_hash
+from ..teacher_cache import precompute_teacher_caches, read_provenance, weights_hash
 from .data import check_block_size, load_corpus, pack
 from .evaluation import forward_speed, greedy_samples, perplexity
 from .report import TEACHER, RunResult, summary, write_cards_and_publish, write_summary
@@ -45,6 +46,12 @@ def prepare(script, args: DistillationConfig) -> Prepared:
     splits, record = load_corpus(script)
     teacher = load_teacher(script)
     check_block_size(script.block_size, teacher.model.config, "teacher")
+    vocab = teacher.model.config.vocab_size
+    if "sampled" in script.teacher_modes and script.sample_head >= vocab:
+        raise InputError(
+            f"sample_head must be below the teacher's vocabulary size {vocab} (the tail must hold a token), "
+            f"got {script.sample_head}."
+        )
     inits = {kind: make_student(kind, teacher, script) for kind in script.students}
     runs = plan_runs(script, dataclasses.replace(args, push_to_hub=False))
     return Prepared(splits, record, teacher, inits, runs)
@@ -60,6 +67,10 @@ def _plan(prepared: Prepared, script, args: DistillationConfig, blocks: dict[str
     for mode in CACHED_MODES:
         if mode in script.teacher_modes:
             size = f"top {script.top_k} logits" if mode == "topk" else f"{script.num_samples} sampled tokens"
+            if mode == "sampled" and script.sample_head:
+                size = f"{script.sample_head} most likely tokens exactly and {script.num_samples} sampled from the rest"
+            if mode == "sampled" and script.sample_proposal_temperature != 1.0:
+                size += f" (proposal at tau = {script.sample_proposal_temperature:g}, importance-weighted)"
             lines.append(
                 f"hf_distill: plan: cache the teacher's {size} per token (reused when cached before)"
             )
@@ -126,25 +137,30 @@ def run(
         "block_size": script.block_size,
     }
     train = {None: blocks["train"], "live": blocks["train"]}
+    formats = {
+        "topk": {"top_k": script.top_k},
+        "sampled": {"num_samples": script.num_samples, "sample_temperature": args.temperature,
+                    "sample_seed": args.seed, "sample_head": script.sample_head,
+                    "sample_proposal_temperature": script.sample_proposal_temperature},
+    }  # fmt: skip
+    formats = {mode: spec for mode, spec in formats.items() if mode in script.teacher_modes}
     bytes_per_token = {}
-    for mode in CACHED_MODES:
-        if mode not in script.teacher_modes:
-            continue
-        sparse = {"top_k": script.top_k} if mode == "topk" else {
-            "num_samples": script.num_samples, "sample_temperature": args.temperature, "sample_seed": args.seed
-        }  # fmt: skip
-        train[mode] = precompute_teacher_logits(
-            teacher.model,
-            blocks["train"],
-            tokenizer=tokenizer,
-            preprocessing=preprocessing,
-            cache_dir=cache_dir(script.cache_dir) / "teacher_logits",
-            teacher_name=script.teacher_model_name_or_path,
-            max_batch_tokens=script.precompute_batch_tokens,
-            **sparse,
+    if formats:  # one teacher pass for every cached mode
+        train.update(
+            precompute_teacher_caches(
+                teacher.model,
+                blocks["train"],
+                formats,
+                tokenizer=tokenizer,
+                preprocessing=preprocessing,
+                cache_dir=cache_dir(script.cache_dir) / "teacher_logits",
+                teacher_name=script.teacher_model_name_or_path,
+                max_batch_tokens=script.precompute_batch_tokens,
+            )
         )
-        bytes_per_token[mode] = read_provenance(train[mode])["bytes_per_token"]
-        mark = stage(f"teacher cache ({mode}, {bytes_per_token[mode]:.1f} bytes/token)", mark)
+        bytes_per_token = {mode: read_provenance(train[mode])["bytes_per_token"] for mode in formats}
+        sizes = ", ".join(f"{mode}, {size:.1f} bytes/token" for mode, size in bytes_per_token.items())
+        mark = stage(f"teacher caches in one pass ({sizes})", mark)
 
     results = [
         _row(

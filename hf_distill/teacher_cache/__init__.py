@@ -1,7 +1,8 @@
 """Precomputed teacher logits: computed once into a ``datasets`` cache file, reused only when they match.
 
 :func:`precompute_teacher_logits` runs the teacher once over a tokenized dataset and returns it with
-the teacher's outputs as columns (the contract of :class:`hf_distill.DistillationTrainer`):
+the teacher's outputs as columns (the contract of :class:`hf_distill.DistillationTrainer`);
+:func:`precompute_teacher_caches` writes several formats' caches from one teacher pass:
 
 - ``teacher_logits``: sequence classification ``[C]``; token classification ``[L, C]``; question
   answering ``[L, 2]`` (start, end stacked on the last dim); masked/causal LM with ``top_k=None``
@@ -13,6 +14,11 @@ the teacher's outputs as columns (the contract of :class:`hf_distill.Distillatio
   so the KD term pulls the student's mass onto the teacher's top ``k`` tokens. With ``k`` at 20 to
   100 the dropped mass of a trained LM is small at ``T = 1``; higher temperatures flatten the
   teacher and make it larger, so raise ``k`` with ``T``.
+- ``teacher_sample_ids`` + ``teacher_sample_counts`` ``[L, n]``: masked and causal LM with
+  ``num_samples=n``: RS-KD, ``n`` tokens drawn from the teacher (:func:`hf_distill.vocab_losses.sample_teacher_tokens`);
+  with ``sample_head=h`` also ``teacher_head_ids`` + ``teacher_head_probs`` ``[L, h]``, the ``h`` most
+  likely tokens kept exactly, the draws coming from the rest
+  (:func:`hf_distill.vocab_losses.sample_head_and_tail`).
 
 ``L`` is each example's own length (``len(input_ids)``): nothing is stored for padding. The
 teacher sees the inputs as stored, so inputs that a collator changes at random each epoch (masked
@@ -49,13 +55,19 @@ from .key import (
     weights_hash,
     write_json_atomic,
 )
-from .precompute import load_teacher_cache, precompute_teacher_logits
+from .precompute import (
+    FORMAT_OPTIONS,
+    load_teacher_cache,
+    precompute_teacher_caches,
+    precompute_teacher_logits,
+)
 from .storage import TEACHER_COLUMNS, check_finite_logits, nonfinite_rows
 
 __all__ = [
     "AUTOCAST_DTYPES",
     "CACHE_FORMAT_VERSION",
     "DEFAULT_TOP_K",
+    "FORMAT_OPTIONS",
     "STORAGE_DTYPES",
     "TEACHER_COLUMNS",
     "cache_paths",
@@ -63,6 +75,7 @@ __all__ = [
     "length_sorted_batches",
     "load_teacher_cache",
     "nonfinite_rows",
+    "precompute_teacher_caches",
     "precompute_teacher_logits",
     "read_provenance",
     "teacher_cache_key",

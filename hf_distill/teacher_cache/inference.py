@@ -27,10 +27,10 @@ from ..ragged import (
     lists_of_fixed_size_lists,
     longest_first,
 )
-from ..tasks import base_model, output_logits
-from ..vocab_losses import sample_teacher_tokens
-from .key import AUTOCAST_DTYPES, index_dtype
-from .storage import _output_width
+from ..tasks import output_logits
+from ..vocab_losses import sample_sparse_target
+from .key import AUTOCAST_DTYPES
+from .storage import format_columns
 
 logger = logging.getLogger(__name__)
 
@@ -67,18 +67,26 @@ class _TeacherLogits:
         *,
         pad_token_id: int,
         dtype: str,
-        top_k: int | None,
         autocast_dtype: str | None,
         max_batch_tokens: int,
         max_batch_size: int,
-        sampling: Mapping[str, Any] | None = None,
+        formats: Mapping[str, Mapping[str, Any]],
     ):
+        """``formats``: column prefix -> ``{"top_k": ..., "sampling": ...}`` as in the cache key (one
+        prefix ``""`` for a single format). Every format is computed from each batch's one forward."""
         self.teacher, self.task, self.columns = teacher, task, dict(columns)
-        self.pad_token_id, self.dtype, self.top_k = pad_token_id, np.dtype(dtype), top_k
-        self.sampling = dict(sampling) if sampling else None
+        self.pad_token_id, self.dtype = pad_token_id, np.dtype(dtype)
+        self.formats = {
+            prefix: (spec.get("top_k"), dict(spec["sampling"]) if spec.get("sampling") else None)
+            for prefix, spec in formats.items()
+        }
+        # prefix + column name -> (stored dtype, values per token or example)
+        self.outputs = {
+            prefix + name: (np.dtype(stored), width)
+            for prefix, (top_k, sampling) in self.formats.items()
+            for name, (stored, width) in format_columns(teacher, task, dtype, top_k, sampling).items()
+        }
         self.torch_dtype = getattr(torch, dtype)
-        self.width = _output_width(teacher, task, top_k, self.sampling and self.sampling["num_samples"])
-        self.index_dtype = np.dtype(index_dtype(base_model(teacher).config.vocab_size))
         self.autocast_dtype = AUTOCAST_DTYPES.get(autocast_dtype) if autocast_dtype else None
         self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
         self.device = next(teacher.parameters()).device
@@ -134,17 +142,7 @@ class _TeacherLogits:
     def _allocate(self, rows: int, tokens: int) -> dict[str, np.ndarray]:
         """The window's outputs in its original order: one row per example or per token."""
         n = rows if self.task == tasks.SEQUENCE_CLASSIFICATION else tokens
-        if self.sampling:
-            return {
-                "teacher_sample_ids": np.empty((n, self.width), self.index_dtype),
-                "teacher_sample_counts": np.empty((n, self.width), np.uint8),
-            }
-        if self.task in tasks.VOCABULARY_TASKS and self.top_k is not None:
-            return {
-                "teacher_topk_values": np.empty((n, self.width), self.dtype),
-                "teacher_topk_indices": np.empty((n, self.width), self.index_dtype),
-            }
-        return {"teacher_logits": np.empty((n, self.width), self.dtype)}
+        return {name: np.empty((n, width), dtype) for name, (dtype, width) in self.outputs.items()}
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)
@@ -181,21 +179,25 @@ class _TeacherLogits:
             index = self._to_device(np.stack([layout.token_row, layout.token_col]))
             logits = logits[index[0], index[1]]
         logits = logits.float()
-        if self.sampling:
-            values = logits  # NaN or inf in the teacher's logits are refused before sampling
-            results = self._sample(logits, layout, flat)
-        elif self.task in tasks.VOCABULARY_TASKS and self.top_k is not None:
-            values, indices = logits.topk(self.width, dim=-1)
-            results = {"teacher_topk_values": values, "teacher_topk_indices": indices.to(torch.int32)}
-        else:
-            values = logits
-            results = {"teacher_logits": logits}
+        results, stored = {}, []  # stored: the float values kept in the stored dtype
+        for prefix, (top_k, sampling) in self.formats.items():
+            if sampling:  # NaN or inf in the teacher's logits are refused before sampling
+                own = self._sample(logits, layout, flat, sampling)
+                stored += [v for k, v in own.items() if k in ("teacher_head_probs", "teacher_sample_weights")]
+            elif self.task in tasks.VOCABULARY_TASKS and top_k is not None:
+                values, indices = logits.topk(self.outputs[prefix + "teacher_topk_values"][1], dim=-1)
+                own = {"teacher_topk_values": values, "teacher_topk_indices": indices.to(torch.int32)}
+                stored.append(values)
+            else:
+                own = {"teacher_logits": logits}
+                stored.append(logits)
+            results.update({prefix + key: value for key, value in own.items()})
         # The largest magnitude stored, read only once the batch is back (float16 must hold it).
-        peak = values.abs().amax() if self.dtype == np.float16 and values.numel() else None
+        peak = None
+        if self.dtype == np.float16 and any(v.numel() for v in stored):
+            peak = torch.stack([v.abs().amax() for v in stored if v.numel()]).amax()
         results = {key: value.to(self.torch_dtype) if value.is_floating_point() else value
                    for key, value in results.items()}  # fmt: skip
-        if self.sampling:
-            peak = None  # nothing of the logits is stored
         host = {key: self._to_host(value) for key, value in results.items()}
         peak = self._to_host(peak) if peak is not None else None
         done = None
@@ -204,11 +206,17 @@ class _TeacherLogits:
             done.record()
         return layout, host, peak, done
 
-    def _sample(self, logits: torch.Tensor, layout: BatchLayout, flat) -> dict[str, torch.Tensor]:
+    def _sample(
+        self, logits: torch.Tensor, layout: BatchLayout, flat, sampling: Mapping[str, Any]
+    ) -> dict[str, torch.Tensor]:
         """RS-KD draws for the batch's tokens (``logits``: ``(tokens, V)``, rows in ``layout`` order).
 
         Each row draws from its own generator, seeded by the sampling seed and a hash of the row's
-        tokens, so the draws do not depend on how rows are batched, windowed or sharded.
+        tokens, so the draws do not depend on how rows are batched, windowed or sharded, nor on the
+        other formats computed from the same forward. With ``sampling["head"] = h`` the ``h`` most
+        likely tokens are kept exactly and the draws come from the rest, and with
+        ``sampling["proposal_temperature"]`` from a tempered proposal, importance-weighted
+        (:func:`~hf_distill.vocab_losses.sample_sparse_target`).
         """
         if not bool(torch.isfinite(logits).all()):
             raise InputError(
@@ -216,19 +224,32 @@ class _TeacherLogits:
                 "teacher's weights and dtype."
             )
         values, offsets = flat["input_ids"]
-        ids = torch.empty(logits.shape[0], self.width, dtype=torch.int64, device=logits.device)
-        counts = torch.empty_like(ids)
+        n, head, temperature = sampling["num_samples"], sampling.get("head", 0), sampling["temperature"]
+        proposal = sampling.get("proposal_temperature", 1.0)
+        names = format_columns(self.teacher, self.task, "float32", None, sampling)  # in the order drawn
+        out = {
+            name: torch.empty(logits.shape[0], width, device=logits.device,
+                              dtype=torch.float32 if stored == "float32" else torch.int64)
+            for name, (stored, width) in names.items()
+        }  # fmt: skip
         start = 0
         for row, length in zip(layout.rows.tolist(), layout.lengths.tolist(), strict=True):
             tokens = np.ascontiguousarray(values[offsets[row] : offsets[row + 1]], dtype=np.int64)
-            seed = zlib.crc32(tokens.tobytes(), self.sampling["seed"] & 0xFFFFFFFF)
+            seed = zlib.crc32(tokens.tobytes(), sampling["seed"] & 0xFFFFFFFF)
             generator = torch.Generator(device=logits.device).manual_seed(seed)
             stop = start + length
-            ids[start:stop], counts[start:stop] = sample_teacher_tokens(
-                logits[start:stop], self.width, self.sampling["temperature"], generator
+            drawn = sample_sparse_target(
+                logits[start:stop],
+                n,
+                temperature,
+                head=head,
+                proposal_temperature=proposal,
+                generator=generator,
             )
+            for name, value in zip(out, drawn, strict=True):
+                out[name][start:stop] = value
             start = stop
-        return {"teacher_sample_ids": ids, "teacher_sample_counts": counts}
+        return out
 
     def _collect(self, pending, out: dict[str, np.ndarray]) -> None:
         """Wait for a launched batch and write its outputs to their rows of the window."""

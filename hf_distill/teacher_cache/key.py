@@ -142,9 +142,11 @@ def _resolve_top_k(task: str, top_k: int | None) -> int | None:
 
 
 def _resolve_sampling(
-    task: str, sampling: Mapping[str, Any] | None, top_k: int | None
+    task: str, sampling: Mapping[str, Any] | None, top_k: int | None, vocab_size: int | None = None
 ) -> dict[str, Any] | None:
-    """The RS-KD sampling settings as stored in the key: ``num_samples``, ``temperature``, ``seed``."""
+    """The RS-KD sampling settings as stored in the key: ``num_samples``, ``temperature``, ``seed``;
+    ``head`` when the cache keeps an exact head and ``proposal_temperature`` when the draws come from a
+    tempered proposal (each left out at its default, so plain RS-KD keys stay as they were)."""
     if not sampling:
         return None
     if task not in tasks.VOCABULARY_TASKS:
@@ -160,7 +162,21 @@ def _resolve_sampling(
         raise InputError(f"num_samples must be between 1 and 255 (the counts are stored in 8 bits), got {n}.")
     if not 0 < temperature < float("inf"):
         raise InputError(f"The sampling temperature must be > 0, got {temperature}.")
-    return {"num_samples": n, "temperature": temperature, "seed": int(sampling.get("seed", 0))}
+    head = sampling.get("head") or 0
+    if head != int(head) or head < 0 or (vocab_size is not None and head >= vocab_size):
+        bound = f" and below the vocabulary size {vocab_size}" if vocab_size is not None else ""
+        raise InputError(
+            f"sample_head (tokens kept exactly before the sampled tail) must be a whole number >= 0{bound}, "
+            f"got {head}."
+        )
+    proposal = float(sampling.get("proposal_temperature", 1.0))
+    if not 0 < proposal < float("inf"):
+        raise InputError(
+            f"sample_proposal_temperature must be > 0 (1 draws from the teacher itself), got {proposal}."
+        )
+    resolved = {"num_samples": n, "temperature": temperature, "seed": int(sampling.get("seed", 0))}
+    resolved |= {"head": int(head)} if head else {}
+    return resolved | ({"proposal_temperature": proposal} if proposal != 1.0 else {})
 
 
 def index_dtype(vocab_size: int) -> str:
@@ -196,7 +212,8 @@ def teacher_cache_key(
             f"preprocessing must be JSON-serialisable settings (numbers, strings, lists): {err}"
         ) from None
     task = task_of(teacher)
-    sampling = _resolve_sampling(task, sampling, top_k)
+    vocab_size = base_model(teacher).config.vocab_size if task in tasks.VOCABULARY_TASKS else None
+    sampling = _resolve_sampling(task, sampling, top_k, vocab_size)
     components = {
         "format_version": CACHE_FORMAT_VERSION,
         "dataset_fingerprint": dataset._fingerprint,

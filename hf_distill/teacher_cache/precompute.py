@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -50,6 +51,7 @@ from .storage import (
     _open_arrow,
     _storage_size,
     check_finite_logits,
+    format_columns,
     provenance_shards,
 )
 
@@ -90,6 +92,8 @@ def precompute_teacher_logits(
     num_samples: int | None = None,
     sample_temperature: float = 1.0,
     sample_seed: int = 0,
+    sample_head: int = 0,
+    sample_proposal_temperature: float = 1.0,
     autocast_dtype: str | None = None,
     max_batch_tokens: int | None = None,
     max_batch_size: int = 512,
@@ -116,7 +120,18 @@ def precompute_teacher_logits(
             stored as ``teacher_sample_ids`` (the distinct ids) and ``teacher_sample_counts`` (how often
             each was drawn; 0 marks an empty slot), ``[L, num_samples]`` each, ids in uint16 when the
             vocabulary fits, counts in uint8: 3 bytes per draw. ``sample_seed`` seeds the draws (each
-            row from the seed and its tokens, so batching and sharding do not change them).
+            row from the seed and its tokens, so batching, sharding and the other formats computed in
+            the same pass do not change them).
+        sample_head: with ``num_samples``: keep the ``sample_head`` most likely tokens exactly
+            (``teacher_head_ids`` and ``teacher_head_probs``, ``[L, h]``, their probabilities at
+            ``sample_temperature`` in ``dtype``: 4 bytes per head token in float16) and draw the
+            ``num_samples`` from the rest (:func:`hf_distill.vocab_losses.sample_head_and_tail`); 0
+            (default) for plain RS-KD. Must be below the vocabulary size.
+        sample_proposal_temperature: with ``num_samples``: ``tau``, the draws (of the tail, with a
+            head) come from the proposal ``q ∝ p**(1/tau)`` and each distinct id is stored with its
+            self-normalised importance weight ``c_j p_j / q_j`` (``teacher_sample_weights`` in the
+            stored dtype, in place of the counts: 4 bytes per draw in float16); 1 (default) draws from
+            ``p`` itself.
         autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run the teacher under ``torch.autocast``.
         max_batch_tokens: padded tokens per forward pass (rows times longest row); default
             :func:`default_batch_tokens` of the teacher's logits per token (its vocabulary for a
@@ -140,31 +155,95 @@ def precompute_teacher_logits(
     whatever the number of processes; a killed run resumes from its complete shards. The returned
     dataset's provenance: :func:`read_provenance`.
     """
-    task = task_of(teacher)
-    key, components = teacher_cache_key(
+    fmt = {"top_k": top_k, "num_samples": num_samples, "sample_temperature": sample_temperature,
+           "sample_seed": sample_seed, "sample_head": sample_head,
+           "sample_proposal_temperature": sample_proposal_temperature, "expected_key": expected_key}  # fmt: skip
+    return precompute_teacher_caches(
         teacher,
         dataset,
+        {"cache": fmt},
         tokenizer=tokenizer,
         preprocessing=preprocessing,
+        cache_dir=cache_dir,
         dtype=dtype,
-        top_k=None if num_samples and top_k is None else top_k,
         autocast_dtype=autocast_dtype,
-        sampling={"num_samples": num_samples, "temperature": sample_temperature, "seed": sample_seed}
-        if num_samples
-        else None,
-    )
+        max_batch_tokens=max_batch_tokens,
+        max_batch_size=max_batch_size,
+        sort_window=sort_window,
+        teacher_name=teacher_name,
+    )["cache"]
+
+
+# What a format of precompute_teacher_caches may set: precompute_teacher_logits' arguments of that name.
+FORMAT_OPTIONS = (
+    "top_k",
+    "num_samples",
+    "sample_temperature",
+    "sample_seed",
+    "sample_head",
+    "sample_proposal_temperature",
+    "expected_key",
+)
+
+
+def precompute_teacher_caches(
+    teacher: nn.Module,
+    dataset: Dataset,
+    formats: Mapping[str, Mapping[str, Any]],
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    dtype: str = "float16",
+    autocast_dtype: str | None = None,
+    max_batch_tokens: int | None = None,
+    max_batch_size: int = 512,
+    sort_window: int = 4096,
+    teacher_name: str | None = None,
+) -> dict[str, Dataset]:
+    """Several caches of ``dataset`` (one per format) from one teacher pass: name -> the dataset with its columns.
+
+    ``formats``: a name of your choice -> that cache's format, given by the arguments of
+    :func:`precompute_teacher_logits` named in ``FORMAT_OPTIONS`` (``top_k``, ``num_samples``,
+    ``sample_temperature``, ``sample_seed``, ``sample_head``, ``sample_proposal_temperature``,
+    ``expected_key``), e.g. ``{"topk": {"top_k": 9}, "sampled": {"num_samples": 12}}``. The other
+    arguments are shared, as in :func:`precompute_teacher_logits`.
+
+    Each format is its own cache, with its own key, files and provenance, exactly as
+    :func:`precompute_teacher_logits` writes it alone: the values are the same, and a cache asked for
+    later alone is a hit. What is computed together are the rows that some format lacks: each batch's
+    one forward gives every such format its columns (each sampling format draws from its own seeded
+    generators, so the draws do not depend on what else is computed). With several formats to
+    compute, a shard is first written with all their columns to one temporary file, then split into
+    each format's file (so the disk holds the shard's columns twice until the split is done).
+    """
+    unknown = sorted({k for spec in formats.values() for k in spec} - set(FORMAT_OPTIONS))
+    if unknown or not formats:
+        raise InputError(
+            f"Each teacher-cache format sets some of {list(FORMAT_OPTIONS)}, and at least one format is needed; "
+            f"got {dict(formats)}."
+        )
+    task = task_of(teacher)
     if cache_dir is None and dataset.cache_files:
         cache_dir = Path(dataset.cache_files[0]["filename"]).parent
-    if expected_key is not None and expected_key != key:
-        detail = ""
-        if cache_dir is not None and cache_paths(cache_dir, expected_key)[1].exists():
-            old = read_provenance(cache_paths(cache_dir, expected_key)[1])
-            detail = " Differences: " + "; ".join(_mismatch(old, components)) + "."
-        raise InputError(
-            f"The teacher cache requested has key {key} but expected_key={expected_key}: the teacher, dataset, "
-            f"tokenizer or storage settings differ from those the expected cache was built with.{detail} "
-            "Drop expected_key to compute a new cache."
+    requests: dict[str, dict[str, Any]] = {}  # key -> its components
+    key_of: dict[str, str] = {}  # format name -> key
+    for name, spec in formats.items():
+        key, components = _request(
+            teacher, dataset, task, spec, tokenizer, preprocessing, dtype, autocast_dtype
         )
+        expected = spec.get("expected_key")
+        if expected is not None and expected != key:
+            detail = ""
+            if cache_dir is not None and cache_paths(cache_dir, expected)[1].exists():
+                old = read_provenance(cache_paths(cache_dir, expected)[1])
+                detail = " Differences: " + "; ".join(_mismatch(old, components)) + "."
+            raise InputError(
+                f"The teacher cache requested has key {key} but expected_key={expected}: the teacher, dataset, "
+                f"tokenizer or storage settings differ from those the expected cache was built with.{detail} "
+                "Drop expected_key to compute a new cache."
+            )
+        requests[key], key_of[name] = components, key
     if max_batch_tokens is None:
         config = base_model(teacher).config
         max_batch_tokens = default_batch_tokens(
@@ -175,32 +254,47 @@ def precompute_teacher_logits(
             f"max_batch_tokens, max_batch_size and sort_window must be >= 1, got {max_batch_tokens}, "
             f"{max_batch_size}, {sort_window}."
         )
-    columns = components["input_columns"]
-    compute = _TeacherLogits(
-        teacher,
-        task,
-        columns,
-        pad_token_id=(tokenizer.pad_token_id if tokenizer is not None else None) or 0,
-        dtype=dtype,
-        top_k=components["top_k"],
-        autocast_dtype=autocast_dtype,
-        max_batch_tokens=max_batch_tokens,
-        max_batch_size=max_batch_size,
-        sampling=components["sampling"],
-    )
-    map_kwargs = dict(
-        batched=True,
-        batch_size=sort_window,
-        features=_features(
-            dataset,
-            teacher,
-            task,
-            dtype,
-            components["top_k"],
-            components["sampling"] and components["sampling"]["num_samples"],
-        ),
-        desc="Teacher logits",
-    )
+    columns = next(iter(requests.values()))["input_columns"]
+    pad_token_id = (tokenizer.pad_token_id if tokenizer is not None else None) or 0
+    teacher_columns = {
+        key: format_columns(teacher, task, dtype, c["top_k"], c["sampling"]) for key, c in requests.items()
+    }
+    computers: dict[tuple[str, ...], _TeacherLogits] = {}  # kept, so each keeps its out-of-memory budget
+
+    def compute_for(keys: tuple[str, ...]) -> tuple[_TeacherLogits, dict[str, str]]:
+        """The map function computing ``keys``' formats together, and each key's column prefix."""
+        prefixes = {key: "" if len(keys) == 1 else f"_format{i}_" for i, key in enumerate(keys)}
+        if keys not in computers:
+            specs = {
+                prefixes[k]: {"top_k": requests[k]["top_k"], "sampling": requests[k]["sampling"]}
+                for k in keys
+            }
+            computers[keys] = _TeacherLogits(
+                teacher,
+                task,
+                columns,
+                pad_token_id=pad_token_id,
+                dtype=dtype,
+                autocast_dtype=autocast_dtype,
+                max_batch_tokens=max_batch_tokens,
+                max_batch_size=max_batch_size,
+                formats=specs,
+            )
+        return computers[keys], prefixes
+
+    def map_kwargs(keys: tuple[str, ...], prefixes: Mapping[str, str]) -> dict[str, Any]:
+        added = {prefixes[k] + name: spec for k in keys for name, spec in teacher_columns[k].items()}
+        return dict(batched=True, batch_size=sort_window, features=_features(dataset, task, added),
+                    desc="Teacher logits")  # fmt: skip
+
+    def split(out: Dataset, key: str, prefix: str) -> Dataset:
+        """The columns of ``key``'s format in ``out`` (computed with others), under their own names."""
+        own = [prefix + name for name in teacher_columns[key]]
+        return out.select_columns(dataset.column_names + own).rename_columns(
+            {prefix + n: n for n in teacher_columns[key]}
+        )
+
+    keys = tuple(requests)
     teacher_was_training = teacher.training
     teacher.eval()
     try:
@@ -209,51 +303,135 @@ def precompute_teacher_logits(
                 "The dataset is held in memory and no cache_dir was given: teacher logits are computed in memory "
                 "and not cached. Pass cache_dir to compute them once and reuse them."
             )
-            out = _map(dataset, compute, key, keep_in_memory=True, **map_kwargs)
+            compute, prefixes = compute_for(keys)
+            together = _together_key(keys)
+            out = _map(dataset, compute, together, keep_in_memory=True, **map_kwargs(keys, prefixes))
             check_finite_logits(out, where="the teacher's outputs")
-            return out
+            done = {key: _formatted(split(out, key, prefixes[key]), dataset, key) if len(keys) > 1 else out
+                    for key in keys}  # fmt: skip
+            return {name: done[key_of[name]] for name in formats}
         cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)  # on every machine: each writes its own shards
         num_processes = PartialState().num_processes
-        shards, listed = on_main(lambda: plan_shards(cache_dir, key, components, num_processes, sort_window))
-
-        def compute_shard(shard: dict[str, Any], arrow: Path) -> None:
-            part = dataset.select(range(shard["start"], shard["start"] + shard["num_rows"]))
-            fingerprint = f"{key}-{shard['index']}-of-{shard['num_shards']}"
-            _refuse_nonfinite(_map_to_file(part, compute, fingerprint, arrow, False, map_kwargs), arrow)
-
-        reported = all_processes(lambda: compute_own_shards(cache_dir, shards, key, listed, compute_shard))
-        records = sorted((r for own in reported for r in own), key=lambda r: r["start"])
-
-        def finish() -> None:  # main process: every shard is there; the provenance, last
-            check_shards(cache_dir, records, key, components["num_rows"])
-            if listed and not any(r.get("computed") for r in records):
-                return  # a hit
-            out = open_shards(cache_dir, records, dataset)
-            provenance = {
-                **components,
-                "key": key,
-                "teacher": teacher_name or base_model(teacher).config._name_or_path or None,
-                "columns": [c for c in out.column_names if c not in dataset.column_names],
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "versions": {"torch": torch.__version__, "datasets": version("datasets")},
-                "shards": [{k: r[k] for k in _SHARD_ENTRY} for r in records],
-                "arrow_bytes": sum(r["arrow_bytes"] for r in records),
-                **_storage_size(out, task),
+        plans = on_main(
+            lambda: {
+                key: plan_shards(cache_dir, key, requests[key], num_processes, sort_window) for key in keys
             }
-            write_json_atomic(cache_paths(cache_dir, key)[1], provenance)
-            remove_records(cache_dir, records)
-            logger.info(
-                "Teacher cache written to %s in %d shard(s) (%s).",
-                cache_dir,
-                len(records),
-                _describe_size(provenance),
-            )
+        )
+
+        def compute_rows(start: int, num_rows: int, arrows: dict[str, Path]) -> None:
+            part = dataset.select(range(start, start + num_rows))
+            together = tuple(arrows)
+            compute, prefixes = compute_for(together)
+            if len(together) == 1:
+                ((key, arrow),) = arrows.items()
+                fingerprint = f"{key}-{start}-{num_rows}"
+                _refuse_nonfinite(
+                    _map_to_file(part, compute, fingerprint, arrow, False, map_kwargs(together, prefixes)),
+                    arrow,
+                )
+                return
+            # one pass for every format: all their columns to one temporary file, then one file each
+            scratch = cache_dir / f"{_CACHE_PREFIX}together-{os.getpid()}-{start}-{num_rows}.arrow"
+            fingerprint = f"{_together_key(together)}-{start}-{num_rows}"
+            try:
+                out = _map_to_file(part, compute, fingerprint, scratch, False, map_kwargs(together, prefixes))
+                for key, arrow in arrows.items():
+                    view = split(out, key, prefixes[key])
+                    copied = _map_to_file(
+                        view, _same, f"{key}-{start}-{num_rows}", arrow, False, map_kwargs((key,), {key: ""})
+                    )
+                    _refuse_nonfinite(copied, arrow)
+            finally:
+                scratch.unlink(missing_ok=True)
+
+        reported = all_processes(lambda: compute_own_shards(cache_dir, plans, compute_rows))
+
+        def finish() -> None:  # main process: every shard is there; the provenances, last
+            for key in keys:
+                records = sorted((r for own in reported for r in own[key]), key=lambda r: r["start"])
+                _finish(
+                    cache_dir,
+                    key,
+                    requests[key],
+                    records,
+                    plans[key][1],
+                    dataset,
+                    task,
+                    teacher,
+                    teacher_name,
+                )
 
         on_main(finish)
-        return _formatted(open_shards(cache_dir, records, dataset), dataset, key)
+        done = {}
+        for key in keys:
+            records = sorted((r for own in reported for r in own[key]), key=lambda r: r["start"])
+            done[key] = _formatted(open_shards(cache_dir, records, dataset), dataset, key)
+        return {name: done[key_of[name]] for name in formats}
     finally:
         teacher.train(teacher_was_training)
+
+
+def _together_key(keys: tuple[str, ...]) -> str:
+    """One key for several caches computed together (a fingerprint, at most 64 characters)."""
+    return keys[0] if len(keys) == 1 else hashlib.sha256("-".join(keys).encode()).hexdigest()[:32]
+
+
+def _same(table):
+    """The identity map: copies a view (selected, renamed columns) into its own cache file."""
+    return table
+
+
+def _request(teacher, dataset, task, spec, tokenizer, preprocessing, dtype, autocast_dtype):
+    """The key and components of one format of :func:`precompute_teacher_caches`."""
+    top_k, num_samples = spec.get("top_k"), spec.get("num_samples")
+    sampling = None
+    if num_samples:
+        sampling = {"num_samples": num_samples, "temperature": spec.get("sample_temperature", 1.0),
+                    "seed": spec.get("sample_seed", 0), "head": spec.get("sample_head", 0),
+                    "proposal_temperature": spec.get("sample_proposal_temperature", 1.0)}  # fmt: skip
+    elif spec.get("sample_head") or spec.get("sample_proposal_temperature", 1.0) != 1.0:
+        raise InputError(
+            "sample_head and sample_proposal_temperature shape the RS-KD draws: they need num_samples, got "
+            f"{spec}."
+        )
+    return teacher_cache_key(
+        teacher,
+        dataset,
+        tokenizer=tokenizer,
+        preprocessing=preprocessing,
+        dtype=dtype,
+        top_k=None if num_samples and top_k is None else top_k,
+        autocast_dtype=autocast_dtype,
+        sampling=sampling,
+    )
+
+
+def _finish(cache_dir, key, components, records, listed, dataset, task, teacher, teacher_name) -> None:
+    """Main process, once every shard of ``key`` is there: check them and write the provenance, last."""
+    check_shards(cache_dir, records, key, components["num_rows"])
+    if listed and not any(r.get("computed") for r in records):
+        return  # a hit
+    out = open_shards(cache_dir, records, dataset)
+    provenance = {
+        **components,
+        "key": key,
+        "teacher": teacher_name or base_model(teacher).config._name_or_path or None,
+        "columns": [c for c in out.column_names if c not in dataset.column_names],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "datasets": version("datasets")},
+        "shards": [{k: r[k] for k in _SHARD_ENTRY} for r in records],
+        "arrow_bytes": sum(r["arrow_bytes"] for r in records),
+        **_storage_size(out, task),
+    }
+    write_json_atomic(cache_paths(cache_dir, key)[1], provenance)
+    remove_records(cache_dir, records)
+    logger.info(
+        "Teacher cache written to %s in %d shard(s) (%s).",
+        cache_dir,
+        len(records),
+        _describe_size(provenance),
+    )
 
 
 def _map(dataset: Dataset, compute: _TeacherLogits, key: str, **map_kwargs) -> Dataset:

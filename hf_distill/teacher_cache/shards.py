@@ -13,7 +13,9 @@ How one call goes (:func:`compute_shards`):
    hit, or a damaged cache to repair), else the shards named by records a killed run left
    (:func:`shard_record_path`), else one shard per process. Shard ``j`` goes to process ``j % N``.
 2. Each process checks its shards (file size and sha256 against the record, or the provenance) and
-   computes those that fail: a missing or corrupt shard is recomputed alone. A shard is written to a
+   computes those that fail: a missing or corrupt shard is recomputed alone. Several caches of one
+   dataset asked for at once (several formats) are planned together, and the shards of theirs that
+   cover the same rows are computed by one teacher pass (:func:`compute_own_shards`). A shard is written to a
    temporary file and renamed (``datasets``), then checked for NaN and inf, then its record is
    written (atomically): no shard is ever taken as complete before it is.
 3. The processes meet once (a gloo group without a practical timeout); the main process checks every shard it is told of
@@ -150,21 +152,33 @@ def _intact(
 
 def compute_own_shards(
     cache_dir: Path,
-    shards: list[dict[str, Any]],
-    key: str,
-    from_provenance: bool,
-    compute_shard: Callable[[dict[str, Any], Path], None],
-) -> list[dict[str, Any]]:
-    """This process's shards (``j % N``), checked, and computed where they are not complete; their records."""
+    plans: Mapping[str, tuple[list[dict[str, Any]], bool]],
+    compute_rows: Callable[[int, int, dict[str, Path]], None],
+) -> dict[str, list[dict[str, Any]]]:
+    """This process's shards (``j % N``) of each cache in ``plans``, checked and computed where they are not
+    complete; their records, by key.
+
+    ``plans``: key -> (its shards, whether a provenance lists them). The shards of several caches that
+    cover the same rows are computed by one call ``compute_rows(start, num_rows, {key: arrow})``: one
+    teacher pass writes every format asked for (new caches of the same dataset share their layout).
+    """
     state = PartialState()
-    done = []
-    for shard in shards[state.process_index :: state.num_processes]:
-        record = _intact(cache_dir, shard, key, from_provenance)
-        if record is None:
-            record_path = shard_record_path(cache_dir, shard["file"])
-            record_path.unlink(missing_ok=True)
+    done: dict[str, list[dict[str, Any]]] = {key: [] for key in plans}
+    missing: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}  # (start, rows) -> key -> shard
+    for key, (shards, from_provenance) in plans.items():
+        for shard in shards[state.process_index :: state.num_processes]:
+            record = _intact(cache_dir, shard, key, from_provenance)
+            if record is None:
+                missing.setdefault((shard["start"], shard["num_rows"]), {})[key] = shard
+            else:
+                done[key].append(record)
+    for (start, num_rows), shards in missing.items():
+        for shard in shards.values():
+            shard_record_path(cache_dir, shard["file"]).unlink(missing_ok=True)
+        # written to temporary files and renamed; NaN/inf refused
+        compute_rows(start, num_rows, {key: cache_dir / shard["file"] for key, shard in shards.items()})
+        for key, shard in shards.items():
             arrow = cache_dir / shard["file"]
-            compute_shard(shard, arrow)  # written to a temporary file and renamed; NaN/inf refused
             record = {
                 **{k: shard[k] for k in ("file", "index", "num_shards", "start", "num_rows")},
                 "key": key,
@@ -172,9 +186,12 @@ def compute_own_shards(
                 "arrow_sha256": _file_sha256(arrow),
                 "computed": True,
             }
-            write_json_atomic(record_path, record)  # last: the shard is complete
-        done.append({**record, "process": state.process_index, "host": socket.gethostname()})
-    return done
+            write_json_atomic(
+                shard_record_path(cache_dir, shard["file"]), record
+            )  # last: the shard is complete
+            done[key].append(record)
+    where = {"process": state.process_index, "host": socket.gethostname()}
+    return {key: [{**record, **where} for record in records] for key, records in done.items()}
 
 
 def _portable(err: BaseException) -> BaseException:

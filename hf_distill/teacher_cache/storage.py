@@ -28,45 +28,45 @@ from .key import _CACHE_PREFIX, _key_of, _mismatch, index_dtype
 logger = logging.getLogger(__name__)
 
 
-def _output_width(teacher: nn.Module, task: str, top_k: int | None, num_samples: int | None = None) -> int:
-    """Values stored per example (sequence classification) or per token: classes, 2, vocabulary, k or n."""
+def format_columns(
+    teacher: nn.Module, task: str, dtype: str, top_k: int | None, sampling: Mapping[str, Any] | None
+) -> dict[str, tuple[str, int]]:
+    """The teacher columns of one cache format: name -> (stored dtype, values per token, or per example).
+
+    Dense ``teacher_logits`` (classes, 2 for question answering, or the vocabulary); top-k
+    ``teacher_topk_values`` + ``teacher_topk_indices`` (``k``); RS-KD ``teacher_sample_ids`` +
+    ``teacher_sample_counts`` (``n`` draws; ``teacher_sample_weights``, importance weights, from a
+    tempered proposal), preceded, with an exact head of ``h`` tokens, by ``teacher_head_ids`` +
+    ``teacher_head_probs`` (``h``).
+    """
     config = base_model(teacher).config
     if task in tasks.VOCABULARY_TASKS:
-        if num_samples:
-            return num_samples
-        return config.vocab_size if top_k is None else min(top_k, config.vocab_size)
-    if task == tasks.QUESTION_ANSWERING:
-        return 2
-    return config.num_labels
+        ids = index_dtype(config.vocab_size)
+        if sampling:
+            n, head = sampling["num_samples"], sampling.get("head", 0)
+            columns = {"teacher_head_ids": (ids, head), "teacher_head_probs": (dtype, head)} if head else {}
+            if sampling.get("proposal_temperature", 1.0) != 1.0:  # importance weights, not counts
+                return columns | {"teacher_sample_ids": (ids, n), "teacher_sample_weights": (dtype, n)}
+            return columns | {"teacher_sample_ids": (ids, n), "teacher_sample_counts": ("uint8", n)}
+        if top_k is not None:
+            k = min(top_k, config.vocab_size)
+            return {"teacher_topk_values": (dtype, k), "teacher_topk_indices": (ids, k)}
+        return {"teacher_logits": (dtype, config.vocab_size)}
+    return {"teacher_logits": (dtype, 2 if task == tasks.QUESTION_ANSWERING else config.num_labels)}
 
 
-def _features(
-    dataset: Dataset,
-    teacher: nn.Module,
-    task: str,
-    dtype: str,
-    top_k: int | None,
-    num_samples: int | None = None,
-):
+def _features(dataset: Dataset, task: str, columns: Mapping[str, tuple[str, int]]):
+    """``dataset``'s features with the teacher ``columns`` (:func:`format_columns`) added."""
     features = dataset.features.copy()
-    value, width = Value(dtype), _output_width(teacher, task, top_k, num_samples)
-    ids = Value(index_dtype(base_model(teacher).config.vocab_size))
-    if task in tasks.VOCABULARY_TASKS and num_samples:
-        features["teacher_sample_ids"] = List(List(ids, length=width))
-        features["teacher_sample_counts"] = List(List(Value("uint8"), length=width))
-    elif task in tasks.VOCABULARY_TASKS and top_k is not None:
-        features["teacher_topk_values"] = List(List(value, length=width))
-        features["teacher_topk_indices"] = List(List(ids, length=width))
-    elif task == tasks.SEQUENCE_CLASSIFICATION:
-        features["teacher_logits"] = List(value, length=width)
-    else:
-        features["teacher_logits"] = List(List(value, length=width))
+    for name, (dtype, width) in columns.items():
+        row = List(Value(dtype), length=width)
+        features[name] = row if task == tasks.SEQUENCE_CLASSIFICATION else List(row)
     return features
 
 
 # ---- integrity ------------------------------------------------------------------------------------
 
-TEACHER_COLUMNS = ("teacher_logits", "teacher_topk_values")
+TEACHER_COLUMNS = ("teacher_logits", "teacher_topk_values", "teacher_head_probs", "teacher_sample_weights")
 
 
 def _bad_rows(column: pa.ChunkedArray) -> np.ndarray:
@@ -155,7 +155,7 @@ def _storage_size(dataset: Dataset, task: str) -> dict[str, float]:
     columns = [
         c
         for c in dataset.column_names
-        if c.startswith("teacher_") and c.split("_")[1] in ("logits", "topk", "sample")
+        if c.startswith("teacher_") and c.split("_")[1] in ("logits", "topk", "sample", "head")
     ]
     total = sum(dataset.data.column(c).nbytes for c in columns)
     size = {"teacher_bytes": total, "bytes_per_example": total / max(len(dataset), 1)}
