@@ -301,7 +301,7 @@ def _sparse_gradients(hidden, head, T, ids, values, draws):
     """The ``kd="sampled"`` gradient for each of ``draws`` sparse targets, stacked."""
     grads = []
     for r in range(draws):
-        value, _ = chunked_lm_losses(
+        value = chunked_lm_losses(
             hidden,
             head,
             kd="sampled",
@@ -309,7 +309,7 @@ def _sparse_gradients(hidden, head, T, ids, values, draws):
             teacher_ids=ids[r],
             teacher_values=values[r],
             chunk_size=2,
-        )
+        ).loss
         grads.append(_gradients(value, hidden, head))
     return torch.stack(grads)
 
@@ -326,7 +326,7 @@ def test_exact_head_and_sampled_tail_is_unbiased_for_the_teacher_and_its_gradien
     teacher_logits = torch.randn(n, vocab, generator=g) * 2
     p_t = F.softmax(teacher_logits / T, dim=-1)
     dense = {"teacher_hidden": teacher_logits, "teacher_head": torch.eye(vocab)}
-    kl_value, _ = chunked_lm_losses(hidden, head, kd="kl", temperature=T, **dense, chunk_size=2)
+    kl_value = chunked_lm_losses(hidden, head, kd="kl", temperature=T, **dense, chunk_size=2).loss
     dense_grad = _gradients(kl_value, hidden, head)
 
     head_ids, head_probs, tail_ids, tail_counts = sample_head_and_tail(
