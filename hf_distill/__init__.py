@@ -8,6 +8,7 @@ from .hub import HubPushError, push_student
 from .instruction_data import (
     InstructionDataCollator,
     TruncationCounts,
+    has_completion,
     render_example,
     render_prompt,
     tokenize_instruction_dataset,
@@ -30,6 +31,7 @@ from .losses import (
 from .model_card import StudentCardData, render_card, write_card
 from .student import build_student, select_teacher_layers
 from .teacher_cache import load_teacher_cache, precompute_teacher_logits, read_provenance, weights_hash
+from .teacher_completions import TeacherCompletions, teacher_completions
 from .trainer import DistillationTrainer, TeacherOutput
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "InstructionDataCollator",
     "LM_KD_LOSSES",
     "StudentCardData",
+    "TeacherCompletions",
     "TeacherOutput",
     "TransformersGenerator",
     "TruncationCounts",
@@ -51,6 +54,7 @@ __all__ = [
     "chunked_lm_losses",
     "ensemble_logits",
     "generalized_jsd_loss",
+    "has_completion",
     "hidden_state_loss",
     "jsd_loss",
     "kd_loss",
@@ -66,6 +70,7 @@ __all__ = [
     "reverse_kl_loss",
     "sample_teacher_tokens",
     "select_teacher_layers",
+    "teacher_completions",
     "tokenize_instruction_dataset",
     "topk_kl_div_loss",
     "weights_hash",
