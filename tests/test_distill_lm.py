@@ -100,7 +100,7 @@ def flags(tmp_path: Path, teacher: Path, data: Path, output: Path, *extra: str) 
         "--top_k", "4",
         "--num_samples", "6",
         "--prompts", "the people", "we will",
-        "--sample_max_new_tokens", "3",
+        "--max_new_tokens", "3",
         "--cache_dir", str(tmp_path / "cache"),
         "--output_dir", str(output),
         *extra,

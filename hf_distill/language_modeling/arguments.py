@@ -222,11 +222,7 @@ class DistillLMArguments:
         default_factory=lambda: list(DEFAULT_PROMPTS),
         metadata={"help": "Prompts whose greedy continuations go into results.json and the cards."},
     )
-    # Not ``max_new_tokens``: that is DistillationConfig's rollout length (on-policy distillation), and one flag
-    # cannot belong to two dataclasses of one parser.
-    sample_max_new_tokens: int = field(
-        default=24, metadata={"help": "Tokens generated per report prompt (>= 1)."}
-    )
+    max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per prompt (>= 1)."})
     eval_batch_size: int = field(default=8, metadata={"help": "Blocks per batch when measuring perplexity."})
 
     def __post_init__(self):
@@ -252,7 +248,7 @@ class DistillLMArguments:
             "student_num_layers": (1, None),
             "top_k": (1, None),
             "num_samples": (1, 255),
-            "sample_max_new_tokens": (1, None),
+            "max_new_tokens": (1, None),
             "eval_batch_size": (1, None),
             "precompute_batch_tokens": (1, None),
             "max_train_blocks": (1, None),

@@ -168,7 +168,7 @@ def student_card(
         if teacher.generate_tokens_per_second
         else None,
         speedup_hardware=f"{args.device} ({torch.get_num_threads()} threads)",
-        speedup_setup=f"greedy generation, {script.sample_max_new_tokens} new tokens per prompt, batch 1",
+        speedup_setup=f"greedy generation, {script.max_new_tokens} new tokens per prompt, batch 1",
         samples=result.samples,
         recipe=recipe,
         launch_command=launch_command,

@@ -76,7 +76,7 @@ def _row(
     metrics = {
         split: perplexity(model, b, script.eval_batch_size) for split, b in blocks.items() if split != "train"
     }
-    samples, generate_speed = greedy_samples(model, tokenizer, script.prompts, script.sample_max_new_tokens)
+    samples, generate_speed = greedy_samples(model, tokenizer, script.prompts, script.max_new_tokens)
     return RunResult(
         name=name,
         kind=kind,
