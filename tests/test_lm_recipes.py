@@ -18,9 +18,9 @@ ON_POLICY_KEYS = {
     "lmbda",
     "seq_kd",
     "jsd_mixture",
-    "max_new_tokens",
-    "generation_temperature",
-    "generation_top_p",
+    "rollout_max_new_tokens",
+    "rollout_temperature",
+    "rollout_top_p",
     "rollout_samples",
 }
 INSTRUCT_RECIPE = next(p for p in LM_RECIPES if p.name == "smollm2_instruct.yaml")
@@ -64,8 +64,8 @@ def test_the_instruct_recipe_stages_and_prompts():
     assert (script.num_train_prompts, script.num_eval_prompts) == (128, 32)
     # the two-stage settings of the issue: all of stage 2 on-policy, TRL GKD's mixture and temperature
     assert recipe["lmbda"] == 1.0 and recipe["jsd_mixture"] == 0.5 and recipe["kd_loss"] == "jsd"
-    assert recipe["temperature"] == recipe["generation_temperature"] == 0.9
-    assert recipe["max_new_tokens"] == 64 and (recipe["alpha"], recipe["beta"]) == (1.0, 0.0)
+    assert recipe["temperature"] == recipe["rollout_temperature"] == 0.9
+    assert recipe["rollout_max_new_tokens"] == 64 and (recipe["alpha"], recipe["beta"]) == (1.0, 0.0)
     assert "max_steps" not in recipe  # each stage sets its own: off_policy_steps, then on_policy_steps
 
 

@@ -91,7 +91,7 @@ class DistillLMArguments:
         metadata={
             "help": "Distil an instruction model on prompts and completions instead of packed text: stage 1 "
             "off-policy (off_policy_steps), stage 2 on-policy (on_policy_steps; DistillationConfig's lmbda, "
-            "jsd_mixture, max_new_tokens). dataset_name is then offline:instruct_prompts (prompts built from the "
+            "jsd_mixture, rollout_max_new_tokens). dataset_name is then offline:instruct_prompts (prompts built from the "
             "offline corpora) or a Hub id / folder / JSON Lines, CSV or Parquet file of 'messages', or of 'prompt' "
             "with or without 'completion' (without: the teacher's greedy completions, cached)."
         },
