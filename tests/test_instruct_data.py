@@ -292,3 +292,20 @@ def test_teacher_and_student_with_different_tokenizers_are_refused_as_cross_toke
 def test_bad_instruct_settings_are_refused_at_parse_time(flags, message):
     with pytest.raises(InputError, match=message):
         LMRecipeParser().parse_recipe_and_args([*flags, "--output_dir", "unused"])
+
+
+def test_prepare_checks_against_the_smallest_models_positions_and_says_who_writes_completions(tmp_path):
+    from instruct_fixtures import tiny_llama
+
+    from hf_distill.language_modeling.instruct_data import prepare_instruction_data
+
+    path = write(tmp_path / "prompts.jsonl", chat_rows(8, answered=False))
+    script = script_for(path, max_prompt_length=64, chat_template_for_text=False)
+    teacher, student = tiny_llama(positions=64), tiny_llama(positions=12)
+    data = prepare_instruction_data(script, chat_tokenizer(), [teacher], max_new_tokens=8)
+    assert data.has_completions == {"train": False, "validation": False}
+    assert data.longest_prompt == {"train": 6, "validation": 6}
+    with pytest.raises(
+        InputError, match="with max_new_tokens=8 it needs 14 positions, more than the model's 12"
+    ):
+        prepare_instruction_data(script, chat_tokenizer(), [teacher, student], max_new_tokens=8)

@@ -323,3 +323,46 @@ def validate_instruction_setup(
                     f"{max_positions}. Shorten the prompt (or max_prompt_length) or lower max_new_tokens."
                 )
     return longest
+
+
+def model_positions(config) -> int | None:
+    """A causal LM config's number of positions (``max_position_embeddings``, or GPT-2's ``n_positions``)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+@dataclass
+class InstructionData:
+    """Checked instruction data: the ``train`` and ``validation`` rows, where they came from (``record``), and per
+    split its longest prompt in tokens and whether its rows carry completions (False: the teacher writes them;
+    the held-out metrics use prompts alone)."""
+
+    splits: DatasetDict
+    record: dict[str, dict[str, Any]]
+    longest_prompt: dict[str, int]
+    has_completions: dict[str, bool]
+
+
+def prepare_instruction_data(
+    script,
+    tokenizer: PreTrainedTokenizerBase,
+    models: Sequence[Any],
+    *,
+    student_tokenizer: PreTrainedTokenizerBase | None = None,
+    max_new_tokens: int,
+) -> InstructionData:
+    """:func:`load_instruction_data` then :func:`validate_instruction_setup` against the smallest number of
+    positions of ``models`` (the teacher and the students) and ``max_new_tokens`` (the rollouts' and the teacher's
+    completions' length): everything that can be refused, before anything is written."""
+    splits, record = load_instruction_data(script)
+    positions = [p for p in (model_positions(m.config) for m in models) if p is not None]
+    longest = validate_instruction_setup(
+        splits,
+        tokenizer,
+        student_tokenizer=student_tokenizer,
+        max_positions=min(positions, default=None),
+        max_prompt_length=script.max_prompt_length,
+        max_new_tokens=max_new_tokens,
+        chat_template_for_text=script.chat_template_for_text,
+    )
+    answered = {split: check_completions(rows, f"the {split} split") for split, rows in splits.items()}
+    return InstructionData(splits, record, longest, answered)
