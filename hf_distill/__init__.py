@@ -8,6 +8,7 @@ from .hub import HubPushError, push_student
 from .instruction_data import (
     InstructionDataCollator,
     TruncationCounts,
+    has_completion,
     render_example,
     render_prompt,
     tokenize_instruction_dataset,
@@ -36,6 +37,7 @@ from .teacher_cache import (
     read_provenance,
     weights_hash,
 )
+from .teacher_completions import TeacherCompletions, teacher_completions
 from .trainer import DistillationTrainer, TeacherOutput
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "InstructionDataCollator",
     "LM_KD_LOSSES",
     "StudentCardData",
+    "TeacherCompletions",
     "TeacherOutput",
     "TransformersGenerator",
     "TruncationCounts",
@@ -57,6 +60,7 @@ __all__ = [
     "chunked_lm_losses",
     "ensemble_logits",
     "generalized_jsd_loss",
+    "has_completion",
     "hidden_state_loss",
     "jsd_loss",
     "kd_loss",
@@ -73,6 +77,7 @@ __all__ = [
     "reverse_kl_loss",
     "sample_teacher_tokens",
     "select_teacher_layers",
+    "teacher_completions",
     "tokenize_instruction_dataset",
     "topk_kl_div_loss",
     "weights_hash",

@@ -55,6 +55,15 @@ def _split_messages(row: dict[str, Any]) -> tuple[list[dict], list[dict]]:
     return messages, []
 
 
+def has_completion(row: dict[str, Any]) -> bool:
+    """Whether ``row`` carries its completion: ``messages`` ending with an ``assistant`` turn, or a non-empty
+    ``completion`` (checked in the order :func:`render_example` reads them)."""
+    if row.get("messages") is not None:
+        messages = row["messages"]
+        return _is_messages(messages) and bool(messages) and messages[-1]["role"] == "assistant"
+    return bool(row.get("completion"))
+
+
 def render_prompt(
     row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, *, chat_template_for_text: bool = False
 ) -> str:

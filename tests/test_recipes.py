@@ -14,7 +14,7 @@ from hf_distill.text_classification.metrics import GLUE_MAIN_METRICS, load_glue_
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # The language-model application's recipes (tests/test_lm_recipes.py parses them with its own parser).
-LM_RECIPES = [RECIPES / "offline" / "smollm2.yaml"]
+LM_RECIPES = [RECIPES / "offline" / "smollm2.yaml", RECIPES / "offline" / "smollm2_instruct.yaml"]
 TASK_RECIPES = sorted(
     p
     for p in [*RECIPES.glob("glue/*.yaml"), *RECIPES.glob("offline/*.yaml"), *RECIPES.glob("custom/*.yaml")]

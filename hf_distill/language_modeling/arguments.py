@@ -9,11 +9,20 @@ from dataclasses import dataclass, field
 from ..config import DistillationConfig
 from ..errors import InputError
 from ..recipe import RecipeParser
+from .instruct_data import OFFLINE_PROMPTS
 
 STUDENT_KINDS = ("layers", "checkpoint")
 # How the teacher reaches each distilled student: run live (dense logits, chunked), or from a cache of its
 # top-k logits, or from a cache of tokens sampled from it (RS-KD).
 TEACHER_MODES = ("live", "topk", "sampled")
+# Settings where None means "all" or "the default size" (not checked against a range).
+NULLABLE = {
+    "max_train_blocks",
+    "max_eval_blocks",
+    "precompute_batch_tokens",
+    "num_train_prompts",
+    "num_eval_prompts",
+}
 DEFAULT_PROMPTS = (
     "The most important thing we can do for our country is",
     "My fellow Americans, tonight",
@@ -74,6 +83,71 @@ class DistillLMArguments:
     max_eval_blocks: int | None = field(
         default=None,
         metadata={"help": "Evaluate on the first N blocks of each held-out set (>= 1); None for all."},
+    )
+
+    # ---- instruction data and the two stages (instruct: true) ----------------------------------
+    instruct: bool = field(
+        default=False,
+        metadata={
+            "help": "Distil an instruction model on prompts and completions instead of packed text: stage 1 "
+            "off-policy (off_policy_steps), stage 2 on-policy (on_policy_steps; DistillationConfig's lmbda, "
+            "jsd_mixture, rollout_max_new_tokens). dataset_name is then offline:instruct_prompts (prompts built from the "
+            "offline corpora) or a Hub id / folder / JSON Lines, CSV or Parquet file of 'messages', or of 'prompt' "
+            "with or without 'completion' (without: the teacher's greedy completions, cached)."
+        },
+    )
+    num_train_prompts: int | None = field(
+        default=None,
+        metadata={
+            "help": "Training prompts (>= 1): offline:instruct_prompts builds this many (default 128); other data "
+            "keeps its first N rows (None: all)."
+        },
+    )
+    num_eval_prompts: int | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out prompts (>= 1): offline:instruct_prompts builds this many (default 32), from documents "
+            "no training prompt uses; other data keeps the first N of its validation split (None: all)."
+        },
+    )
+    max_source_chars: int = field(
+        default=400,
+        metadata={
+            "help": "offline:instruct_prompts: the source text in a prompt is clipped to this many characters at a "
+            "word boundary (>= 16)."
+        },
+    )
+    max_prompt_length: int = field(
+        default=256,
+        metadata={
+            "help": "Tokens of a prompt kept in training (>= 1; a longer prompt keeps its last ones, counted). A "
+            "prompt longer than the model's positions is refused."
+        },
+    )
+    chat_template_for_text: bool = field(
+        default=False,
+        metadata={
+            "help": "Render plain-string prompts as one user turn through the tokenizer's chat template (for an "
+            "instruct teacher fed plain instructions); messages always go through it."
+        },
+    )
+    completion_batch_size: int = field(
+        default=8,
+        metadata={"help": "Prompts per generate call when the teacher writes the completions (>= 1)."},
+    )
+    off_policy_steps: int = field(
+        default=40,
+        metadata={
+            "help": "Stage 1: optimizer steps of supervised KD on the teacher's completions (>= 0), healing the "
+            "layer-cut student before it samples."
+        },
+    )
+    on_policy_steps: int = field(
+        default=30,
+        metadata={
+            "help": "Stage 2: optimizer steps with on-policy batches (>= 0; their share is lmbda). The off-policy "
+            "twin and the CE run take as many steps in all (off_policy_steps + on_policy_steps)."
+        },
     )
 
     # ---- teacher --------------------------------------------------------------------------------
@@ -196,10 +270,17 @@ class DistillLMArguments:
             "precompute_batch_tokens": (1, None),
             "max_train_blocks": (1, None),
             "max_eval_blocks": (1, None),
+            "num_train_prompts": (1, None),
+            "num_eval_prompts": (1, None),
+            "max_source_chars": (16, None),
+            "max_prompt_length": (1, None),
+            "completion_batch_size": (1, None),
+            "off_policy_steps": (0, None),
+            "on_policy_steps": (0, None),
         }
         for name, (low, high) in ranges.items():
             value = getattr(self, name)
-            if value is None and (name.startswith("max_") or name == "precompute_batch_tokens"):
+            if value is None and name in NULLABLE:
                 continue
             if not (low <= value and (high is None or value <= high)):
                 allowed = f">= {low}" if high is None else f"between {low} and {high}"
@@ -216,6 +297,26 @@ class DistillLMArguments:
             )
         if not math.isfinite(self.validation_size):
             raise InputError(f"validation_size must be finite, got {self.validation_size}.")
+        self._check_instruct()
+
+    def _check_instruct(self) -> None:
+        if not self.instruct:
+            if self.dataset_name == OFFLINE_PROMPTS:
+                raise InputError(
+                    f"dataset_name={OFFLINE_PROMPTS} is instruction data: set instruct to true (or name a text corpus)."
+                )
+            return
+        cached = [m for m in self.teacher_modes if m != "live"]
+        if cached:
+            raise InputError(
+                f"instruct=true trains with the live teacher, which scores the student's own completions; "
+                f"teacher_modes={self.teacher_modes} holds {cached}: set teacher_modes to [live]."
+            )
+        if self.off_policy_steps + self.on_policy_steps < 1:
+            raise InputError(
+                f"off_policy_steps={self.off_policy_steps} and on_policy_steps={self.on_policy_steps}: nothing to "
+                "train; give at least one step."
+            )
 
 
 DATACLASSES = (DistillLMArguments, DistillationConfig)

