@@ -99,7 +99,12 @@ def _ece(row: dict[str, Any], split: str) -> str:
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """The rows as a Markdown table: perplexities, calibration (ECE), size, speeds, step time against CE only, cache size."""
+    """The rows as a Markdown table: perplexities, calibration (ECE), size, speeds, step time against CE only, cache size
+    (an instruct run's: :func:`.instruct_run.format_instruct_table`)."""
+    if summary.get("task") == "instruct":
+        from .instruct_run import format_instruct_table
+
+        return format_instruct_table(summary)
     has_ood = any("ood" in r["metrics"] for r in summary["rows"])
     head = "| model | training | validation perplexity | validation ECE |"
     head += " out-of-domain perplexity | out-of-domain ECE |" if has_ood else ""

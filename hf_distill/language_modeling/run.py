@@ -23,6 +23,7 @@ from ..sharding import gathered_model
 from ..teacher_cache import precompute_teacher_caches, read_provenance, weights_hash
 from .data import check_block_size, load_corpus, pack
 from .evaluation import forward_speed, greedy_samples, perplexity
+from .instruct_run import run_instruct
 from .report import TEACHER, RunResult, summary, write_cards_and_publish, write_summary
 from .students import StudentRun, make_student, plan_runs, train_student
 from .teacher import Teacher, load_teacher
@@ -109,7 +110,10 @@ def _row(
 def run(
     script, args: DistillationConfig, *, recipe: str | None = None, launch_command: str | None = None
 ) -> dict:
-    """Distil every student of ``script`` in every teacher mode, evaluate, write ``results.json`` and cards."""
+    """Distil every student of ``script`` in every teacher mode, evaluate, write ``results.json`` and cards
+    (instruction data, ``instruct: true``: :func:`.instruct_run.run_instruct`)."""
+    if script.instruct:
+        return run_instruct(script, args, recipe=recipe, launch_command=launch_command)
     start = time.perf_counter()
     prepared = prepare(script, args)
     teacher, tokenizer = prepared.teacher, prepared.teacher.tokenizer
