@@ -121,7 +121,7 @@ def check_compatible(
         ):
             raise InputError(
                 "Teacher and student tokenizers have different vocabularies: token-level distillation needs the "
-                "same vocabulary (same tokens with the same ids)."
+                "same vocabulary (same tokens with the same ids); cross-tokenizer KD is not supported yet."
             )
 
 
