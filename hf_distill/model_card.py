@@ -56,7 +56,7 @@ TEACHER_MODES = ("live", "cached")
 LOWER_IS_BETTER = {"perplexity", "loss"}
 # Metrics shown as plain values, without retention: an error whose ideal is 0, where a ratio to the teacher's
 # means nothing (a student with ECE 0.02 against a teacher's 0.01 is not "50% of the teacher"; 0 divides by 0).
-NO_RETENTION = {"ece"}
+NO_RETENTION = {"ece", "reverse_kl", "forward_kl"}  # the KLs: 0 for the teacher itself
 NO_RETENTION_CELL = "n/a (compare the values)"
 BASE_TAGS = ["knowledge-distillation", "distillation", "hf-distill"]
 # A Hub token on a recorded launch line: `--hub_token X` / `--hub_token=X`, or any `hf_...` token.

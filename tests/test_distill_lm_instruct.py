@@ -102,6 +102,10 @@ def test_rollouts_and_the_teachers_completions_are_written_for_tracing(finished)
     teacher = [json.loads(x) for x in (tmp / "out" / "teacher_completions.jsonl").read_text().splitlines()]
     assert teacher and {r["written_by"] for r in teacher} == {"teacher"}
     assert not (tmp / "out" / "layers-off-policy" / "rollouts.jsonl").exists()
+    assert (tmp / "out" / "results.png").stat().st_size > 0
+    for regime in ("on-policy", "off-policy"):  # the stage-2 students' cards, with the held-out metrics
+        card = (tmp / "out" / f"layers-{regime}" / "README.md").read_text()
+        assert "reverse_kl" in card and "rouge_l" in card
 
 
 def test_the_table_names_the_regimes(finished):

@@ -33,10 +33,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from ..config import DistillationConfig
 from ..generation import TransformersGenerator
+from ..hub import write_cards_and_push_best
 from ..instruction_data import InstructionDataCollator, tokenize_instruction_dataset
-from ..model_card import count_parameters
+from ..model_card import StudentCardData, count_parameters, settings_of
 from ..offline import cache_dir
-from ..teacher_cache import write_json_atomic
+from ..student import teacher_layers_of
+from ..tasks import CAUSAL_LM
+from ..teacher_cache import weights_hash, write_json_atomic
 from ..teacher_completions import end_token_ids, teacher_completions
 from ..trainer import DistillationTrainer
 from .instruct_data import prepare_instruction_data
@@ -284,10 +287,57 @@ def run_instruct(
         "stage_seconds": stages,
         "wall_seconds": time.perf_counter() - start,
     }
+    best = min(
+        (r for r in rows if r.training in (ON_POLICY, OFF_POLICY)), key=_held_out_reverse_kl, default=None
+    )
+    result["published_candidate"] = best.output_dir if best else None
     if PartialState().is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "results.json", result)
+        plot_instruct(result, out_dir / "results.png")
+        cards = {
+            r.output_dir: _card(
+                r, rows, script, args, teacher.model, students[r.output_dir], recipe, launch_command
+            )
+            for r in rows
+            if r.output_dir in students
+        }
+        write_cards_and_push_best(cards, students, tokenizer, args, best.output_dir if best else None)
     return result
+
+
+def _held_out_reverse_kl(row: InstructRow) -> float:
+    return row.metrics["validation"]["reverse_kl"]
+
+
+def _card(row: InstructRow, rows: list[InstructRow], script, args, teacher, student, recipe, launch_command):
+    """The card of a stage-2 student: the held-out metrics of teacher, student and the CE run, settings, samples."""
+    by_training = {r.training: r for r in rows if r.kind in (TEACHER, row.kind)}
+    keys = ("reverse_kl", "forward_kl", "rouge_l")
+
+    def metrics(r: InstructRow | None) -> dict[str, float] | None:
+        return None if r is None else {k: r.metrics["validation"][k] for k in keys}
+
+    return StudentCardData(
+        repo_id=args.hub_model_id or f"{Path(args.output_dir).name}-{row.kind}-{row.training}",
+        task=CAUSAL_LM,
+        dataset_name=script.dataset_name,
+        dataset_config=script.dataset_config_name,
+        eval_split="validation",
+        teacher=script.teacher_model_name_or_path,
+        teacher_weights_hash=weights_hash(teacher),
+        student_init_layers=teacher_layers_of(student),
+        teacher_mode="live",
+        teacher_metrics=metrics(by_training[TEACHER]),
+        student_metrics=metrics(row),
+        baseline_metrics=metrics(by_training.get(CE)),
+        teacher_parameters=by_training[TEACHER].parameters,
+        student_parameters=row.parameters,
+        samples=[{"prompt": s["prompt"], "continuation": s["student"]} for s in row.samples],
+        recipe=recipe,
+        launch_command=launch_command,
+        **settings_of(args),
+    )
 
 
 _SETTINGS = (
@@ -325,3 +375,29 @@ def format_instruct_table(summary: dict[str, Any]) -> str:
             f"{m['rouge_l']:.3f} | {step} |"
         )
     return "\n".join(lines)
+
+
+def plot_instruct(summary: dict[str, Any], path: Path) -> None:
+    """``results.png``: the held-out reverse KL, forward KL (nats/token, lower is better) and ROUGE-L against the
+    teacher (higher is better) of every student row, one panel each."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in summary["rows"] if r["kind"] != TEACHER]
+    labels = [r["training"] for r in rows]
+    figure = Figure(figsize=(11, 3.6), layout="constrained")
+    panels = (("reverse_kl", "reverse KL(student || teacher)\non the student's samples"),
+              ("forward_kl", "forward KL(teacher || student)\non the teacher's completions"),
+              ("rouge_l", "ROUGE-L of the greedy completion\nagainst the teacher's"))  # fmt: skip
+    for i, (key, title) in enumerate(panels):
+        ax = figure.add_subplot(1, 3, i + 1)
+        values = [r["metrics"]["validation"][key] for r in rows]
+        ax.barh(labels, values, color=["#1f77b4" if "policy" in t else "#999999" for t in labels])
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=9)
+        for y, v in enumerate(values):
+            ax.annotate(
+                f"{v:.3f}", (v, y), xytext=(2, 0), textcoords="offset points", va="center", fontsize=8
+            )
+    figure.suptitle(f"held-out prompts, teacher {summary['teacher']}", fontsize=10)
+    FigureCanvasAgg(figure).print_png(str(path))
