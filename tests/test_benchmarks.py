@@ -126,3 +126,29 @@ def test_offline_search_table_measures_each_kd_row_against_its_twin_and_chooses_
     assert table.endswith(
         f"points of it (ties on 1,000 validation snippets): {child} (KD + transfer set, 77.60, 610 steps)."
     )
+
+
+def test_bench_on_policy_compares_each_seed_with_its_off_policy_twin():
+
+    spec = importlib.util.spec_from_file_location("bench_on_policy", BENCH.parent / "bench_on_policy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(training, rkl, fkl, rouge, steps, step_seconds):
+        metrics = {"reverse_kl": rkl, "forward_kl": fkl, "rouge_l": rouge}
+        return {
+            "training": training,
+            "metrics": {"validation": metrics},
+            "steps": steps,
+            "step_seconds": step_seconds,
+        }
+
+    def seed(on_rkl):
+        return {"rows": [row("off-policy (stage 1)", 2.0, 2.0, 0.1, 4, 1.0), row("on-policy", on_rkl, 1.9, 0.2, 10, 3.0),
+                         row("off-policy", 1.0, 1.5, 0.3, 10, 1.0)]}  # fmt: skip
+
+    met = bench.aggregate({"1": seed(0.7), "2": seed(0.75)})
+    assert met["goal_met"] and met["per_seed"]["1"]["reverse_kl_reduction"] == pytest.approx(0.3)
+    assert met["per_seed"]["1"]["equal_wall_time_off_policy_steps"] == pytest.approx(18.0)  # 6 steps at 3x
+    missed = bench.aggregate({"1": seed(0.7), "2": seed(0.9)})  # 10% in one seed
+    assert not missed["goal_met"] and "not met" in bench.table({"1": seed(0.7), "2": seed(0.9)})
