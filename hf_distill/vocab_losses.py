@@ -30,6 +30,18 @@ _SPARSE_TEACHER = ("topk", "sampled")
 IGNORE_INDEX = -100
 
 
+def _check_sampling(teacher_logits: torch.Tensor, num_samples: int, temperature: float) -> None:
+    if teacher_logits.dim() != 2:
+        raise ValueError(
+            f"teacher_logits must be (N, V), got shape {tuple(teacher_logits.shape)}; flatten the "
+            "batch and sequence dimensions first (logits.flatten(0, -2))."
+        )
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be at least 1.")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive.")
+
+
 def sample_teacher_tokens(
     teacher_logits: torch.Tensor,
     num_samples: int,
@@ -46,15 +58,7 @@ def sample_teacher_tokens(
     int64: each row's distinct ids in ascending order, left-aligned, then padding slots with id 0 and
     count 0.
     """
-    if teacher_logits.dim() != 2:
-        raise ValueError(
-            f"teacher_logits must be (N, V), got shape {tuple(teacher_logits.shape)}; flatten the "
-            "batch and sequence dimensions first (logits.flatten(0, -2))."
-        )
-    if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be at least 1.")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be positive.")
+    _check_sampling(teacher_logits, num_samples, temperature)
     return _draw(F.softmax(teacher_logits.float() / temperature, dim=-1), num_samples, generator)
 
 
@@ -153,15 +157,7 @@ def sample_sparse_target(
         return head_ids, head_probs, tail_ids, tail_counts
     if proposal_temperature == 1.0:
         return sample_teacher_tokens(teacher_logits, num_samples, temperature, generator)
-    if teacher_logits.dim() != 2:
-        raise ValueError(
-            f"teacher_logits must be (N, V), got shape {tuple(teacher_logits.shape)}; flatten the "
-            "batch and sequence dimensions first (logits.flatten(0, -2))."
-        )
-    if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be at least 1.")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be positive.")
+    _check_sampling(teacher_logits, num_samples, temperature)
     return _draw_tempered(
         F.softmax(teacher_logits.float() / temperature, dim=-1), num_samples, proposal_temperature, generator
     )

@@ -21,11 +21,11 @@ from ..errors import InputError
 from . import offline
 
 
-def load_corpus(script) -> tuple[DatasetDict, dict[str, dict[str, Any]]]:
-    """``(splits, record)``: ``train`` and ``validation`` documents (and ``ood`` when asked), each a ``text``
-    column; ``record`` says where each split came from (``results.json`` keeps it)."""
-    path = offline.resolve_dataset_path(script.dataset_name, script.cache_dir)
-    raw = read_dataset(path, script.dataset_config_name)
+def train_and_validation(
+    script, raw: DatasetDict, what: str
+) -> tuple[DatasetDict, dict[str, dict[str, Any]]]:
+    """The ``train`` and ``validation`` splits of ``raw`` as the script's split settings choose them (a seeded
+    ``validation_size`` share of the ``what`` when there is no validation split), and their record."""
     splits, record = select_splits(
         raw,
         train_split=script.train_split,
@@ -37,9 +37,22 @@ def load_corpus(script) -> tuple[DatasetDict, dict[str, dict[str, Any]]]:
     )
     if "validation" not in splits:
         raise InputError(
-            f"{script.dataset_name} gives no validation split: set validation_split to a split name, or "
-            "validation_size to a fraction of the documents to hold out."
+            f"{script.dataset_name} gives no held-out {what}: set validation_split to a split name, or "
+            f"validation_size to a fraction of the {what} to hold out."
         )
+    return splits, record
+
+
+def load_corpus(script) -> tuple[DatasetDict, dict[str, dict[str, Any]]]:
+    """``(splits, record)``: ``train`` and ``validation`` documents (and ``ood`` when asked), each a ``text``
+    column; ``record`` says where each split came from (``results.json`` keeps it)."""
+    splits, record = train_and_validation(
+        script,
+        read_dataset(
+            offline.resolve_dataset_path(script.dataset_name, script.cache_dir), script.dataset_config_name
+        ),
+        "documents",
+    )
     splits = DatasetDict(
         {name: _texts(split, script.text_column, script.dataset_name, name) for name, split in splits.items()}
     )

@@ -26,10 +26,11 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
-from ..data import read_dataset, select_splits
+from ..data import read_dataset
 from ..errors import InputError
 from ..instruction_data import has_completion, tokenize_instruction_dataset
 from . import offline
+from .data import train_and_validation
 
 OFFLINE_PROMPTS = "offline:instruct_prompts"
 # The offline default's sizes when num_train_prompts / num_eval_prompts are not given.
@@ -213,20 +214,7 @@ def load_instruction_data(script) -> tuple[DatasetDict, dict[str, dict[str, Any]
     raw = read_dataset(path, script.dataset_config_name)
     for split, rows in raw.items():
         check_instruction_columns(rows.column_names, f"The {split} split of {script.dataset_name}")
-    splits, record = select_splits(
-        raw,
-        train_split=script.train_split,
-        validation_split=script.validation_split,
-        test_split="none",
-        validation_size=script.validation_size,
-        seed=script.dataset_seed,
-        dataset_name=script.dataset_name,
-    )
-    if "validation" not in splits:
-        raise InputError(
-            f"{script.dataset_name} gives no held-out prompts: set validation_split to a split name, or "
-            "validation_size to a fraction of the rows to hold out."
-        )
+    splits, record = train_and_validation(script, raw, "prompts")
     limits = {"train": script.num_train_prompts, "validation": script.num_eval_prompts}
     kept = {}
     for split, rows in splits.items():
