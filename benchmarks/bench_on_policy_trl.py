@@ -215,7 +215,8 @@ def measure(
     variant: str, student, teacher, tokenizer, train_dataset, settings: dict[str, Any], output_dir: str
 ) -> dict[str, Any]:
     """Train ``settings["steps"]`` steps of ``variant`` (:data:`OURS` or :data:`TRL`) in this process; its step
-    times (first left out), generation times, completion tokens, loss normalisers and peak memory.
+    times (first left out), generation times, completion tokens, every step's loss normaliser and loss, and the
+    peak memory.
 
     ``settings``: ``steps``, ``batch``, ``learning_rate``, ``lmbda``, ``jsd_mixture``, ``temperature`` (sampling),
     ``max_new_tokens``, ``lm_chunk_size``, ``seed``, ``device``. ``train_dataset``: tokenized instruction rows
@@ -227,6 +228,7 @@ def measure(
     ends: list[float] = []
     calls: list[dict] = []
     normalisers: list[float] = []
+    losses: list[float] = []
 
     class StepEnds(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -293,11 +295,13 @@ def measure(
     compute_loss = trainer.compute_loss
 
     def recording_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training:
-            normalisers.append(float(num_items_in_batch) if num_items_in_batch is not None else float("nan"))
-        return compute_loss(
+        out = compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
+        if model.training:
+            normalisers.append(float(num_items_in_batch) if num_items_in_batch is not None else float("nan"))
+            losses.append(float((out[0] if return_outputs else out).detach()))
+        return out
 
     trainer.compute_loss = recording_compute_loss
     base = _reset_peak(device)
@@ -316,7 +320,9 @@ def measure(
         "step_seconds": steps[1:],
         "generation_seconds": [c["seconds"] for c in calls][1:],
         "completion_tokens_per_row": [c["tokens"] / c["rows"] for c in calls][1:],
-        "loss_normaliser": normalisers[1:],
+        "loss_normaliser": normalisers,  # every step's, the first included
+        "losses": losses,  # every step's, the first included
+        "prompt_tokens_per_row": statistics.mean(len(p) for p in train_dataset["prompt_input_ids"]),
         "peak_mib": (peak - base) / 2**20,
         "loaded_mib": base / 2**20,
     }
@@ -459,31 +465,32 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
             "completion_tokens_per_row": statistics.mean(tokens),
             "loss_normaliser": statistics.mean(n for r in rounds for n in r["loss_normaliser"]),
             "timed_steps": sum(len(r["step_seconds"]) for r in rounds),
+            "prompt_tokens_per_row": rounds[0]["prompt_tokens_per_row"],
         }
     return summary
 
 
 def table(results: dict[str, Any]) -> str:
-    s, settings = results["settings"], results["summary"]
+    settings, summary = results["settings"], results["summary"]
+    prompt_tokens = next(iter(summary.values()))["prompt_tokens_per_row"]
     lines = [
-        f"{s['steps']} steps ({s['steps'] - 1} timed) of {s['batch']} prompts x {s['max_new_tokens']} new tokens per "
-        f"process, {results['rounds']} rounds interleaved, {results['device']}, {s['dtype']}, "
-        f"{results['threads']} threads; lmbda {s['lmbda']}, JSD mixture {s['jsd_mixture']}, sampling T "
-        f"{s['temperature']}, loss T 1; load average (1 min) {results['load_average_1min']}.",
+        f"{settings['steps']} steps ({settings['steps'] - 1} timed) of {settings['batch']} prompts (mean "
+        f"{prompt_tokens:.0f} tokens) x {settings['max_new_tokens']} new tokens per process, {results['rounds']} "
+        f"rounds interleaved, {results['device']}, {settings['dtype']}, {results['threads']} threads; lmbda "
+        f"{settings['lmbda']}, JSD mixture {settings['jsd_mixture']}, sampling T {settings['temperature']}, loss T 1; "
+        f"load average (1 min) {results['load_average_1min']}. Median step time of each round, median (min-max):",
         "",
-        "| trainer | median step (s) | generation share | peak memory above loaded (MiB) "
+        "| trainer | median step (s) | generation (s) | generation share | peak memory above loaded (MiB) "
         "| completion tokens / row | loss normaliser / step |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
-    for variant in VARIANTS:
-        if variant not in settings:
-            continue
-        v = results["summary"][variant]
+    for variant in (v for v in VARIANTS if v in summary):
+        v = summary[variant]
         steps = _spread(v["round_median_step_seconds"], "{:.2f}")
         peak = _spread(v["peak_mib_per_round"], "{:.0f}")
         lines.append(
-            f"| {variant} | {steps} | {100 * v['generation_share']:.0f}% | {peak} | "
-            f"{v['completion_tokens_per_row']:.1f} | {v['loss_normaliser']:.0f} |"
+            f"| {variant} | {steps} | {v['median_generation_seconds']:.2f} | {100 * v['generation_share']:.0f}% | "
+            f"{peak} | {v['completion_tokens_per_row']:.1f} | {v['loss_normaliser']:.0f} |"
         )
     if results.get("ratios"):
         r = results["ratios"]
