@@ -30,7 +30,8 @@ reports:
 
 What is not alike (also written into the results file): see :data:`CAVEATS`.
 
-    python benchmarks/bench_on_policy_trl.py                      # 3 rounds x 2 variants x 6 steps of 4 x 64 tokens
+    python benchmarks/bench_on_policy_trl.py                      # 3 rounds x 2 variants x 6 steps of 4 x 64 tokens:
+                                                                  # an estimate of 10-15 min on 2 idle CPU cores
     python benchmarks/bench_on_policy_trl.py --smoke              # 1 round, 3 steps, 2 rows, 8 new tokens: checks it runs
     python benchmarks/bench_on_policy_trl.py --device cuda        # on a GPU (peak from torch.cuda)
 
