@@ -102,7 +102,7 @@ class TransformersGenerator:
             do_sample=do_sample,
             temperature=temperature if do_sample else None,
             top_p=top_p if do_sample else None,
-            top_k=None,
+            top_k=0 if do_sample else None,  # no top-k filter (None would mean transformers' default of 50)
             pad_token_id=self.pad_token_id,
             eos_token_id=eos,
             use_cache=True,

@@ -57,3 +57,22 @@ def test_sampling_shapes_and_truncation_when_no_row_can_end():
     assert out.num_truncated == int((~has_eos).sum())
     if out.num_truncated:
         assert out.completion_ids.shape[1] == 5
+
+
+def test_sampling_draws_from_the_whole_vocabulary_not_the_top_50():
+    """transformers fills top_k=None with 50: a uniform next-token distribution over 200 ids would then give at
+    most 50 distinct tokens. GKD and TRL sample without a top-k filter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=200, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    )  # fmt: skip
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every next token equally likely
+    prompts = torch.full((400, 2), 5)
+    out = TransformersGenerator(pad_token_id=0, eos_token_id=1).generate(
+        model, prompts, torch.ones_like(prompts), max_new_tokens=1, temperature=1.0, do_sample=True
+    )
+    assert len(set(out.completion_ids[:, 0].tolist())) > 100
