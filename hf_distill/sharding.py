@@ -38,11 +38,12 @@ def is_zero3_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")  # deepspeed.runtime.zero.partition_parameters.is_zero_param
 
 
-def zero_stage(deepspeed_config: Mapping[str, Any] | None) -> int | None:
-    """The ZeRO stage of a DeepSpeed config (``zero_optimization.stage``, DeepSpeed's default 0); None: no DeepSpeed."""
+def zero_stage(deepspeed_config: Mapping[str, Any] | None) -> Any:
+    """The ZeRO stage of a DeepSpeed config (``zero_optimization.stage``, DeepSpeed's default 0), as written (DeepSpeed
+    judges its type); None: no DeepSpeed."""
     if deepspeed_config is None:
         return None
-    return int(deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+    return deepspeed_config.get("zero_optimization", {}).get("stage", 0)
 
 
 def deepspeed_config(args) -> dict[str, Any] | None:
