@@ -71,3 +71,11 @@ def test_the_trainer_refuses_at_construction_before_output_dir(tmp_path, zero2):
             model=tiny_llama(2), teacher_model=partitioned(tiny_llama(1)), args=args, train_dataset=lm_rows()
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_an_ensemble_names_the_partitioned_teacher(tmp_path):
+    teachers = [tiny_llama(1), partitioned(tiny_llama(3))]
+    with pytest.raises(InputError, match="^The teacher 2 was partitioned"):
+        DistillationTrainer(
+            model=tiny_llama(2), teacher_model=teachers, args=config(tmp_path), train_dataset=lm_rows()
+        )
