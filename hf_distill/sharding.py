@@ -17,7 +17,9 @@ whole there:
 
 Anything else (one process, DDP, ZeRO-1/2) yields ``module.weight`` unchanged.
 
-:func:`check_sharded_settings` refuses, before training, the DeepSpeed settings these gathers cannot serve.
+:func:`check_sharded_settings` refuses, before training, a model partitioned by ZeRO-3 in a run that would not
+gather it (a ZeRO-0/1/2 config, or no DeepSpeed). Offloading ZeRO-3 to the CPU needs no refusal: the gather reads
+offloaded partitions too (``tests/test_sharded_lm.py``).
 """
 
 from __future__ import annotations
