@@ -16,21 +16,70 @@ whole there:
   unsharded after the forward (the root's, by default) is a plain tensor and is used as it is.
 
 Anything else (one process, DDP, ZeRO-1/2) yields ``module.weight`` unchanged.
+
+:func:`check_sharded_settings` refuses, before training, a model partitioned by ZeRO-3 in a run that would not
+gather it (a ZeRO-0/1/2 config, or no DeepSpeed). Offloading ZeRO-3 to the CPU needs no refusal: the gather reads
+offloaded partitions too (``tests/test_sharded_lm.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
+from .errors import InputError
+
 
 def is_zero3_partitioned(param: torch.Tensor) -> bool:
     """Whether ``param`` is a DeepSpeed ZeRO-3 parameter (DeepSpeed gives each one a ``ds_id``)."""
     return hasattr(param, "ds_id")  # deepspeed.runtime.zero.partition_parameters.is_zero_param
+
+
+def zero_stage(deepspeed_config: Mapping[str, Any] | None) -> Any:
+    """The ZeRO stage of a DeepSpeed config (``zero_optimization.stage``, DeepSpeed's default 0), as written (DeepSpeed
+    judges its type); None: no DeepSpeed."""
+    if deepspeed_config is None:
+        return None
+    return deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+
+
+def deepspeed_config(args) -> dict[str, Any] | None:
+    """The DeepSpeed config of a run's ``TrainingArguments`` (``--deepspeed``, or ``accelerate launch`` with a
+    DeepSpeed config, which ``TrainingArguments`` reads into ``deepspeed_plugin``); None without DeepSpeed."""
+    plugin = args.deepspeed_plugin
+    return None if plugin is None else plugin.deepspeed_config
+
+
+def check_sharded_settings(
+    deepspeed_config: Mapping[str, Any] | None, models: Mapping[str, nn.Module]
+) -> None:
+    """Refuse, as one :class:`hf_distill.errors.InputError` line, a model partitioned by ZeRO-3 in a run that is not.
+
+    ``deepspeed_config``: the run's DeepSpeed config (``args.deepspeed_plugin.deepspeed_config``), None when the
+    run does not use DeepSpeed; ``models``: the student and the live teachers by name (``{"student": ...,
+    "teacher": ...}``).
+
+    A model loaded while a ZeRO-3 config was active (``from_pretrained`` under ``deepspeed.zero.Init``) holds
+    empty placeholders: only a ZeRO-3 engine gathers them for its forward. Under stage 0-2 (a teacher's
+    inference engine turns to stage 0, :func:`hf_distill.teachers.prepare_teacher`) or without DeepSpeed, its
+    first forward would multiply empty tensors.
+    """
+    stage = zero_stage(deepspeed_config)
+    if stage == 3:
+        return
+    run = "does not use DeepSpeed" if stage is None else f"uses ZeRO stage {stage} (zero_optimization.stage)"
+    for who, model in models.items():
+        if any(is_zero3_partitioned(p) for p in model.parameters()):
+            raise InputError(
+                f"The {who} was partitioned by DeepSpeed ZeRO-3 (loaded while a ZeRO-3 config was active), but this "
+                f"run {run}: only a ZeRO-3 run gathers its partitions. Train with a ZeRO-3 config (zero_stage: 3, "
+                f"as recipes/accelerate_configs/deepspeed.yaml), or load the {who} with no ZeRO-3 config active."
+            )
 
 
 @contextmanager

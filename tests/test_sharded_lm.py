@@ -2,7 +2,8 @@
 against one process on the same batches.
 
 FSDP2: ``tests/fsdp2_fused.py`` on torchrun (Accelerate's Trainer refuses FSDP on the CPU).
-ZeRO-3: ``tests/zero3_train.py`` through ``accelerate launch`` with ``tests/zero3_cpu.yaml``.
+ZeRO-3: ``tests/zero3_train.py`` through ``accelerate launch`` with ``tests/zero3_cpu.yaml``, and with
+``tests/zero3_offload_cpu.yaml`` (parameters and optimizer offloaded to the CPU).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def test_fsdp2_fused_loss_and_step_equal_one_process(tmp_path, tie):
             torch.testing.assert_close(result["state"][key], value, rtol=0, atol=1e-5, msg=key)
 
 
-def _zero3_run(out: Path, processes: int, source: str) -> dict:
-    """tests/zero3_train.py on one CPU process (global batch 4), or on 2 under ZeRO-3 (2 rows each)."""
+def _zero3_run(out: Path, processes: int, source: str, config: str = "zero3_cpu.yaml") -> dict:
+    """tests/zero3_train.py on one CPU process (global batch 4), or on 2 under ZeRO-3 (2 rows each) with the
+    accelerate ``config`` of tests/."""
     env = {"PYTHONPATH": str(HERE.parent)}
     if processes == 1:
         accelerate_launch([HERE / "zero3_train.py", out, 4, source], processes=1, log_dir=out.parent, env=env)
@@ -50,13 +52,13 @@ def _zero3_run(out: Path, processes: int, source: str) -> dict:
             "-m",
             "accelerate.commands.launch",
             "--config_file",
-            str(HERE / "zero3_cpu.yaml"),
+            str(HERE / config),
         ]
         command += ["--num_processes", "2", "--main_process_port", str(free_port())]
         command += [str(HERE / "zero3_train.py"), str(out), "2", source]
         env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        result = subprocess.run(
-            command, capture_output=True, text=True, timeout=400, env={**os.environ, **env}
+        result = subprocess.run(  # from the repository root, where an accelerate config's paths start
+            command, capture_output=True, text=True, timeout=400, env={**os.environ, **env}, cwd=HERE.parent
         )
         assert result.returncode == 0, result.stdout + result.stderr
     return torch.load(out / "student.pt")
@@ -72,6 +74,21 @@ def test_zero3_fused_training_equals_one_process(tmp_path, source):
     assert two["sharded"] and not one["sharded"]  # the student's head was a ZeRO-3 partition
     assert two["teacher_sharded"] == (source == "live")  # a live teacher is sharded too
     assert len(one["losses"]) == 3
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=0, atol=1e-5)
+    for key, value in one["state"].items():
+        torch.testing.assert_close(two["state"][key], value, rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_zero3_offloaded_to_cpu_fused_training_equals_one_process(tmp_path):
+    """offload_param and offload_optimizer on the CPU: the gathers read offloaded partitions, and the head's
+    gradient reaches the offloaded optimizer. On this CPU both sides of the offload are host memory; on GPUs
+    DeepSpeed's gather brings the partitions to the device as for its own forward (not run here)."""
+    pytest.importorskip("deepspeed")
+    one = _zero3_run(tmp_path / "one", 1, "live")
+    two = _zero3_run(tmp_path / "two", 2, "live", config="zero3_offload_cpu.yaml")
+    assert two["sharded"] and two["teacher_sharded"]
+    assert two["offload"] == {"param": True, "optimizer": True, "optimizer_class": "SGD"}
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=0, atol=1e-5)
     for key, value in one["state"].items():
         torch.testing.assert_close(two["state"][key], value, rtol=0, atol=1e-5, msg=key)

@@ -81,6 +81,11 @@ def main(out: Path, per_device_batch: int, source: str) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
     print(f"rank {trainer.accelerator.process_index}: train_runtime {runtime:.2f} s, peak RSS {peak:.0f} MB")
     sharded = is_zero3_partitioned(trainer.model.lm_head.weight)
+    # What the ZeRO-3 optimizer offloaded (tests/zero3_offload_cpu.yaml): its parameters' partitions, its states.
+    zero = trainer.model_wrapped.optimizer if trainer.is_deepspeed_enabled else None
+    offload = {"param": zero.offload_param, "optimizer": zero.offload_optimizer} if zero else {}
+    if offload:
+        offload["optimizer_class"] = type(zero.optimizer).__name__
     teacher_sharded = source == "live" and is_zero3_partitioned(output_embedding(trainer.teacher).weight)
     state = {}
     for name, param in trainer.model.named_parameters():  # gathered on every rank (a collective)
@@ -95,6 +100,7 @@ def main(out: Path, per_device_batch: int, source: str) -> None:
                 "num_processes": trainer.accelerator.num_processes,
                 "sharded": sharded,
                 "teacher_sharded": teacher_sharded,
+                "offload": offload,
             },
             out / "student.pt",
         )
