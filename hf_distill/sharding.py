@@ -55,6 +55,16 @@ def deepspeed_config(args) -> dict[str, Any] | None:
     return None if plugin is None else plugin.deepspeed_config
 
 
+def models_by_name(student: nn.Module, teachers: list[nn.Module]) -> dict[str, nn.Module]:
+    """``{"student": ..., "teacher": ...}``, or ``"teacher 1"``, ``"teacher 2"``... for an ensemble."""
+    named = (
+        {"teacher": teachers[0]}
+        if len(teachers) == 1
+        else {f"teacher {i + 1}": t for i, t in enumerate(teachers)}
+    )
+    return {"student": student, **named}
+
+
 def check_sharded_settings(
     deepspeed_config: Mapping[str, Any] | None, models: Mapping[str, nn.Module]
 ) -> None:

@@ -30,7 +30,7 @@ from .loss_log import LossMeans
 from .loss_path import FUSED, check_sample_temperature, check_train_columns, choose_loss_path
 from .projection import HIDDEN_PROJECTION_NAME, HiddenProjection  # noqa: F401 (the checkpoint file's name)
 from .rollouts import INSTRUCTION_COLUMNS, choose_rollouts, completion_tokens
-from .sharding import check_sharded_settings, deepspeed_config, gathered_weight
+from .sharding import check_sharded_settings, deepspeed_config, gathered_weight, models_by_name
 from .tasks import (
     base_model,
     forward_params,
@@ -191,12 +191,7 @@ class DistillationTrainer(Trainer):
             args, self.spec, num_teachers=len(teachers), columns=columns, models=[model, *teachers]
         )
         check_sample_temperature(self.loss_path, train_dataset, args)
-        named = (
-            {"teacher": teachers[0]}
-            if len(teachers) == 1
-            else {f"teacher {i + 1}": t for i, t in enumerate(teachers)}
-        )
-        check_sharded_settings(deepspeed_config(args), {"student": model, **named})
+        check_sharded_settings(deepspeed_config(args), models_by_name(model, teachers))
         self.rollouts = choose_rollouts(args, self.spec, self.loss_path.teacher, columns, processing_class)
         if data_collator is not None:
             return data_collator
