@@ -353,13 +353,12 @@ class DistillationTrainer(Trainer):
         student_inputs = {k: v for k, v in self._student_inputs(inputs).items() if k not in self.label_names}
         hidden = last_hidden_state(model, student_inputs)
         select = spec.position_selector(inputs, hidden)
-        teacher = self._fused_teacher_inputs(inputs, select) if args.alpha > 0 else {"kd": None}
+        teacher_side = self._fused_teacher_inputs(inputs, select) if args.alpha > 0 else {"kd": None}
         labels = select(spec.targets(inputs["labels"]), aligned=True) if args.beta > 0 else None
-        with (
-            ExitStack() as gathered
-        ):  # ZeRO-3 / FSDP2: the whole heads, for this loss only (hf_distill.sharding)
-            if "teacher_head" in teacher:
-                teacher["teacher_head"] = gathered.enter_context(gathered_weight(teacher["teacher_head"]))
+        with ExitStack() as gathered:  # ZeRO-3 / FSDP2: the whole heads, for this loss only
+            if "teacher_head" in teacher_side:
+                head = teacher_side["teacher_head"]
+                teacher_side["teacher_head"] = gathered.enter_context(gathered_weight(head))
             out = chunked_lm_losses(
                 select(hidden),
                 gathered.enter_context(gathered_weight(output_embedding(model))),
@@ -369,7 +368,7 @@ class DistillationTrainer(Trainer):
                 kd_weight=args.alpha,
                 ce_weight=args.beta,
                 jsd_mixture=args.jsd_mixture,
-                **teacher,
+                **teacher_side,
             )
         components = {"kd": out.kd} if args.alpha > 0 else {}
         if args.beta > 0:
