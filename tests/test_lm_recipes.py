@@ -62,9 +62,10 @@ def test_the_instruct_recipe_stages_and_prompts():
     )  # the on-policy run and the CE (SFT) run
     assert (script.off_policy_steps, script.on_policy_steps) == (40, 30)
     assert (script.num_train_prompts, script.num_eval_prompts) == (128, 32)
-    # the two-stage settings of the issue: all of stage 2 on-policy, TRL GKD's mixture and temperature
+    # the two-stage settings of the issue: all of stage 2 on-policy, TRL GKD's mixture and sampling temperature, and
+    # its loss at T = 1 (TRL 1.16's GKDTrainer never passes its temperature to the loss)
     assert recipe["lmbda"] == 1.0 and recipe["jsd_mixture"] == 0.5 and recipe["kd_loss"] == "jsd"
-    assert recipe["temperature"] == recipe["rollout_temperature"] == 0.9
+    assert (recipe["temperature"], recipe["rollout_temperature"]) == (1.0, 0.9)
     assert recipe["rollout_max_new_tokens"] == 64 and (recipe["alpha"], recipe["beta"]) == (1.0, 0.0)
     assert "max_steps" not in recipe  # each stage sets its own: off_policy_steps, then on_policy_steps
 
