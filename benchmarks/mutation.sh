@@ -48,6 +48,8 @@ targets+=(
 rm -rf "$work"
 mkdir -p "$work"
 cp -r "$repo/hf_distill" "$repo/tests" "$work/"
+mkdir -p "$work/benchmarks"
+cp "$repo"/benchmarks/*.py "$work/benchmarks/"  # test_lm_losses.py loads bench_lm_loss.py
 if [[ -n "$ref" ]]; then  # the tests as they were at $ref; files that did not exist then are left out
   rm -rf "$work/tests"
   mkdir -p "$work/tests"
@@ -68,6 +70,7 @@ only_mutate = [
 pytest_add_cli_args_test_selection = [$(IFS=,; echo "${selected[*]}")]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]
 use_git_change_detection = false
+also_copy = ["benchmarks"]
 TOML
 cd "$work"
 unset PYTHONPATH  # the mutated copy, not the repository's hf_distill
