@@ -446,3 +446,87 @@ def test_benchmark_small_writes_every_ratio(tmp_path):
     assert set(results["summary"]) == set(bench.VARIANTS)
     assert all(s["median_seconds"] > 0 and s["peak_mib"] > 0 for s in results["summary"].values())
     assert set(results["ratios"]) == {"kl", "topk", "sampled"}
+
+
+# ---- gaps found by mutation testing (benchmarks/mutation_results.md, issue 21) --------------------------------
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda z, **kw: sample_teacher_tokens(z, **kw),
+        lambda z, **kw: sample_head_and_tail(z, 2, **kw),
+        lambda z, **kw: sample_sparse_target(z, **kw, proposal_temperature=2.0),
+        lambda z, **kw: sample_sparse_target(z, **kw, head=2, proposal_temperature=0.5),
+    ],
+    ids=["plain", "head", "tempered", "head-tempered"],
+)
+def test_sampling_refuses_bad_settings_and_accepts_one_draw(draw):
+    z = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(
+        ValueError, match=r"got shape \(1, 3, 7\); flatten the batch and sequence dimensions first"
+    ):
+        draw(z[None], num_samples=4)
+    with pytest.raises(ValueError, match="num_samples=0 must be at least 1"):
+        draw(z, num_samples=0)
+    with pytest.raises(ValueError, match="temperature=0.0 must be positive"):
+        draw(z, num_samples=4, temperature=0.0)
+    ids, weights = (out := draw(z, num_samples=1))[-2:]
+    assert ids.shape == weights.shape == (3, 1) and len(out) in (2, 4)
+
+
+def test_sampling_refuses_a_head_out_of_range_and_a_bad_proposal_temperature():
+    z = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="vocabulary size minus one, 6"):
+        sample_head_and_tail(z, 7, 4)
+    for tau in (0.0, float("inf")):
+        with pytest.raises(ValueError, match=f"proposal_temperature={tau} must be positive and finite"):
+            sample_sparse_target(z, 4, proposal_temperature=tau)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"head": 2}, {"proposal_temperature": 2.0}, {"head": 2, "proposal_temperature": 2.0}]
+)
+def test_draws_are_reproducible_from_the_generator_and_default_to_t_1(kwargs):
+    """A cache's draws are a function of its generator's seed (and ``temperature`` defaults to 1)."""
+    z = torch.randn(20, 9, generator=torch.Generator().manual_seed(1)) * 3
+    first = sample_sparse_target(z, 5, generator=torch.Generator().manual_seed(4), **kwargs)
+    again = sample_sparse_target(z, 5, 1.0, generator=torch.Generator().manual_seed(4), **kwargs)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    other = sample_sparse_target(z, 5, 2.0, generator=torch.Generator().manual_seed(4), **kwargs)
+    assert any(not torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_tempered_weights_of_a_row_with_one_distinct_draw_are_one():
+    """Padding slots (count 0) get no weight, and a row's weights sum to 1 whatever its scale."""
+    z = torch.tensor([[30.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    ids, weights = sample_sparse_target(
+        z, 6, proposal_temperature=0.5, generator=torch.Generator().manual_seed(0)
+    )
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2))
+    assert weights[0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0] and ids[0, 0] == 0
+
+
+def test_a_padded_position_without_draws_weighs_its_head_only():
+    head_probs = torch.tensor([[0.5, 0.25], [0.5, 0.25]])
+    tail_counts = torch.tensor([[2, 1, 1], [0, 0, 0]])
+    weights = head_tail_weights(head_probs, tail_counts)
+    torch.testing.assert_close(
+        weights, torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625], [0.5, 0.25, 0, 0, 0]])
+    )
+
+
+@pytest.mark.parametrize("frozen", ["head", "hidden"])
+def test_a_frozen_head_or_hidden_state_gets_no_gradient(frozen):
+    """Backward scales only the gradients that forward formed (a frozen output embedding has none)."""
+    x = _inputs(seed=11)
+    hidden, head = _leaves(x)
+    (head if frozen == "head" else hidden).requires_grad_(False)
+    _chunked("kl", hidden, head, x, 2.0, 4, labels=x["labels"]).loss.mul(3.0).backward()
+    ref_hidden, ref_head = _leaves(x)
+    _chunked("kl", ref_hidden, ref_head, x, 2.0, 4, labels=x["labels"]).loss.mul(3.0).backward()
+    trained, reference = (hidden, ref_hidden) if frozen == "head" else (head, ref_head)
+    torch.testing.assert_close(trained.grad, reference.grad)
+    assert (head if frozen == "head" else hidden).grad is None

@@ -256,3 +256,43 @@ def test_fused_training_moves_every_student_parameter(tmp_path):
     logged = [e for e in trainer.state.log_history if "kd_loss" in e]
     assert len(logged) == 2 and all(e["kd_loss"] > 0 and e["ce_loss"] > 0 for e in logged)
     assert all(not torch.equal(p.detach(), before[n]) for n, p in student.named_parameters())
+
+
+# ---- gaps found by mutation testing (benchmarks/mutation_results.md, issue 21) --------------------------------
+
+
+def test_fused_hard_labels_only_run_no_teacher_and_log_no_kd(tmp_path):
+    """alpha = 0: the fused path does not run the teacher, and its only term is the shifted CE."""
+    teacher, student, rows = tiny_llama(1, layers=3), tiny_llama(2), lm_rows()
+    calls = []
+    teacher.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+    args = config(tmp_path, alpha=0.0, beta=1.0, lm_chunk_size=5)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows)
+    assert trainer.loss_path.name == "fused"
+    batch = batch_of(rows, trainer)
+    student.train()
+    loss, _, components = trainer.compute_fused_lm_loss(student, batch)
+    assert not calls
+    _, ce = dense_reference(student, batch, lambda z, counted: None)
+    torch.testing.assert_close(loss, ce, rtol=1e-5, atol=1e-6)
+    assert set(components) == {"ce"}
+
+
+def test_fused_soft_labels_only_read_no_labels_and_count_every_position_without_a_mask(tmp_path):
+    """beta = 0 and a batch with neither labels nor attention mask: every aligned position counts, as on the
+    dense path, and only the KD term is logged."""
+    teacher, rows = tiny_llama(1, layers=3), lm_rows()
+    results = {}
+    for chunk in (None, 5):
+        student = tiny_llama(2)
+        args = config(tmp_path, temperature=2.0, alpha=1.0, beta=0.0, lm_chunk_size=chunk)
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows)
+        batch = {"input_ids": batch_of(rows, trainer)["input_ids"]}
+        student.train()
+        if chunk is None:
+            results[chunk] = trainer.compute_dense_loss(student, batch)
+        else:
+            results[chunk] = trainer.compute_fused_lm_loss(student, batch)
+    (dense, _, dense_parts), (fused, _, fused_parts) = results[None], results[5]
+    torch.testing.assert_close(fused, dense, rtol=1e-5, atol=1e-6)
+    assert set(fused_parts) == set(dense_parts) == {"kd"}

@@ -211,3 +211,45 @@ def test_one_counted_position_is_its_own_mean():
     mask[1, 2] = True
     expected = _np_kl(t[1, 2].double().numpy(), s[1, 2].double().numpy(), 1.0)
     assert losses.kl_div_loss(s, t, mask=mask).item() == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_sampled_kd_loss_weighs_each_draw_by_its_count_over_the_draws():
+    """RS-KD from raw counts (the dense route's plain cache): ``T**2 * sum_j (c_j / n) * -log p_s[id_j]``."""
+    s = _logits(2, 2, 6, seed=5)
+    ids = torch.tensor([[[0, 2, 0], [1, 4, 5]], [[3, 0, 0], [2, 3, 0]]])
+    counts = torch.tensor([[[3, 1, 0], [1, 1, 2]], [[4, 0, 0], [2, 2, 0]]])
+    log_p = np_log_softmax(s.double().numpy() / 2.0, axis=-1)
+    expected = np.mean(
+        [
+            -(counts[b, i].numpy() / 4.0 * np.take(log_p[b, i], ids[b, i].numpy())).sum()
+            for b in range(2)
+            for i in range(2)
+        ]
+    )
+    got = losses.sampled_kd_loss(s, ids, counts, 2.0)
+    assert got.item() == pytest.approx(4.0 * expected, rel=1e-5)
+    assert losses.sampled_kd_loss(s, ids, counts).item() == pytest.approx(
+        losses.sampled_kd_loss(s, ids, counts, 1.0).item()
+    )
+
+
+@pytest.mark.parametrize("mixture", [0.1, 0.9])
+def test_question_answering_passes_the_jsd_mixture_to_both_ends(mixture):
+    """The QA spec's KD term is the mean of the start and end generalized JSDs at ``jsd_mixture``."""
+    from hf_distill.tasks import TASK_SPECS
+    from hf_distill.teacher_outputs import TeacherOutput
+
+    s, t = _logits(2, 5, 2, seed=6), _logits(2, 5, 2, seed=7)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    got = TASK_SPECS["question_answering"].kd_loss(
+        "jsd", s, TeacherOutput(logits=t), 2.0, None, {"attention_mask": mask}, jsd_mixture=mixture
+    )
+    real = mask.bool()
+    ends = [
+        losses.generalized_jsd_loss(
+            s[..., i].masked_fill(~real, -1e4), t[..., i].masked_fill(~real, -1e4), 2.0, mixture
+        )
+        for i in range(2)
+    ]
+    torch.testing.assert_close(got, (ends[0] + ends[1]) / 2)
+    assert not torch.allclose(got, losses.span_kd_loss("jsd", s, t, 2.0, attention_mask=mask))
