@@ -195,6 +195,11 @@ def tokenize_instruction_dataset(
     return tokenized.remove_columns(["prompt_cut", "completion_cut"]), counts
 
 
+def pad_token_id_of(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The id instruction batches are padded with: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @dataclass
 class InstructionDataCollator:
     """Pads rows of ``prompt_input_ids`` / ``completion_input_ids`` into one batch of:

@@ -29,7 +29,7 @@ import torch
 
 from .errors import InputError
 from .generation import Generation, Generator, TransformersGenerator
-from .instruction_data import IGNORE_INDEX
+from .instruction_data import IGNORE_INDEX, pad_token_id_of
 
 # The columns of tokenized instruction data (hf_distill.tokenize_instruction_dataset).
 PROMPT_COLUMN, COMPLETION_COLUMN = "prompt_input_ids", "completion_input_ids"
@@ -120,12 +120,12 @@ class Rollouts:
 
     @classmethod
     def from_args(cls, args, tokenizer, generator: Generator | None = None) -> Rollouts:
-        if tokenizer is None or tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        if tokenizer is None or pad_token_id_of(tokenizer) is None:
             raise InputError(
                 "Instruction data needs the student's tokenizer (processing_class) with a pad or EOS token, to "
                 "pad prompts and completions and to stop generation."
             )
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_token_id_of(tokenizer)
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad
         return cls(
             lmbda=args.lmbda,

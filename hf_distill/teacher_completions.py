@@ -44,7 +44,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import InputError
 from .generation import Generator, TransformersGenerator
-from .instruction_data import InstructionDataCollator, has_completion, tokenize_instruction_dataset
+from .instruction_data import (
+    InstructionDataCollator,
+    has_completion,
+    pad_token_id_of,
+    tokenize_instruction_dataset,
+)
 from .tasks import base_model
 from .teacher_cache.key import _config_hash, tokenizer_hash, weights_hash, write_json_atomic
 
@@ -236,7 +241,7 @@ def teacher_completions(
             "teacher completes prompts alone. Drop the completions (or the final assistant turns), or train on them "
             "as they are."
         )
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token_id = pad_token_id_of(tokenizer)
     end_ids = end_token_ids(teacher, tokenizer)
     generator = generator or TransformersGenerator(pad_token_id=pad_token_id, eos_token_id=end_ids)
     tokenized, _ = tokenize_instruction_dataset(

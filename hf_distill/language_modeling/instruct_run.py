@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from ..config import DistillationConfig
 from ..generation import TransformersGenerator
 from ..hub import write_cards_and_push_best
-from ..instruction_data import InstructionDataCollator, tokenize_instruction_dataset
+from ..instruction_data import InstructionDataCollator, pad_token_id_of, tokenize_instruction_dataset
 from ..model_card import StudentCardData, count_parameters, settings_of
 from ..offline import cache_dir
 from ..student import teacher_layers_of
@@ -113,7 +113,7 @@ def evaluate(
     seed: int,
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
     """The held-out metrics of ``student`` (tokenized rows with the teacher's completions) and its samples."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id_of(tokenizer)
     generator = TransformersGenerator(pad_token_id=pad, eos_token_id=end_token_ids(teacher, tokenizer))
     collate = InstructionDataCollator(pad)
     device = next(student.parameters()).device
