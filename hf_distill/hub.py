@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 from .errors import InputError
-from .model_card import StudentCardData, render_card, write_card
+from .model_card import StudentCardData, card_data_from_trainer, render_card, write_card
 
 # What a published student folder holds: weights, config and tokenizer files, and its card.
 # The card's pictures (results.png) are the PNG files.
@@ -245,8 +245,6 @@ def push_trainer_student(trainer, card=None, *, token=None, private=None, commit
     there is one, else a card written from what the trainer knows
     (:func:`hf_distill.model_card.card_data_from_trainer`). Unset options come from ``trainer.args``.
     """
-    from .model_card import card_data_from_trainer
-
     if not trainer.is_world_process_zero():
         return None
     args = trainer.args
