@@ -14,6 +14,7 @@ from transformers.utils import logging
 
 from .config import DistillationConfig
 from .errors import InputError
+from .rollouts import COMPLETION_COLUMN
 from .tasks import CausalLMSpec, TaskSpec, output_embedding
 from .teacher_outputs import LIVE, TEACHER_SOURCES, teacher_source_of
 
@@ -129,7 +130,7 @@ def check_train_columns(
     """Refuse a training dataset whose columns cannot feed the loss: labels for ``beta > 0``, a teacher."""
     if columns is None:
         return
-    label_columns = set(label_names) | {"label", "label_ids", "completion_input_ids"}
+    label_columns = set(label_names) | {"label", "label_ids", COMPLETION_COLUMN}
     if args.beta > 0 and not label_columns & set(columns):
         raise InputError(
             f"beta={args.beta} weights the hard-label loss but the training dataset has no label column "

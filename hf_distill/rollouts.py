@@ -30,6 +30,8 @@ import torch
 from .errors import InputError
 from .generation import Generation, Generator, TransformersGenerator
 from .instruction_data import IGNORE_INDEX, pad_token_id_of
+from .tasks import CausalLMSpec
+from .teacher_outputs import LIVE
 
 # The columns of tokenized instruction data (hf_distill.tokenize_instruction_dataset).
 PROMPT_COLUMN, COMPLETION_COLUMN = "prompt_input_ids", "completion_input_ids"
@@ -196,9 +198,6 @@ class Rollouts:
 def choose_rollouts(args, spec, teacher_source: str | None, columns, tokenizer) -> Rollouts | None:
     """The trainer's :class:`Rollouts` when the training data are instruction data, else None; settings that
     cannot work are refused here, naming the one to change."""
-    from .tasks import CausalLMSpec
-    from .teacher_outputs import LIVE
-
     generating = args.lmbda > 0 or args.seq_kd
     if not is_instruction_data(columns):
         if generating:
