@@ -41,10 +41,9 @@ from ..student import teacher_layers_of
 from ..tasks import CAUSAL_LM
 from ..teacher_cache import weights_hash, write_json_atomic
 from ..teacher_completions import end_token_ids, teacher_completions
-from ..trainer import DistillationTrainer
 from .instruct_data import prepare_instruction_data
 from .instruct_metrics import completion_logits, reverse_kl, token_kl
-from .students import make_student
+from .students import fit, make_student
 from .teacher import load_teacher
 
 ON_POLICY, OFF_POLICY, CE = "on-policy", "off-policy", "CE"
@@ -73,26 +72,13 @@ class InstructRow:
 
 def _train(model, args: DistillationConfig, train: Dataset, tokenizer, teacher) -> tuple[Any, dict[str, Any]]:
     """Train ``model`` in place on instruction rows; returns it and what the row records of the run."""
-    set_seed(args.seed)
-    trainer = DistillationTrainer(
-        model=model,
-        teacher_model=teacher,  # unused by the CE run, which the trainer still expects to have one
-        args=args,
-        train_dataset=train,
-        processing_class=tokenizer,
-    )
-    start = time.perf_counter()
-    output = trainer.train()
-    seconds = time.perf_counter() - start
-    trainer.save_model(args.output_dir)
-    logged = [h for h in trainer.state.log_history if "loss" in h]
-    losses = {k: v for k, v in (logged[-1] if logged else {}).items() if k == "loss" or k.endswith("_loss")}
+    done = fit(model, args, train, tokenizer, teacher)  # the CE run too: the trainer expects a teacher
     record = {
-        "steps": output.global_step,
-        "train_seconds": seconds,
-        "step_seconds": seconds / max(output.global_step, 1),
-        "rollouts": dict(trainer.rollouts.counts),
-        "train_losses": losses,
+        "steps": done.steps,
+        "train_seconds": done.seconds,
+        "step_seconds": done.seconds / max(done.steps, 1),
+        "rollouts": dict(done.trainer.rollouts.counts),
+        "train_losses": done.losses,
     }
     return model.eval(), record
 

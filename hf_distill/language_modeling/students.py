@@ -106,19 +106,39 @@ def train_student(
     ``teacher`` runs live for the ``live`` mode; cached modes read their columns from ``train``.
     """
     model = copy.deepcopy(init)
-    set_seed(run.args.seed)
+    done = fit(model, run.args, train, tokenizer, teacher if run.mode in (None, "live") else None)
+    return TrainedStudent(run, model.eval(), done.seconds, done.runtime / max(done.steps, 1), done.losses)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What :func:`fit` leaves: the trainer, its optimizer steps, the wall time of ``train()`` and the Trainer's
+    own ``train_runtime`` (seconds), and the last logged losses (``loss`` and each ``*_loss``)."""
+
+    trainer: DistillationTrainer
+    steps: int
+    seconds: float
+    runtime: float
+    losses: dict[str, float]
+
+
+def fit(
+    model: PreTrainedModel,
+    args: DistillationConfig,
+    train: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    teacher: PreTrainedModel | None,
+) -> Fit:
+    """Train ``model`` in place with ``DistillationTrainer`` (seeded by ``args.seed``) on ``train``, and save it with
+    the tokenizer in ``args.output_dir``."""
+    set_seed(args.seed)
     trainer = DistillationTrainer(
-        model=model,
-        teacher_model=teacher if run.mode in (None, "live") else None,
-        args=run.args,
-        train_dataset=train,
-        processing_class=tokenizer,
+        model=model, teacher_model=teacher, args=args, train_dataset=train, processing_class=tokenizer
     )
     start = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - start
-    steps = max(output.global_step, 1)
     logged = [h for h in trainer.state.log_history if "loss" in h]
     losses = {k: v for k, v in (logged[-1] if logged else {}).items() if k == "loss" or k.endswith("_loss")}
-    trainer.save_model(run.args.output_dir)
-    return TrainedStudent(run, model.eval(), seconds, output.metrics["train_runtime"] / steps, losses)
+    trainer.save_model(args.output_dir)
+    return Fit(trainer, output.global_step, seconds, output.metrics["train_runtime"], losses)
