@@ -60,18 +60,25 @@ def _spread(values: list[float], fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
-def aggregate(seeds: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per regime over the seeds: each held-out metric and step time; per seed: on-policy against its twin."""
+def regime_values(seeds: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Per regime (row ``training``): each held-out metric's and the step time's values over the seeds."""
     regimes: dict[str, dict[str, list[float]]] = {}
-    per_seed = {}
-    for seed, summary in seeds.items():
-        rows = {r["training"]: r for r in summary["rows"]}
-        for training, row in rows.items():
-            into = regimes.setdefault(training, {})
+    for summary in seeds.values():
+        for row in summary["rows"]:
+            into = regimes.setdefault(row["training"], {})
             for key in METRICS:
                 into.setdefault(key, []).append(row["metrics"]["validation"][key])
             if row.get("step_seconds"):
                 into.setdefault("step_seconds", []).append(row["step_seconds"])
+    return regimes
+
+
+def aggregate(seeds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per regime over the seeds: each held-out metric and step time; per seed: on-policy against its twin."""
+    regimes = regime_values(seeds)
+    per_seed = {}
+    for seed, summary in seeds.items():
+        rows = {r["training"]: r for r in summary["rows"]}
         on, off = rows.get("on-policy"), rows.get("off-policy")
         if on is None or off is None:
             continue
@@ -104,14 +111,7 @@ def aggregate(seeds: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def table(seeds: dict[str, dict[str, Any]]) -> str:
-    regimes: dict[str, dict[str, list[float]]] = {}
-    for summary in seeds.values():
-        for row in summary["rows"]:
-            into = regimes.setdefault(row["training"], {})
-            for key in METRICS:
-                into.setdefault(key, []).append(row["metrics"]["validation"][key])
-            if row.get("step_seconds"):
-                into.setdefault("step_seconds", []).append(row["step_seconds"])
+    regimes = regime_values(seeds)
     lines = [
         f"Seeds {', '.join(seeds)}: median (min-max).",
         "",
