@@ -20,7 +20,6 @@ from .errors import InputError
 from .hub import push_trainer_student
 from .instruction_data import InstructionDataCollator
 from .intermediate_losses import (  # noqa: F401 (default_layer_map: re-exported)
-    check_attention_maps,
     choose_layer_map,
     default_layer_map,
     mapped_attention_loss,
@@ -328,8 +327,7 @@ class DistillationTrainer(Trainer):
     def compute_attention_loss(self, student_outputs, teacher: TeacherOutput, inputs: dict[str, Any]):
         """:func:`hf_distill.intermediate_losses.mapped_attention_loss` (eager attention, same head count)."""
         s_att, t_att = student_outputs.attentions, teacher.attentions
-        check_attention_maps(s_att, t_att)
-        layers = self.layer_map(len(s_att), len(t_att))
+        layers = self.layer_map(len(s_att or ()), len(t_att or ()))  # maps checked by mapped_attention_loss
         return mapped_attention_loss(s_att, t_att, layers, inputs.get("attention_mask"))
 
     def combine_losses(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
