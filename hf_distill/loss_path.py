@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from datasets import Dataset
 from transformers.utils import logging
 
 from .config import DistillationConfig
 from .errors import InputError
 from .rollouts import COMPLETION_COLUMN
 from .tasks import CausalLMSpec, TaskSpec, output_embedding
+from .teacher_cache import read_provenance
 from .teacher_outputs import LIVE, TEACHER_SOURCES, teacher_source_of
 
 logger = logging.get_logger(__name__)
@@ -102,10 +104,6 @@ def choose_loss_path(
 
 def check_sample_temperature(path: LossPath, dataset, args: DistillationConfig) -> None:
     """An RS-KD cache's tokens were drawn at its sampling temperature: training at another T is refused."""
-    from datasets import Dataset
-
-    from .teacher_cache import read_provenance
-
     if path.teacher != "sampled" or args.alpha == 0 or not isinstance(dataset, Dataset):
         return
     try:

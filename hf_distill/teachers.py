@@ -22,8 +22,10 @@ from transformers import (
 
 from . import tasks
 from .errors import InputError
+from .losses import ensemble_logits
 from .optional import require
 from .tasks import base_model, task_of
+from .teacher_outputs import TeacherOutput
 
 _AUTO_CLASSES = {
     tasks.SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
@@ -229,9 +231,6 @@ def run_teachers(
     """One no-grad forward of each teacher, as a :class:`hf_distill.teacher_outputs.TeacherOutput` (hidden states
     and attention maps of the last teacher where asked). An ensemble's logits are those of the weighted mixture
     of its teachers' soft labels (:func:`hf_distill.losses.ensemble_logits`)."""
-    from .losses import ensemble_logits
-    from .teacher_outputs import TeacherOutput
-
     switches = {"output_hidden_states": hidden_states, "output_attentions": attentions}
     all_logits, outputs = [], None
     with torch.no_grad():
