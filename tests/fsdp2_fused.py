@@ -17,34 +17,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from lm_fixtures import VOCAB, tiny_llama
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hf_distill.sharding import gathered_weight
 from hf_distill.tasks import last_hidden_state
 from hf_distill.vocab_losses import chunked_lm_losses
 
-VOCAB, ROWS, LENGTH = 96, 4, 12
-
-
-def tiny_llama(seed: int, layers: int, tie: bool) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(8.0)
-    return model
+ROWS, LENGTH = 4, 12
 
 
 def shard(model: LlamaForCausalLM, tie: bool) -> LlamaForCausalLM:
@@ -89,7 +71,7 @@ def main(out: Path, tie: bool) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    student, teacher = tiny_llama(2, 2, tie), tiny_llama(1, 3, tie).eval()
+    student, teacher = tiny_llama(2, 2, tie=tie), tiny_llama(1, 3, tie=tie).eval()
     teacher.requires_grad_(False)
     g = torch.Generator().manual_seed(3)
     input_ids = torch.randint(1, VOCAB, (ROWS, LENGTH), generator=g)

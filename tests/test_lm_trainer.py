@@ -7,30 +7,9 @@ import torch
 import torch.nn.functional as F
 from conftest import config
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
+from lm_fixtures import VOCAB, tiny_llama
 
 from hf_distill import DistillationTrainer, precompute_teacher_logits, read_provenance
-
-VOCAB = 96
-
-
-def tiny_llama(seed: int, layers: int = 2, hidden: int = 32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # a teacher with a peaked, varied distribution
-        model.get_output_embeddings().weight.mul_(8.0)
-    return model
 
 
 def lm_rows(n: int = 8, length: int = 12, seed: int = 3) -> Dataset:

@@ -16,32 +16,11 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
+from lm_fixtures import VOCAB, tiny_llama
 
 from hf_distill import DistillationConfig, DistillationTrainer, precompute_teacher_logits
 from hf_distill.sharding import gathered_weight, is_zero3_partitioned
 from hf_distill.tasks import output_embedding
-
-VOCAB = 96
-
-
-def tiny_llama(seed: int, layers: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # a teacher with a peaked, varied distribution
-        model.get_output_embeddings().weight.mul_(8.0)
-    return model
 
 
 def main(out: Path, per_device_batch: int, source: str) -> None:
