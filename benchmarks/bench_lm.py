@@ -18,6 +18,9 @@ trl is a benchmark-only dependency (``pip install trl``).
     python benchmarks/bench_lm.py --seeds 42 43 44 --out benchmarks/results/lm.json
     python benchmarks/bench_lm.py --gkd --out benchmarks/results/lm.json      # the TRL comparison only
     python benchmarks/bench_lm.py --summarize --out benchmarks/results/lm.json
+    python benchmarks/bench_lm.py --gkd --gkd_rounds 3 --gkd_variants "CE only" "KD, top-k cache" "KD, RS-KD cache" \
+        "KD, RS-KD cache with an exact head" --rskd_head 4 8 --out benchmarks/results/lm_steps_idle.json
+                                    # the sparse caches' steps against CE (the exact head: 4 tokens + 8 draws)
 
 Extra flags after ``--`` go to ``scripts/distill_lm.py`` (e.g. ``-- --max_steps 20``).
 """
@@ -168,7 +171,9 @@ def table(records: dict[str, Any]) -> str:
 # ---- the GKD comparison: one variant per fresh process ------------------------------------------------
 
 
-def _gkd_worker(variant: str, steps: int, batch: int, block_size: int, cache: str) -> dict[str, Any]:
+def _gkd_worker(
+    variant: str, steps: int, batch: int, block_size: int, cache: str, head: tuple[int, int] = (4, 8)
+) -> dict[str, Any]:
     import torch
     from transformers import TrainerCallback, default_data_collator
 
@@ -185,9 +190,10 @@ def _gkd_worker(variant: str, steps: int, batch: int, block_size: int, cache: st
     teacher = load_teacher(script)
     splits, _ = load_corpus(script)
     blocks = pack(splits["train"], teacher.tokenizer, block_size, max_blocks=script.max_train_blocks)
-    sparse = {"KD, top-k cache": {"top_k": script.top_k}, "KD, RS-KD cache": {
-        "num_samples": script.num_samples, "sample_temperature": recipe_args.temperature, "sample_seed": 42,
-        "sample_head": script.sample_head, "sample_proposal_temperature": script.sample_proposal_temperature}}  # fmt: skip
+    rskd = {"num_samples": script.num_samples, "sample_temperature": recipe_args.temperature, "sample_seed": 42,
+            "sample_head": script.sample_head, "sample_proposal_temperature": script.sample_proposal_temperature}  # fmt: skip
+    sparse = {"KD, top-k cache": {"top_k": script.top_k}, "KD, RS-KD cache": rskd,
+              HEAD_VARIANT: {**rskd, "sample_head": head[0], "num_samples": head[1]}}  # fmt: skip
     if variant in sparse:
         from hf_distill.offline import cache_dir
         from hf_distill.teacher_cache import precompute_teacher_logits
@@ -257,23 +263,33 @@ def _peak_mb() -> float:
 
 
 GKD_TWIN = "hf-distill DistillationTrainer, KD only (alpha 1, beta 0), live teacher"
+HEAD_VARIANT = "KD, RS-KD cache with an exact head"  # --rskd_head h n: h exact tokens and n draws of the rest
 STEP_VARIANTS = (
     "CE only",
     "KD, live teacher",
     "KD, top-k cache",
     "KD, RS-KD cache",
+    HEAD_VARIANT,
     GKD_TWIN,
     "TRL GKDTrainer",
 )
 
 
-def run_gkd(steps: int, batch: int, block_size: int, rounds: int, cache: str) -> dict[str, Any]:
-    variants = STEP_VARIANTS
+def run_gkd(
+    steps: int,
+    batch: int,
+    block_size: int,
+    rounds: int,
+    cache: str,
+    variants: tuple[str, ...] = STEP_VARIANTS,
+    head: tuple[int, int] = (4, 8),
+) -> dict[str, Any]:
     results: dict[str, dict[str, list[float]]] = {v: {"step_seconds": [], "peak_mb": []} for v in variants}
     for _ in range(rounds):
         for variant in variants:
             command = [sys.executable, __file__, "--worker", variant, "--gkd_steps", str(steps), "--gkd_batch",
-                       str(batch), "--gkd_block_size", str(block_size), "--cache_dir", cache]  # fmt: skip
+                       str(batch), "--gkd_block_size", str(block_size), "--cache_dir", cache,
+                       "--rskd_head", *map(str, head)]  # fmt: skip
             done = subprocess.run(
                 command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
             )
@@ -287,7 +303,7 @@ def run_gkd(steps: int, batch: int, block_size: int, rounds: int, cache: str) ->
     import torch
 
     return {"steps": steps, "batch": batch, "block_size": block_size, "threads": torch.get_num_threads(),
-            "load_average": os.getloadavg(), "variants": results}  # fmt: skip
+            "load_average": os.getloadavg(), "rskd_head": list(head), "variants": results}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -307,10 +323,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cache_dir", default=os.environ.get("HF_DISTILL_CACHE", str(Path.home() / ".cache/hf_distill"))
     )
+    parser.add_argument(
+        "--gkd_variants", nargs="+", choices=STEP_VARIANTS, default=list(STEP_VARIANTS),
+        help="the step benchmark's variants (default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rskd_head", type=int, nargs=2, default=[4, 8], metavar=("HEAD", "DRAWS"),
+        help=f"'{HEAD_VARIANT}': exact tokens and draws of the rest",
+    )  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    head = tuple(args.rskd_head)
     if args.worker:
-        out = _gkd_worker(args.worker, args.gkd_steps, args.gkd_batch, args.gkd_block_size, args.cache_dir)
+        out = _gkd_worker(args.worker, args.gkd_steps, args.gkd_batch, args.gkd_block_size, args.cache_dir, head)
         print(json.dumps(out))
         return
     records = _records(args.out)
@@ -323,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
         _save(args.out, records)
     if args.gkd:
         records["gkd"] = run_gkd(
-            args.gkd_steps, args.gkd_batch, args.gkd_block_size, args.gkd_rounds, args.cache_dir
+            args.gkd_steps, args.gkd_batch, args.gkd_block_size, args.gkd_rounds, args.cache_dir,
+            tuple(args.gkd_variants), head,
         )
         _save(args.out, records)
     if records["seeds"] or records.get("gkd"):

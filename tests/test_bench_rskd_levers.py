@@ -1,0 +1,68 @@
+"""benchmarks/bench_rskd_levers.py: a lever's share of dense KD's gain, set against the CE and dense rows of the
+same seed in the reference file."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_rskd_levers.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_rskd_levers", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(kind, mode, loss, ece=None, **extra):
+    metrics = {s: {"loss": loss + (1.0 if s == "ood" else 0.0), "ece": ece} for s in ("validation", "ood")}
+    return {"kind": kind, "mode": mode, "metrics": metrics, **extra}
+
+
+REFERENCE = {"rows": [_row("teacher", None, 2.0), _row("layers", None, 5.0), _row("layers", "live", 4.0),
+                      _row("layers", "sampled", 4.15, cache_bytes_per_token=36.0)]}  # fmt: skip
+
+
+def test_the_share_is_taken_against_the_reference_twin_and_dense_run():
+    bench = _bench()
+    run = {"rows": [_row("teacher", None, 2.0), _row("layers", "sampled", 4.08, ece=0.02, cache_bytes_per_token=39.5)]}
+    out = bench.shares(REFERENCE, run)
+    assert out["validation"]["share_of_dense_gain"] == pytest.approx(0.92)
+    assert out["validation"]["gain"] == pytest.approx(0.92)
+    assert out["validation"]["ece"] == 0.02 and out["cache_bytes_per_token"] == 39.5
+    assert "ce_minus_reference_ce" not in out["validation"]  # no CE twin trained in this run
+
+
+def test_a_run_with_its_own_ce_twin_records_its_distance_from_the_reference():
+    bench = _bench()
+    run = {"rows": [_row("layers", None, 5.001), _row("layers", "sampled", 4.5, cache_bytes_per_token=40.0)]}
+    out = bench.shares(REFERENCE, run)
+    assert out["ood"]["ce_minus_reference_ce"] == pytest.approx(0.001)
+    assert out["ood"]["share_of_dense_gain"] == pytest.approx(0.5)  # still against the reference's twin
+
+
+def test_no_share_without_a_dense_gain_and_a_refusal_without_the_rows():
+    bench = _bench()
+    flat = {"rows": [_row("layers", None, 5.0), _row("layers", "live", 5.1)]}
+    out = bench.shares(flat, {"rows": [_row("layers", "sampled", 4.9, cache_bytes_per_token=36.0)]})
+    assert "share_of_dense_gain" not in out["validation"]
+    with pytest.raises(ValueError, match="CE and live rows"):
+        bench.shares({"rows": [_row("layers", None, 5.0)]}, {"rows": [_row("layers", "sampled", 4.9)]})
+
+
+def test_the_table_gives_median_and_range_over_seeds_per_lever():
+    bench = _bench()
+    assert bench.lever_name(4, 8, 1.0) == "head4_n8" and bench.lever_name(0, 12, 1.5) == "head0_n12_tau1.5"
+    seeds = {
+        str(s): {"cache_bytes_per_token": 39.0, "validation": {"share_of_dense_gain": x, "ece": 0.01},
+                 "ood": {"share_of_dense_gain": x - 0.1}}
+        for s, x in ((42, 0.9), (43, 0.95), (44, 0.91))
+    }  # fmt: skip
+    table = bench.table({"levers": {"head4_n8": seeds}})
+    assert "| head4_n8 | 42, 43, 44 | 39.0 | 91% (90%-95%) | 81% (80%-85%) | 0.010 |" in table
