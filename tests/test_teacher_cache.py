@@ -240,6 +240,21 @@ def test_one_pass_computes_only_the_formats_missing(tmp_path):
     assert set(both["head"].column_names) > {"teacher_head_ids", "teacher_head_probs", "teacher_sample_ids"}
 
 
+def test_only_caches_an_older_reader_would_misread_are_format_3(tmp_path, monkeypatch):
+    dataset, teacher = random_classification_dataset(8, seed=6), _gpt2(1)
+    names = ("topk", "sampled", "head", "tempered")
+    out = precompute_teacher_caches(teacher, dataset, {k: FORMATS[k] for k in names}, cache_dir=tmp_path)
+    versions = {name: read_provenance(out[name])["format_version"] for name in names}
+    assert versions == {"topk": 2, "sampled": 2, "head": 3, "tempered": 3}  # plain caches keep their keys
+    for name in names:
+        assert load_teacher_cache(cache_paths(tmp_path, read_provenance(out[name])["key"])[0]).num_rows == 8
+    # a reader of format 2 only (hf-distill before exact heads) reads the plain caches and refuses the others
+    monkeypatch.setattr(precompute_module, "READABLE_FORMAT_VERSIONS", (2,))
+    load_teacher_cache(cache_paths(tmp_path, read_provenance(out["sampled"])["key"])[0])
+    with pytest.raises(ValueError, match=r"^Teacher cache format 3 but this hf-distill reads formats 2: rebuild"):
+        load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head"])["key"])[0])
+
+
 def test_one_pass_in_memory_equals_each_format_alone():
     dataset, teacher = random_classification_dataset(10, seed=5), _gpt2(1)
     counter = ForwardCounter(teacher)

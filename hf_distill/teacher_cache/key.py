@@ -29,7 +29,11 @@ from ..errors import InputError
 from ..tasks import base_model, forward_params, task_of
 
 # 2: vocabulary ids stored as uint16 when the vocabulary fits (<= 65,536), and the sampled (RS-KD) format.
-CACHE_FORMAT_VERSION = 2
+# 3: an RS-KD cache with an exact head (teacher_head_ids / teacher_head_probs) or importance weights
+#    (teacher_sample_weights). A format-2 reader would train on its draws alone, without a word; format 3 makes
+#    it refuse. Every other cache stays format 2, so its key (and every cache already written) is unchanged.
+CACHE_FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (2, 3)
 # Stored k for masked and causal LMs when ``top_k`` is not given.
 DEFAULT_TOP_K = 64
 STORAGE_DTYPES = ("float16", "float32")
@@ -179,6 +183,12 @@ def _resolve_sampling(
     return resolved | ({"proposal_temperature": proposal} if proposal != 1.0 else {})
 
 
+def format_version(sampling: Mapping[str, Any] | None) -> int:
+    """The cache format of these (resolved) RS-KD settings: 3 with an exact head or a tempered proposal (columns a
+    format-2 reader cannot read), else 2."""
+    return CACHE_FORMAT_VERSION if sampling and ("head" in sampling or "proposal_temperature" in sampling) else 2
+
+
 def index_dtype(vocab_size: int) -> str:
     """The storage dtype of vocabulary ids: ``uint16`` when every id fits (V <= 65,536), else ``int32``."""
     return "uint16" if vocab_size <= 2**16 else "int32"
@@ -215,7 +225,7 @@ def teacher_cache_key(
     vocab_size = base_model(teacher).config.vocab_size if task in tasks.VOCABULARY_TASKS else None
     sampling = _resolve_sampling(task, sampling, top_k, vocab_size)
     components = {
-        "format_version": CACHE_FORMAT_VERSION,
+        "format_version": format_version(sampling),
         "dataset_fingerprint": dataset._fingerprint,
         "num_rows": len(dataset),
         "teacher_class": type(base_model(teacher)).__name__,

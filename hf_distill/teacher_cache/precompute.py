@@ -25,7 +25,7 @@ from .inference import _TeacherLogits
 from .key import (
     _CACHE_PREFIX,
     _KEY_COMPONENTS,
-    CACHE_FORMAT_VERSION,
+    READABLE_FORMAT_VERSIONS,
     _config_hash,
     _key_of,
     _mismatch,
@@ -505,10 +505,11 @@ def load_teacher_cache(
     ``FileNotFoundError`` for an incomplete cache.
     """
     provenance = read_provenance(path)
-    if provenance.get("format_version") != CACHE_FORMAT_VERSION:
+    if provenance.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise InputError(
-            f"Teacher cache format {provenance.get('format_version')} but this hf-distill reads format "
-            f"{CACHE_FORMAT_VERSION}: rebuild the cache with scripts/precompute_teacher_logits.py."
+            f"Teacher cache format {provenance.get('format_version')} but this hf-distill reads formats "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}: rebuild the cache with "
+            "scripts/precompute_teacher_logits.py."
         )
     want = dict(expected or {})
     if teacher is not None:
