@@ -270,6 +270,8 @@ def test_bad_formats_are_refused_in_one_line(tmp_path):
             precompute_teacher_logits(
                 teacher, dataset, cache_dir=tmp_path, num_samples=4, sample_proposal_temperature=tau
             )
+    with pytest.raises(ValueError, match=r"num_samples must be between 1 and 255 .*, got 0\."):
+        precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, num_samples=0)  # not a top-k cache
     vocab = len(VOCAB)
     for head in (-1, vocab):
         with pytest.raises(
