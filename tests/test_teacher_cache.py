@@ -584,9 +584,9 @@ def test_script_fills_a_cache_that_training_loads(tmp_path, tokenizer):
         "--dataset_path", str(tmp_path / "data"),
         "--logits_dir", str(tmp_path / "logits"),
     ]  # fmt: skip
-    path = _script().main(argv)
+    [path] = _script().main(argv)
     written = path.stat().st_mtime_ns
-    assert _script().main(argv) == path and path.stat().st_mtime_ns == written  # second run: a cache hit
+    assert _script().main(argv) == [path] and path.stat().st_mtime_ns == written  # second run: a cache hit
     cached = load_teacher_cache(
         tmp_path / "logits", teacher=teacher, expected={"teacher": str(tmp_path / "teacher")}
     )
@@ -600,7 +600,7 @@ def test_script_fills_the_cache_that_distill_glue_reads(tmp_path, capsys):
 
     cache = fake_wheels(tmp_path / "cache")
     flags = tiny_flags(cache, tmp_path / "out")
-    path = _script().main(flags)  # stage 1 (teacher fine-tuning) and the logits
+    [path] = _script().main(flags)  # stage 1 (teacher fine-tuning) and the logits
     written = path.stat().st_mtime_ns
     distill_glue.main([*flags, "--train_baseline", "false"])
     assert "reusing the fine-tuned teacher" in capsys.readouterr().out
