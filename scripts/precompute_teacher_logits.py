@@ -15,6 +15,14 @@ For any tokenized dataset saved with ``Dataset.save_to_disk`` and any teacher he
 then train with ``hf_distill.teacher_cache.load_teacher_cache(logits_dir, ...)`` as the training
 dataset and ``teacher_model=None``. The provenance is in the ``.json`` beside the cache.
 
+A masked or causal LM keeps its ``--top_k`` logits per token; ``--num_samples`` writes the RS-KD cache
+instead (tokens drawn from its softmax at ``--sample_temperature``, by default the run's ``--temperature``,
+the one training with the cache must use), and both flags write both caches from one teacher pass:
+
+    python scripts/precompute_teacher_logits.py --teacher_model_name_or_path path/to/lm --task causal_lm \
+        --dataset_path path/to/tokenized_train --logits_dir path/to/teacher_logits \
+        --top_k 9 --num_samples 12 --sample_head 2
+
 Under ``accelerate launch`` every process computes its own shard of the cache (``cache_dir``/``--logits_dir``
 must be on a filesystem every machine sees); the main process writes the provenance listing them:
 
@@ -41,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
-from datasets import DatasetDict, load_from_disk
+from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import AutoTokenizer
 
 from hf_distill import tasks
@@ -51,6 +59,8 @@ from hf_distill.errors import InputError
 from hf_distill.teacher_cache import (
     AUTOCAST_DTYPES,
     STORAGE_DTYPES,
+    cache_paths,
+    precompute_teacher_caches,
     precompute_teacher_logits,
     read_provenance,
 )
@@ -76,7 +86,7 @@ TASKS = (
 
 @dataclass
 class PrecomputeArguments:
-    """Where the cache goes and how the teacher is run."""
+    """Where the cache goes, what it holds and how the teacher is run."""
 
     logits_dir: str | None = field(
         default=None,
@@ -107,7 +117,41 @@ class PrecomputeArguments:
     )
     top_k: int | None = field(
         default=None,
-        metadata={"help": "Masked/causal LM: logits kept per token (default 64; -1 for dense)."},
+        metadata={
+            "help": "Masked/causal LM: logits kept per token (default 64, or no top-k cache with num_samples; -1 "
+            "for dense)."
+        },
+    )
+    num_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Masked/causal LM: the RS-KD cache, tokens drawn per token from the teacher's softmax (1 to "
+            "255, 3 bytes a draw). With top_k too, both caches from one teacher pass."
+        },
+    )
+    sample_temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "With num_samples: the softmax temperature of the draws (default: the run's temperature, "
+            "the recipe's or --temperature, which training with the cache must use)."
+        },
+    )
+    sample_seed: int | None = field(
+        default=None, metadata={"help": "With num_samples: seed of the draws (default: the run's seed)."}
+    )
+    sample_head: int = field(
+        default=0,
+        metadata={
+            "help": "With num_samples: the sample_head most likely tokens per token kept exactly (4 bytes each) "
+            "and the draws taken from the rest; 0 for plain RS-KD."
+        },
+    )
+    sample_proposal_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "With num_samples: tau > 0, the draws come from p**(1/tau) and are stored with importance "
+            "weights (4 bytes a draw); 1 draws from the teacher itself."
+        },
     )
     autocast_dtype: str | None = field(
         default=None,
@@ -120,6 +164,81 @@ class PrecomputeArguments:
         default=65536, metadata={"help": "Padded tokens per forward pass; halved on out-of-memory."}
     )
     sort_window: int = field(default=4096, metadata={"help": "Examples sorted by length together."})
+
+
+# The settings that shape the RS-KD draws, and their values when not given.
+SAMPLING_OPTIONS = {
+    "sample_temperature": None,
+    "sample_seed": None,
+    "sample_head": 0,
+    "sample_proposal_temperature": 1.0,
+}
+
+
+def check_cache_options(options: PrecomputeArguments, task: str) -> None:
+    """Refuse, before any teacher is loaded (a recipe's is fine-tuned first), cache options that do not fit
+    ``task``: ``--top_k``/``--num_samples`` for a teacher that is not a masked or causal LM, and the draws'
+    settings without ``--num_samples``.
+
+    The library refuses those too, but only once the teacher is built, and it cannot tell a given
+    temperature or seed from the defaults. The values themselves (ranges, a head below the vocabulary)
+    are left to :func:`precompute_teacher_caches`.
+    """
+    vocabulary = [f"--{name}" for name in ("top_k", "num_samples") if getattr(options, name) is not None]
+    if vocabulary and task not in tasks.VOCABULARY_TASKS:
+        flags = " and ".join(vocabulary)
+        raise InputError(
+            f"{flags}: masked and causal LM teachers only (--dataset_path with --task masked_lm or causal_lm); "
+            f"a {task} teacher's cache holds its dense logits. Drop {flags}."
+        )
+    given = [f"--{name}" for name, unset in SAMPLING_OPTIONS.items() if getattr(options, name) != unset]
+    if given and options.num_samples is None:
+        raise InputError(
+            f"{', '.join(given)}: settings of the RS-KD draws, which need --num_samples N (tokens drawn per "
+            "token, 1 to 255); add it or drop them."
+        )
+
+
+def cache_formats(options: PrecomputeArguments, args: DistillationConfig) -> dict[str, dict[str, Any]]:
+    """The caches to write, name -> format (``formats`` of :func:`precompute_teacher_caches`): the logits
+    (top-k for a language model), the RS-KD draws with ``--num_samples``, or both.
+
+    The draws default to the run's temperature and seed: the trainer refuses an RS-KD cache drawn at
+    another temperature than the one it trains at.
+    """
+    if options.num_samples is None:
+        return {"logits": {"top_k": options.top_k}}
+    temperature = args.temperature if options.sample_temperature is None else options.sample_temperature
+    sampled = {
+        "num_samples": options.num_samples,
+        "sample_temperature": temperature,
+        "sample_seed": args.seed if options.sample_seed is None else options.sample_seed,
+        "sample_head": options.sample_head,
+        "sample_proposal_temperature": options.sample_proposal_temperature,
+    }
+    if options.top_k is None:
+        return {"sampled": sampled}
+    return {"topk": {"top_k": options.top_k}, "sampled": sampled}
+
+
+def write_caches(
+    request: dict[str, Any], formats: dict[str, dict[str, Any]], **shared: Any
+) -> dict[str, Dataset]:
+    """Each format's cache, name -> the dataset with its columns: one format alone, several in one teacher pass."""
+    if len(formats) == 1:
+        ((name, spec),) = formats.items()
+        return {name: precompute_teacher_logits(**request, **spec, **shared)}
+    return precompute_teacher_caches(**request, formats=formats, **shared)
+
+
+def summary(provenance: dict[str, Any]) -> dict[str, Any]:
+    """What the script prints of a cache's provenance: the teacher, the storage and the format (the RS-KD
+    draws' settings, head and proposal temperature included at their defaults, when there are draws)."""
+    out = {k: provenance[k] for k in ("key", "teacher", "weights_hash", "dtype", "top_k", "num_rows")}
+    if provenance.get("sampling"):
+        out["sampling"] = {"head": 0, "proposal_temperature": 1.0, **provenance["sampling"]}
+    out.update({k: provenance[k] for k in ("bytes_per_example", "bytes_per_token") if k in provenance})
+    return out
 
 
 def recipe_request(script: DistillTextArguments, args: DistillationConfig) -> dict[str, Any]:
@@ -151,9 +270,14 @@ def dataset_request(script: DistillTextArguments, args: DistillationConfig, opti
     }
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> list[Path]:
+    """Write the caches asked for; the provenance file of each (the top-k or dense one first)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     script, args, options = RecipeParser((*DATACLASSES, PrecomputeArguments)).parse_recipe_and_args(argv)
+    # a recipe's teacher is distill_glue.py's sequence classifier
+    check_cache_options(
+        options, tasks.SEQUENCE_CLASSIFICATION if options.dataset_path is None else options.task
+    )
     if options.dataset_path is None:
         request = recipe_request(script, args)
     else:
@@ -164,29 +288,30 @@ def main(argv: list[str] | None = None) -> Path:
         raise InputError("--dataset_path needs --logits_dir: the directory the cache is written to.")
     request["dtype"] = options.logits_dtype or request["dtype"]
     start = time.perf_counter()
-    out = precompute_teacher_logits(
-        **request,
+    caches = write_caches(
+        request,
+        cache_formats(options, args),
         cache_dir=cache_dir,
-        top_k=options.top_k,
         autocast_dtype=options.autocast_dtype,
         max_batch_tokens=options.max_batch_tokens,
         sort_window=options.sort_window,
         teacher_name=script.teacher_model_name_or_path,
     )
     seconds = time.perf_counter() - start
-    provenance = read_provenance(out)
-    meta = Path(cache_dir) / f"teacher-logits-{provenance['key']}.json"
+    provenances = [read_provenance(out) for out in caches.values()]
+    metas = [cache_paths(cache_dir, provenance["key"])[1] for provenance in provenances]
     if not PartialState().is_main_process:
-        return meta
-    summary = {k: provenance[k] for k in ("key", "teacher", "weights_hash", "dtype", "top_k", "num_rows")}
-    summary.update({k: provenance[k] for k in ("bytes_per_example", "bytes_per_token") if k in provenance})
-    print(json.dumps(summary, indent=2))
+        return metas
+    for provenance, meta in zip(provenances, metas, strict=True):
+        print(json.dumps(summary(provenance), indent=2))
+        print(f"cache: {meta}")
+    rows = len(next(iter(caches.values())))
     print(
-        f"{len(out)} examples in {seconds:.1f} s ({len(out) / seconds:.1f} examples/s, cache hits included), "
-        f"{len(provenance.get('shards', [None]))} shard(s)"
+        f"{rows} examples in {seconds:.1f} s ({rows / seconds:.1f} examples/s, cache hits included), "
+        f"{len(provenances[0].get('shards', [None]))} shard(s)"
+        + (f", {len(caches)} caches from one teacher pass" if len(caches) > 1 else "")
     )
-    print(f"cache: {meta}")
-    return meta
+    return metas
 
 
 if __name__ == "__main__":

@@ -285,6 +285,8 @@ def test_bad_formats_are_refused_in_one_line(tmp_path):
             precompute_teacher_logits(
                 teacher, dataset, cache_dir=tmp_path, num_samples=4, sample_proposal_temperature=tau
             )
+    with pytest.raises(ValueError, match=r"num_samples must be between 1 and 255 .*, got 0\."):
+        precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, num_samples=0)  # not a top-k cache
     vocab = len(VOCAB)
     for head in (-1, vocab):
         with pytest.raises(
@@ -597,9 +599,9 @@ def test_script_fills_a_cache_that_training_loads(tmp_path, tokenizer):
         "--dataset_path", str(tmp_path / "data"),
         "--logits_dir", str(tmp_path / "logits"),
     ]  # fmt: skip
-    path = _script().main(argv)
+    [path] = _script().main(argv)
     written = path.stat().st_mtime_ns
-    assert _script().main(argv) == path and path.stat().st_mtime_ns == written  # second run: a cache hit
+    assert _script().main(argv) == [path] and path.stat().st_mtime_ns == written  # second run: a cache hit
     cached = load_teacher_cache(
         tmp_path / "logits", teacher=teacher, expected={"teacher": str(tmp_path / "teacher")}
     )
@@ -613,7 +615,7 @@ def test_script_fills_the_cache_that_distill_glue_reads(tmp_path, capsys):
 
     cache = fake_wheels(tmp_path / "cache")
     flags = tiny_flags(cache, tmp_path / "out")
-    path = _script().main(flags)  # stage 1 (teacher fine-tuning) and the logits
+    [path] = _script().main(flags)  # stage 1 (teacher fine-tuning) and the logits
     written = path.stat().st_mtime_ns
     distill_glue.main([*flags, "--train_baseline", "false"])
     assert "reusing the fine-tuned teacher" in capsys.readouterr().out

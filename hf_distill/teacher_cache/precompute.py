@@ -386,7 +386,7 @@ def _request(teacher, dataset, task, spec, tokenizer, preprocessing, dtype, auto
     """The key and components of one format of :func:`precompute_teacher_caches`."""
     top_k, num_samples = spec.get("top_k"), spec.get("num_samples")
     sampling = None
-    if num_samples:
+    if num_samples is not None:  # 0 too: refused by the key's range check, never taken as "no sampling"
         sampling = {"num_samples": num_samples, "temperature": spec.get("sample_temperature", 1.0),
                     "seed": spec.get("sample_seed", 0), "head": spec.get("sample_head", 0),
                     "proposal_temperature": spec.get("sample_proposal_temperature", 1.0)}  # fmt: skip
