@@ -65,4 +65,4 @@ def test_the_table_gives_median_and_range_over_seeds_per_lever():
         for s, x in ((42, 0.9), (43, 0.95), (44, 0.91))
     }  # fmt: skip
     table = bench.table({"levers": {"head4_n8": seeds}})
-    assert "| head4_n8 | 42, 43, 44 | 39.0 | 91% (90%-95%) | 81% (80%-85%) | 0.010 |" in table
+    assert "| head4_n8 | 42, 43, 44 | 39.0 (39.0-39.0) | 91% (90%-95%) | 81% (80%-85%) | 0.010 (0.010-0.010) |" in table
