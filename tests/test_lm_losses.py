@@ -268,8 +268,9 @@ def _ids(*shape, dtype=torch.long):
         pytest.param(
             {"chunk_size": 0}, ValueError, "chunk_size=0 must be at least 1 position.", id="chunk 0"
         ),
-        pytest.param({"kd_weight": -1.0}, ValueError, _weights(-1.0, 1.0), id="kd_weight<0"),
-        pytest.param({"ce_weight": -1.0}, ValueError, _weights(1.0, -1.0), id="ce_weight<0"),
+        # -0.5 with the other weight 1: a sum that is not 0, so only the sign refuses it
+        pytest.param({"kd_weight": -0.5}, ValueError, _weights(-0.5, 1.0), id="kd_weight<0"),
+        pytest.param({"ce_weight": -0.5}, ValueError, _weights(1.0, -0.5), id="ce_weight<0"),
         pytest.param({"kd_weight": math.inf}, ValueError, _weights(math.inf, 1.0), id="kd_weight=inf"),
         pytest.param({"ce_weight": math.inf}, ValueError, _weights(1.0, math.inf), id="ce_weight=inf"),
         pytest.param({"kd_weight": math.nan}, ValueError, _weights(math.nan, 1.0), id="kd_weight=nan"),
