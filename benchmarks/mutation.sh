@@ -20,9 +20,9 @@ ref=${1:-}
 # The test files that cover the mutated code and run in seconds (MUTATION_TESTS: others, space-separated;
 # the issue-18 "before" score used "tests/test_losses.py tests/test_trainer.py", whose survivors take a
 # minute each). The causal-LM and on-policy files cover the fused path, the chunked loss and the rollouts'
-# token mean in compute_loss.
+# token mean in compute_loss; test_loss_path.py covers choose_loss_path and choose_teacher_source.
 default_tests="tests/test_losses.py tests/test_loss_routes.py tests/test_lm_losses.py tests/test_lm_trainer.py"
-default_tests+=" tests/test_gkd_losses.py tests/test_on_policy.py"
+default_tests+=" tests/test_gkd_losses.py tests/test_on_policy.py tests/test_loss_path.py"
 read -r -a tests <<< "${MUTATION_TESTS:-$default_tests}"
 # What is mutated: whole modules, these methods of the trainer, the task specs' routing methods (every spec
 # class) and the loss-path choice. mutmut names a method's mutants <module>.xǁ<Class>ǁ<method>__mutmut_<n>

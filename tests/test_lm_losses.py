@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -199,40 +201,267 @@ def test_sampler_frequencies_follow_the_tempered_softmax():
     torch.testing.assert_close(frequency, expected, atol=0.015, rtol=0)
 
 
+KD_NAMES = "('kl', 'reverse_kl', 'jsd', 'topk', 'sampled')"
+
+
+def _student_shapes(hidden: str, head: str) -> str:
+    return (
+        f"student_hidden must be (N, D) and student_head (V, D); got {hidden} and {head}. "
+        "Flatten the batch: hidden[mask] or hidden.flatten(0, 1)."
+    )
+
+
+def _teacher_shapes(hidden: str, head: str) -> str:
+    return (
+        f"teacher_hidden must be (N, Dt) = ({N}, Dt) and teacher_head (V, Dt) = ({V}, Dt); got {hidden} and {head}. "
+        "Teacher and student must share the vocabulary."
+    )
+
+
+def _sparse_shapes(ids: str, values: str) -> str:
+    return f"teacher_ids and teacher_values must both be (N, k) with N = {N}; got {ids} and {values}."
+
+
+def _weights(kd_weight, ce_weight) -> str:
+    return f"kd_weight={kd_weight} and ce_weight={ce_weight} must be finite, >= 0 and not both zero."
+
+
+def _ids(*shape, dtype=torch.long):
+    return torch.zeros(*shape, dtype=dtype)
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("change", "error", "message"),
     [
-        ({"kd": "forward_kl"}, "not one of"),
-        ({"kd": None}, "got neither"),
-        ({"kd": "kl", "teacher_hidden": None}, "needs the live teacher"),
-        ({"kd": "topk"}, "needs teacher_ids"),
-        ({"kd": "kl", "chunk_size": 0}, "chunk_size"),
-        ({"kd": "kl", "temperature": 0.0}, "temperature"),
-        ({"kd": "kl", "labels": torch.zeros(3, dtype=torch.long)}, "labels must be"),
-        ({"kd": "kl", "teacher_head": torch.zeros(V + 1, DT)}, "share the vocabulary"),
-        ({"kd": "kl", "kd_weight": 0.0, "ce_weight": 0.0}, "not both zero"),
-        ({"kd": "kl", "kd_weight": -1.0}, "kd_weight=-1.0"),
+        pytest.param(
+            {"kd": "forward_kl"},
+            ValueError,
+            f"kd='forward_kl' is not one of {KD_NAMES} (or None for the hard-label CE only).",
+            id="unknown kd",
+        ),
+        pytest.param(
+            {"kd": None},
+            ValueError,
+            f"chunked_lm_losses needs kd (one of {KD_NAMES}) or labels, or both; got neither.",
+            id="neither kd nor labels",
+        ),
+        pytest.param(
+            {"hidden": torch.zeros(2, D, 3)},
+            ValueError,
+            _student_shapes("(2, 6, 3)", "(17, 6)"),
+            id="3-D hidden",
+        ),
+        pytest.param(
+            {"head": torch.zeros(V, D, 1)},
+            ValueError,
+            _student_shapes("(13, 6)", "(17, 6, 1)"),
+            id="3-D head",
+        ),
+        pytest.param(
+            {"head": torch.zeros(V, D + 1)},
+            ValueError,
+            _student_shapes("(13, 6)", "(17, 7)"),
+            id="head width",
+        ),
+        pytest.param({"temperature": 0.0}, ValueError, "temperature=0.0 must be positive.", id="T=0"),
+        pytest.param({"temperature": -1.0}, ValueError, "temperature=-1.0 must be positive.", id="T<0"),
+        pytest.param(
+            {"chunk_size": 0}, ValueError, "chunk_size=0 must be at least 1 position.", id="chunk 0"
+        ),
+        # -0.5 with the other weight 1: a sum that is not 0, so only the sign refuses it
+        pytest.param({"kd_weight": -0.5}, ValueError, _weights(-0.5, 1.0), id="kd_weight<0"),
+        pytest.param({"ce_weight": -0.5}, ValueError, _weights(1.0, -0.5), id="ce_weight<0"),
+        pytest.param({"kd_weight": math.inf}, ValueError, _weights(math.inf, 1.0), id="kd_weight=inf"),
+        pytest.param({"ce_weight": math.inf}, ValueError, _weights(1.0, math.inf), id="ce_weight=inf"),
+        pytest.param({"kd_weight": math.nan}, ValueError, _weights(math.nan, 1.0), id="kd_weight=nan"),
+        pytest.param(
+            {"kd_weight": 0.0, "ce_weight": 0.0}, ValueError, _weights(0.0, 0.0), id="both weights 0"
+        ),
+        pytest.param(
+            {"labels": _ids(3)}, ValueError, f"labels must be (N,) = ({N},), got (3,).", id="labels length"
+        ),
+        pytest.param(
+            {"labels": _ids(1, N)},
+            ValueError,
+            f"labels must be (N,) = ({N},), got (1, {N}).",
+            id="2-D labels",
+        ),
+        pytest.param(
+            {"kd": None, "labels": torch.zeros(N)},
+            TypeError,
+            "labels must be integer token ids (-100 to ignore), got dtype torch.float32.",
+            id="float labels",
+        ),
+        pytest.param(
+            {"kd": None, "labels": _ids(N, dtype=torch.bool)},
+            TypeError,
+            "labels must be integer token ids (-100 to ignore), got dtype torch.bool.",
+            id="bool labels",
+        ),
+        pytest.param(
+            {"teacher_hidden": None},
+            ValueError,
+            "kd='kl' needs the live teacher's teacher_hidden (N, Dt) and teacher_head (V, Dt).",
+            id="no teacher hidden",
+        ),
+        pytest.param(
+            {"kd": "jsd", "teacher_head": None},
+            ValueError,
+            "kd='jsd' needs the live teacher's teacher_hidden (N, Dt) and teacher_head (V, Dt).",
+            id="no teacher head",
+        ),
+        pytest.param(
+            {"teacher_head": torch.zeros(V + 1, DT)},
+            ValueError,
+            _teacher_shapes("(13, 5)", "(18, 5)"),
+            id="teacher vocabulary",
+        ),
+        pytest.param(
+            {"teacher_hidden": torch.zeros(N, DT, 1)},
+            ValueError,
+            _teacher_shapes("(13, 5, 1)", "(17, 5)"),
+            id="3-D teacher hidden",
+        ),
+        pytest.param(
+            {"teacher_hidden": torch.zeros(N + 1, DT)},
+            ValueError,
+            _teacher_shapes("(14, 5)", "(17, 5)"),
+            id="teacher positions",
+        ),
+        pytest.param(
+            {"teacher_head": torch.zeros(V, DT + 1)},
+            ValueError,
+            _teacher_shapes("(13, 5)", "(17, 6)"),
+            id="teacher width",
+        ),
+        pytest.param(
+            {"kd": "topk"},
+            ValueError,
+            "kd='topk' needs teacher_ids (N, k) and teacher_values (N, k), the top-k logits.",
+            id="no top-k",
+        ),
+        pytest.param(
+            {"kd": "sampled"},
+            ValueError,
+            "kd='sampled' needs teacher_ids (N, k) and teacher_values (N, k), the sample counts.",
+            id="no samples",
+        ),
+        pytest.param(
+            {"kd": "topk", "teacher_values": torch.zeros(N, 4)},
+            ValueError,
+            "kd='topk' needs teacher_ids (N, k) and teacher_values (N, k), the top-k logits.",
+            id="top-k values without ids",
+        ),
+        pytest.param(
+            {"kd": "sampled", "teacher_ids": _ids(N, 4)},
+            ValueError,
+            "kd='sampled' needs teacher_ids (N, k) and teacher_values (N, k), the sample counts.",
+            id="sample ids without counts",
+        ),
+        pytest.param(
+            {"kd": "topk", "teacher_ids": _ids(N + 1, 4), "teacher_values": torch.zeros(N + 1, 4)},
+            ValueError,
+            _sparse_shapes("(14, 4)", "(14, 4)"),
+            id="sparse positions",
+        ),
+        pytest.param(
+            {"kd": "sampled", "teacher_ids": _ids(N, 4), "teacher_values": torch.zeros(N, 3)},
+            ValueError,
+            _sparse_shapes("(13, 4)", "(13, 3)"),
+            id="ids and values differ",
+        ),
+        pytest.param(
+            {"kd": "sampled", "teacher_ids": _ids(N), "teacher_values": torch.zeros(N)},
+            ValueError,
+            _sparse_shapes("(13,)", "(13,)"),
+            id="1-D sparse",
+        ),
+        pytest.param(
+            {"kd": "topk", "teacher_ids": torch.zeros(N, 4), "teacher_values": torch.zeros(N, 4)},
+            TypeError,
+            "teacher_ids must be integer token ids, got dtype torch.float32.",
+            id="float ids",
+        ),
+        pytest.param(
+            {
+                "kd": "sampled",
+                "teacher_ids": _ids(N, 4, dtype=torch.bool),
+                "teacher_values": torch.zeros(N, 4),
+            },
+            TypeError,
+            "teacher_ids must be integer token ids, got dtype torch.bool.",
+            id="bool ids",
+        ),
+        pytest.param(
+            {"kd": "jsd", "jsd_mixture": 1.5},
+            ValueError,
+            "jsd_mixture=1.5 must be in [0, 1] (0: forward KL, 1: reverse KL).",
+            id="mixture above 1",
+        ),
+        pytest.param(
+            {"kd": "jsd", "jsd_mixture": -0.1},
+            ValueError,
+            "jsd_mixture=-0.1 must be in [0, 1] (0: forward KL, 1: reverse KL).",
+            id="mixture below 0",
+        ),
     ],
 )
-def test_bad_inputs_say_what_is_wrong(kwargs, message):
+def test_bad_inputs_are_refused_with_one_message_saying_what_is_wrong(change, error, message):
     x = _inputs()
-    arguments = {"teacher_hidden": x["teacher_hidden"], "teacher_head": x["teacher_head"]} | kwargs
-    with pytest.raises(ValueError, match=message):
-        chunked_lm_losses(x["hidden"], x["head"], **arguments)
+    arguments = {
+        "hidden": x["hidden"],
+        "head": x["head"],
+        "kd": "kl",
+        "teacher_hidden": x["teacher_hidden"],
+        "teacher_head": x["teacher_head"],
+    } | change
+    with pytest.raises(error, match="^" + re.escape(message) + "$"):
+        chunked_lm_losses(arguments.pop("hidden"), arguments.pop("head"), **arguments)
 
 
-def test_float_ids_or_labels_are_refused():
-    x = _inputs()
-    with pytest.raises(TypeError, match="teacher_ids must be integer"):
-        chunked_lm_losses(
-            x["hidden"],
-            x["head"],
-            kd="topk",
-            teacher_ids=x["topk_ids"].float(),
-            teacher_values=x["topk_values"],
-        )
-    with pytest.raises(TypeError, match="labels must be integer"):
-        chunked_lm_losses(x["hidden"], x["head"], kd=None, labels=x["labels"].float())
+def test_the_edges_of_the_accepted_ranges_are_accepted():
+    """One position a chunk gives the losses of one chunk; a weight of 0 (the other not) drops its term."""
+    x = _inputs(seed=12)
+    whole = _chunked("kl", x["hidden"], x["head"], x, 2.0, N, x["labels"])
+    torch.testing.assert_close(_chunked("kl", x["hidden"], x["head"], x, 2.0, 1, x["labels"]), whole)
+    kd_off = _chunked("kl", x["hidden"], x["head"], x, 2.0, 4, x["labels"], kd_weight=0.0)
+    torch.testing.assert_close(kd_off.loss, whole.ce)
+    ce_off = _chunked("kl", x["hidden"], x["head"], x, 2.0, 4, x["labels"], ce_weight=0.0)
+    torch.testing.assert_close(ce_off.loss, whole.kd)
+
+
+def test_one_position_with_one_label_is_its_own_mean():
+    """N = 1 and one labelled position: the means divide by 1, in the value and in the gradient."""
+    x = _inputs(seed=13)
+    one = x | {key: x[key][1:2] for key in ("hidden", "teacher_hidden", "labels")}
+    assert one["labels"].item() != -100
+    hidden, head = _leaves(one)
+    out = _chunked("kl", hidden, head, one, 2.0, 4, one["labels"])
+    out.loss.backward()
+    ref_hidden, ref_head = _leaves(one)
+    logits = ref_hidden @ ref_head.T
+    kd = losses.kl_div_loss(logits, _teacher_logits(one), 2.0)
+    ce = F.cross_entropy(logits, one["labels"])
+    (kd + ce).backward()
+    torch.testing.assert_close((out.kd, out.ce), (kd.detach(), ce.detach()))
+    torch.testing.assert_close(
+        (hidden.grad, head.grad), (ref_hidden.grad, ref_head.grad), atol=1e-6, rtol=1e-5
+    )
+
+
+def test_half_precision_gradients_sum_over_every_chunk():
+    """bfloat16 inputs: the head's gradient, accumulated over three chunks, is close to the float32 one."""
+    x = _inputs(seed=14)
+    rounded = {key: x[key].bfloat16() for key in ("hidden", "head", "teacher_hidden", "teacher_head")}
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden, head = (rounded[key].to(dtype).requires_grad_() for key in ("hidden", "head"))
+        teacher = x | {key: rounded[key].to(dtype) for key in ("teacher_hidden", "teacher_head")}
+        _chunked("kl", hidden, head, teacher, 2.0, 5, x["labels"]).loss.backward()
+        assert head.grad.dtype == dtype
+        grads[dtype] = (hidden.grad.float(), head.grad.float())
+    for low, high in zip(grads[torch.bfloat16], grads[torch.float32], strict=True):
+        assert (low - high).norm() < 0.02 * high.norm()
 
 
 def _gradients(kd_value, hidden, head):
@@ -417,7 +646,11 @@ def test_a_second_backward_says_to_recompute():
     hidden, head = _leaves(x)
     kd_value = _chunked("kl", hidden, head, x, 1.0, 4).loss
     kd_value.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="compute the losses again"):
+    message = (
+        "chunked_lm_losses keeps one copy of its gradients, used by the first backward; "
+        "compute the losses again for a second backward (retain_graph=True cannot reuse them)."
+    )
+    with pytest.raises(RuntimeError, match="^" + re.escape(message) + "$"):
         kd_value.backward()
 
 
@@ -451,37 +684,108 @@ def test_benchmark_small_writes_every_ratio(tmp_path):
 # ---- gaps found by mutation testing (benchmarks/mutation_results.md, issue 21) --------------------------------
 
 
+DRAWS = [
+    pytest.param(lambda z, **kw: sample_teacher_tokens(z, **kw), id="plain"),
+    pytest.param(lambda z, **kw: sample_head_and_tail(z, 2, **kw), id="head"),
+    pytest.param(lambda z, **kw: sample_sparse_target(z, **kw, proposal_temperature=2.0), id="tempered"),
+    pytest.param(
+        lambda z, **kw: sample_sparse_target(z, **kw, head=2, proposal_temperature=0.5), id="head-tempered"
+    ),
+]
+
+
+@pytest.mark.parametrize("draw", DRAWS)
 @pytest.mark.parametrize(
-    "draw",
+    ("setting", "message"),
     [
-        lambda z, **kw: sample_teacher_tokens(z, **kw),
-        lambda z, **kw: sample_head_and_tail(z, 2, **kw),
-        lambda z, **kw: sample_sparse_target(z, **kw, proposal_temperature=2.0),
-        lambda z, **kw: sample_sparse_target(z, **kw, head=2, proposal_temperature=0.5),
+        pytest.param(
+            {"batched": True, "num_samples": 4},
+            "teacher_logits must be (N, V), got shape (1, 3, 7); flatten the batch and sequence dimensions "
+            "first (logits.flatten(0, -2)).",
+            id="3-D logits",
+        ),
+        pytest.param({"num_samples": 0}, "num_samples=0 must be at least 1.", id="no draws"),
+        pytest.param({"num_samples": 4, "temperature": 0.0}, "temperature=0.0 must be positive.", id="T=0"),
+        pytest.param({"num_samples": 4, "temperature": -1.0}, "temperature=-1.0 must be positive.", id="T<0"),
     ],
-    ids=["plain", "head", "tempered", "head-tempered"],
 )
-def test_sampling_refuses_bad_settings_and_accepts_one_draw(draw):
+def test_sampling_refuses_bad_settings_with_one_message(draw, setting, message):
     z = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(
-        ValueError, match=r"got shape \(1, 3, 7\); flatten the batch and sequence dimensions first"
-    ):
-        draw(z[None], num_samples=4)
-    with pytest.raises(ValueError, match="num_samples=0 must be at least 1"):
-        draw(z, num_samples=0)
-    with pytest.raises(ValueError, match="temperature=0.0 must be positive"):
-        draw(z, num_samples=4, temperature=0.0)
+    setting = dict(setting)
+    batched = setting.pop("batched", False)
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        draw(z[None] if batched else z, **setting)
+
+
+@pytest.mark.parametrize("draw", DRAWS)
+def test_sampling_accepts_one_draw(draw):
+    z = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
     ids, weights = (out := draw(z, num_samples=1))[-2:]
     assert ids.shape == weights.shape == (3, 1) and len(out) in (2, 4)
 
 
-def test_sampling_refuses_a_head_out_of_range_and_a_bad_proposal_temperature():
+def _head_range(head: int) -> str:
+    return f"head={head} must be between 1 and the vocabulary size minus one, 6."
+
+
+def _proposal(tau: float) -> str:
+    return f"proposal_temperature={tau} must be positive and finite."
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        pytest.param(lambda z: sample_head_and_tail(z, 7, 4), _head_range(7), id="head = vocabulary"),
+        pytest.param(lambda z: sample_head_and_tail(z, 0, 4), _head_range(0), id="head 0"),
+        pytest.param(
+            lambda z: sample_sparse_target(z, 4, head=7), _head_range(7), id="sparse head = vocabulary"
+        ),
+        pytest.param(lambda z: sample_sparse_target(z, 4, head=-1), _head_range(-1), id="sparse head < 0"),
+        pytest.param(
+            lambda z: sample_sparse_target(z, 4, proposal_temperature=0.0), _proposal(0.0), id="tau 0"
+        ),
+        pytest.param(
+            lambda z: sample_sparse_target(z, 4, proposal_temperature=-1.0), _proposal(-1.0), id="tau<0"
+        ),
+        pytest.param(
+            lambda z: sample_sparse_target(z, 4, proposal_temperature=math.inf),
+            _proposal(math.inf),
+            id="tau inf",
+        ),
+        pytest.param(
+            lambda z: sample_sparse_target(z, 4, head=2, proposal_temperature=0.0),
+            _proposal(0.0),
+            id="head, tau 0",
+        ),
+    ],
+)
+def test_sampling_refuses_a_head_out_of_range_and_a_bad_proposal_temperature(call, message):
     z = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="vocabulary size minus one, 6"):
-        sample_head_and_tail(z, 7, 4)
-    for tau in (0.0, float("inf")):
-        with pytest.raises(ValueError, match=f"proposal_temperature={tau} must be positive and finite"):
-            sample_sparse_target(z, 4, proposal_temperature=tau)
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        call(z)
+
+
+def test_a_head_may_hold_more_tokens_than_there_are_rows():
+    """The head is bounded by the vocabulary (7), not by the number of positions (3)."""
+    z = torch.randn(3, 7, generator=torch.Generator().manual_seed(2))
+    for head in (4, 6):
+        head_ids, head_probs, tail_ids, tail_counts = sample_head_and_tail(
+            z, head, 5, generator=torch.Generator().manual_seed(3)
+        )
+        torch.testing.assert_close(head_probs, F.softmax(z, dim=-1).topk(head).values)
+        assert head_ids.shape == (3, head) and tail_counts.sum(-1).tolist() == [5, 5, 5]
+
+
+def test_an_exact_head_with_a_tempered_tail_stores_importance_weights_not_counts():
+    """``head > 0`` and ``proposal_temperature != 1``: the tail's float weights sum to 1 per position."""
+    z = torch.randn(20, 9, generator=torch.Generator().manual_seed(1)) * 3
+    *_, counts = sample_sparse_target(z, 5, head=2, generator=torch.Generator().manual_seed(4))
+    *_, weights = sample_sparse_target(
+        z, 5, head=2, proposal_temperature=2.0, generator=torch.Generator().manual_seed(4)
+    )
+    assert counts.dtype == torch.int64 and counts.sum(-1).eq(5).all()
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(weights.sum(-1), torch.ones(20))
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,9 @@ from transformers import (
 )
 
 from hf_distill import DistillationTrainer
-from hf_distill.collator import DistillationDataCollator
+from hf_distill.collator import DistillationDataCollator, teacher_sources
+from hf_distill.errors import InputError
+from hf_distill.tasks import TASK_SPECS
 from hf_distill.teacher_cache import precompute_teacher_logits
 from hf_distill.trainer import TeacherOutput
 
@@ -497,6 +499,69 @@ def test_collator_pads_the_teachers_own_tokenization_and_follows_the_students_le
     assert DistillationDataCollator(tokenizer)(scalars)["labels"].tolist() == [0, 2]
 
 
+@pytest.mark.parametrize("left", [False, True], ids=["right", "left"])
+def test_the_teachers_own_tokenization_after_sequence_level_logits_is_padded_on_the_tokenizers_side(
+    tokenizer, left
+):
+    tokenizer.padding_side = "left" if left else "right"
+    rows = [
+        {"input_ids": [5, 6], "labels": 0, "teacher_logits": [1.0, 2.0, 3.0], "teacher_input_ids": [9, 8, 7],
+         "teacher_attention_mask": [1, 1, 1]},
+        {"input_ids": [5], "labels": 1, "teacher_logits": [4.0, 5.0, 6.0], "teacher_input_ids": [9],
+         "teacher_attention_mask": [1]},
+    ]  # fmt: skip
+    batch = DistillationDataCollator(tokenizer, teacher_pad_token_id=3)(rows)
+    assert batch["teacher_logits"].tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    assert batch["teacher_input_ids"].tolist() == [[9, 8, 7], [3, 3, 9] if left else [9, 3, 3]]
+    assert batch["teacher_attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1] if left else [1, 0, 0]]
+
+
+def test_token_level_teacher_columns_of_a_batch_without_input_ids_pad_to_their_longest_row():
+    rows = [
+        {"labels": 0, "teacher_topk_values": [[1.0, 0.5]] * 2, "teacher_topk_indices": [[8, 9]] * 2},
+        {"labels": 1, "teacher_topk_values": [[2.0, 1.5]], "teacher_topk_indices": [[10, 11]]},
+    ]
+    batch = DistillationDataCollator()(rows)
+    assert batch["labels"].tolist() == [0, 1]
+    assert batch["teacher_topk_values"].tolist() == [[[1.0, 0.5], [1.0, 0.5]], [[2.0, 1.5], [0.0, 0.0]]]
+    assert batch["teacher_topk_indices"].tolist() == [[[8, 9], [8, 9]], [[10, 11], [0, 0]]]
+
+
+def test_the_teachers_own_tokenization_replaces_every_student_column():
+    """With ``teacher_input_ids`` the teacher reads only ``teacher_*`` columns (none of the student's)."""
+    student = ["input_ids", "attention_mask", "token_type_ids"]
+    own = [*student, "teacher_input_ids", "teacher_attention_mask"]
+    assert teacher_sources(own, student) == {
+        "attention_mask": "teacher_attention_mask",
+        "input_ids": "teacher_input_ids",
+    }
+    assert teacher_sources(student, student) == {name: name for name in student}
+
+
+@pytest.mark.parametrize(
+    ("task", "label_names", "unit"),
+    [
+        ("sequence_classification", ["labels"], "example"),
+        ("question_answering", ["start_positions", "end_positions"], "example"),
+        ("token_classification", ["labels"], "token"),
+        ("masked_lm", ["labels"], "token"),
+        ("causal_lm", ["labels"], "token"),
+    ],
+)
+def test_a_batch_without_labels_is_refused_when_beta_weighs_them(task, label_names, unit):
+    message = (
+        f"beta=0.5 weights the hard-label loss but the batch has no {label_names}. Add labels (label -100 "
+        f"marks an unlabelled {unit}), or set beta=0 to learn from the teacher alone."
+    )
+    with pytest.raises(InputError, match="^" + re.escape(message) + "$"):
+        TASK_SPECS[task].check_labels({"input_ids": torch.ones(1, 3), label_names[0]: None}, label_names, 0.5)
+
+
+@pytest.mark.parametrize("task", ["sequence_classification", "causal_lm"])
+def test_a_batch_without_labels_is_accepted_when_beta_is_zero(task):
+    TASK_SPECS[task].check_labels({"input_ids": torch.ones(1, 3)}, ["labels"], 0.0)
+
+
 def test_kd_mask_without_attention_mask_or_without_labels(tmp_path, tokenizer):
     trainer = _trainer(tmp_path, tokenizer, "masked_lm")
     labels = torch.tensor([[-100, 7, -100], [-100, -100, -100]])
@@ -581,6 +646,21 @@ def test_attention_loss_matches_each_student_layer_with_its_teacher_layer(tmp_pa
     got = trainer.compute_loss(trainer.model, batch)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
     assert expected > 1e-6
+
+
+def test_attention_loss_without_a_layer_map_matches_evenly_spaced_teacher_layers(tmp_path, tokenizer):
+    """Two student layers, four teacher layers: the default map is teacher layers 2 and 4."""
+    head = "sequence_classification"
+    got = {}
+    for layer_map in (None, [2, 4]):
+        trainer = _trainer(
+            tmp_path, tokenizer, head,
+            teacher=HEADS[head](1, 4, attn_implementation="eager"),
+            student=HEADS[head](2, 2, attn_implementation="eager"),
+            alpha=0.0, beta=0.0, attention_loss_weight=1.0, layer_map=layer_map,
+        )  # fmt: skip
+        got[str(layer_map)] = trainer.compute_loss(trainer.model, _collate(trainer, _rows(head)))
+    torch.testing.assert_close(got["None"], got["[2, 4]"])
 
 
 @pytest.mark.parametrize("sdpa", ["both", "teacher", "student"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -148,12 +150,34 @@ def test_attention_loss_matches_numpy_and_masks_queries():
     )
 
 
-def test_unknown_loss_names_raise():
-    z = _logits(2, 3)
-    with pytest.raises(ValueError, match="kd_loss='cosine'"):
-        losses.kd_loss("cosine", z, z)
-    with pytest.raises(ValueError, match="hidden_loss='kl'"):
-        losses.hidden_state_loss("kl", z, z)
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        pytest.param(
+            lambda z: losses.kd_loss("cosine", z, z),
+            "kd_loss='cosine' is not one of ('kl', 'reverse_kl', 'jsd', 'mse').",
+            id="kd_loss",
+        ),
+        pytest.param(
+            lambda z: losses.hidden_state_loss("kl", z, z),
+            "hidden_loss='kl' is not one of ('cosine', 'mse').",
+            id="hidden_loss",
+        ),
+        pytest.param(
+            lambda z: losses.generalized_jsd_loss(z, z, 1.0, 1.5),
+            "mixture=1.5 must be in [0, 1] (0: forward KL, 1: reverse KL).",
+            id="mixture above 1",
+        ),
+        pytest.param(
+            lambda z: losses.kd_loss("jsd", z, z, 1.0, jsd_mixture=-0.5),
+            "mixture=-0.5 must be in [0, 1] (0: forward KL, 1: reverse KL).",
+            id="kd_loss mixture below 0",
+        ),
+    ],
+)
+def test_unknown_loss_names_and_mixtures_out_of_range_are_refused_with_one_message(call, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        call(_logits(2, 3))
 
 
 def test_default_temperature_is_one():
