@@ -3,7 +3,7 @@
 # hf_distill/collator.py, the loss-routing methods of hf_distill/trainer.py (the dense and the fused causal-LM
 # path), the task specs' routing methods in hf_distill/tasks.py and the choice of the loss path in
 # hf_distill/loss_path.py, against the fast tests that cover them. Not part of the test run: it takes about
-# an hour on two cores (MUTATION_JOBS=2).
+# 15 minutes on two cores (MUTATION_JOBS=2; measured 13 minutes at 4c9d08c beside one single-threaded run).
 #
 #   pip install mutmut
 #   benchmarks/mutation.sh              # the tests of the working tree
