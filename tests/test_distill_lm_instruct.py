@@ -144,3 +144,37 @@ def test_a_student_with_another_tokenizer_is_refused_naming_cross_tokenizer_kd(t
     out = tmp_path / "out"
     argv = flags(teacher, data, out, "--students", "checkpoint", "--student_model_name_or_path", str(other))
     assert "cross-tokenizer KD is not supported yet" in refused(capsys, argv, out)
+
+
+def test_the_teacher_row_holds_what_evaluating_the_teacher_finds(finished, tmp_path):
+    """The application writes the teacher's row by definition (no generation); ``evaluate`` on the teacher itself,
+    against its own cached greedy completions, finds the same values and samples (SmolLM2's evaluated teacher row
+    was exactly 0, 0 and 1 in the offline default's seeds 42 and 43, before it was stated instead)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_distill.instruction_data import tokenize_instruction_dataset
+    from hf_distill.language_modeling.instruct_run import evaluate, teacher_row
+    from hf_distill.teacher_completions import teacher_completions
+
+    tmp, _ = finished
+    saved = json.loads((tmp / "out" / "results.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tmp / "teacher").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp / "teacher")
+    # the fixture's end-of-turn token is a plain word; as in real chat tokenizers (SmolLM2's <|im_end|>), make it
+    # special, so that decoding drops it from the cached completion as from the greedy one (no new id)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<end>"]})
+    prompts = Dataset.from_list([json.loads(x) for x in (tmp / "prompts.jsonl").read_text().splitlines()][:6])
+    done = teacher_completions(model, tokenizer, prompts, max_new_tokens=4, cache_dir=None, batch_size=4)
+    held_out, _ = tokenize_instruction_dataset(
+        done.dataset.remove_columns(["completion_truncated"]), tokenizer, 48, 4
+    )
+    found, samples = evaluate(model, model, held_out, tokenizer, max_new_tokens=4, batch_size=4, seed=0)
+    row = teacher_row("teacher", model, held_out, tokenizer)
+    stated = row.metrics["validation"]
+    assert found["reverse_kl_tokens"] > 0 and found["forward_kl_tokens"] > 0  # it did generate and score
+    for key in ("reverse_kl", "forward_kl", "rouge_l"):
+        assert found[key] == pytest.approx(stated[key], abs=1e-5), key
+    assert samples == row.samples
+    assert saved["rows"][0]["metrics"]["validation"] == stated  # the run wrote the stated row
+    assert len(saved["rows"][0]["samples"]) == 3
