@@ -151,9 +151,7 @@ def test_no_gradient_work_without_requires_grad():
     x = _inputs(seed=3)
     out = _chunked("kl", x["hidden"], x["head"], x, 2.0, 4, x["labels"])
     assert not out.loss.requires_grad
-    torch.testing.assert_close(
-        out.kd, losses.kl_div_loss(x["hidden"] @ x["head"].T, _teacher_logits(x), 2.0)
-    )
+    torch.testing.assert_close(out.kd, losses.kl_div_loss(x["hidden"] @ x["head"].T, _teacher_logits(x), 2.0))
 
 
 def _teacher_logits(x):
@@ -834,3 +832,21 @@ def test_a_frozen_head_or_hidden_state_gets_no_gradient(frozen):
     trained, reference = (hidden, ref_hidden) if frozen == "head" else (head, ref_head)
     torch.testing.assert_close(trained.grad, reference.grad)
     assert (head if frozen == "head" else hidden).grad is None
+
+
+@pytest.mark.parametrize("head", [0, 1])
+def test_tempered_draws_of_a_confident_teacher_stay_finite(head):
+    """A proposal at tau < 1 sharpens the teacher: p**(1/tau) of a confident row under- and overflows float32
+    unless the row's maximum is taken out first. The weights stay finite and sum to 1 per row (with an exact head,
+    the tail's weights sum to the tail's mass)."""
+    from hf_distill.vocab_losses import head_tail_weights, normalised, sample_sparse_target
+
+    logits = torch.tensor([[1.0, 0.5, 0.0, -0.5, -1.0, -2.0], [60.0, 0.0, 0.1, 0.2, 0.3, 0.4]])
+    drawn = sample_sparse_target(
+        logits, 4, head=head, proposal_temperature=0.2, generator=torch.Generator().manual_seed(0)
+    )
+    values = drawn[-1]
+    assert torch.isfinite(values).all()
+    weights = head_tail_weights(drawn[1], values) if head else normalised(values)
+    assert torch.isfinite(weights).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2))
