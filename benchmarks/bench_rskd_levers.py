@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes/offline/smollm2.yaml"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lm import ROOT, _spread, run_seed  # noqa: E402  (the seed runs and the spread, as bench_lm makes them)
+
 SPLITS = ("validation", "ood")
 
 
@@ -66,10 +65,8 @@ def shares(reference: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _spread(values: list[float], fmt: str) -> str:
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+def _values(seeds: list[dict[str, Any]], split: str, key: str) -> list[float]:
+    return [s[split][key] for s in seeds if s.get(split, {}).get(key) is not None]
 
 
 def table(records: dict[str, Any]) -> str:
@@ -80,12 +77,11 @@ def table(records: dict[str, Any]) -> str:
     ]
     for name, seeds in records["levers"].items():
         got = list(seeds.values())
-
-        def values(split: str, key: str) -> list[float]:
-            return [s[split][key] for s in got if s.get(split, {}).get(key) is not None]
-
-        share = {split: _spread([100 * x for x in values(split, "share_of_dense_gain")], "{:.0f}%") for split in SPLITS}
-        ece = values("validation", "ece")
+        share = {
+            split: _spread([100 * x for x in _values(got, split, "share_of_dense_gain")], "{:.0f}%")
+            for split in SPLITS
+        }
+        ece = _values(got, "validation", "ece")
         lines.append(
             f"| {name} | {', '.join(sorted(seeds, key=int))} | "
             f"{_spread([s['cache_bytes_per_token'] for s in got], '{:.1f}')} | {share['validation']} | "
@@ -94,18 +90,14 @@ def table(records: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_seed(seed: int, lever: dict[str, Any], with_ce: bool, runs_dir: Path, extra: list[str]) -> dict[str, Any]:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import distill_lm
-
-    flags = ["--config", str(RECIPE), "--seed", str(seed), "--data_seed", str(seed), "--teacher_modes", "sampled"]
-    flags += ["--sample_head", str(lever["sample_head"]), "--num_samples", str(lever["num_samples"])]
-    flags += ["--sample_proposal_temperature", str(lever["proposal_temperature"])]
-    flags += ["--train_baseline", str(with_ce).lower(), "--output_dir", str(runs_dir / f"seed{seed}"), *extra]
-    start = time.perf_counter()
-    summary = distill_lm.main(flags)
-    summary["bench_wall_seconds"] = time.perf_counter() - start
-    return summary
+def lever_flags(lever: dict[str, Any], with_ce: bool) -> list[str]:
+    """``scripts/distill_lm.py`` flags that train only the lever's RS-KD student (and the CE twin ``with_ce``)."""
+    return [
+        "--teacher_modes", "sampled", "--sample_head", str(lever["sample_head"]),
+        "--num_samples", str(lever["num_samples"]),
+        "--sample_proposal_temperature", str(lever["proposal_temperature"]),
+        "--train_baseline", str(with_ce).lower(),
+    ]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample_head", type=int, default=4)
     parser.add_argument("--num_samples", type=int, default=8)
     parser.add_argument("--sample_proposal_temperature", type=float, default=1.0)
-    parser.add_argument("--with_ce", type=int, nargs="*", default=[], help="seeds that also train the CE twin")
+    parser.add_argument(
+        "--with_ce", type=int, nargs="*", default=[], help="seeds that also train the CE twin"
+    )
     parser.add_argument("--reference", type=Path, default=ROOT / "benchmarks/results/lm.json")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/rskd_levers.json")
     parser.add_argument("--runs_dir", type=Path, default=ROOT / "outputs/bench_rskd_levers")
@@ -130,8 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     name = lever_name(**lever)
     for seed in args.seeds:
         if str(seed) not in reference:
-            raise SystemExit(f"bench_rskd_levers: seed {seed} is not in {args.reference}; run bench_lm.py --seeds {seed}")
-        summary = run_seed(seed, lever, seed in args.with_ce, args.runs_dir / name, extra)
+            raise SystemExit(
+                f"bench_rskd_levers: seed {seed} is not in {args.reference}; run bench_lm.py --seeds {seed}"
+            )
+        summary = run_seed(seed, args.runs_dir / name, [*lever_flags(lever, seed in args.with_ce), *extra])
         records["levers"].setdefault(name, {})[str(seed)] = shares(reference[str(seed)], summary)
         records["runs"].setdefault(name, {})[str(seed)] = {
             "wall_seconds": summary["bench_wall_seconds"], "extra_flags": extra, **lever}  # fmt: skip
