@@ -191,7 +191,8 @@ def _gkd_worker(
     splits, _ = load_corpus(script)
     blocks = pack(splits["train"], teacher.tokenizer, block_size, max_blocks=script.max_train_blocks)
     rskd = {"num_samples": script.num_samples, "sample_temperature": recipe_args.temperature, "sample_seed": 42,
-            "sample_head": script.sample_head, "sample_proposal_temperature": script.sample_proposal_temperature}  # fmt: skip
+            "sample_head": script.sample_head, "sample_proposal_temperature": script.sample_proposal_temperature,
+            "sample_counts": script.sample_counts}  # fmt: skip
     sparse = {"KD, top-k cache": {"top_k": script.top_k}, "KD, RS-KD cache": rskd,
               HEAD_VARIANT: {**rskd, "sample_head": head[0], "num_samples": head[1]}}  # fmt: skip
     if variant in sparse:

@@ -1,7 +1,7 @@
 """RS-KD levers over seeds: the share of dense KD's gain that an RS-KD cache keeps, one lever at a time.
 
 Each seed runs ``scripts/distill_lm.py`` on the LM recipe with ``--teacher_modes sampled`` and the lever's cache
-settings (``--sample_head``, ``--num_samples``, ``--sample_proposal_temperature``), so that only the RS-KD student
+settings (``--sample_head``, ``--num_samples``, ``--sample_proposal_temperature``, ``--sample_counts``), so that only the RS-KD student
 is trained. Its held-out loss is set against the CE twin and the dense (live-teacher) student **of the same seed**
 in a reference file written by ``benchmarks/bench_lm.py`` (same recipe, blocks and initialisation; training on
 CPU is deterministic):
@@ -31,10 +31,11 @@ from bench_lm import ROOT, _spread, run_seed  # noqa: E402  (the seed runs and t
 SPLITS = ("validation", "ood")
 
 
-def lever_name(sample_head: int, num_samples: int, proposal_temperature: float) -> str:
-    """The key of one lever: ``head4_n8``, ``head0_n12_tau1.5``."""
+def lever_name(sample_head: int, num_samples: int, proposal_temperature: float, counts: bool = True) -> str:
+    """The key of one lever: ``head4_n8``, ``head0_n12_tau1.5``, ``head3_n14_draws`` (draws stored without counts)."""
     name = f"head{sample_head}_n{num_samples}"
-    return name if proposal_temperature == 1.0 else f"{name}_tau{proposal_temperature:g}"
+    name = name if proposal_temperature == 1.0 else f"{name}_tau{proposal_temperature:g}"
+    return name if counts else f"{name}_draws"
 
 
 def _row(summary: dict[str, Any], mode: str | None) -> dict[str, Any] | None:
@@ -96,6 +97,7 @@ def lever_flags(lever: dict[str, Any], with_ce: bool) -> list[str]:
         "--teacher_modes", "sampled", "--sample_head", str(lever["sample_head"]),
         "--num_samples", str(lever["num_samples"]),
         "--sample_proposal_temperature", str(lever["proposal_temperature"]),
+        "--sample_counts", str(lever.get("counts", True)).lower(),
         "--train_baseline", str(with_ce).lower(),
     ]  # fmt: skip
 
@@ -110,6 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_samples", type=int, default=8)
     parser.add_argument("--sample_proposal_temperature", type=float, default=1.0)
     parser.add_argument(
+        "--sample_counts", choices=("true", "false"), default="true",
+        help="false: the cache stores the draws themselves (2 bytes a draw), not distinct ids with counts",
+    )  # fmt: skip
+    parser.add_argument(
         "--with_ce", type=int, nargs="*", default=[], help="seeds that also train the CE twin"
     )
     parser.add_argument("--reference", type=Path, default=ROOT / "benchmarks/results/lm.json")
@@ -120,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     reference = json.loads(args.reference.read_text())["seeds"]
     records = json.loads(args.out.read_text()) if args.out.is_file() else {"levers": {}, "runs": {}}
     lever = {"sample_head": args.sample_head, "num_samples": args.num_samples,
-             "proposal_temperature": args.sample_proposal_temperature}  # fmt: skip
+             "proposal_temperature": args.sample_proposal_temperature,
+             "counts": args.sample_counts == "true"}  # fmt: skip
     name = lever_name(**lever)
     for seed in args.seeds:
         if str(seed) not in reference:

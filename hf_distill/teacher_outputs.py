@@ -121,7 +121,8 @@ def sampled_target(inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """The RS-KD cache's sparse target in a batch: ``(ids, values)`` for ``kd="sampled"``.
 
     Plain RS-KD: ``teacher_sample_ids`` and their ``teacher_sample_counts`` (or, from a tempered proposal, their
-    importance weights ``teacher_sample_weights``). With an exact head (``teacher_head_ids`` and
+    importance weights ``teacher_sample_weights``; or neither, when the ids are the draws themselves, each
+    counted once). With an exact head (``teacher_head_ids`` and
     ``teacher_head_probs``): the head ids then the tail's, weighted by
     :func:`hf_distill.vocab_losses.head_tail_weights` (``p_i`` on each head id, ``m * c_j / n`` on the tail's).
     Either way the values are the target's weights, summing to 1 (counts: to ``n``, read as ``c / n``).
@@ -133,11 +134,8 @@ def sampled_target(inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         counts = inputs[TEACHER_SAMPLE_COUNTS]
     elif inputs.get(TEACHER_SAMPLE_WEIGHTS) is not None:  # stored rounded: summing to 1 again
         counts = vocab_losses.normalised(inputs[TEACHER_SAMPLE_WEIGHTS])
-    else:
-        raise InputError(
-            f"This batch has {TEACHER_SAMPLE_IDS} but neither {TEACHER_SAMPLE_COUNTS} nor {TEACHER_SAMPLE_WEIGHTS}: "
-            "the RS-KD cache is incomplete; precompute it again."
-        )
+    else:  # the draws themselves (sample_counts=False): each counts once
+        counts = torch.ones_like(ids, dtype=torch.float32)
     if inputs.get(TEACHER_HEAD_IDS) is None:
         return ids, counts
     weights = vocab_losses.head_tail_weights(inputs[TEACHER_HEAD_PROBS], counts)

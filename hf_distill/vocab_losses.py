@@ -133,8 +133,9 @@ def sample_sparse_target(
     head: int = 0,
     proposal_temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    counts: bool = True,
 ) -> tuple[torch.Tensor, ...]:
-    """The RS-KD cache's draws for one batch, in any of its forms: plain, exact head, tempered proposal.
+    """The RS-KD cache's draws for one batch, in any of its forms: plain, exact head, tempered proposal, draws.
 
     - ``head = 0``, ``proposal_temperature = 1``: :func:`sample_teacher_tokens`, ``(ids, counts)``.
     - ``head > 0``: :func:`sample_head_and_tail`, ``(head_ids, head_probs, tail_ids, tail_counts)``.
@@ -145,11 +146,24 @@ def sample_sparse_target(
       counts' place. ``tau > 1`` flattens the proposal (more of the tail is seen), ``tau < 1``
       sharpens it. Self-normalised importance sampling is consistent, not unbiased: its bias
       shrinks as ``1 / n``.
+    - ``counts = False``: the last two outputs (distinct ids and their counts) become one, the ``n`` draws
+      themselves (:func:`draws_of`), each weighing ``1 / n``: the same draws, the same target, stored in
+      2 bytes per draw (a ``uint16`` id) instead of 3 per slot (id and ``uint8`` count), so that a byte
+      budget holds more draws when most of them are distinct.
 
     Shapes: ``teacher_logits``: ``(N, V)``; every output ``(N, head)`` or ``(N, num_samples)``.
     """
     if not 0 < proposal_temperature < float("inf"):
         raise ValueError(f"proposal_temperature={proposal_temperature} must be positive and finite.")
+    if not counts:
+        if proposal_temperature != 1.0:
+            raise ValueError(
+                "counts=False stores the draws themselves, which weigh 1/n each; a tempered proposal's draws "
+                "need their importance weights: keep counts=True or proposal_temperature=1."
+            )
+        *rest, ids, draw_counts = sample_sparse_target(teacher_logits, num_samples, temperature, head=head,
+                                                       generator=generator)  # fmt: skip
+        return *rest, draws_of(ids, draw_counts)
     if head:
         head_ids, head_probs, tail_ids, tail_counts = sample_head_and_tail(
             teacher_logits, head, num_samples, temperature, generator, proposal_temperature
@@ -161,6 +175,18 @@ def sample_sparse_target(
     return _draw_tempered(
         F.softmax(teacher_logits.float() / temperature, dim=-1), num_samples, proposal_temperature, generator
     )
+
+
+def draws_of(ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The draws behind distinct ``ids`` and their integer ``counts`` (``(N, n)`` each, as :func:`_draw` returns
+    them, summing to ``n`` per row): id ``id_j`` repeated ``c_j`` times, ascending, ``(N, n)``.
+
+    Read back with a weight of 1 per draw, ``w = 1 / n`` each (:func:`normalised` of ones), the target is
+    ``sum_j (c_j / n) onehot(id_j)``, that of the counts.
+    """
+    ends = counts.long().cumsum(-1)  # draw i belongs to the first slot whose running count exceeds i
+    slot = torch.searchsorted(ends, torch.arange(ids.shape[-1], device=ids.device).expand_as(ends).contiguous(), right=True)
+    return ids.gather(-1, slot.clamp_max(ids.shape[-1] - 1))
 
 
 def _draw_tempered(

@@ -153,6 +153,13 @@ class PrecomputeArguments:
             "weights (4 bytes a draw); 1 draws from the teacher itself."
         },
     )
+    sample_counts: bool = field(
+        default=True,
+        metadata={
+            "help": "With num_samples: false stores the draws themselves, repeated ids included (2 bytes a draw), "
+            "instead of each distinct id with its count (3 bytes a slot)."
+        },
+    )
     autocast_dtype: str | None = field(
         default=None,
         metadata={
@@ -172,6 +179,7 @@ SAMPLING_OPTIONS = {
     "sample_seed": None,
     "sample_head": 0,
     "sample_proposal_temperature": 1.0,
+    "sample_counts": True,
 }
 
 
@@ -197,6 +205,12 @@ def check_cache_options(options: PrecomputeArguments, task: str) -> None:
             f"{', '.join(given)}: settings of the RS-KD draws, which need --num_samples N (tokens drawn per "
             "token, 1 to 255); add it or drop them."
         )
+    if not options.sample_counts and options.sample_proposal_temperature != 1.0:
+        raise InputError(
+            "--sample_counts false stores the draws themselves (1/n each), but a tempered proposal's draws need "
+            f"their importance weights: drop --sample_proposal_temperature {options.sample_proposal_temperature:g} "
+            "or --sample_counts false."
+        )
 
 
 def cache_formats(options: PrecomputeArguments, args: DistillationConfig) -> dict[str, dict[str, Any]]:
@@ -215,6 +229,7 @@ def cache_formats(options: PrecomputeArguments, args: DistillationConfig) -> dic
         "sample_seed": args.seed if options.sample_seed is None else options.sample_seed,
         "sample_head": options.sample_head,
         "sample_proposal_temperature": options.sample_proposal_temperature,
+        "sample_counts": options.sample_counts,
     }
     if options.top_k is None:
         return {"sampled": sampled}
@@ -236,7 +251,7 @@ def summary(provenance: dict[str, Any]) -> dict[str, Any]:
     draws' settings, head and proposal temperature included at their defaults, when there are draws)."""
     out = {k: provenance[k] for k in ("key", "teacher", "weights_hash", "dtype", "top_k", "num_rows")}
     if provenance.get("sampling"):
-        out["sampling"] = {"head": 0, "proposal_temperature": 1.0, **provenance["sampling"]}
+        out["sampling"] = {"head": 0, "proposal_temperature": 1.0, "counts": True, **provenance["sampling"]}
     out.update({k: provenance[k] for k in ("bytes_per_example", "bytes_per_token") if k in provenance})
     return out
 

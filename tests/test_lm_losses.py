@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from hf_distill import losses
 from hf_distill.losses import chunked_lm_losses, sample_teacher_tokens
-from hf_distill.vocab_losses import head_tail_weights, sample_head_and_tail, sample_sparse_target
+from hf_distill.vocab_losses import draws_of, head_tail_weights, sample_head_and_tail, sample_sparse_target
 
 N, D, DT, V = 13, 6, 5, 17  # 13 positions: chunk sizes 4 and 5 do not divide it, 13 and 64 hold it whole
 
@@ -850,3 +850,53 @@ def test_tempered_draws_of_a_confident_teacher_stay_finite(head):
     weights = head_tail_weights(drawn[1], values) if head else normalised(values)
     assert torch.isfinite(weights).all()
     torch.testing.assert_close(weights.sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("head", [0, 2])
+def test_draws_without_counts_are_the_counted_draws_and_unbiased(head):
+    """``counts=False`` returns the ``n`` draws themselves (ascending, repeats kept): with the same generator
+    they are the counted draws expanded, so at ``1/n`` each their target is the counted one, and its mean
+    over many draws is the teacher's distribution (within 4 standard errors)."""
+    T, n, vocab, draws = 2.0, 9, 13, 600
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(4)) * 2
+    p_t = F.softmax(logits / T, dim=-1)
+    counted = sample_sparse_target(logits, n, T, head=head, generator=torch.Generator().manual_seed(5))
+    stored = sample_sparse_target(
+        logits, n, T, head=head, generator=torch.Generator().manual_seed(5), counts=False
+    )
+    assert len(stored) == len(counted) - 1
+    assert all(torch.equal(a, b) for a, b in zip(stored[:-1], counted[:-2], strict=True))
+    ids, counts = counted[-2], counted[-1]
+    assert stored[-1].shape == (3, n) and torch.equal(stored[-1], stored[-1].sort(-1).values)
+    for row in range(3):  # id j appears c_j times
+        assert stored[-1][row].tolist() == ids[row].repeat_interleave(counts[row]).tolist()
+    ones = torch.ones(3, n)
+    mine = torch.zeros(3, vocab).scatter_add_(-1, stored[-1], ones / n)
+    theirs = torch.zeros(3, vocab).scatter_add_(-1, ids, counts.float() / n)
+    if head:
+        mine = head_tail_weights(stored[1], ones)[:, head:]
+        theirs = head_tail_weights(counted[1], counts)[:, head:]
+        mine = torch.zeros(3, vocab).scatter_add_(-1, stored[-1], mine)
+        theirs = torch.zeros(3, vocab).scatter_add_(-1, ids, theirs)
+    torch.testing.assert_close(mine, theirs)
+    # unbiased: the mean target over many rows of draws
+    g = torch.Generator().manual_seed(6)
+    *front, tail = sample_sparse_target(logits.repeat(draws, 1), n, T, head=head, generator=g, counts=False)
+    weights = torch.full(tail.shape, 1.0 / n)
+    all_ids = tail
+    if head:
+        weights, all_ids = (
+            head_tail_weights(front[1], torch.ones_like(weights)),
+            torch.cat([front[0], tail], -1),
+        )
+    targets = torch.zeros(draws * 3, vocab).scatter_add_(-1, all_ids, weights).view(draws, 3, vocab)
+    mean, standard_error = targets.mean(0), targets.std(0) / draws**0.5
+    assert ((mean - p_t).abs() <= 4 * standard_error + 1e-6).all()
+    with pytest.raises(ValueError, match="counts=False stores the draws themselves"):
+        sample_sparse_target(logits, n, T, proposal_temperature=2.0, counts=False)
+
+
+def test_draws_of_expands_distinct_ids_by_their_counts():
+    ids = torch.tensor([[3, 7, 9, 0], [5, 0, 0, 0]])
+    counts = torch.tensor([[1, 2, 1, 0], [4, 0, 0, 0]])
+    assert draws_of(ids, counts).tolist() == [[3, 7, 7, 9], [5, 5, 5, 5]]

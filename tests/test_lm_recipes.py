@@ -86,11 +86,17 @@ def test_a_classifier_key_is_refused_by_the_lm_parser(tmp_path):
         ("--sample_proposal_temperature", "0", "sample_proposal_temperature must be > 0 and finite"),
         ("--top_k", "0", "top_k must be >= 1, got 0"),
         ("--validation_size", "0", "validation_size must be a fraction"),
+        (
+            "--sample_counts false --sample_proposal_temperature 2",
+            None,
+            "sample_counts=false stores the draws themselves .* drop sample_proposal_temperature=2",
+        ),
     ],
 )
 def test_out_of_range_settings_are_refused_at_parse_time_naming_the_key(flag, value, message):
     with pytest.raises(InputError, match=message):
-        LMRecipeParser().parse_recipe_and_args([flag, value, "--output_dir", "unused"])
+        flags = [flag, value] if value is not None else flag.split()
+        LMRecipeParser().parse_recipe_and_args([*flags, "--output_dir", "unused"])
 
 
 def test_an_unknown_teacher_mode_is_an_argparse_error(capsys):

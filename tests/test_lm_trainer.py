@@ -275,3 +275,24 @@ def test_fused_soft_labels_only_read_no_labels_and_count_every_position_without_
     (dense, _, dense_parts), (fused, _, fused_parts) = results[None], results[5]
     torch.testing.assert_close(fused, dense, rtol=1e-5, atol=1e-6)
     assert set(fused_parts) == set(dense_parts) == {"kd"}
+
+
+@pytest.mark.parametrize("head", [0, 2])
+def test_draws_stored_without_counts_train_on_the_counted_caches_target(tmp_path, head):
+    """A cache of the draws themselves (``sample_counts=False``) and the counted cache of the same seed give the
+    same loss, fused and unfused: each stored draw weighs ``1/n``, as ``c_j / n`` does for its distinct id."""
+    teacher, student, rows = tiny_llama(1, layers=3), tiny_llama(2), lm_rows()
+    spec = {"num_samples": 7, "sample_head": head, "sample_temperature": 1.5}
+    counted = precompute_teacher_logits(teacher, rows, cache_dir=tmp_path / "counted", **spec)
+    draws = precompute_teacher_logits(
+        teacher, rows, cache_dir=tmp_path / "draws", sample_counts=False, **spec
+    )
+    assert "teacher_sample_counts" not in draws.column_names
+    student.train()
+    for chunk in (5, None):
+        args = config(tmp_path, temperature=1.5, alpha=1.0, beta=0.5, lm_chunk_size=chunk)
+        losses = []
+        for cached in (counted, draws):
+            trainer = DistillationTrainer(model=student, args=args, train_dataset=cached)
+            losses.append(trainer.compute_loss(student, batch_of(cached, trainer)))
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)

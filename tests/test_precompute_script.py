@@ -95,7 +95,7 @@ def test_rskd_cache_with_an_exact_head_drawn_at_the_runs_temperature_and_seed(
     [summary] = _printed(capsys.readouterr().out)
     assert summary["key"] == provenance["key"]
     assert summary["sampling"] == {"num_samples": 4, "head": 2, "temperature": 1.5, "seed": 7,
-                                   "proposal_temperature": 1.0}  # fmt: skip
+                                   "proposal_temperature": 1.0, "counts": True}  # fmt: skip
     assert summary["bytes_per_token"] == provenance["bytes_per_token"] > 0
 
 
@@ -154,6 +154,12 @@ REFUSED = [
         "sample_proposal_temperature must be > 0",
     ),
     ("lm", ["--num_samples", "4", "--sample_temperature", "-1"], "sampling temperature must be > 0"),
+    ("lm", ["--sample_counts", "false"], "--sample_counts: settings of the RS-KD draws"),
+    (
+        "lm",
+        ["--num_samples", "4", "--sample_counts", "false", "--sample_proposal_temperature", "2"],
+        "--sample_counts false stores the draws themselves",
+    ),
 ]
 
 

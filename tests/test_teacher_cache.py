@@ -194,6 +194,7 @@ FORMATS = {
     "head": {"num_samples": 5, "sample_head": 2, "sample_seed": 3},
     "tempered": {"num_samples": 5, "sample_proposal_temperature": 2.0, "sample_seed": 3},
     "head, tempered": {"num_samples": 5, "sample_head": 1, "sample_proposal_temperature": 0.5},
+    "head, draws": {"num_samples": 5, "sample_head": 2, "sample_seed": 3, "sample_counts": False},
 }
 _SAME = ("key", "columns", "num_rows", "top_k", "sampling", "teacher_bytes", "bytes_per_token")
 
@@ -242,16 +243,19 @@ def test_one_pass_computes_only_the_formats_missing(tmp_path):
 
 def test_only_caches_an_older_reader_would_misread_are_format_3(tmp_path, monkeypatch):
     dataset, teacher = random_classification_dataset(8, seed=6), _gpt2(1)
-    names = ("topk", "sampled", "head", "tempered")
+    names = ("topk", "sampled", "head", "tempered", "head, draws")
     out = precompute_teacher_caches(teacher, dataset, {k: FORMATS[k] for k in names}, cache_dir=tmp_path)
     versions = {name: read_provenance(out[name])["format_version"] for name in names}
-    assert versions == {"topk": 2, "sampled": 2, "head": 3, "tempered": 3}  # plain caches keep their keys
+    # plain caches keep their keys
+    assert versions == {"topk": 2, "sampled": 2, "head": 3, "tempered": 3, "head, draws": 3}
     for name in names:
         assert load_teacher_cache(cache_paths(tmp_path, read_provenance(out[name])["key"])[0]).num_rows == 8
     # a reader of format 2 only (hf-distill before exact heads) reads the plain caches and refuses the others
     monkeypatch.setattr(precompute_module, "READABLE_FORMAT_VERSIONS", (2,))
     load_teacher_cache(cache_paths(tmp_path, read_provenance(out["sampled"])["key"])[0])
-    with pytest.raises(ValueError, match=r"^Teacher cache format 3 but this hf-distill reads formats 2: rebuild"):
+    with pytest.raises(
+        ValueError, match=r"^Teacher cache format 3 but this hf-distill reads formats 2: rebuild"
+    ):
         load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head"])["key"])[0])
 
 
@@ -275,9 +279,10 @@ def test_bad_formats_are_refused_in_one_line(tmp_path):
         precompute_teacher_caches(teacher, dataset, {"a": {"k": 3}}, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="at least one format"):
         precompute_teacher_caches(teacher, dataset, {}, cache_dir=tmp_path)
-    for shape in ({"sample_head": 2}, {"sample_proposal_temperature": 2.0}):
+    for shape in ({"sample_head": 2}, {"sample_proposal_temperature": 2.0}, {"sample_counts": False}):
         with pytest.raises(
-            ValueError, match="sample_proposal_temperature shape the RS-KD draws: they need num_samples"
+            ValueError,
+            match="sample_proposal_temperature and sample_counts shape the RS-KD draws: they need num_samples",
         ):
             precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, **shape)
     for tau in (0.0, -1.0, float("inf")):
@@ -621,3 +626,43 @@ def test_script_fills_the_cache_that_distill_glue_reads(tmp_path, capsys):
     assert "reusing the fine-tuned teacher" in capsys.readouterr().out
     assert list((cache / "teacher_logits").glob("*.json")) == [path]  # the same key: no second cache
     assert path.stat().st_mtime_ns == written
+
+
+def test_draws_without_counts_hold_the_same_draws_in_fewer_bytes(tmp_path):
+    """``sample_counts=False`` stores each draw's id (repeats included) and no counts: the same draws as the
+    counted cache of the same seed, read back as the same target, at 2 bytes a draw instead of 3 a slot."""
+    dataset, teacher = random_classification_dataset(10, seed=7), _gpt2(1)
+    spec = {"num_samples": 6, "sample_head": 2, "sample_seed": 3}
+    out = precompute_teacher_caches(
+        teacher, dataset, {"counted": spec, "draws": {**spec, "sample_counts": False}}, cache_dir=tmp_path
+    )
+    counted, draws = out["counted"], out["draws"]
+    assert "teacher_sample_counts" not in draws.column_names
+    assert read_provenance(draws)["sampling"]["counts"] is False
+    assert read_provenance(draws)["key"] != read_provenance(counted)["key"]
+    assert "counts" not in read_provenance(counted)["sampling"]  # the default stays out of the key
+    assert draws["teacher_head_probs"] == counted["teacher_head_probs"]
+    for row_draws, row_ids, row_counts in zip(
+        draws["teacher_sample_ids"],
+        counted["teacher_sample_ids"],
+        counted["teacher_sample_counts"],
+        strict=True,
+    ):
+        for token_draws, ids, counts in zip(row_draws, row_ids, row_counts, strict=True):
+            assert token_draws == sorted(token_draws)
+            assert token_draws == [i for i, c in zip(ids, counts, strict=True) for _ in range(c)]
+    # per token: head 2 x (2 + 2) bytes, then 6 draws x 2 bytes against 6 slots x (2 + 1) bytes
+    tokens = sum(len(row) for row in draws["teacher_sample_ids"])
+    saved = read_provenance(counted)["teacher_bytes"] - read_provenance(draws)["teacher_bytes"]
+    assert saved == 6 * tokens + 4 * len(draws)  # the counts and their list offsets
+    with pytest.raises(
+        ValueError, match=r"sample_counts=False stores the draws themselves .* importance weights"
+    ):
+        precompute_teacher_logits(
+            teacher,
+            dataset,
+            cache_dir=tmp_path,
+            num_samples=4,
+            sample_proposal_temperature=2.0,
+            sample_counts=False,
+        )

@@ -217,6 +217,14 @@ class DistillLMArguments:
             "float16 in place of the uint8 count: 4 bytes a draw); 1 draws from the teacher itself."
         },
     )
+    sample_counts: bool = field(
+        default=True,
+        metadata={
+            "help": "RS-KD cache layout: true stores each distinct drawn id with its count (3 bytes a slot); false "
+            "stores the num_samples draws themselves, repeated ids included (2 bytes a draw), so the same bytes "
+            "hold 1.5 times the draws when most are distinct. Not with sample_proposal_temperature != 1."
+        },
+    )
     precompute_batch_tokens: int | None = field(
         default=None,
         metadata={
@@ -294,6 +302,12 @@ class DistillLMArguments:
             raise InputError(
                 f"sample_proposal_temperature must be > 0 and finite (1 draws from the teacher itself), got "
                 f"{self.sample_proposal_temperature}."
+            )
+        if not self.sample_counts and self.sample_proposal_temperature != 1.0:
+            raise InputError(
+                "sample_counts=false stores the draws themselves (1/n each), but a tempered proposal's draws need "
+                f"their importance weights: drop sample_proposal_temperature={self.sample_proposal_temperature:g} "
+                "or keep sample_counts=true."
             )
         if not math.isfinite(self.validation_size):
             raise InputError(f"validation_size must be finite, got {self.validation_size}.")

@@ -72,6 +72,8 @@ def _plan(prepared: Prepared, script, args: DistillationConfig, blocks: dict[str
                 size = f"{script.sample_head} most likely tokens exactly and {script.num_samples} sampled from the rest"
             if mode == "sampled" and script.sample_proposal_temperature != 1.0:
                 size += f" (proposal at tau = {script.sample_proposal_temperature:g}, importance-weighted)"
+            if mode == "sampled" and not script.sample_counts:
+                size += " (the draws stored themselves, without counts)"
             lines.append(
                 f"hf_distill: plan: cache the teacher's {size} per token (reused when cached before)"
             )
@@ -145,7 +147,8 @@ def run(
         "topk": {"top_k": script.top_k},
         "sampled": {"num_samples": script.num_samples, "sample_temperature": args.temperature,
                     "sample_seed": args.seed, "sample_head": script.sample_head,
-                    "sample_proposal_temperature": script.sample_proposal_temperature},
+                    "sample_proposal_temperature": script.sample_proposal_temperature,
+                    "sample_counts": script.sample_counts},
     }  # fmt: skip
     formats = {mode: spec for mode, spec in formats.items() if mode in script.teacher_modes}
     bytes_per_token = {}

@@ -215,7 +215,8 @@ class _TeacherLogits:
         tokens, so the draws do not depend on how rows are batched, windowed or sharded, nor on the
         other formats computed from the same forward. With ``sampling["head"] = h`` the ``h`` most
         likely tokens are kept exactly and the draws come from the rest, and with
-        ``sampling["proposal_temperature"]`` from a tempered proposal, importance-weighted
+        ``sampling["proposal_temperature"]`` from a tempered proposal, importance-weighted; with
+        ``sampling["counts"] = False`` the draws themselves are stored
         (:func:`~hf_distill.vocab_losses.sample_sparse_target`).
         """
         if not bool(torch.isfinite(logits).all()):
@@ -245,6 +246,7 @@ class _TeacherLogits:
                 head=head,
                 proposal_temperature=proposal,
                 generator=generator,
+                counts=sampling.get("counts", True),
             )
             for name, value in zip(out, drawn, strict=True):
                 out[name][start:stop] = value

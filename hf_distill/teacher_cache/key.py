@@ -149,8 +149,9 @@ def _resolve_sampling(
     task: str, sampling: Mapping[str, Any] | None, top_k: int | None, vocab_size: int | None = None
 ) -> dict[str, Any] | None:
     """The RS-KD sampling settings as stored in the key: ``num_samples``, ``temperature``, ``seed``;
-    ``head`` when the cache keeps an exact head and ``proposal_temperature`` when the draws come from a
-    tempered proposal (each left out at its default, so plain RS-KD keys stay as they were)."""
+    ``head`` when the cache keeps an exact head, ``proposal_temperature`` when the draws come from a
+    tempered proposal and ``counts: False`` when the draws are stored themselves (each left out at its
+    default, so plain RS-KD keys stay as they were)."""
     if not sampling:
         return None
     if task not in tasks.VOCABULARY_TASKS:
@@ -178,15 +179,26 @@ def _resolve_sampling(
         raise InputError(
             f"sample_proposal_temperature must be > 0 (1 draws from the teacher itself), got {proposal}."
         )
+    counts = sampling.get("counts", True)
+    if not isinstance(counts, bool):
+        raise InputError(f"sample_counts must be true or false, got {counts!r}.")
+    if not counts and proposal != 1.0:
+        raise InputError(
+            f"sample_counts=False stores the draws themselves (1/n each), but a tempered proposal's draws "
+            f"(sample_proposal_temperature={proposal:g}) need their importance weights: keep sample_counts "
+            "or a proposal temperature of 1."
+        )
     resolved = {"num_samples": n, "temperature": temperature, "seed": int(sampling.get("seed", 0))}
     resolved |= {"head": int(head)} if head else {}
+    resolved |= {"counts": False} if not counts else {}
     return resolved | ({"proposal_temperature": proposal} if proposal != 1.0 else {})
 
 
 def format_version(sampling: Mapping[str, Any] | None) -> int:
-    """The cache format of these (resolved) RS-KD settings: 3 with an exact head or a tempered proposal (columns a
-    format-2 reader cannot read), else 2."""
-    return CACHE_FORMAT_VERSION if sampling and ("head" in sampling or "proposal_temperature" in sampling) else 2
+    """The cache format of these (resolved) RS-KD settings: 3 with an exact head, a tempered proposal or the draws
+    stored without counts (columns a format-2 reader cannot read), else 2."""
+    shaped = ("head", "proposal_temperature", "counts")
+    return CACHE_FORMAT_VERSION if sampling and any(name in sampling for name in shaped) else 2
 
 
 def index_dtype(vocab_size: int) -> str:

@@ -94,6 +94,7 @@ def precompute_teacher_logits(
     sample_seed: int = 0,
     sample_head: int = 0,
     sample_proposal_temperature: float = 1.0,
+    sample_counts: bool = True,
     autocast_dtype: str | None = None,
     max_batch_tokens: int | None = None,
     max_batch_size: int = 512,
@@ -132,6 +133,11 @@ def precompute_teacher_logits(
             self-normalised importance weight ``c_j p_j / q_j`` (``teacher_sample_weights`` in the
             stored dtype, in place of the counts: 4 bytes per draw in float16); 1 (default) draws from
             ``p`` itself.
+        sample_counts: with ``num_samples``: False stores the draws themselves, ``teacher_sample_ids``
+            ``[L, num_samples]`` with repeated ids and no counts column, each draw weighing ``1 /
+            num_samples`` (:func:`hf_distill.vocab_losses.draws_of`): 2 bytes per draw instead of 3, so a
+            byte budget holds half as many draws again when most draws are distinct (a flat teacher at
+            ``T = 2``). Not with a tempered proposal (its draws need their weights).
         autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run the teacher under ``torch.autocast``.
         max_batch_tokens: padded tokens per forward pass (rows times longest row); default
             :func:`default_batch_tokens` of the teacher's logits per token (its vocabulary for a
@@ -157,7 +163,8 @@ def precompute_teacher_logits(
     """
     fmt = {"top_k": top_k, "num_samples": num_samples, "sample_temperature": sample_temperature,
            "sample_seed": sample_seed, "sample_head": sample_head,
-           "sample_proposal_temperature": sample_proposal_temperature, "expected_key": expected_key}  # fmt: skip
+           "sample_proposal_temperature": sample_proposal_temperature, "sample_counts": sample_counts,
+           "expected_key": expected_key}  # fmt: skip
     return precompute_teacher_caches(
         teacher,
         dataset,
@@ -182,6 +189,7 @@ FORMAT_OPTIONS = (
     "sample_seed",
     "sample_head",
     "sample_proposal_temperature",
+    "sample_counts",
     "expected_key",
 )
 
@@ -206,7 +214,7 @@ def precompute_teacher_caches(
     ``formats``: a name of your choice -> that cache's format, given by the arguments of
     :func:`precompute_teacher_logits` named in ``FORMAT_OPTIONS`` (``top_k``, ``num_samples``,
     ``sample_temperature``, ``sample_seed``, ``sample_head``, ``sample_proposal_temperature``,
-    ``expected_key``), e.g. ``{"topk": {"top_k": 9}, "sampled": {"num_samples": 12}}``. The other
+    ``sample_counts``, ``expected_key``), e.g. ``{"topk": {"top_k": 9}, "sampled": {"num_samples": 12}}``. The other
     arguments are shared, as in :func:`precompute_teacher_logits`.
 
     Each format is its own cache, with its own key, files and provenance, exactly as
@@ -389,10 +397,13 @@ def _request(teacher, dataset, task, spec, tokenizer, preprocessing, dtype, auto
     if num_samples is not None:  # 0 too: refused by the key's range check, never taken as "no sampling"
         sampling = {"num_samples": num_samples, "temperature": spec.get("sample_temperature", 1.0),
                     "seed": spec.get("sample_seed", 0), "head": spec.get("sample_head", 0),
-                    "proposal_temperature": spec.get("sample_proposal_temperature", 1.0)}  # fmt: skip
-    elif spec.get("sample_head") or spec.get("sample_proposal_temperature", 1.0) != 1.0:
+                    "proposal_temperature": spec.get("sample_proposal_temperature", 1.0),
+                    "counts": spec.get("sample_counts", True)}  # fmt: skip
+    elif (spec.get("sample_head") or spec.get("sample_proposal_temperature", 1.0) != 1.0
+          or not spec.get("sample_counts", True)):  # fmt: skip
         raise InputError(
-            "sample_head and sample_proposal_temperature shape the RS-KD draws: they need num_samples, got "
+            "sample_head, sample_proposal_temperature and sample_counts shape the RS-KD draws: they need "
+            "num_samples, got "
             f"{spec}."
         )
     return teacher_cache_key(

@@ -36,7 +36,7 @@ def format_columns(
     Dense ``teacher_logits`` (classes, 2 for question answering, or the vocabulary); top-k
     ``teacher_topk_values`` + ``teacher_topk_indices`` (``k``); RS-KD ``teacher_sample_ids`` +
     ``teacher_sample_counts`` (``n`` draws; ``teacher_sample_weights``, importance weights, from a
-    tempered proposal), preceded, with an exact head of ``h`` tokens, by ``teacher_head_ids`` +
+    tempered proposal; no second column when the draws are stored themselves), preceded, with an exact head of ``h`` tokens, by ``teacher_head_ids`` +
     ``teacher_head_probs`` (``h``).
     """
     config = base_model(teacher).config
@@ -45,6 +45,8 @@ def format_columns(
         if sampling:
             n, head = sampling["num_samples"], sampling.get("head", 0)
             columns = {"teacher_head_ids": (ids, head), "teacher_head_probs": (dtype, head)} if head else {}
+            if not sampling.get("counts", True):  # the draws themselves, 1/n each
+                return columns | {"teacher_sample_ids": (ids, n)}
             if sampling.get("proposal_temperature", 1.0) != 1.0:  # importance weights, not counts
                 return columns | {"teacher_sample_ids": (ids, n), "teacher_sample_weights": (dtype, n)}
             return columns | {"teacher_sample_ids": (ids, n), "teacher_sample_counts": ("uint8", n)}
