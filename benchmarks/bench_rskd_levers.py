@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"bench_rskd_levers: seed {seed} is not in {args.reference}; run bench_lm.py --seeds {seed}"
             )
         summary = run_seed(seed, args.runs_dir / name, [*lever_flags(lever, seed in args.with_ce), *extra])
+        # read again before writing: another lever's run may have written since this one started
+        records = json.loads(args.out.read_text()) if args.out.is_file() else {"levers": {}, "runs": {}}
         records["levers"].setdefault(name, {})[str(seed)] = shares(reference[str(seed)], summary)
         records["runs"].setdefault(name, {})[str(seed)] = {
             "wall_seconds": summary["bench_wall_seconds"], "extra_flags": extra, **lever}  # fmt: skip
