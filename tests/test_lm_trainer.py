@@ -10,6 +10,7 @@ from datasets import Dataset
 from lm_fixtures import VOCAB, tiny_llama
 
 from hf_distill import DistillationTrainer, precompute_teacher_logits, read_provenance
+from hf_distill import trainer as trainer_module
 
 
 def lm_rows(n: int = 8, length: int = 12, seed: int = 3) -> Dataset:
@@ -57,14 +58,25 @@ def test_fused_live_teacher_equals_dense_loss_and_gradients(tmp_path, kd_loss):
         torch.testing.assert_close(grads[5][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fused_live_kl_matches_an_independent_computation(tmp_path):
-    teacher, student, rows = tiny_llama(1, layers=3), tiny_llama(2), lm_rows()
+@pytest.mark.parametrize(
+    "length", [12, 40]
+)  # 40: longer than the hidden size (32), so L and D cannot be mixed up
+def test_fused_live_kl_matches_an_independent_computation(tmp_path, monkeypatch, length):
+    teacher, student, rows = tiny_llama(1, layers=3), tiny_llama(2), lm_rows(length=length)
     T = 2.0
     args = config(tmp_path, temperature=T, alpha=0.6, beta=0.4, lm_chunk_size=7)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows)
     batch = batch_of(rows, trainer)
     student.train()
+    seen = []  # the user's lm_chunk_size reaches the chunked loss (the values do not depend on it)
+    chunked = trainer_module.chunked_lm_losses
+    monkeypatch.setattr(
+        trainer_module,
+        "chunked_lm_losses",
+        lambda *a, **kw: seen.append(kw["chunk_size"]) or chunked(*a, **kw),
+    )
     loss = trainer.compute_loss(student, batch)
+    assert seen == [7]
     with torch.no_grad():
         t_logits = teacher.eval()(input_ids=batch["input_ids"]).logits[:, :-1]
 
