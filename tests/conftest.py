@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from hf_distill import DistillationConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_module(relative: str) -> ModuleType:
+    """A script or benchmark of the repository (``"benchmarks/bench_lm.py"``) imported as a module named for its
+    file, and registered in ``sys.modules`` (dataclasses look their module up there)."""
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]
 

@@ -3,22 +3,14 @@ of dense KD's gain, computed from the rows as an independent check writes them o
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_lm.py"
+from conftest import load_module
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_lm", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module("benchmarks/bench_lm.py")
 
 
 def _summary(ce: float, live: float, topk: float, sampled: float) -> dict:

@@ -3,14 +3,11 @@ summary and table read what the workers wrote."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_module
 
-BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_on_policy_trl.py"
 SETTINGS = {
     "steps": 3,
     "batch": 2,
@@ -29,11 +26,7 @@ SETTINGS = {
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_on_policy_trl", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module("benchmarks/bench_on_policy_trl.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,21 +3,12 @@ same seed in the reference file."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_rskd_levers.py"
+from conftest import load_module
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_rskd_levers", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module("benchmarks/bench_rskd_levers.py")
 
 
 def _row(kind, mode, loss, ece=None, **extra):

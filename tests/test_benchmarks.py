@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_gpu.py"
+from conftest import load_module
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_module("benchmarks/bench_gpu.py")
 
 
 def test_bench_gpu_tiny_writes_every_measurement(tmp_path):
@@ -60,11 +52,7 @@ def test_near_free_teacher_has_the_real_output_shapes():
 
 
 def _bench_offline():
-    path = BENCH.parent / "bench_offline.py"
-    spec = importlib.util.spec_from_file_location("bench_offline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("benchmarks/bench_offline.py")
 
 
 def test_every_offline_search_setting_is_a_valid_recipe_override():
@@ -130,9 +118,7 @@ def test_offline_search_table_measures_each_kd_row_against_its_twin_and_chooses_
 
 def test_bench_on_policy_compares_each_seed_with_its_off_policy_twin():
 
-    spec = importlib.util.spec_from_file_location("bench_on_policy", BENCH.parent / "bench_on_policy.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_module("benchmarks/bench_on_policy.py")
 
     def row(training, rkl, fkl, rouge, steps, step_seconds):
         metrics = {"reverse_kl": rkl, "forward_kl": fkl, "rouge_l": rouge}

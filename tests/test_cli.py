@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import random_classification_dataset, tiny_bert
+from conftest import load_module, random_classification_dataset, tiny_bert
 from datasets import Dataset
 
 from hf_distill.cli import run_script
@@ -81,13 +80,7 @@ def test_a_script_prints_no_traceback(tmp_path):
 
 
 def _precompute():
-    spec = importlib.util.spec_from_file_location(
-        "precompute_script", ROOT / "scripts/precompute_teacher_logits.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_module("scripts/precompute_teacher_logits.py")
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

@@ -3,14 +3,13 @@ refuse bad data before anything is trained or written."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import load_module, tiny_bert
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from offline_fixtures import fake_wheels
 from transformers import AutoModelForSequenceClassification
@@ -23,9 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "custom" / "csv.yaml"
 EXAMPLE = ROOT / "recipes" / "custom" / "reviews.csv"
 
-spec = importlib.util.spec_from_file_location("distill_glue", ROOT / "scripts" / "distill_glue.py")
-distill_glue = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(distill_glue)
+distill_glue = load_module("scripts/distill_glue.py")
 
 
 @pytest.fixture(scope="module")

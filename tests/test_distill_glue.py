@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_module
 from launch import accelerate_launch
 from offline_fixtures import fake_wheels
 from transformers import AutoModelForSequenceClassification
@@ -20,9 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "distill_glue.py"
 RECIPE = ROOT / "recipes" / "offline" / "rotten_tomatoes.yaml"
 
-spec = importlib.util.spec_from_file_location("distill_glue", SCRIPT)
-distill_glue = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(distill_glue)
+distill_glue = load_module("scripts/distill_glue.py")
 
 
 def tiny_flags(cache: Path, output: Path) -> list[str]:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_module
 
 from hf_distill import losses
 from hf_distill.losses import chunked_lm_losses, sample_teacher_tokens
@@ -653,11 +652,7 @@ def test_a_second_backward_says_to_recompute():
 
 
 def _bench():
-    path = Path(__file__).parent.parent / "benchmarks" / "bench_lm_loss.py"
-    spec = importlib.util.spec_from_file_location("bench_lm_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("benchmarks/bench_lm_loss.py")
 
 
 def test_benchmark_variants_compute_the_same_gradients():

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_module
 from matplotlib.image import imread
 
 from hf_distill.text_classification.plot import plot_results
@@ -74,9 +74,7 @@ def test_another_main_metric_and_split(tmp_path):
 
 
 def test_the_benchmark_draws_medians_with_min_max_bars(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_offline", ROOT / "benchmarks" / "bench_offline.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_module("benchmarks/bench_offline.py")
     records = []
     for seed, (acc, speed) in zip(
         (42, 43, 44), ((0.80, 1000.0), (0.84, 1400.0), (0.82, 1100.0)), strict=True

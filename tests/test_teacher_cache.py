@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -13,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, ForwardCounter, config, random_classification_dataset, tiny_bert, tiny_bert_config
+from conftest import (
+    VOCAB,
+    ForwardCounter,
+    config,
+    load_module,
+    random_classification_dataset,
+    tiny_bert,
+    tiny_bert_config,
+)
 from transformers import (
     BertForMaskedLM,
     BertForQuestionAnswering,
@@ -585,13 +592,7 @@ def test_cached_teacher_trains_like_the_live_teacher(tmp_path, tokenizer, task, 
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "precompute_script", TESTS.parent / "scripts/precompute_teacher_logits.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_module("scripts/precompute_teacher_logits.py")
 
 
 def test_script_fills_a_cache_that_training_loads(tmp_path, tokenizer):
