@@ -1,0 +1,204 @@
+"""The vocabulary-sliced fused loss (hf_distill.vocab_slices) equals chunked_lm_losses, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_distill.vocab_losses import chunked_lm_losses, sample_teacher_tokens
+from hf_distill.vocab_slices import HEAD_READS, HeadSlices, slice_bounds, sliced_lm_losses
+
+N, D, DT, V = 11, 6, 5, 24  # chunk size 4 does not divide N; S = 5 does not divide V
+KDS = [None, "kl", "reverse_kl", "jsd", "topk", "sampled"]
+
+
+def _inputs(seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    x = {
+        "hidden": torch.randn(N, D, generator=g, dtype=torch.float64),
+        "head": scale * torch.randn(V, D, generator=g, dtype=torch.float64),
+        "teacher_hidden": torch.randn(N, DT, generator=g, dtype=torch.float64),
+        "teacher_head": scale * torch.randn(V, DT, generator=g, dtype=torch.float64),
+        "labels": torch.randint(0, V, (N,), generator=g),
+    }
+    x["labels"][[0, 4, 5]] = -100
+    return x
+
+
+def _teacher_side(kd, x):
+    if kd in ("kl", "reverse_kl", "jsd"):
+        return {"teacher_hidden": x["teacher_hidden"], "teacher_head": x["teacher_head"]}
+    logits = x["teacher_hidden"] @ x["teacher_head"].T
+    if kd == "topk":
+        top = logits.topk(5, dim=-1)
+        return {"teacher_ids": top.indices, "teacher_values": top.values}
+    if kd == "sampled":
+        ids, counts = sample_teacher_tokens(logits, 6, 2.0, generator=torch.Generator().manual_seed(1))
+        counts[2] = 0  # a padded position with no draws
+        return {"teacher_ids": ids, "teacher_values": counts}
+    return {}
+
+
+def _run(fn, x, kd, labelled, **kwargs):
+    """Loss parts and the student's gradients (hidden, head) of ``1.7 * loss``."""
+    hidden = x["hidden"].clone().requires_grad_()
+    head = x["head"].clone().requires_grad_()
+    out = fn(
+        hidden,
+        head,
+        kd=kd,
+        labels=x["labels"] if labelled else None,
+        chunk_size=4,
+        kd_weight=0.7,
+        ce_weight=0.4,
+        **_teacher_side(kd, x),
+        **kwargs,
+    )
+    (1.7 * out.loss).backward()
+    return out, hidden.grad, head.grad
+
+
+CASES = [(kd, labelled) for kd in KDS for labelled in (True, False) if kd is not None or labelled]
+
+
+@pytest.mark.parametrize("num_slices", [1, 2, 5])
+@pytest.mark.parametrize("kd,labelled", CASES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_slices_equal_chunked_loss(kd, labelled, num_slices, temperature):
+    x = _inputs()
+    mixture = {"jsd_mixture": 0.3} if kd == "jsd" else {}
+    ref, ref_dh, ref_dw = _run(chunked_lm_losses, x, kd, labelled, temperature=temperature, **mixture)
+    out, dh, dw = _run(
+        sliced_lm_losses, x, kd, labelled, temperature=temperature, num_slices=num_slices, **mixture
+    )
+    # chunked_lm_losses works in float32; the slices in float64 for float64 inputs
+    close = {"rtol": 1e-6, "atol": 5e-6}
+    torch.testing.assert_close(out.loss, ref.loss, **close)
+    torch.testing.assert_close(out.kd, ref.kd, **close)
+    if labelled:
+        torch.testing.assert_close(out.ce, ref.ce, **close)
+    else:
+        assert out.ce is None
+    torch.testing.assert_close(dh, ref_dh, **close)
+    torch.testing.assert_close(dw, ref_dw, **close)
+
+
+def test_slices_in_float32_equal_chunked_loss():
+    x = {k: v.float() if v.is_floating_point() else v for k, v in _inputs(3).items()}
+    ref, ref_dh, ref_dw = _run(chunked_lm_losses, x, "kl", True, temperature=2.0)
+    out, dh, dw = _run(sliced_lm_losses, x, "kl", True, temperature=2.0, num_slices=5)
+    assert out.loss.dtype == dh.dtype == dw.dtype == torch.float32
+    for got, want in [(out.loss, ref.loss), (out.ce, ref.ce), (dh, ref_dh), (dw, ref_dw)]:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _dense_reference(kd, x, temperature, labels):
+    """The losses from the whole (N, V) logits in float64, by hand; the online log-sum-exp must give these."""
+    log_p_s = F.log_softmax(x["hidden"] @ x["head"].T / temperature, dim=-1)
+    log_p_t = F.log_softmax(x["teacher_hidden"] @ x["teacher_head"].T / temperature, dim=-1)
+    per_position = {
+        "kl": (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1),
+        "reverse_kl": (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1),
+    }[kd]
+    ce = F.cross_entropy(x["hidden"] @ x["head"].T, labels)
+    return 0.7 * temperature**2 * per_position.mean() + 0.4 * ce
+
+
+@pytest.mark.parametrize("kd", ["kl", "reverse_kl"])
+def test_online_log_sum_exp_across_slices_with_far_apart_maxima(kd):
+    """Slice k's logits are shifted by 30 k, so each slice's maximum exceeds the last by ~30: a running sum
+    not rescaled when the maximum grows (exp(m_old - m_new) = e^-30) is off by orders of magnitude."""
+    x = _inputs(5, scale=1.0)
+    shift = torch.arange(V) // 8 * 30.0  # 3 slices of 8 rows
+    x["hidden"] = torch.cat([x["hidden"], torch.ones(N, 1, dtype=torch.float64)], dim=1)
+    x["head"] = torch.cat([x["head"], shift[:, None].double()], dim=1)
+    x["teacher_hidden"] = torch.cat([x["teacher_hidden"], torch.ones(N, 1, dtype=torch.float64)], dim=1)
+    x["teacher_head"] = torch.cat([x["teacher_head"], 0.5 * shift[:, None].double()], dim=1)
+    for flip in (False, True):  # maxima increasing, then decreasing, over the slices
+        y = dict(x)
+        if flip:
+            y["head"], y["teacher_head"] = x["head"].flip(0), x["teacher_head"].flip(0)
+            y["labels"] = torch.where(x["labels"] >= 0, V - 1 - x["labels"], -100)
+        labels = y["labels"]
+        hidden, head = y["hidden"].clone().requires_grad_(), y["head"].clone().requires_grad_()
+        want = _dense_reference(kd, {**y, "hidden": hidden, "head": head}, 2.0, labels)
+        dh_want, dw_want = torch.autograd.grad(want, (hidden, head))
+        out, dh, dw = _run(sliced_lm_losses, y, kd, True, temperature=2.0, num_slices=3)
+        torch.testing.assert_close(out.loss, want.float(), rtol=1e-9, atol=1e-6)
+        grad_out = float(torch.tensor(1.7))  # the grad output of 1.7 * loss, a float32 loss
+        torch.testing.assert_close(dh, grad_out * dh_want, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(dw, grad_out * dw_want, rtol=1e-9, atol=1e-12)
+
+
+class CountingSlices(HeadSlices):
+    """A head that records the slices read and the slice gradients handed back."""
+
+    def __init__(self, weight):
+        super().__init__(weight)
+        self.reads, self.grads = [], []
+
+    def read(self, v0, v1):
+        self.reads.append((v0, v1))
+        return super().read(v0, v1)
+
+    def add_grad(self, grad_source, v0, v1, grad):
+        assert grad.shape == (v1 - v0, self.shape[1])
+        self.grads.append((v0, v1))
+        super().add_grad(grad_source, v0, v1, grad)
+
+
+@pytest.mark.parametrize("kd", KDS)
+def test_each_slice_is_read_once_a_pass_and_its_gradient_handed_back_once(kd):
+    x = _inputs()
+    head = CountingSlices(x["head"].clone().requires_grad_())
+    teacher_head = CountingSlices(x["teacher_head"])
+    side = _teacher_side(kd, x)
+    if "teacher_head" in side:
+        side["teacher_head"] = teacher_head
+    out = sliced_lm_losses(
+        x["hidden"], head, kd=kd, num_slices=5, labels=x["labels"], chunk_size=4, temperature=2.0, **side
+    )
+    bounds = slice_bounds(V, 5)
+    forward_reads = HEAD_READS[kd] - 1
+    assert head.reads == bounds * forward_reads
+    out.loss.backward()
+    assert head.reads == bounds * HEAD_READS[kd]
+    assert head.grads == bounds
+    assert teacher_head.reads == (bounds * HEAD_READS[kd] if "teacher_head" in side else [])
+
+
+def test_no_gradient_pass_without_grad():
+    x = _inputs()
+    head = CountingSlices(x["head"])
+    out = sliced_lm_losses(x["hidden"], head, kd=None, num_slices=2, labels=x["labels"], chunk_size=4)
+    assert not out.loss.requires_grad and head.reads == slice_bounds(V, 2)
+
+
+def test_slice_bounds_cover_the_vocabulary():
+    assert slice_bounds(24, 5) == [(0, 4), (4, 9), (9, 14), (14, 19), (19, 24)]
+    assert slice_bounds(3, 3) == [(0, 1), (1, 2), (2, 3)]
+
+
+@pytest.mark.parametrize("bad", [0, -1, V + 1])
+def test_bad_slice_count_is_refused(bad):
+    x = _inputs()
+    with pytest.raises(
+        ValueError, match=rf"^num_slices={bad} must be between 1 and the vocabulary size {V} "
+    ):
+        sliced_lm_losses(x["hidden"], x["head"], kd=None, num_slices=bad, labels=x["labels"])
+
+
+def test_shapes_are_checked_as_chunked_lm_losses_checks_them():
+    x = _inputs()
+    with pytest.raises(ValueError, match="student_hidden must be"):
+        sliced_lm_losses(x["hidden"], x["head"][:, :3], kd=None, num_slices=2, labels=x["labels"])
+    with pytest.raises(ValueError, match="Teacher and student must share the vocabulary"):
+        sliced_lm_losses(
+            x["hidden"],
+            x["head"],
+            kd="kl",
+            num_slices=2,
+            teacher_hidden=x["teacher_hidden"],
+            teacher_head=x["teacher_head"][:-1],
+        )
