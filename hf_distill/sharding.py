@@ -98,6 +98,16 @@ def check_sharded_settings(
             )
 
 
+def check_vocab_slices(deepspeed_config: Mapping[str, Any] | None, num_slices: int) -> None:
+    """Refuse ``lm_vocab_slices > 1`` under ZeRO-3, as one :class:`hf_distill.errors.InputError` line:
+    ``GatheredParameters`` gathers whole parameters only, so a head cannot be read a slice at a time there."""
+    if num_slices > 1 and zero_stage(deepspeed_config) == 3:
+        raise InputError(
+            f"lm_vocab_slices={num_slices} cannot slice the heads under DeepSpeed ZeRO-3 (GatheredParameters gathers "
+            "whole parameters only): set lm_vocab_slices=1, or shard with FSDP2."
+        )
+
+
 @contextmanager
 def gathered_weight(module: nn.Module) -> Iterator[torch.Tensor]:
     """Inside, the full ``(V, D)`` weight of ``module`` (an output embedding), differentiable into its shards.
