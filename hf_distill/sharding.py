@@ -168,7 +168,8 @@ class ShardedHeadSlices(HeadSlices):
 
     Rank ``r`` holds rows ``[a_r, b_r)`` (``torch.chunk``'s split of ``V``, as FSDP2 shards). :meth:`read`
     gathers rows ``[v0, v1)``: each rank whose rows meet the slice broadcasts its part (one broadcast per
-    owner, ``V / S`` rows held). :meth:`add_grad` routes a slice's gradient to its owners: each owner's part is
+    owner, ``V / S`` rows held). :meth:`slice_grad` is a fresh ``(V / S, D)`` buffer, and :meth:`add_grad`
+    routes the slice's gradient summed there to its owners: each owner's part is
     summed over the ranks (``dist.reduce`` to the owner) and divided by the world size into the owner's local
     gradient, the reduction of today's whole gather (``Partial("avg")``, FSDP2's averaged reduce-scatter).
     The gradient flows into the parameter through ``to_local()``, so it lands as a ``Shard(0)`` ``DTensor``
@@ -214,6 +215,9 @@ class ShardedHeadSlices(HeadSlices):
                 part.copy_(self.weight.detach()[lo - self.start : hi - self.start])
             dist.broadcast(part, src=src, group=self.group)
         return out
+
+    def slice_grad(self, grad_source: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+        return torch.zeros((v1 - v0, self.shape[1]), dtype=grad_source.dtype, device=grad_source.device)
 
     def add_grad(self, grad_source: torch.Tensor, v0: int, v1: int, grad: torch.Tensor) -> None:
         for r, dst, lo, hi in self._parts(v0, v1):

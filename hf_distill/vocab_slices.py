@@ -40,12 +40,12 @@ class HeadSlices:
     """An output embedding ``W`` ``(V, D)`` read as row slices, with each slice's gradient added back.
 
     This plain form slices a tensor that the process holds whole (one process, DDP, a parameter FSDP2 left
-    unsharded): :meth:`read` is a view, and the gradient goes to ``weight``. Engines that hold ``W`` in
+    unsharded): :meth:`read` is a view, and the gradient is summed in place in a gradient of ``weight``'s shape. Engines that hold ``W`` in
     pieces subclass it (:class:`hf_distill.sharding.ShardedHeadSlices`).
 
     ``source``: the tensor the gradient of ``W`` flows into through autograd (here ``weight`` itself);
-    :meth:`new_grad` makes a zero gradient shaped like it and :meth:`add_grad` adds a slice's gradient
-    into that.
+    :meth:`new_grad` makes a zero gradient shaped like it; for each slice, the loss sums its gradient in
+    :meth:`slice_grad`'s tensor, then hands it back with :meth:`add_grad`.
     """
 
     def __init__(self, weight: torch.Tensor):
@@ -66,9 +66,14 @@ class HeadSlices:
     def new_grad(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(self.source.shape, dtype=dtype, device=self.source.device)
 
+    def slice_grad(self, grad_source: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+        """Zeros ``(v1 - v0, D)`` in which this process sums its gradient of rows ``[v0, v1)``: here those rows
+        of ``grad_source`` themselves, so no slice-sized buffer is added."""
+        return grad_source[v0:v1]
+
     def add_grad(self, grad_source: torch.Tensor, v0: int, v1: int, grad: torch.Tensor) -> None:
-        """Add ``grad`` ``(v1 - v0, D)``, this process's gradient of rows ``[v0, v1)``, into ``grad_source``."""
-        grad_source[v0:v1] += grad
+        """Hand back ``grad``, the complete gradient of rows ``[v0, v1)`` summed in :meth:`slice_grad`'s tensor,
+        into ``grad_source``: here it is there already."""
 
 
 def slice_bounds(vocab: int, num_slices: int) -> list[tuple[int, int]]:
@@ -279,7 +284,7 @@ class _SlicedLMLosses(torch.autograd.Function):
         for v0, v1 in s.bounds:
             head = s.student_head.read(v0, v1)
             t_head = s.teacher_head.read(v0, v1) if s.kd in _DENSE_TEACHER else None
-            grad_slice = torch.zeros(head.shape, dtype=work, device=head.device) if want_head else None
+            grad_slice = s.student_head.slice_grad(grad_source, v0, v1) if want_head else None
             for start in range(0, n, s.chunk_size):
                 rows = slice(start, min(start + s.chunk_size, n))
                 z, log_p_s, log_p_t = _blocks(s, hidden, head, t_head, rows, stats, work)

@@ -148,6 +148,34 @@ class CountingSlices(HeadSlices):
         super().add_grad(grad_source, v0, v1, grad)
 
 
+class CopyingSlices(HeadSlices):
+    """A head whose slices are copies and whose slice gradients are separate buffers, added back (as a sharded
+    head's are): the loss must not rely on the plain head's in-place views."""
+
+    def read(self, v0, v1):
+        return super().read(v0, v1).clone()
+
+    def slice_grad(self, grad_source, v0, v1):
+        return torch.zeros((v1 - v0, self.shape[1]), dtype=grad_source.dtype)
+
+    def add_grad(self, grad_source, v0, v1, grad):
+        grad_source[v0:v1] += grad
+
+
+def test_a_head_with_its_own_slice_buffers_gives_the_same_gradients():
+    x = _inputs()
+    grads = []
+    for head in (HeadSlices, CopyingSlices):
+        hidden, weight = x["hidden"].clone().requires_grad_(), x["head"].clone().requires_grad_()
+        side = _teacher_side("kl", x)
+        out = sliced_lm_losses(
+            hidden, head(weight), kd="kl", num_slices=5, labels=x["labels"], chunk_size=4, **side
+        )
+        out.loss.backward()
+        grads.append((hidden.grad, weight.grad))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("kd", KDS)
 def test_each_slice_is_read_once_a_pass_and_its_gradient_handed_back_once(kd):
     x = _inputs()
