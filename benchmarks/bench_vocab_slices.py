@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "head_reads_per_step": {
             "whole (chunked_lm_losses)": 1,
-            **{str(k): v for k, v in vocab_slices.HEAD_READS.items()},
+            **{f"sliced, kd={k}" if k else "sliced, CE only": v for k, v in vocab_slices.HEAD_READS.items()},
         },
         "head_mib": {
             "head_float32": args.vocab * args.dim * 4 / mib,
