@@ -104,6 +104,15 @@ class _Setup:
     kd_weight: float
     ce_weight: float
     bounds: list[tuple[int, int]]
+    amp: tuple[str, bool, torch.dtype] = ("cpu", False, torch.bfloat16)  # the caller's autocast
+
+
+def _mm(s: _Setup, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` under the caller's autocast, as ``chunked_lm_losses`` forms its logits and gradient products; the
+    softmax sums around it run with autocast off (``torch.einsum`` would otherwise run in half precision)."""
+    device, enabled, dtype = s.amp
+    with torch.autocast(device, dtype=dtype, enabled=enabled):
+        return a @ b
 
 
 def _online(m: torch.Tensor, e: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +158,7 @@ def _first_pass(hidden: torch.Tensor, s: _Setup, work: torch.dtype) -> dict[str,
         t_head = s.teacher_head.read(v0, v1) if kd in _DENSE_TEACHER else None
         for start in range(0, n, s.chunk_size):
             rows = slice(start, min(start + s.chunk_size, n))
-            z = (hidden[rows] @ head.T).to(work)
+            z = _mm(s, hidden[rows], head.T).to(work)
             if has_ce:
                 inside, col = _in_slice(target[rows], v0, v1)
                 z_target[rows] += torch.where(inside, z.gather(-1, col), 0.0).squeeze(-1)
@@ -161,7 +170,7 @@ def _first_pass(hidden: torch.Tensor, s: _Setup, work: torch.dtype) -> dict[str,
                 continue
             x = z.div_(temp) if temp != 1.0 else z
             if kd in _DENSE_TEACHER:
-                t = (s.teacher_hidden[rows] @ t_head.T).to(work).div_(temp)
+                t = _mm(s, s.teacher_hidden[rows], t_head.T).to(work).div_(temp)
                 ex_t, rescale_t = _online(mt[rows], et[rows], t)
             ex_s, rescale_s = _online(ms[rows], es[rows], x)
             if kd == "kl":
@@ -192,11 +201,11 @@ def _first_pass(hidden: torch.Tensor, s: _Setup, work: torch.dtype) -> dict[str,
 
 def _blocks(s: _Setup, hidden, head, t_head, rows, stats, work):
     """``log p_s`` (and ``log p_t`` with a dense teacher) of one chunk of one slice, from the known normalisers."""
-    z = (hidden[rows] @ head.T).to(work)
+    z = _mm(s, hidden[rows], head.T).to(work)
     log_p_s = (z / s.temperature if s.temperature != 1.0 else z.clone()).sub_(stats["lse_s"][rows, None])
     log_p_t = None
     if s.kd in _DENSE_TEACHER:
-        t = (s.teacher_hidden[rows] @ t_head.T).to(work).div_(s.temperature)
+        t = _mm(s, s.teacher_hidden[rows], t_head.T).to(work).div_(s.temperature)
         log_p_t = t.sub_(stats["lse_t"][rows, None])
     return z, log_p_s, log_p_t
 
@@ -255,17 +264,20 @@ class _SlicedLMLosses(torch.autograd.Function):
     def forward(ctx, hidden, source, s: _Setup):
         n = hidden.shape[0]
         work = torch.promote_types(hidden.dtype, torch.float32)
-        stats = _first_pass(hidden.detach(), s, work)
-        if s.kd == "jsd":
-            _jsd_pass(hidden.detach(), s, stats, work)
+        device = hidden.device.type  # the logits are formed under the caller's autocast, in backward too
+        s.amp = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        with torch.autocast(device, enabled=False):
+            stats = _first_pass(hidden.detach(), s, work)
+            if s.kd == "jsd":
+                _jsd_pass(hidden.detach(), s, stats, work)
         kd_value = torch.zeros((), dtype=torch.float32, device=hidden.device)
         ce_value = torch.zeros_like(kd_value)
-        n_labelled = 1.0
+        n_labelled = None
         if s.kd is not None:
             kd_value = (s.temperature**2 * stats["kd"].sum() / max(n, 1)).float()
         if s.labels is not None:
             labelled = s.labels != IGNORE_INDEX
-            n_labelled = float(labelled.sum().clamp_min(1))
+            n_labelled = labelled.sum().clamp_min(1).to(work)  # a tensor: no host sync
             ce_value = ((stats["ce"] * labelled).sum() / n_labelled).float()
         ctx.save_for_backward(hidden)
         ctx.setup, ctx.stats, ctx.work, ctx.n_labelled = s, stats, work, n_labelled
@@ -274,6 +286,11 @@ class _SlicedLMLosses(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, grad_kd, grad_ce):
+        with torch.autocast(ctx.setup.amp[0], enabled=False):
+            return _SlicedLMLosses._backward(ctx, grad_total)
+
+    @staticmethod
+    def _backward(ctx, grad_total):
         (hidden,) = ctx.saved_tensors
         s, stats, work = ctx.setup, ctx.stats, ctx.work
         want_hidden, want_head = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -294,9 +311,9 @@ class _SlicedLMLosses(torch.autograd.Function):
                 del z, log_p_s, log_p_t
                 g = g.to(dtype)
                 if want_hidden:
-                    grad_hidden[rows] += (g @ head).to(work)
+                    grad_hidden[rows] += _mm(s, g, head).to(work)
                 if want_head:
-                    grad_slice += (g.T @ hidden[rows]).to(work)
+                    grad_slice += _mm(s, g.T, hidden[rows]).to(work)
                 del g
             if want_head:  # handed back now, scaled by the grad output before any reduction across ranks
                 s.student_head.add_grad(grad_source, v0, v1, grad_slice.mul_(scale))

@@ -230,3 +230,43 @@ def test_shapes_are_checked_as_chunked_lm_losses_checks_them():
             teacher_hidden=x["teacher_hidden"],
             teacher_head=x["teacher_head"][:-1],
         )
+
+
+def test_under_autocast_the_logits_are_half_precision_and_the_softmax_sums_are_not():
+    """CPU autocast to bfloat16: the logits and the gradients' products are formed in bfloat16, forward and
+    backward alike (the backward runs under the forward's autocast), and the softmax sums stay in float32: the
+    loss and gradients of a float64 reference on the same bfloat16 logits."""
+    x = {k: v.float() if v.is_floating_point() else v for k, v in _inputs(7).items()}
+    side = _teacher_side("kl", x)
+    hidden, head = x["hidden"].clone().requires_grad_(), x["head"].clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sliced_lm_losses(
+            hidden, head, kd="kl", num_slices=5, temperature=2.0, labels=x["labels"], **side
+        )
+    out.loss.backward()
+    assert hidden.grad.dtype == head.grad.dtype == torch.float32
+    ref_hidden, ref_head = x["hidden"].clone().requires_grad_(), x["head"].clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = (ref_hidden @ ref_head.T).double()
+        z_t = (x["teacher_hidden"] @ x["teacher_head"].T).double()
+    log_p_s, log_p_t = F.log_softmax(z / 2, -1), F.log_softmax(z_t / 2, -1)
+    kl = 4 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
+    want = kl + F.cross_entropy(z, x["labels"])
+    want.backward()
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(head.grad, ref_head.grad, rtol=1e-2, atol=1e-3)
+
+
+def test_the_loss_makes_no_host_sync():
+    from test_host_syncs import HostSyncs
+
+    x = _inputs()
+    hidden, head = x["hidden"].clone().requires_grad_(), x["head"].clone().requires_grad_()
+    for kd in KDS:
+        with HostSyncs() as syncs:
+            out = sliced_lm_losses(
+                hidden, head, kd=kd, num_slices=5, labels=x["labels"], **_teacher_side(kd, x)
+            )
+            out.loss.backward()
+        assert syncs.ours == [], kd
