@@ -10,7 +10,6 @@ from datasets import Dataset
 from lm_fixtures import VOCAB, tiny_llama
 
 from hf_distill import DistillationTrainer, precompute_teacher_logits, read_provenance
-from hf_distill.errors import InputError
 
 
 def lm_rows(n: int = 8, length: int = 12, seed: int = 3) -> Dataset:
@@ -276,43 +275,3 @@ def test_fused_soft_labels_only_read_no_labels_and_count_every_position_without_
     (dense, _, dense_parts), (fused, _, fused_parts) = results[None], results[5]
     torch.testing.assert_close(fused, dense, rtol=1e-5, atol=1e-6)
     assert set(fused_parts) == set(dense_parts) == {"kd"}
-
-
-# ---- the heads in vocabulary slices (lm_vocab_slices, hf_distill.vocab_slices) ---------------------------------
-
-
-@pytest.mark.parametrize("kd_loss", ["kl", "jsd"])
-def test_vocab_slices_equal_the_whole_heads_loss_and_gradients(tmp_path, kd_loss):
-    teacher, rows = tiny_llama(1, layers=3), lm_rows()
-    losses, grads = {}, {}
-    for slices in (1, 5):  # 5 slices of the 96-row vocabulary: 19 or 20 rows each
-        student = tiny_llama(2)
-        args = config(
-            tmp_path,
-            temperature=2.0,
-            alpha=0.7,
-            beta=0.3,
-            kd_loss=kd_loss,
-            lm_chunk_size=5,
-            lm_vocab_slices=slices,
-        )
-        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows)
-        assert trainer.loss_path.reason.endswith("vocabulary slices") == (slices > 1)
-        student.train()
-        loss = trainer.compute_loss(student, batch_of(rows, trainer))
-        loss.backward()
-        losses[slices] = loss.detach()
-        grads[slices] = {n: p.grad.clone() for n, p in student.named_parameters()}
-    torch.testing.assert_close(losses[5], losses[1], rtol=1e-6, atol=1e-6)
-    for name, grad in grads[1].items():
-        torch.testing.assert_close(grads[5][name], grad, rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_vocab_slices_are_refused_on_the_dense_path(tmp_path):
-    args = config(tmp_path, lm_chunk_size=None, lm_vocab_slices=4)
-    with pytest.raises(
-        InputError, match=r"^lm_vocab_slices=4 reads .* dense path \(lm_chunk_size=None\): set "
-    ):
-        DistillationTrainer(
-            model=tiny_llama(2), teacher_model=tiny_llama(1), args=args, train_dataset=lm_rows()
-        )

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import config
+from test_lm_trainer import batch_of, lm_rows, tiny_llama
 
+from hf_distill import DistillationTrainer
+from hf_distill.errors import InputError
 from hf_distill.vocab_losses import chunked_lm_losses, sample_teacher_tokens
 from hf_distill.vocab_slices import HEAD_READS, HeadSlices, slice_bounds, sliced_lm_losses
 
@@ -270,3 +274,43 @@ def test_the_loss_makes_no_host_sync():
             )
             out.loss.backward()
         assert syncs.ours == [], kd
+
+
+# ---- the trainer's option: lm_vocab_slices ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kd_loss", ["kl", "jsd"])
+def test_vocab_slices_equal_the_whole_heads_loss_and_gradients(tmp_path, kd_loss):
+    teacher, rows = tiny_llama(1, layers=3), lm_rows()
+    losses, grads = {}, {}
+    for slices in (1, 5):  # 5 slices of the 96-row vocabulary: 19 or 20 rows each
+        student = tiny_llama(2)
+        args = config(
+            tmp_path,
+            temperature=2.0,
+            alpha=0.7,
+            beta=0.3,
+            kd_loss=kd_loss,
+            lm_chunk_size=5,
+            lm_vocab_slices=slices,
+        )
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows)
+        assert trainer.loss_path.reason.endswith("vocabulary slices") == (slices > 1)
+        student.train()
+        loss = trainer.compute_loss(student, batch_of(rows, trainer))
+        loss.backward()
+        losses[slices] = loss.detach()
+        grads[slices] = {n: p.grad.clone() for n, p in student.named_parameters()}
+    torch.testing.assert_close(losses[5], losses[1], rtol=1e-6, atol=1e-6)
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[5][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_vocab_slices_are_refused_on_the_dense_path(tmp_path):
+    args = config(tmp_path, lm_chunk_size=None, lm_vocab_slices=4)
+    with pytest.raises(
+        InputError, match=r"^lm_vocab_slices=4 reads .* dense path \(lm_chunk_size=None\): set "
+    ):
+        DistillationTrainer(
+            model=tiny_llama(2), teacher_model=tiny_llama(1), args=args, train_dataset=lm_rows()
+        )
