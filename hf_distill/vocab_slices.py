@@ -40,8 +40,9 @@ class HeadSlices:
     """An output embedding ``W`` ``(V, D)`` read as row slices, with each slice's gradient added back.
 
     This plain form slices a tensor that the process holds whole (one process, DDP, a parameter FSDP2 left
-    unsharded): :meth:`read` is a view, and the gradient is summed in place in a gradient of ``weight``'s shape. Engines that hold ``W`` in
-    pieces subclass it (:class:`hf_distill.sharding.ShardedHeadSlices`).
+    unsharded): :meth:`read` is a view, and each slice's gradient is summed in place in a gradient of
+    ``weight``'s shape. Engines that hold ``W`` in pieces subclass it
+    (:class:`hf_distill.sharding.ShardedHeadSlices`).
 
     ``source``: the tensor the gradient of ``W`` flows into through autograd (here ``weight`` itself);
     :meth:`new_grad` makes a zero gradient shaped like it; for each slice, the loss sums its gradient in
