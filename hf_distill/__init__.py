@@ -39,6 +39,7 @@ from .teacher_cache import (
 )
 from .teacher_completions import TeacherCompletions, teacher_completions
 from .trainer import DistillationTrainer, TeacherOutput
+from .vocab_slices import sliced_lm_losses
 
 __all__ = [
     "DistillationConfig",
@@ -77,6 +78,7 @@ __all__ = [
     "reverse_kl_loss",
     "sample_teacher_tokens",
     "select_teacher_layers",
+    "sliced_lm_losses",
     "teacher_completions",
     "tokenize_instruction_dataset",
     "topk_kl_div_loss",

@@ -70,6 +70,7 @@ def check_ranges(settings: Any, ranges: dict[str, Range]) -> None:
 # before TrainingArguments converts some of them or fails on them with an error that names no key.
 TRAINING_RANGES = {
     "lm_chunk_size": AT_LEAST_1,
+    "lm_vocab_slices": AT_LEAST_1,
     "jsd_mixture": Range(0, 1),
     "lmbda": Range(0, 1),
     "rollout_max_new_tokens": AT_LEAST_1,
@@ -233,6 +234,15 @@ class DistillationConfig(TrainingArguments):
             "vocabulary) logits of student and teacher a chunk at a time and never whole "
             "(hf_distill.vocab_losses.chunked_lm_losses). None: the models' full logits and the dense losses. "
             "Hidden-state and attention losses use the dense path."
+        },
+    )
+    lm_vocab_slices: int = field(
+        default=1,
+        metadata={
+            "help": "Causal LMs, fused loss: read the student's and a live teacher's output embeddings in this many "
+            "vocabulary slices (hf_distill.vocab_slices.sliced_lm_losses), so FSDP2 gathers V / lm_vocab_slices "
+            "rows of a head at a time instead of the whole head; each head is then read 2 times a step (3 for "
+            "kd_loss='jsd'). 1 (default): the whole head, gathered once. Not under DeepSpeed ZeRO-3."
         },
     )
     check_finite: bool = field(

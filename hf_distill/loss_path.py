@@ -83,8 +83,10 @@ def choose_loss_path(
             "or distil from a live teacher or dense cached logits."
         )
     if not isinstance(spec, CausalLMSpec):
+        _refuse_vocab_slices(args, f"{spec.name} logits")
         return LossPath(DENSE, teacher, f"{spec.name} logits")
     if args.lm_chunk_size is None:
+        _refuse_vocab_slices(args, "lm_chunk_size=None")
         return LossPath(DENSE, teacher, "lm_chunk_size=None")
     dense_because = [
         (args.hidden_loss_weight > 0, "hidden_loss_weight > 0 needs the full forward"),
@@ -96,10 +98,21 @@ def choose_loss_path(
     ]
     reasons = [why for hit, why in dense_because if hit]
     if reasons:
+        _refuse_vocab_slices(args, "; ".join(reasons))
         return LossPath(
             DENSE, teacher, "; ".join(reasons) + ": the (positions x vocabulary) logits are formed"
         )
-    return LossPath(FUSED, teacher, f"chunked causal-LM loss, {args.lm_chunk_size} positions a chunk")
+    slices = f", the heads in {args.lm_vocab_slices} vocabulary slices" if args.lm_vocab_slices > 1 else ""
+    return LossPath(FUSED, teacher, f"chunked causal-LM loss, {args.lm_chunk_size} positions a chunk{slices}")
+
+
+def _refuse_vocab_slices(args: DistillationConfig, why: str) -> None:
+    """``lm_vocab_slices > 1`` slices the fused loss's heads: refused where the dense path is taken."""
+    if args.lm_vocab_slices > 1:
+        raise InputError(
+            f"lm_vocab_slices={args.lm_vocab_slices} reads the fused causal-LM loss's heads in slices, but this run "
+            f"takes the dense path ({why}): set lm_vocab_slices=1."
+        )
 
 
 def check_sample_temperature(path: LossPath, dataset, args: DistillationConfig) -> None:

@@ -17,6 +17,10 @@ whole there:
 
 Anything else (one process, DDP, ZeRO-1/2) yields ``module.weight`` unchanged.
 
+:func:`head_slices` reads the weight in vocabulary slices instead (``lm_vocab_slices > 1``,
+:func:`hf_distill.vocab_slices.sliced_lm_losses`): under FSDP2 only the rows of one slice are gathered at a
+time (:class:`ShardedHeadSlices`). ZeRO-3 gathers whole parameters only, so it is refused there.
+
 :func:`check_sharded_settings` refuses, before training, a model partitioned by ZeRO-3 in a run that would not
 gather it (a ZeRO-0/1/2 config, or no DeepSpeed). Offloading ZeRO-3 to the CPU needs no refusal: the gather reads
 offloaded partitions too (``tests/test_sharded_lm.py``).
@@ -29,10 +33,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from .errors import InputError
+from .vocab_slices import HeadSlices
 
 
 def is_zero3_partitioned(param: torch.Tensor) -> bool:
@@ -92,6 +98,16 @@ def check_sharded_settings(
             )
 
 
+def check_vocab_slices(deepspeed_config: Mapping[str, Any] | None, num_slices: int) -> None:
+    """Refuse ``lm_vocab_slices > 1`` under ZeRO-3, as one :class:`hf_distill.errors.InputError` line:
+    ``GatheredParameters`` gathers whole parameters only, so a head cannot be read a slice at a time there."""
+    if num_slices > 1 and zero_stage(deepspeed_config) == 3:
+        raise InputError(
+            f"lm_vocab_slices={num_slices} cannot slice the heads under DeepSpeed ZeRO-3 (GatheredParameters gathers "
+            "whole parameters only): set lm_vocab_slices=1, or shard with FSDP2."
+        )
+
+
 @contextmanager
 def gathered_weight(module: nn.Module) -> Iterator[torch.Tensor]:
     """Inside, the full ``(V, D)`` weight of ``module`` (an output embedding), differentiable into its shards.
@@ -145,3 +161,81 @@ def gathered_model(model: nn.Module) -> Iterator[nn.Module]:
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield model
+
+
+class ShardedHeadSlices(HeadSlices):
+    """An FSDP2 output embedding (a ``DTensor`` sharded ``Shard(0)`` on a 1-D mesh) read in row slices.
+
+    Rank ``r`` holds rows ``[a_r, b_r)`` (``torch.chunk``'s split of ``V``, as FSDP2 shards). :meth:`read`
+    gathers rows ``[v0, v1)``: each rank whose rows meet the slice broadcasts its part (one broadcast per
+    owner, ``V / S`` rows held). :meth:`slice_grad` is a fresh ``(V / S, D)`` buffer, and :meth:`add_grad`
+    routes the slice's gradient summed there to its owners: each owner's part is
+    summed over the ranks (``dist.reduce`` to the owner) and divided by the world size into the owner's local
+    gradient, the reduction of today's whole gather (``Partial("avg")``, FSDP2's averaged reduce-scatter).
+    The gradient flows into the parameter through ``to_local()``, so it lands as a ``Shard(0)`` ``DTensor``
+    gradient, as FSDP2 keeps it. Every rank must call :meth:`read` and :meth:`add_grad` with the same slices in
+    the same order (they are collectives).
+    """
+
+    def __init__(self, weight: DTensor):
+        mesh = weight.device_mesh
+        if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+            raise InputError(
+                f"lm_vocab_slices > 1 reads an FSDP2 head sharded Shard(0) on a 1-D mesh; this one is "
+                f"{tuple(weight.placements)} on a {mesh.ndim}-D mesh: set lm_vocab_slices=1 (the whole gather)."
+            )
+        local = weight.to_local()  # differentiable: its gradient becomes the DTensor's Shard(0) gradient
+        super().__init__(local)
+        self.shape = tuple(weight.shape)
+        self.group = mesh.get_group()
+        self.world, self.rank = mesh.size(), mesh.get_local_rank()
+        rows = [len(c) for c in torch.arange(self.shape[0]).chunk(self.world)]
+        rows += [0] * (self.world - len(rows))
+        if rows[self.rank] != local.shape[0]:
+            raise InputError(
+                f"this rank holds {local.shape[0]} rows of the {self.shape[0]}-row head, expected {rows[self.rank]} "
+                "(torch.chunk's split, as FSDP2 shards): set lm_vocab_slices=1 (the whole gather)."
+            )
+        starts = [sum(rows[:r]) for r in range(self.world)]
+        self.owners = [(r, a, a + n) for r, (a, n) in enumerate(zip(starts, rows, strict=True)) if n]
+        self.start = starts[self.rank]
+
+    def _parts(self, v0: int, v1: int):
+        """``(global rank, lo, hi)`` of each owner of rows in ``[v0, v1)``, ``[lo, hi)`` its rows there."""
+        for r, a, b in self.owners:
+            lo, hi = max(a, v0), min(b, v1)
+            if lo < hi:
+                yield r, dist.get_global_rank(self.group, r), lo, hi
+
+    def read(self, v0: int, v1: int) -> torch.Tensor:
+        out = torch.empty((v1 - v0, self.shape[1]), dtype=self.dtype, device=self.device)
+        for r, src, lo, hi in self._parts(v0, v1):
+            part = out[lo - v0 : hi - v0]
+            if r == self.rank:
+                part.copy_(self.weight.detach()[lo - self.start : hi - self.start])
+            dist.broadcast(part, src=src, group=self.group)
+        return out
+
+    def slice_grad(self, grad_source: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+        return torch.zeros((v1 - v0, self.shape[1]), dtype=grad_source.dtype, device=grad_source.device)
+
+    def add_grad(self, grad_source: torch.Tensor, v0: int, v1: int, grad: torch.Tensor) -> None:
+        for r, dst, lo, hi in self._parts(v0, v1):
+            part = grad[lo - v0 : hi - v0].contiguous()
+            dist.reduce(part, dst=dst, op=dist.ReduceOp.SUM, group=self.group)
+            if r == self.rank:
+                grad_source[lo - self.start : hi - self.start] += part / self.world
+
+
+def head_slices(module: nn.Module) -> HeadSlices:
+    """The output embedding of ``module`` as :class:`~hf_distill.vocab_slices.HeadSlices` for
+    :func:`~hf_distill.vocab_slices.sliced_lm_losses`: a :class:`ShardedHeadSlices` for an FSDP2 ``DTensor``, the
+    plain form for a tensor this process holds whole (one process, DDP, a parameter FSDP2 left unsharded);
+    refused under ZeRO-3, whose ``GatheredParameters`` gathers whole parameters only."""
+    weight = module.weight
+    if is_zero3_partitioned(weight):
+        raise InputError(
+            "lm_vocab_slices > 1 cannot slice a DeepSpeed ZeRO-3 head (GatheredParameters gathers whole parameters "
+            "only): set lm_vocab_slices=1, or shard with FSDP2."
+        )
+    return ShardedHeadSlices(weight) if isinstance(weight, DTensor) else HeadSlices(weight)

@@ -29,7 +29,14 @@ from .loss_log import LossMeans
 from .loss_path import FUSED, check_sample_temperature, check_train_columns, choose_loss_path
 from .projection import HIDDEN_PROJECTION_NAME, HiddenProjection  # noqa: F401 (the checkpoint file's name)
 from .rollouts import INSTRUCTION_COLUMNS, choose_rollouts, completion_tokens
-from .sharding import check_sharded_settings, deepspeed_config, gathered_weight, models_by_name
+from .sharding import (
+    check_sharded_settings,
+    check_vocab_slices,
+    deepspeed_config,
+    gathered_weight,
+    head_slices,
+    models_by_name,
+)
 from .tasks import (
     base_model,
     forward_params,
@@ -48,6 +55,7 @@ from .teacher_outputs import (
 )
 from .teachers import FiniteCheck, load_teachers, prepare_teacher, run_teachers
 from .vocab_losses import chunked_lm_losses
+from .vocab_slices import sliced_lm_losses
 
 logger = logging.get_logger(__name__)
 
@@ -191,6 +199,7 @@ class DistillationTrainer(Trainer):
         )
         check_sample_temperature(self.loss_path, train_dataset, args)
         check_sharded_settings(deepspeed_config(args), models_by_name(model, teachers))
+        check_vocab_slices(deepspeed_config(args), args.lm_vocab_slices)
         self.rollouts = choose_rollouts(args, self.spec, self.loss_path.teacher, columns, processing_class)
         if data_collator is not None:
             return data_collator
@@ -353,21 +362,28 @@ class DistillationTrainer(Trainer):
         select = spec.position_selector(inputs, hidden)
         teacher_side = self._fused_teacher_inputs(inputs, select) if args.alpha > 0 else {"kd": None}
         labels = select(spec.targets(inputs["labels"]), aligned=True) if args.beta > 0 else None
-        with ExitStack() as gathered:  # ZeRO-3 / FSDP2: the whole heads, for this loss only
+        settings = {
+            "temperature": args.temperature,
+            "labels": labels,
+            "chunk_size": args.lm_chunk_size,
+            "kd_weight": args.alpha,
+            "ce_weight": args.beta,
+            "jsd_mixture": args.jsd_mixture,
+        }
+        if args.lm_vocab_slices > 1:  # FSDP2: a vocabulary slice of each head gathered at a time
             if "teacher_head" in teacher_side:
-                head = teacher_side["teacher_head"]
-                teacher_side["teacher_head"] = gathered.enter_context(gathered_weight(head))
-            out = chunked_lm_losses(
-                select(hidden),
-                gathered.enter_context(gathered_weight(output_embedding(model))),
-                temperature=args.temperature,
-                labels=labels,
-                chunk_size=args.lm_chunk_size,
-                kd_weight=args.alpha,
-                ce_weight=args.beta,
-                jsd_mixture=args.jsd_mixture,
-                **teacher_side,
+                teacher_side["teacher_head"] = head_slices(teacher_side["teacher_head"])
+            student_head = head_slices(output_embedding(model))
+            out = sliced_lm_losses(
+                select(hidden), student_head, num_slices=args.lm_vocab_slices, **settings, **teacher_side
             )
+        else:
+            with ExitStack() as gathered:  # ZeRO-3 / FSDP2: the whole heads, for this loss only
+                if "teacher_head" in teacher_side:
+                    head = teacher_side["teacher_head"]
+                    teacher_side["teacher_head"] = gathered.enter_context(gathered_weight(head))
+                student_head = gathered.enter_context(gathered_weight(output_embedding(model)))
+                out = chunked_lm_losses(select(hidden), student_head, **settings, **teacher_side)
         components = {"kd": out.kd} if args.alpha > 0 else {}
         if args.beta > 0:
             components["ce"] = out.ce

@@ -2,8 +2,10 @@
 student against a sharded live teacher, and one optimizer step, against the same models unsharded on the
 whole batch in this process.
 
-``torchrun --nproc_per_node 2 tests/fsdp2_fused.py OUT [--tie]`` writes ``OUT/rank<R>.pt`` with both losses
-and both students' full weights after the step. The loss is formed as the trainer's fused path forms it
+``torchrun --nproc_per_node 2 tests/fsdp2_fused.py OUT [--tie] [--slices S]`` writes ``OUT/rank<R>.pt`` with both
+losses and both students' full weights after the step. With ``--slices S`` the ranks read both heads in ``S``
+vocabulary slices (:func:`hf_distill.sharding.head_slices`, :func:`hf_distill.vocab_slices.sliced_lm_losses`);
+the one-process reference reads them whole. The loss is formed as the trainer's fused path forms it
 (:func:`hf_distill.tasks.last_hidden_state`, :func:`hf_distill.sharding.gathered_weight`,
 :func:`hf_distill.vocab_losses.chunked_lm_losses`); Accelerate's Trainer refuses FSDP on the CPU, so the
 ranks call it directly.
@@ -22,9 +24,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import LlamaForCausalLM
 
-from hf_distill.sharding import gathered_weight
+from hf_distill.sharding import gathered_weight, head_slices
 from hf_distill.tasks import last_hidden_state
 from hf_distill.vocab_losses import chunked_lm_losses
+from hf_distill.vocab_slices import sliced_lm_losses
 
 ROWS, LENGTH = 4, 12
 
@@ -38,26 +41,30 @@ def shard(model: LlamaForCausalLM, tie: bool) -> LlamaForCausalLM:
     return model
 
 
-def fused_loss(student, teacher, input_ids, labels) -> torch.Tensor:
-    """0.5 * KL + 0.5 * CE over every position, as DistillationTrainer.compute_fused_lm_loss forms it."""
+def fused_loss(student, teacher, input_ids, labels, slices: int = 1) -> tuple[torch.Tensor, str]:
+    """0.5 * KL + 0.5 * CE over every position, as DistillationTrainer.compute_fused_lm_loss forms it (the
+    heads in ``slices`` vocabulary slices when ``slices > 1``), and the type of the student's head there."""
     inputs = {"input_ids": input_ids}
     hidden = last_hidden_state(student, inputs)[:, :-1].reshape(-1, 32)
     with torch.no_grad():
         t_hidden = last_hidden_state(teacher, inputs)[:, :-1].reshape(-1, 32)
+    settings = {
+        "kd": "kl",
+        "temperature": 2.0,
+        "labels": labels[:, 1:].reshape(-1),
+        "chunk_size": 7,
+        "teacher_hidden": t_hidden,
+        "kd_weight": 0.5,
+        "ce_weight": 0.5,
+    }
+    if slices > 1:
+        head, t_head = head_slices(student.lm_head), head_slices(teacher.lm_head)
+        out = sliced_lm_losses(hidden, head, teacher_head=t_head, num_slices=slices, **settings)
+        return out.loss, type(head).__name__
+    kind = type(student.lm_head.weight).__name__
     with gathered_weight(student.lm_head) as head, gathered_weight(teacher.lm_head) as t_head:
-        out = chunked_lm_losses(
-            hidden,
-            head,
-            kd="kl",
-            temperature=2.0,
-            labels=labels[:, 1:].reshape(-1),
-            chunk_size=7,
-            teacher_hidden=t_hidden,
-            teacher_head=t_head,
-            kd_weight=0.5,
-            ce_weight=0.5,
-        )
-    return out.loss
+        out = chunked_lm_losses(hidden, head, teacher_head=t_head, **settings)
+    return out.loss, kind
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -67,7 +74,7 @@ def full_state(model) -> dict[str, torch.Tensor]:
     }
 
 
-def main(out: Path, tie: bool) -> None:
+def main(out: Path, tie: bool, slices: int) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
@@ -79,7 +86,7 @@ def main(out: Path, tie: bool) -> None:
     # one process, the whole batch
     ref_student, ref_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
     ref_opt = torch.optim.AdamW(ref_student.parameters(), lr=1e-2)
-    ref_loss = fused_loss(ref_student, ref_teacher, input_ids, input_ids)
+    ref_loss, _ = fused_loss(ref_student, ref_teacher, input_ids, input_ids)
     ref_loss.backward()
     ref_opt.step()
 
@@ -89,13 +96,18 @@ def main(out: Path, tie: bool) -> None:
     shard(teacher, tie)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
     rows = input_ids.chunk(world)[rank]
-    loss = fused_loss(student, teacher, rows, rows)
+    loss, head_kind = fused_loss(student, teacher, rows, rows, slices)
     loss.backward()
     opt.step()
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
     mean_loss /= world
-    result = {"loss": mean_loss, "ref_loss": ref_loss.detach(), "state": full_state(student)}
+    result = {
+        "loss": mean_loss,
+        "ref_loss": ref_loss.detach(),
+        "state": full_state(student),
+        "head": head_kind,
+    }
     result["ref_state"] = {k: v.detach().clone() for k, v in ref_student.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
     torch.save(result, out / f"rank{rank}.pt")
@@ -103,4 +115,6 @@ def main(out: Path, tie: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), tie="--tie" in sys.argv[2:])
+    flags = sys.argv[2:]
+    slices = int(flags[flags.index("--slices") + 1]) if "--slices" in flags else 1
+    main(Path(sys.argv[1]), tie="--tie" in flags, slices=slices)

@@ -40,6 +40,34 @@ def test_fsdp2_fused_loss_and_step_equal_one_process(tmp_path, tie):
             torch.testing.assert_close(result["state"][key], value, rtol=0, atol=1e-5, msg=key)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("tie", [False, True], ids=["own-head-resharded", "tied-head-in-root"])
+def test_fsdp2_sliced_fused_loss_and_step_equal_one_process(tmp_path, tie):
+    """Both heads read in 3 vocabulary slices on 2 ranks (96 rows, 48 a rank: the middle slice spans both),
+    against the whole heads in one process: the loss, and the weights after one AdamW step."""
+    ranks = _torchrun(HERE / "fsdp2_fused.py", tmp_path, "--slices", "3", *(["--tie"] if tie else []))
+    for (
+        result
+    ) in ranks:  # a resharded head is gathered a slice at a time; the root's stays whole after its forward
+        assert result["head"] == ("HeadSlices" if tie else "ShardedHeadSlices")
+        torch.testing.assert_close(result["loss"], result["ref_loss"], rtol=0, atol=1e-5)
+        assert result["state"].keys() == result["ref_state"].keys()
+        for key, value in result["ref_state"].items():
+            torch.testing.assert_close(result["state"][key], value, rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_fsdp2_head_slices_route_each_ranks_scaled_gradient_to_the_owners(tmp_path):
+    """tests/fsdp2_slices.py: a 23-row head on 2 ranks (12 + 11 rows) in 5 slices, jsd + CE, each rank its own
+    positions and grad output: the loss and hidden gradient of chunked_lm_losses on the whole heads, and the head's
+    local rows of the gradient averaged over the ranks."""
+    ranks = _torchrun(HERE / "fsdp2_slices.py", tmp_path)
+    assert [r["head_grad"].shape[0] for r in ranks] == [12, 11]
+    for result in ranks:
+        for name in ("loss", "hidden_grad", "head_grad"):
+            torch.testing.assert_close(result[name], result["ref_" + name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _zero3_run(out: Path, processes: int, source: str, config: str = "zero3_cpu.yaml") -> dict:
     """tests/zero3_train.py on one CPU process (global batch 4), or on 2 under ZeRO-3 (2 rows each) with the
     accelerate ``config`` of tests/."""

@@ -12,7 +12,7 @@ from test_lm_trainer import lm_rows, tiny_llama
 
 from hf_distill import DistillationTrainer
 from hf_distill.errors import InputError
-from hf_distill.sharding import check_sharded_settings
+from hf_distill.sharding import check_sharded_settings, check_vocab_slices
 
 
 def partitioned(model):
@@ -79,3 +79,15 @@ def test_an_ensemble_names_the_partitioned_teacher(tmp_path):
         DistillationTrainer(
             model=tiny_llama(2), teacher_model=teachers, args=config(tmp_path), train_dataset=lm_rows()
         )
+
+
+def test_vocab_slices_are_refused_under_zero3_only():
+    """GatheredParameters gathers whole parameters: lm_vocab_slices > 1 is refused under ZeRO-3, naming the fix."""
+    zero3 = {"zero_optimization": {"stage": 3}}
+    with pytest.raises(
+        InputError, match=r"^lm_vocab_slices=4 cannot slice .* set lm_vocab_slices=1, or shard with"
+    ):
+        check_vocab_slices(zero3, 4)
+    check_vocab_slices(zero3, 1)
+    check_vocab_slices({"zero_optimization": {"stage": 2}}, 4)
+    check_vocab_slices(None, 4)
