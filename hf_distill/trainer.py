@@ -86,6 +86,24 @@ def _check_model_and_args(model, args) -> None:
         raise InputError("DistillationTrainer needs the student as `model`.")
 
 
+def _head_losses(hidden, student_embedding, teacher_side: dict[str, Any], labels, args):
+    """The fused loss on the selected hidden states, with the heads read as the engine holds them: whole
+    (:func:`chunked_lm_losses`, a ZeRO-3 or FSDP2 head gathered for this loss only), or one vocabulary slice at a
+    time (:func:`sliced_lm_losses`, ``args.lm_vocab_slices > 1``, FSDP2 or one process)."""
+    settings = {"temperature": args.temperature, "labels": labels, "chunk_size": args.lm_chunk_size,
+                "kd_weight": args.alpha, "ce_weight": args.beta, "jsd_mixture": args.jsd_mixture}  # fmt: skip
+    if args.lm_vocab_slices > 1:
+        if "teacher_head" in teacher_side:
+            teacher_side["teacher_head"] = head_slices(teacher_side["teacher_head"])
+        student_head = head_slices(student_embedding)
+        return sliced_lm_losses(hidden, student_head, num_slices=args.lm_vocab_slices, **settings, **teacher_side)
+    with ExitStack() as gathered:
+        if "teacher_head" in teacher_side:
+            teacher_side["teacher_head"] = gathered.enter_context(gathered_weight(teacher_side["teacher_head"]))
+        student_head = gathered.enter_context(gathered_weight(student_embedding))
+        return chunked_lm_losses(hidden, student_head, **settings, **teacher_side)
+
+
 class DistillationTrainer(Trainer):
     """Distils one teacher, or a weighted ensemble, into ``model`` (the student).
 
@@ -362,28 +380,7 @@ class DistillationTrainer(Trainer):
         select = spec.position_selector(inputs, hidden)
         teacher_side = self._fused_teacher_inputs(inputs, select) if args.alpha > 0 else {"kd": None}
         labels = select(spec.targets(inputs["labels"]), aligned=True) if args.beta > 0 else None
-        settings = {
-            "temperature": args.temperature,
-            "labels": labels,
-            "chunk_size": args.lm_chunk_size,
-            "kd_weight": args.alpha,
-            "ce_weight": args.beta,
-            "jsd_mixture": args.jsd_mixture,
-        }
-        if args.lm_vocab_slices > 1:  # FSDP2: a vocabulary slice of each head gathered at a time
-            if "teacher_head" in teacher_side:
-                teacher_side["teacher_head"] = head_slices(teacher_side["teacher_head"])
-            student_head = head_slices(output_embedding(model))
-            out = sliced_lm_losses(
-                select(hidden), student_head, num_slices=args.lm_vocab_slices, **settings, **teacher_side
-            )
-        else:
-            with ExitStack() as gathered:  # ZeRO-3 / FSDP2: the whole heads, for this loss only
-                if "teacher_head" in teacher_side:
-                    head = teacher_side["teacher_head"]
-                    teacher_side["teacher_head"] = gathered.enter_context(gathered_weight(head))
-                student_head = gathered.enter_context(gathered_weight(output_embedding(model)))
-                out = chunked_lm_losses(select(hidden), student_head, **settings, **teacher_side)
+        out = _head_losses(select(hidden), output_embedding(model), teacher_side, labels, args)
         components = {"kd": out.kd} if args.alpha > 0 else {}
         if args.beta > 0:
             components["ce"] = out.ce

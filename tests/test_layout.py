@@ -93,3 +93,15 @@ def test_importing_the_library_loads_no_application_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_trainer_routes_in_small_methods():
+    """Issue 21's sizes: ``DistillationTrainer`` at most 400 lines, ``compute_loss`` at most 30, no method over 50,
+    each counted from its ``def``/``class`` line to its last line (``ast``'s line numbers: docstrings, comments and
+    blank lines inside included)."""
+    tree = ast.parse((PACKAGE / "trainer.py").read_text())
+    (trainer,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DistillationTrainer"]
+    methods = {n.name: n.end_lineno - n.lineno + 1 for n in trainer.body if isinstance(n, ast.FunctionDef)}
+    assert trainer.end_lineno - trainer.lineno + 1 <= 400
+    assert methods["compute_loss"] <= 30
+    assert max(methods.values()) <= 50, max(methods.items(), key=lambda item: item[1])
