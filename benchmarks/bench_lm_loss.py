@@ -71,17 +71,22 @@ def _losses() -> types.ModuleType:
     return importlib.import_module("hf_distill.losses")
 
 
-def make_inputs(n: int, dim: int, vocab: int, k: int, num_samples: int, device: str, seed: int = 0) -> dict:
-    """Hidden states, heads, labels and both sparse caches (from the teacher's logits, in blocks)."""
-    g = torch.Generator().manual_seed(seed)
-    losses = _losses()
-    x = {
+def dense_inputs(n: int, dim: int, vocab: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random hidden states and heads of a student and a live teacher, and labels, drawn from ``g`` (on CPU)."""
+    return {
         "hidden": torch.randn(n, dim, generator=g) * 0.5,
         "head": torch.randn(vocab, dim, generator=g) * 0.1,
         "teacher_hidden": torch.randn(n, dim, generator=g) * 0.5,
         "teacher_head": torch.randn(vocab, dim, generator=g) * 0.1,
         "labels": torch.randint(0, vocab, (n,), generator=g),
     }
+
+
+def make_inputs(n: int, dim: int, vocab: int, k: int, num_samples: int, device: str, seed: int = 0) -> dict:
+    """Hidden states, heads, labels and both sparse caches (from the teacher's logits, in blocks)."""
+    g = torch.Generator().manual_seed(seed)
+    losses = _losses()
+    x = dense_inputs(n, dim, vocab, g)
     topk_ids, topk_values, sampled_ids, sampled_counts = [], [], [], []
     for start in range(0, n, 64):  # the teacher's logits in small blocks, not to raise the baseline
         logits = x["teacher_hidden"][start : start + 64] @ x["teacher_head"].T

@@ -43,7 +43,7 @@ import types
 from pathlib import Path
 
 import torch
-from bench_lm_loss import WORKER_ENV, _reset_peak_resident, _status_bytes
+from bench_lm_loss import WORKER_ENV, _reset_peak_resident, _status_bytes, dense_inputs
 
 RESULTS = Path(__file__).parent / "results" / "vocab_slices.json"
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,14 +62,7 @@ def _library() -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
 
 
 def make_inputs(n: int, dim: int, vocab: int, device: str, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    x = {
-        "hidden": torch.randn(n, dim, generator=g) * 0.5,
-        "head": torch.randn(vocab, dim, generator=g) * 0.1,
-        "teacher_hidden": torch.randn(n, dim, generator=g) * 0.5,
-        "teacher_head": torch.randn(vocab, dim, generator=g) * 0.1,
-        "labels": torch.randint(0, vocab, (n,), generator=g),
-    }
+    x = dense_inputs(n, dim, vocab, torch.Generator().manual_seed(seed))
     return {name: t.to(device) for name, t in x.items()}
 
 
