@@ -135,6 +135,12 @@ def test_results_hold_perplexities_of_teacher_and_every_student(finished_run):
     assert saved["cache_bytes_per_token"]["topk"] == pytest.approx(4 * 4, abs=1)
     assert saved["cache_bytes_per_token"]["sampled"] == pytest.approx(6 * 3, abs=1)
     assert saved["splits"]["validation"]["source"] == "carved from train"
+    # each stage's seconds, as printed: checks, one teacher pass for both caches, the teacher's evaluation, students
+    stages = saved["stage_seconds"]
+    (caches,) = [name for name in stages if name.startswith("teacher caches in one pass (topk, ")]
+    student_stages = {f"layers student, {t}" for t in trainings[1:]}
+    assert set(stages) == {"checks, teacher and data", caches, "teacher evaluation", *student_stages}
+    assert all(s >= 0 for s in stages.values()) and sum(stages.values()) <= saved["wall_seconds"]
 
 
 def test_the_perplexity_is_the_token_weighted_mean_over_held_out_blocks(finished_run):

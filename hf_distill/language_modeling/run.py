@@ -131,8 +131,11 @@ def run(
     }
     print(_plan(prepared, script, args, blocks), flush=True)
 
+    stages: dict[str, float] = {}  # printed as each ends, and written to results.json
+
     def stage(name: str, since: float) -> float:
         now = time.perf_counter()
+        stages[name] = now - since
         print(f"hf_distill: {name} done in {now - since:.0f} s", flush=True)
         return now
 
@@ -207,7 +210,11 @@ def run(
         students[run_.args.output_dir] = trained.model
         mark = stage(f"{run_.kind} student, {run_.training}", mark)
 
-    extra = {"wall_seconds": time.perf_counter() - start, "cache_bytes_per_token": bytes_per_token}
+    extra = {
+        "wall_seconds": time.perf_counter() - start,
+        "stage_seconds": stages,
+        "cache_bytes_per_token": bytes_per_token,
+    }
     out = summary(results, script, args, prepared.record, extra)
     write_summary(out, args.output_dir)
     write_cards_and_publish(
