@@ -43,6 +43,7 @@ from ..teacher_cache import weights_hash, write_json_atomic
 from ..teacher_completions import end_token_ids, teacher_completions
 from .instruct_data import prepare_instruction_data
 from .instruct_metrics import completion_logits, reverse_kl, token_kl
+from .report import StageTimes
 from .students import fit, make_student
 from .teacher import load_teacher
 
@@ -198,15 +199,8 @@ def run_instruct(
         + f"batch {args.per_device_train_batch_size}, completions up to {args.rollout_max_new_tokens} tokens",
         flush=True,
     )
-    mark = time.perf_counter()
-    stages: dict[str, float] = {"checks, teacher and data": mark - start}
-
-    def stage(name: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        stages[name] = now - mark
-        print(f"hf_distill: {name} done in {now - mark:.0f} s", flush=True)
-        mark = now
+    stages = StageTimes(start)
+    stages.done("checks, teacher and data", echo=False)
 
     splits, truncated = {}, {}
     for split, rows in data.splits.items():
@@ -229,7 +223,9 @@ def run_instruct(
             args.rollout_max_new_tokens,
             chat_template_for_text=script.chat_template_for_text,
         )
-    stage(f"teacher completions ({sum(truncated.values())} cut at {args.rollout_max_new_tokens} tokens)")
+    stages.done(
+        f"teacher completions ({sum(truncated.values())} cut at {args.rollout_max_new_tokens} tokens)"
+    )
     _write_teacher_samples(splits["validation"], tokenizer, out_dir, args.rollout_samples)
 
     def row(name, kind, training, model, output_dir=None, record=None) -> InstructRow:
@@ -266,7 +262,7 @@ def run_instruct(
         )
         healed, record1 = _train(copy.deepcopy(init), base, splits["train"], tokenizer, teacher.model)
         rows.append(row(name, kind, STAGE_1, healed, base.output_dir, record1))
-        stage(f"{kind} student, stage 1 off-policy")
+        stages.done(f"{kind} student, stage 1 off-policy")
         second = {"max_steps": script.on_policy_steps, "data_seed": (args.data_seed or args.seed) + 1}
         for regime, lmbda in ((ON_POLICY, args.lmbda), (OFF_POLICY, 0.0)):
             stage_args = _stage_args(args, out_dir / f"{kind}-{regime}", lmbda=lmbda, **second)
@@ -276,14 +272,14 @@ def run_instruct(
             record["steps"] += record1["steps"]
             rows.append(row(name, kind, regime, model, stage_args.output_dir, record))
             students[stage_args.output_dir] = model
-            stage(f"{kind} student, stage 2 {regime}")
+            stages.done(f"{kind} student, stage 2 {regime}")
         if script.train_baseline:
             ce_args = _stage_args(
                 args, out_dir / f"{kind}-ce", alpha=0.0, beta=1.0, lmbda=0.0, seq_kd=False, max_steps=steps
             )
             model, record = _train(copy.deepcopy(init), ce_args, splits["train"], tokenizer, teacher.model)
             rows.append(row(name, kind, CE, model, ce_args.output_dir, record))
-            stage(f"{kind} student, CE")
+            stages.done(f"{kind} student, CE")
     result = {
         "task": "instruct",
         "dataset": script.dataset_name,
@@ -292,7 +288,7 @@ def run_instruct(
         "teacher_completions_truncated": truncated,
         "settings": {**dataclasses.asdict(script), **{k: getattr(args, k) for k in _SETTINGS}},
         "rows": [dataclasses.asdict(r) for r in rows],
-        "stage_seconds": stages,
+        "stage_seconds": stages.seconds,
         "wall_seconds": time.perf_counter() - start,
     }
     best = min(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,23 @@ from ..teacher_cache import write_json_atomic
 from . import offline
 
 TEACHER = "teacher"
+
+
+class StageTimes:
+    """The seconds of each stage of a run, kept in order for ``results.json``'s ``stage_seconds`` and printed as
+    each ends (``hf_distill: <name> done in N s``). Measured from ``start`` (``time.perf_counter()``)."""
+
+    def __init__(self, start: float):
+        self.seconds: dict[str, float] = {}
+        self._mark = start
+
+    def done(self, name: str, *, echo: bool = True) -> None:
+        """``name`` ended now: its seconds since the previous stage ended (or ``start``)."""
+        now = time.perf_counter()
+        self.seconds[name] = now - self._mark
+        if echo:
+            print(f"hf_distill: {name} done in {now - self._mark:.0f} s", flush=True)
+        self._mark = now
 
 
 @dataclass(frozen=True)

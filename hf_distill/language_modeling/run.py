@@ -24,7 +24,7 @@ from ..teacher_cache import precompute_teacher_caches, read_provenance, weights_
 from .data import check_block_size, load_corpus, pack
 from .evaluation import forward_speed, greedy_samples, perplexity
 from .instruct_run import run_instruct
-from .report import TEACHER, RunResult, summary, write_cards_and_publish, write_summary
+from .report import TEACHER, RunResult, StageTimes, summary, write_cards_and_publish, write_summary
 from .students import StudentRun, make_student, plan_runs, train_student
 from .teacher import Teacher, load_teacher
 
@@ -131,15 +131,8 @@ def run(
     }
     print(_plan(prepared, script, args, blocks), flush=True)
 
-    stages: dict[str, float] = {}  # printed as each ends, and written to results.json
-
-    def stage(name: str, since: float) -> float:
-        now = time.perf_counter()
-        stages[name] = now - since
-        print(f"hf_distill: {name} done in {now - since:.0f} s", flush=True)
-        return now
-
-    mark = stage("checks, teacher and data", start)
+    stages = StageTimes(start)
+    stages.done("checks, teacher and data")
     preprocessing = {
         "dataset": script.dataset_name,
         "text_column": script.text_column,
@@ -170,7 +163,7 @@ def run(
         )
         bytes_per_token = {mode: read_provenance(train[mode])["bytes_per_token"] for mode in formats}
         sizes = ", ".join(f"{mode}, {size:.1f} bytes/token" for mode, size in bytes_per_token.items())
-        mark = stage(f"teacher caches in one pass ({sizes})", mark)
+        stages.done(f"teacher caches in one pass ({sizes})")
 
     results = [
         _row(
@@ -184,7 +177,7 @@ def run(
             script,
         )
     ]
-    mark = stage("teacher evaluation", mark)
+    stages.done("teacher evaluation")
     students: dict[str, PreTrainedModel] = {}
     for run_ in prepared.runs:
         init = prepared.inits[run_.kind]
@@ -208,11 +201,11 @@ def run(
             )
         )
         students[run_.args.output_dir] = trained.model
-        mark = stage(f"{run_.kind} student, {run_.training}", mark)
+        stages.done(f"{run_.kind} student, {run_.training}")
 
     extra = {
         "wall_seconds": time.perf_counter() - start,
-        "stage_seconds": stages,
+        "stage_seconds": stages.seconds,
         "cache_bytes_per_token": bytes_per_token,
     }
     out = summary(results, script, args, prepared.record, extra)
