@@ -185,7 +185,9 @@ def draws_of(ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     ``sum_j (c_j / n) onehot(id_j)``, that of the counts.
     """
     ends = counts.long().cumsum(-1)  # draw i belongs to the first slot whose running count exceeds i
-    slot = torch.searchsorted(ends, torch.arange(ids.shape[-1], device=ids.device).expand_as(ends).contiguous(), right=True)
+    slot = torch.searchsorted(
+        ends, torch.arange(ids.shape[-1], device=ids.device).expand_as(ends).contiguous(), right=True
+    )
     return ids.gather(-1, slot.clamp_max(ids.shape[-1] - 1))
 
 
@@ -228,6 +230,32 @@ def normalised(values: torch.Tensor) -> torch.Tensor:
     values = values.float()
     total = values.sum(-1, keepdim=True)
     return values / torch.where(total > 0, total, 1.0)
+
+
+def sparse_weights(
+    kd: str, values: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A sparse teacher's weights ``w_j`` on its stored ids, in float32, with ``log w`` where the loss needs it.
+
+    - ``"topk"``: ``w = softmax(v / T)`` over the stored top-``k`` logits ``v``; returns ``(w, log w)``.
+    - ``"sampled"``: ``w_j = c_j / n`` for counts ``c`` summing to ``n`` (or head-and-tail weights, summing
+      to 1; a padded row of zeros stays 0); returns ``(w, None)``.
+    """
+    if kd == "topk":
+        log_w = F.log_softmax(values.float() / temperature, dim=-1)
+        return log_w.exp(), log_w
+    counts = values.float()
+    return counts / counts.sum(-1, keepdim=True).clamp_min(1.0), None
+
+
+def generalized_jsd_kd(kd: str | None, jsd_mixture: float) -> str | None:
+    """``kd``, with the generalized JSD's ends named as the KLs they are (``b = 0``: ``"kl"``, ``b = 1``:
+    ``"reverse_kl"``); ``jsd_mixture`` outside ``[0, 1]`` refused."""
+    if not 0.0 <= jsd_mixture <= 1.0:
+        raise ValueError(f"jsd_mixture={jsd_mixture} must be in [0, 1] (0: forward KL, 1: reverse KL).")
+    if kd == "jsd" and jsd_mixture in (0.0, 1.0):
+        return "kl" if jsd_mixture == 0.0 else "reverse_kl"
+    return kd
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -287,13 +315,10 @@ def _kd_grad(
     # dl/ds = p_s * sum_j w_j - scatter(w), since d log p_s[i] / ds = onehot(i) - p_s.
     ids = ids.long()
     log_p_s_ids = log_p_s.gather(-1, ids)
-    if kd == "topk":  # w = softmax(v / T) over the stored top k, l = sum_j w_j (log w_j - log p_s[id_j])
-        log_w = F.log_softmax(values.float() / temperature, dim=-1)
-        w = log_w.exp()
+    w, log_w = sparse_weights(kd, values, temperature)
+    if log_w is not None:  # topk: l = sum_j w_j (log w_j - log p_s[id_j])
         per_position = (w * (log_w - log_p_s_ids)).sum(-1)
-    else:  # sampled: w_j = c_j / n (or head-and-tail weights, summing to 1), l = -sum_j w_j log p_s[id_j]
-        counts = values.float()
-        w = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+    else:  # sampled: l = -sum_j w_j log p_s[id_j]
         per_position = -(w * log_p_s_ids).sum(-1)
     return per_position, log_p_s.exp_().mul_(w.sum(-1, keepdim=True)).scatter_add_(-1, ids, -w)
 
@@ -570,10 +595,7 @@ def chunked_lm_losses(
         teacher_ids = teacher_values = None
     if teacher_hidden is not None:
         teacher_hidden, teacher_head = teacher_hidden.detach(), teacher_head.detach()
-    if not 0.0 <= jsd_mixture <= 1.0:
-        raise ValueError(f"jsd_mixture={jsd_mixture} must be in [0, 1] (0: forward KL, 1: reverse KL).")
-    if kd == "jsd" and jsd_mixture in (0.0, 1.0):  # the generalized JSD's ends are the two KLs
-        kd = "kl" if jsd_mixture == 0.0 else "reverse_kl"
+    kd = generalized_jsd_kd(kd, jsd_mixture)
     loss, kd_value, ce_value = _ChunkedLMLosses.apply(
         student_hidden,
         student_head,

@@ -29,7 +29,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .vocab_losses import _DENSE_TEACHER, _SPARSE_TEACHER, IGNORE_INDEX, ChunkedLosses, _check_inputs, _dot
+from .vocab_losses import (
+    _DENSE_TEACHER,
+    _SPARSE_TEACHER,
+    IGNORE_INDEX,
+    ChunkedLosses,
+    _check_inputs,
+    _dot,
+    generalized_jsd_kd,
+    sparse_weights,
+)
 
 HEAD_READS = {None: 2, "kl": 2, "reverse_kl": 2, "topk": 2, "sampled": 2, "jsd": 3}
 """Reads of each head per training step (forward and backward) by ``kd``; None: CE only. A forward without a
@@ -395,19 +404,13 @@ def sliced_lm_losses(
         ce_weight,
     )
     bounds = slice_bounds(student_head.shape[0], num_slices)
-    if not 0.0 <= jsd_mixture <= 1.0:
-        raise ValueError(f"jsd_mixture={jsd_mixture} must be in [0, 1] (0: forward KL, 1: reverse KL).")
-    if kd == "jsd" and jsd_mixture in (0.0, 1.0):  # the generalized JSD's ends are the two KLs
-        kd = "kl" if jsd_mixture == 0.0 else "reverse_kl"
+    kd = generalized_jsd_kd(kd, jsd_mixture)
     weights = ids = constant = None
     work = torch.promote_types(student_hidden.dtype, torch.float32)
-    if kd == "topk":  # w = softmax(v / T) over the stored top k
-        log_w = torch.log_softmax(teacher_values.float() / temperature, dim=-1)
-        weights = log_w.exp()
-        constant = (weights * log_w).sum(-1).to(work)
-    elif kd == "sampled":  # w_j = c_j / n (or head-and-tail weights)
-        counts = teacher_values.float()
-        weights = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+    if kd in _SPARSE_TEACHER:
+        weights, log_w = sparse_weights(kd, teacher_values, temperature)
+        if log_w is not None:  # topk: the constant sum_j w_j log w_j of its loss
+            constant = (weights * log_w).sum(-1).to(work)
     if weights is not None:
         ids = teacher_ids.long()
         weights = weights.to(work)
