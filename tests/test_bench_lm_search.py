@@ -32,7 +32,14 @@ def test_every_point_parses_and_sets_its_flags(bench):
 
 
 def test_points_with_one_twin_key_train_the_same_ce_student(bench):
-    ce_settings = ("student_num_layers", "learning_rate", "max_steps", "max_train_blocks", "seed", "warmup_steps")
+    ce_settings = (
+        "student_num_layers",
+        "learning_rate",
+        "max_steps",
+        "max_train_blocks",
+        "seed",
+        "warmup_steps",
+    )
     by_twin = {}
     for name, flags in bench.POINTS.items():
         parsed = _parse(bench, flags)
@@ -47,7 +54,9 @@ def test_points_with_one_twin_key_train_the_same_ce_student(bench):
 
 def _results(kd_val, kd_ood, ce=None):
     def row(training, val, ood):
-        metrics = {s: {"loss": v, "perplexity": 2.0**v, "ece": 0.01} for s, v in (("validation", val), ("ood", ood))}
+        metrics = {
+            s: {"loss": v, "perplexity": 2.0**v, "ece": 0.01} for s, v in (("validation", val), ("ood", ood))
+        }
         return {"training": training, "metrics": metrics}
 
     rows = [{"training": "teacher", "metrics": {}}, row("KD, live teacher", kd_val, kd_ood)]
@@ -58,7 +67,9 @@ def test_gain_is_over_the_twin_of_its_key_and_the_table_orders_by_validation(ben
     base = bench.point_record("base", {}, ["cmd"], _results(5.0, 6.0, ce=(5.3, 6.2)))
     alpha = bench.point_record("alpha", {"alpha": 0.9}, ["cmd"], _results(4.9, 6.1))  # no twin: shares base's
     deep = bench.point_record("deep", {"student_num_layers": 15}, ["cmd"], _results(4.5, 5.0, ce=(4.55, 5.5)))
-    orphan = bench.point_record("orphan", {"learning_rate": 1.0}, ["cmd"], _results(1.0, 1.0))  # twin never ran
+    orphan = bench.point_record(
+        "orphan", {"learning_rate": 1.0}, ["cmd"], _results(1.0, 1.0)
+    )  # twin never ran
     gains = bench.gains({"base": base, "alpha": alpha, "deep": deep, "orphan": orphan})
     assert gains["base"]["validation"] == pytest.approx(0.3)
     assert gains["alpha"]["validation"] == pytest.approx(0.4)
