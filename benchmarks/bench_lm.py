@@ -89,6 +89,8 @@ def aggregate(seeds: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 if split in row["metrics"]:
                     r.setdefault(f"{split}_perplexity", []).append(row["metrics"][split]["perplexity"])
                     r.setdefault(f"{split}_loss", []).append(row["metrics"][split]["loss"])
+                    if row["metrics"][split].get("ece") is not None:
+                        r.setdefault(f"{split}_ece", []).append(row["metrics"][split]["ece"])
             for field in (
                 "step_time_vs_ce",
                 "cache_bytes_per_token",
@@ -126,8 +128,8 @@ def _seed_table(records: dict[str, Any]) -> list[str]:
         f"Seeds {', '.join(sorted(records['seeds'], key=int))}: median (min-max).",
         "",
         "| model | training | validation perplexity | out-of-domain perplexity | validation loss gain over CE (nats/token) "
-        "| share of dense KD's gain | step time vs CE | cache bytes/token |",
-        "|---|---|---|---|---|---|---|---|",
+        "| share of dense KD's gain | ECE validation / out of domain | step time vs CE | cache bytes/token |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     mode_of = {"KD, live teacher": "live", "KD, top-k cache": "topk", "KD, RS-KD cache": "sampled"}
     for training, r in agg["rows"].items():
@@ -136,6 +138,7 @@ def _seed_table(records: dict[str, Any]) -> list[str]:
             f"| {agg['names'][training]} | {training} | {_spread(r.get('validation_perplexity', []))} | "
             f"{_spread(r.get('ood_perplexity', []))} | {_spread(gain.get('validation_gain', []), '{:+.3f}')} | "
             f"{_spread([100 * x for x in gain.get('validation_share_of_dense_gain', [])], '{:.0f}%')} | "
+            f"{_spread(r.get('validation_ece', []), '{:.3f}')} / {_spread(r.get('ood_ece', []), '{:.3f}')} | "
             f"{_spread(r.get('step_time_vs_ce', []), '{:.2f}x')} | {_spread(r.get('cache_bytes_per_token', []))} |"
         )
     return lines
@@ -336,7 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     head = tuple(args.rskd_head)
     if args.worker:
-        out = _gkd_worker(args.worker, args.gkd_steps, args.gkd_batch, args.gkd_block_size, args.cache_dir, head)
+        out = _gkd_worker(
+            args.worker, args.gkd_steps, args.gkd_batch, args.gkd_block_size, args.cache_dir, head
+        )
         print(json.dumps(out))
         return
     records = _records(args.out)
@@ -349,8 +354,13 @@ def main(argv: list[str] | None = None) -> None:
         _save(args.out, records)
     if args.gkd:
         records["gkd"] = run_gkd(
-            args.gkd_steps, args.gkd_batch, args.gkd_block_size, args.gkd_rounds, args.cache_dir,
-            tuple(args.gkd_variants), head,
+            args.gkd_steps,
+            args.gkd_batch,
+            args.gkd_block_size,
+            args.gkd_rounds,
+            args.cache_dir,
+            tuple(args.gkd_variants),
+            head,
         )
         _save(args.out, records)
     if records["seeds"] or records.get("gkd"):

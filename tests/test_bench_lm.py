@@ -24,7 +24,14 @@ def _summary(ce: float, live: float, topk: float, sampled: float) -> dict:
             row("layers", "CE only", None, ce, step_time_vs_ce=1.0),
             row("layers", "KD, live teacher", "live", live, step_time_vs_ce=1.6),
             row("layers", "KD, top-k cache", "topk", topk, step_time_vs_ce=1.05, cache_bytes_per_token=36.0),
-            row("layers", "KD, RS-KD cache", "sampled", sampled, step_time_vs_ce=1.02, cache_bytes_per_token=36.1),
+            row(
+                "layers",
+                "KD, RS-KD cache",
+                "sampled",
+                sampled,
+                step_time_vs_ce=1.02,
+                cache_bytes_per_token=36.1,
+            ),
         ]
     }
 
@@ -38,7 +45,9 @@ def test_gains_and_shares_are_taken_against_each_seeds_own_twin():
     assert agg["gains"]["topk"]["validation_share_of_dense_gain"] == pytest.approx([0.5, 0.2])
     assert agg["rows"]["KD, RS-KD cache"]["cache_bytes_per_token"] == [36.1, 36.1]
     table = bench.table({"seeds": seeds, "gkd": None})
-    assert "| layers | KD, RS-KD cache | " in table and "85% (80%-90%)" in table  # median (min-max) of the shares
+    assert (
+        "| layers | KD, RS-KD cache | " in table and "85% (80%-90%)" in table
+    )  # median (min-max) of the shares
 
 
 def test_no_share_when_dense_kd_does_not_gain():
@@ -46,3 +55,22 @@ def test_no_share_when_dense_kd_does_not_gain():
     agg = bench.aggregate({"1": _summary(5.0, 5.2, 5.1, 5.0)})
     assert "validation_share_of_dense_gain" not in agg["gains"]["sampled"]  # a share of a loss is meaningless
     assert agg["gains"]["live"]["validation_gain"] == pytest.approx([-0.2])
+
+
+def test_ece_per_row_over_the_seeds_and_absent_where_a_run_predates_it():
+    bench = _bench()
+    seeds = {
+        "1": _summary(5.0, 4.0, 4.5, 4.1),
+        "2": _summary(6.0, 5.5, 5.9, 5.6),
+        "3": _summary(6.0, 5.5, 5.9, 5.6),
+    }
+    for seed, summary in seeds.items():
+        for i, row in enumerate(summary["rows"]):
+            if seed != "3":  # seed 3's run predates the ECE column
+                row["metrics"]["validation"]["ece"] = 0.01 * (i + 1) + 0.001 * int(seed)
+                row["metrics"]["ood"]["ece"] = 0.1 * (i + 1)
+    agg = bench.aggregate(seeds)
+    assert agg["rows"]["KD, top-k cache"]["validation_ece"] == pytest.approx([0.041, 0.042])
+    table = bench.table({"seeds": seeds, "gkd": None})
+    topk = next(line for line in table.splitlines() if "| KD, top-k cache |" in line)
+    assert "| 0.042 (0.041-0.042) / 0.400 (0.400-0.400) |" in topk
