@@ -18,6 +18,7 @@ trl is a benchmark-only dependency (``pip install trl``).
     python benchmarks/bench_lm.py --seeds 42 43 44 --out benchmarks/results/lm.json
     python benchmarks/bench_lm.py --gkd --out benchmarks/results/lm.json      # the TRL comparison only
     python benchmarks/bench_lm.py --summarize --out benchmarks/results/lm.json
+    python benchmarks/bench_lm.py --out lm.json --merge lm_s43.json lm_s44.json   # seeds run side by side
     python benchmarks/bench_lm.py --gkd --gkd_rounds 3 --gkd_variants "CE only" "KD, top-k cache" "KD, RS-KD cache" \
         "KD, RS-KD cache with an exact head" --rskd_head 4 8 --out benchmarks/results/lm_steps_idle.json
                                     # the sparse caches' steps against CE (the exact head: 4 tokens + 8 draws)
@@ -319,6 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/lm.json")
     parser.add_argument("--runs_dir", type=Path, default=ROOT / "outputs/bench_lm")
     parser.add_argument("--summarize", action="store_true")
+    parser.add_argument(
+        "--merge", type=Path, nargs="*", default=[],
+        help="fold the seeds of these results files (seeds run in other processes) into --out",
+    )  # fmt: skip
     parser.add_argument("--gkd", action="store_true")
     parser.add_argument("--gkd_steps", type=int, default=5)
     parser.add_argument("--gkd_batch", type=int, default=2)
@@ -345,6 +350,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(out))
         return
     records = _records(args.out)
+    for other in args.merge:
+        for seed, summary in _records(other)["seeds"].items():
+            if seed in records["seeds"]:
+                raise SystemExit(
+                    f"bench_lm: seed {seed} is in both {args.out} and {other}; merge one of them only."
+                )
+            records["seeds"][seed] = summary
+        _save(args.out, records)
     for seed in args.seeds:
         if str(seed) in records["seeds"]:
             print(f"bench_lm: seed {seed} is in {args.out} already; skipped", flush=True)

@@ -74,3 +74,17 @@ def test_ece_per_row_over_the_seeds_and_absent_where_a_run_predates_it():
     table = bench.table({"seeds": seeds, "gkd": None})
     topk = next(line for line in table.splitlines() if "| KD, top-k cache |" in line)
     assert "| 0.042 (0.041-0.042) / 0.400 (0.400-0.400) |" in topk
+
+
+def test_merge_folds_other_files_seeds_and_refuses_a_seed_twice(tmp_path):
+    bench = _bench()
+    out, other = tmp_path / "lm.json", tmp_path / "lm_s2.json"
+    bench._save(out, {"seeds": {"1": _summary(5.0, 4.0, 4.5, 4.1)}, "gkd": None})
+    bench._save(other, {"seeds": {"2": _summary(6.0, 5.5, 5.9, 5.6)}, "gkd": None})
+    bench.main(["--out", str(out), "--merge", str(other)])
+    merged = bench._records(out)
+    assert sorted(merged["seeds"]) == ["1", "2"]
+    assert merged["seeds"]["2"] == bench._records(other)["seeds"]["2"]
+    with pytest.raises(SystemExit, match="seed 2 is in both"):
+        bench.main(["--out", str(out), "--merge", str(other)])
+    assert sorted(bench._records(out)["seeds"]) == ["1", "2"]  # nothing written is lost
