@@ -109,6 +109,19 @@ def _row(
         )
 
 
+def cache_formats(script, args) -> dict[str, dict[str, Any]]:
+    """The teacher caches of ``script``'s cached modes (``topk``, ``sampled``) as
+    :func:`~hf_distill.teacher_cache.precompute_teacher_caches` formats: the RS-KD draws at the run's T and seed."""
+    formats = {
+        "topk": {"top_k": script.top_k},
+        "sampled": {"num_samples": script.num_samples, "sample_temperature": args.temperature,
+                    "sample_seed": args.seed, "sample_head": script.sample_head,
+                    "sample_proposal_temperature": script.sample_proposal_temperature,
+                    "sample_counts": script.sample_counts},
+    }  # fmt: skip
+    return {mode: spec for mode, spec in formats.items() if mode in script.teacher_modes}
+
+
 def run(
     script, args: DistillationConfig, *, recipe: str | None = None, launch_command: str | None = None
 ) -> dict:
@@ -139,14 +152,7 @@ def run(
         "block_size": script.block_size,
     }
     train = {None: blocks["train"], "live": blocks["train"]}
-    formats = {
-        "topk": {"top_k": script.top_k},
-        "sampled": {"num_samples": script.num_samples, "sample_temperature": args.temperature,
-                    "sample_seed": args.seed, "sample_head": script.sample_head,
-                    "sample_proposal_temperature": script.sample_proposal_temperature,
-                    "sample_counts": script.sample_counts},
-    }  # fmt: skip
-    formats = {mode: spec for mode, spec in formats.items() if mode in script.teacher_modes}
+    formats = cache_formats(script, args)
     bytes_per_token = {}
     if formats:  # one teacher pass for every cached mode
         train.update(
