@@ -97,9 +97,10 @@ def table(records: dict[str, Any]) -> str:
     for name in sorted(g, key=lambda n: -g[n]["validation"]):
         p, ce = points[name], twins[points[name]["twin"]]
         flags = ", ".join(f"{k}={v}" for k, v in p["flags"].items()) or "the recipe"
+        ece = p["kd"]["validation"]["ece"]
         lines.append(
             f"| {name} | {flags} | {p['kd']['validation']['perplexity']:.1f} / {ce['validation']['perplexity']:.1f} "
-            f"| {g[name]['validation']:+.3f} | {g[name]['ood']:+.3f} | {p['kd']['validation']['ece']:.3f} |"
+            f"| {g[name]['validation']:+.3f} | {g[name]['ood']:+.3f} | {'' if ece is None else f'{ece:.3f}'} |"
         )
     return "\n".join(lines)
 

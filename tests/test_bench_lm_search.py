@@ -70,6 +70,7 @@ def test_gain_is_over_the_twin_of_its_key_and_the_table_orders_by_validation(ben
     orphan = bench.point_record(
         "orphan", {"learning_rate": 1.0}, ["cmd"], _results(1.0, 1.0)
     )  # twin never ran
+    alpha["kd"]["validation"]["ece"] = None  # a point run before results.json had ECE
     gains = bench.gains({"base": base, "alpha": alpha, "deep": deep, "orphan": orphan})
     assert gains["base"]["validation"] == pytest.approx(0.3)
     assert gains["alpha"]["validation"] == pytest.approx(0.4)
@@ -80,3 +81,4 @@ def test_gain_is_over_the_twin_of_its_key_and_the_table_orders_by_validation(ben
     body = [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]]
     # ordered by validation gain, although deep has the lowest validation loss and base the best OOD gain
     assert body == ["alpha", "base", "deep"]
+    assert table.splitlines()[2].endswith("| +0.400 | +0.100 |  |")
