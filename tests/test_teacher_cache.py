@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from hf_distill import DistillationTrainer
+from hf_distill.errors import InputError
 from hf_distill.teacher_cache import (
     DEFAULT_TOP_K,
     cache_paths,
@@ -667,3 +668,41 @@ def test_draws_without_counts_hold_the_same_draws_in_fewer_bytes(tmp_path):
             sample_proposal_temperature=2.0,
             sample_counts=False,
         )
+
+
+def test_packed_rows_are_read_without_a_gather_and_store_what_a_padded_batch_stores(monkeypatch):
+    """Packed LM blocks fill every row of a batch, so the logits are taken as a view, with no (tokens x V) copy of
+    the real tokens; one shorter row in the same batch sends the same rows through that gather instead."""
+    from datasets import Dataset
+
+    from hf_distill.teacher_cache import inference
+
+    gathers = []
+    stack = inference.np.stack
+    monkeypatch.setattr(inference.np, "stack", lambda arrays: gathers.append(1) or stack(arrays))
+    g = torch.Generator().manual_seed(7)
+    full = [torch.randint(5, len(VOCAB), (8,), generator=g).tolist() for _ in range(4)]
+    short = torch.randint(5, len(VOCAB), (5,), generator=g).tolist()
+    packed = Dataset.from_dict({"input_ids": full, "attention_mask": [[1] * 8] * 4})
+    mixed = Dataset.from_dict({"input_ids": [*full, short], "attention_mask": [[1] * 8] * 4 + [[1] * 5]})
+    view = precompute_teacher_caches(_gpt2(1), packed, FORMATS, max_batch_tokens=1024)
+    assert not gathers
+    gathered = precompute_teacher_caches(_gpt2(1), mixed, FORMATS, max_batch_tokens=1024)
+    assert gathers  # one batch of five rows, one of them shorter
+    for name in FORMATS:
+        for column in view[name].column_names:
+            assert view[name][column] == gathered[name][column][:4], (name, column)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_sampling_refuses_a_non_finite_logit_anywhere(bad):
+    teacher = _gpt2(1)
+
+    def poison(module, args, output):
+        output[0, -1, 7] = bad
+        return output
+
+    teacher.lm_head.register_forward_hook(poison)
+    dataset = random_classification_dataset(3, seed=2)
+    with pytest.raises(InputError, match="NaN or inf, so no tokens can be sampled"):
+        precompute_teacher_caches(teacher, dataset, {"sampled": FORMATS["sampled"]}, max_batch_tokens=1024)

@@ -175,9 +175,13 @@ class _TeacherLogits:
         ):
             outputs = self.teacher(**inputs)
         logits = output_logits(outputs, self.task)
+        del outputs  # the logits are the only (tokens x C)-sized tensor held from here on
         if self.task != tasks.SEQUENCE_CLASSIFICATION:  # the real tokens only, (tokens, C)
-            index = self._to_device(np.stack([layout.token_row, layout.token_col]))
-            logits = logits[index[0], index[1]]
+            if bool((layout.lengths == logits.shape[1]).all()):  # no padding (packed blocks): a view, no copy
+                logits = logits.reshape(-1, logits.shape[-1])
+            else:
+                index = self._to_device(np.stack([layout.token_row, layout.token_col]))
+                logits = logits[index[0], index[1]]
         logits = logits.float()
         results, stored = {}, []  # stored: the float values kept in the stored dtype
         for prefix, (top_k, sampling) in self.formats.items():
@@ -219,7 +223,8 @@ class _TeacherLogits:
         ``sampling["counts"] = False`` the draws themselves are stored
         (:func:`~hf_distill.vocab_losses.sample_sparse_target`).
         """
-        if not bool(torch.isfinite(logits).all()):
+        # max and min propagate NaN, and are +-inf where any logit is: no (tokens x V) mask is made
+        if not bool(torch.isfinite(torch.stack([logits.amax(), logits.amin()])).all()):
             raise InputError(
                 "The teacher's logits hold NaN or inf, so no tokens can be sampled from them: check the "
                 "teacher's weights and dtype."
