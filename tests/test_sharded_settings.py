@@ -81,13 +81,17 @@ def test_an_ensemble_names_the_partitioned_teacher(tmp_path):
         )
 
 
-def test_vocab_slices_are_refused_under_zero3_only():
-    """GatheredParameters gathers whole parameters: lm_vocab_slices > 1 is refused under ZeRO-3, naming the fix."""
-    zero3 = {"zero_optimization": {"stage": 3}}
+def test_vocab_slices_are_refused_under_zero3_with_nvme_offload_only():
+    """ZeRO-3 heads are read from their partitions (Zero3HeadSlices), on the device or offloaded to the CPU; NVMe
+    partitions only DeepSpeed swaps in: lm_vocab_slices > 1 is refused there, naming the fix."""
+    nvme = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}}
     with pytest.raises(
-        InputError, match=r"^lm_vocab_slices=4 cannot slice .* set lm_vocab_slices=1, or shard with"
+        InputError, match=r"^lm_vocab_slices=4 reads .* offload_param.device is nvme.* set lm_vocab_slices=1, or "
     ):
-        check_vocab_slices(zero3, 4)
-    check_vocab_slices(zero3, 1)
+        check_vocab_slices(nvme, 4)
+    check_vocab_slices(nvme, 1)
+    check_vocab_slices({"zero_optimization": {"stage": 3}}, 4)
+    check_vocab_slices({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, 4)
+    check_vocab_slices({"zero_optimization": {"stage": 3, "offload_param": None}}, 4)
     check_vocab_slices({"zero_optimization": {"stage": 2}}, 4)
     check_vocab_slices(None, 4)
