@@ -8,7 +8,8 @@ whole there:
   ``deepspeed.zero.GatheredParameters``). :func:`gathered_weight` gathers it for reading
   (``modifier_rank=None``) and yields the parameter itself, so the loss's gradient lands on the real
   parameter, whose gradient hook ZeRO-3 registered: it reduce-scatters that gradient to the shards as
-  it does for any parameter.
+  it does for any parameter. That backward comes after the gather; a head no module of the forward uses (an untied
+  one) is then an empty placeholder, which takes its full shape for the accumulation (:func:`_accumulate_whole`).
 - FSDP2 (``torch.distributed.fsdp.fully_shard``) leaves a resharded parameter as a ``DTensor`` sharded
   on dim 0. :func:`gathered_weight` yields its full tensor; the gradient goes back as a partial sum
   averaged over the mesh (``Partial("avg")``), i.e. reduce-scattered and divided by the world size, as
@@ -127,6 +128,8 @@ def gathered_weight(module: nn.Module) -> Iterator[torch.Tensor]:
     if is_zero3_partitioned(weight):
         import deepspeed
 
+        if weight.requires_grad:  # the backward may come after the gather, with no module to regather it
+            _accumulate_whole(weight, tuple(weight.ds_shape))
         with deepspeed.zero.GatheredParameters(weight, modifier_rank=None):
             yield weight
     elif isinstance(weight, DTensor):

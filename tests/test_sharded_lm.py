@@ -69,13 +69,19 @@ def test_fsdp2_head_slices_route_each_ranks_scaled_gradient_to_the_owners(tmp_pa
 
 
 def _zero3_run(
-    out: Path, processes: int, source: str, config: str = "zero3_cpu.yaml", slices: int = 1
+    out: Path,
+    processes: int,
+    source: str,
+    config: str = "zero3_cpu.yaml",
+    slices: int = 1,
+    head: str = "tied",
 ) -> dict:
     """tests/zero3_train.py on one CPU process (global batch 4), or on 2 under ZeRO-3 (2 rows each) with the
-    accelerate ``config`` of tests/, the heads read in ``slices`` vocabulary slices (``lm_vocab_slices``)."""
+    accelerate ``config`` of tests/, the heads read in ``slices`` vocabulary slices (``lm_vocab_slices``), the
+    student's head ``tied`` to its input embedding or not."""
     env = {"PYTHONPATH": str(HERE.parent)}
     if processes == 1:
-        script = [HERE / "zero3_train.py", out, 4, source, slices]
+        script = [HERE / "zero3_train.py", out, 4, source, slices, head]
         accelerate_launch(script, processes=1, log_dir=out.parent, env=env)
     else:  # the config's DEEPSPEED, not launch.py's --multi_gpu
         command = [
@@ -86,7 +92,7 @@ def _zero3_run(
             str(HERE / config),
         ]
         command += ["--num_processes", "2", "--main_process_port", str(free_port())]
-        command += [str(HERE / "zero3_train.py"), str(out), "2", source, str(slices)]
+        command += [str(HERE / "zero3_train.py"), str(out), "2", source, str(slices), head]
         env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         result = subprocess.run(  # from the repository root, where an accelerate config's paths start
             command, capture_output=True, text=True, timeout=400, env={**os.environ, **env}, cwd=HERE.parent
@@ -97,13 +103,15 @@ def _zero3_run(
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """The one-process run of each teacher source (whole heads, ``lm_vocab_slices=1``), made once for this module."""
+    """The one-process run of each teacher source and student head (whole heads, ``lm_vocab_slices=1``), made once
+    for this module."""
     runs = {}
 
-    def run(source: str) -> dict:
-        if source not in runs:
-            runs[source] = _zero3_run(tmp_path_factory.mktemp(f"one-{source}") / "out", 1, source)
-        return runs[source]
+    def run(source: str, head: str = "tied") -> dict:
+        if (source, head) not in runs:
+            out = tmp_path_factory.mktemp(f"one-{source}-{head}") / "out"
+            runs[source, head] = _zero3_run(out, 1, source, head=head)
+        return runs[source, head]
 
     return run
 
@@ -121,14 +129,17 @@ def _assert_zero3_equals_one_process(two: dict, one: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("slices", [1, 3], ids=["whole-heads", "3-vocab-slices"])
-@pytest.mark.parametrize("source", ["live", "topk", "sampled"])
-def test_zero3_fused_training_equals_one_process(tmp_path, one_process, source, slices):
+@pytest.mark.parametrize(
+    ("source", "head"), [("live", "tied"), ("live", "untied"), ("topk", "tied"), ("sampled", "tied")]
+)
+def test_zero3_fused_training_equals_one_process(tmp_path, one_process, source, head, slices):
     """ZeRO-3 on 2 ranks, the heads gathered whole or read in 3 vocabulary slices (Zero3HeadSlices: 96 rows of 32,
-    48 rows a rank, the middle slice spans both), against whole heads in one process."""
+    48 rows a rank, the middle slice spans both), against whole heads in one process. A tied head's gradient is
+    accumulated once the embedding's backward has regathered it; an untied one is still an empty placeholder then."""
     pytest.importorskip("deepspeed")
-    two = _zero3_run(tmp_path / "two", 2, source, slices=slices)
+    two = _zero3_run(tmp_path / "two", 2, source, slices=slices, head=head)
     assert two["teacher_sharded"] == (source == "live")  # a live teacher is sharded too
-    _assert_zero3_equals_one_process(two, one_process(source))
+    _assert_zero3_equals_one_process(two, one_process(source, head))
 
 
 @pytest.mark.slow
