@@ -57,12 +57,15 @@ def test_fsdp2_sliced_fused_loss_and_step_equal_one_process(tmp_path, tie):
 
 
 @pytest.mark.slow
-def test_fsdp2_head_slices_route_each_ranks_scaled_gradient_to_the_owners(tmp_path):
-    """tests/fsdp2_slices.py: a 23-row head on 2 ranks (12 + 11 rows) in 5 slices, jsd + CE, each rank its own
-    positions and grad output: the loss and hidden gradient of chunked_lm_losses on the whole heads, and the head's
-    local rows of the gradient averaged over the ranks."""
-    ranks = _torchrun(HERE / "fsdp2_slices.py", tmp_path)
-    assert [r["head_grad"].shape[0] for r in ranks] == [12, 11]
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_head_slices_route_each_ranks_scaled_gradient(tmp_path, engine):
+    """tests/sharded_slices.py: 23-row heads on 2 ranks in 5 slices, jsd + CE, each rank its own positions and grad
+    output: the loss and hidden gradient of chunked_lm_losses on the whole heads, and the head's gradient: under
+    FSDP2 (12 + 11 rows) the local rows averaged over the ranks; under ZeRO-3 (flat partitions split inside row 11)
+    the rank's own whole gradient, for ZeRO-3's hook to reduce-scatter."""
+    ranks = _torchrun(HERE / "sharded_slices.py", tmp_path, engine)
+    shapes = {"fsdp2": [(12, 6), (11, 6)], "zero3": [(23, 6), (23, 6)]}[engine]
+    assert [tuple(r["head_grad"].shape) for r in ranks] == shapes
     for result in ranks:
         for name in ("loss", "hidden_grad", "head_grad"):
             torch.testing.assert_close(result[name], result["ref_" + name], rtol=1e-5, atol=1e-6, msg=name)

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import config
+from sharded_slices import zero3_param
 from test_lm_trainer import batch_of, lm_rows, tiny_llama
 
 from hf_distill import DistillationTrainer
@@ -361,27 +362,12 @@ def one_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
-def _zero3_param(weight: torch.Tensor, group, pad: int = 3) -> torch.nn.Parameter:
-    """``weight`` as ZeRO-3 leaves it outside a gather: an empty placeholder, its one partition (padded) in
-    ``ds_tensor``; the attributes ``Zero3HeadSlices`` reads, as DeepSpeed names them."""
-    param = torch.nn.Parameter(weight.new_empty(0))
-    param.ds_id, param.ds_shape, param.ds_numel, param.ds_process_group = (
-        0,
-        weight.shape,
-        weight.numel(),
-        group,
-    )
-    param.ds_tensor = torch.cat([weight.flatten(), weight.new_zeros(pad)])
-    param.ds_tensor.ds_numel = param.ds_tensor.numel()
-    return param
-
-
 def test_zero3_head_slices_read_the_partition_and_give_the_whole_gradient_to_the_placeholder(one_rank_group):
     """Read from ds_tensor a slice at a time, the loss and gradients equal the plain form's on the whole heads, and
     the head's gradient reaches the placeholder parameter whole (V, D), where ZeRO-3's hook reduce-scatters it; the
     placeholder is put back after the accumulation."""
     x = _inputs()
-    param, teacher = _zero3_param(x["head"], one_rank_group), _zero3_param(x["teacher_head"], one_rank_group)
+    param, teacher = (zero3_param(x[name], one_rank_group, 0, 1) for name in ("head", "teacher_head"))
     kwargs = {"kd": "jsd", "labels": x["labels"], "chunk_size": 4, "temperature": 2.0, "num_slices": 5}
     grads, kinds = [], []
     for head, teacher_head in ((param, teacher), (x["head"].clone().requires_grad_(), x["teacher_head"])):
