@@ -243,7 +243,7 @@ class DistillationConfig(TrainingArguments):
             "vocabulary slices (hf_distill.vocab_slices.sliced_lm_losses), so FSDP2 or DeepSpeed ZeRO-3 gathers V / "
             "lm_vocab_slices rows of a head at a time instead of the whole head (ZeRO-3 still holds the student "
             "head's whole gradient in backward); each head is then read 2 times a step (3 for kd_loss='jsd'). 1 "
-            "(default): the whole head, gathered once. Not with ZeRO-3 parameters offloaded to NVMe."
+            "(default): the whole head, gathered once. Not with ZeRO-3 parameters offloaded to NVMe or quantized."
         },
     )
     check_finite: bool = field(

@@ -103,15 +103,24 @@ def check_sharded_settings(
 
 
 def check_vocab_slices(deepspeed_config: Mapping[str, Any] | None, num_slices: int) -> None:
-    """Refuse ``lm_vocab_slices > 1`` with ZeRO-3 parameters offloaded to NVMe, as one
+    """Refuse ``lm_vocab_slices > 1`` under ZeRO-3 where the partitions are not plain tensors, as one
     :class:`hf_distill.errors.InputError` line: :class:`Zero3HeadSlices` reads each rank's partition
-    (``param.ds_tensor``), which DeepSpeed swaps in from NVMe only for its own gathers. CPU offload reads as is."""
-    zero = (deepspeed_config or {}).get("zero_optimization", {})
-    device = (zero.get("offload_param") or {}).get("device")
-    if num_slices > 1 and zero_stage(deepspeed_config) == 3 and device == "nvme":
+    (``param.ds_tensor``), which DeepSpeed alone swaps in from NVMe (``offload_param.device: nvme``) or dequantizes
+    (ZeRO++'s ``zero_quantized_weights``, ``zero_quantized_nontrainable_weights``, the latter a frozen teacher's).
+    CPU offload reads as is."""
+    if num_slices <= 1 or zero_stage(deepspeed_config) != 3:
+        return
+    zero = deepspeed_config.get("zero_optimization", {})
+    settings = {
+        "offload_param.device: nvme": (zero.get("offload_param") or {}).get("device") == "nvme",
+        "zero_quantized_weights": zero.get("zero_quantized_weights", False),
+        "zero_quantized_nontrainable_weights": zero.get("zero_quantized_nontrainable_weights", False),
+    }
+    unreadable = [name for name, on in settings.items() if on]
+    if unreadable:
         raise InputError(
-            f"lm_vocab_slices={num_slices} reads the ZeRO-3 heads' partitions, but offload_param.device is nvme, "
-            "where DeepSpeed alone swaps them in: set lm_vocab_slices=1, or offload the parameters to the cpu."
+            f"lm_vocab_slices={num_slices} reads the ZeRO-3 heads' partitions, which only DeepSpeed can read with "
+            f"{', '.join(unreadable)}: set lm_vocab_slices=1, or turn {'it' if len(unreadable) == 1 else 'them'} off."
         )
 
 
