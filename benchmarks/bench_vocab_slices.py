@@ -2,13 +2,18 @@
 
 One call of the trainer's fused KD + CE loss, forward and backward: ``kd="kl"`` against a live teacher of the
 same width, ``0.5 * KL + 0.5 * CE`` at ``T = 2``. Whole: :func:`hf_distill.vocab_losses.chunked_lm_losses` on
-the whole heads; sliced: :func:`hf_distill.vocab_slices.sliced_lm_losses` with ``S`` slices. Two settings:
+the whole heads; sliced: :func:`hf_distill.vocab_slices.sliced_lm_losses` with ``S`` slices. Three settings:
 
 - ``world 1``: one process holding both heads whole (as a plain run or DDP), the heads plain tensors;
 - ``world 2``: two gloo processes, each head a ``DTensor`` sharded ``Shard(0)`` on the vocabulary, as FSDP2
   leaves a resharded head: whole gathers it with :func:`hf_distill.sharding.gathered_weight` (all-gather, the
   gradient reduce-scattered and averaged), sliced reads it with :func:`hf_distill.sharding.head_slices`.
   Each rank has its own ``N`` positions; the peak reported is the larger of the two ranks'.
+- ``world 2, --engine zero3``: the same two processes, each head a DeepSpeed ZeRO-3 parameter partitioned by
+  ``deepspeed.zero.Init`` (flat partitions, none kept whole): whole gathers it with ``GatheredParameters``
+  (:func:`~hf_distill.sharding.gathered_weight`), sliced reads it with
+  :class:`~hf_distill.sharding.Zero3HeadSlices`, whose student gradient is the whole ``(V, D)``, left in
+  ``param.grad`` (no engine: ZeRO-3's reduce-scatter of it, the same on both paths, is not measured).
 
 Sizes default to SmolLM2-135M's head (``V = 49,152``, ``D = 576``) and ``N = 1,024`` positions (one
 ``lm_chunk_size`` chunk at the default 1,024; ``--chunk_sizes`` adds others), float32 on CPU. Every
@@ -24,8 +29,10 @@ It also records each loss's head reads a step (:data:`hf_distill.vocab_slices.HE
     python benchmarks/bench_vocab_slices.py --small         # seconds: V = 4,096, D = 64, N = 256
     python benchmarks/bench_vocab_slices.py --time          # also seconds per call (take on an idle machine)
     python benchmarks/bench_vocab_slices.py --device cuda   # world 1 only; peak from max_memory_allocated
+    python benchmarks/bench_vocab_slices.py --worlds 2 --engine zero3   # needs deepspeed
 
-Results: ``benchmarks/results/vocab_slices.json`` (``--out`` to change).
+Results: ``benchmarks/results/vocab_slices.json`` (``--out`` to change); a run of the same sizes, device and
+threads already there keeps the measurements this one does not repeat.
 """
 
 from __future__ import annotations
@@ -110,17 +117,40 @@ def _shard(x: dict) -> dict:
     return out
 
 
+class _Head(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor, requires_grad: bool):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=requires_grad)
+
+
+def _zero3(x: dict) -> dict:
+    """The heads as DeepSpeed ZeRO-3 parameters, each in a module built under ``deepspeed.zero.Init``, which
+    partitions it over all ranks (``stage3_param_persistence_threshold`` 0: none kept whole)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero}
+    out = dict(x)
+    for name, grad in (("head", True), ("teacher_head", False)):
+        # float32: the config enables neither fp16 nor bf16 (its dtype argument is not honoured on the CPU)
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            out[name] = _Head(x[name], grad)
+    return out
+
+
 def worker(args: argparse.Namespace) -> dict:
     """One measurement in this fresh process (each rank of a ``torchrun`` under ``--world 2``)."""
     torch.set_num_threads(args.threads)
     distributed = args.world > 1
     if distributed:
         torch.distributed.init_process_group("gloo")
+    place = _zero3 if args.engine == "zero3" else _shard
     tiny = make_inputs(64, 16, 256, args.device)
-    run_loss(_shard(tiny) if distributed else tiny, args.slices, 16)  # warm-up
+    run_loss(place(tiny) if distributed else tiny, args.slices, 16)  # warm-up
     x = make_inputs(args.tokens, args.dim, args.vocab, args.device)
     if distributed:
-        x = _shard(x)  # each rank keeps its shards only: the whole heads are freed below
+        x = place(x)  # each rank keeps its shards only: the whole heads are freed below
     gc.collect()
     if args.device == "cuda":
         torch.cuda.synchronize()
@@ -156,7 +186,8 @@ def _free_port() -> int:
 def measure(args: argparse.Namespace, world: int, slices: int, chunk_size: int) -> dict:
     """One fresh process (or ``torchrun`` of ``world``) measuring one setting."""
     flags = ["--worker", f"--world={world}", f"--slices={slices}", f"--chunk_size={chunk_size}"]
-    flags += [f"--{name}={getattr(args, name)}" for name in ("tokens", "dim", "vocab", "threads", "device")]
+    names = ("tokens", "dim", "vocab", "threads", "device", "engine")
+    flags += [f"--{name}={getattr(args, name)}" for name in names]
     flags += ["--time"] if args.time else []
     launcher = [sys.executable]
     if world > 1:
@@ -186,6 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--chunk_sizes", type=int, nargs="+", default=[1024], help="Positions per chunk.")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     parser.add_argument(
+        "--engine", default="fsdp2", choices=["fsdp2", "zero3"], help="How world 2 shards the heads."
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per process (the CPU is shared)."
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -207,17 +241,21 @@ def main(argv: list[str] | None = None) -> dict:
     _, vocab_slices, _ = _library()
     runs = []
     for world in args.worlds:
+        engine = {"engine": args.engine} if world > 1 else {}
         for chunk_size in args.chunk_sizes:
             for slices in args.slices:
                 measured = measure(args, world, slices, chunk_size)
-                runs.append({"world": world, "chunk_size": chunk_size, "slices": slices} | measured)
+                runs.append({"world": world, **engine, "chunk_size": chunk_size, "slices": slices} | measured)
                 timing = f"  {measured['seconds']:.2f} s" if args.time else ""
                 print(
-                    f"world {world} chunk {chunk_size:5d} S={slices}: {measured['peak_bytes'] / 2**20:8.1f} MiB{timing}"
+                    f"world {world}{' ' + args.engine if engine else ''} chunk {chunk_size:5d} S={slices}: "
+                    f"{measured['peak_bytes'] / 2**20:8.1f} MiB{timing}"
                 )
     mib = 2**20
+    sizes = {"tokens": args.tokens, "dim": args.dim, "vocab": args.vocab, "dtype": "float32"}
+    runs = _merged(args.out, runs, {"sizes": sizes, "device": args.device, "threads": args.threads})
     results = {
-        "sizes": {"tokens": args.tokens, "dim": args.dim, "vocab": args.vocab, "dtype": "float32"},
+        "sizes": sizes,
         "loss": SETTINGS | {"labels": "every position labelled", "teacher_dim": args.dim},
         "device": args.device,
         "threads": args.threads,
@@ -233,16 +271,32 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{c}x{s}": c * args.vocab / s * 4 / mib for c in args.chunk_sizes for s in args.slices
             },
         },
-        "peak_mib": {
-            f"world{r['world']}_chunk{r['chunk_size']}_S{r['slices']}": r["peak_bytes"] / mib for r in runs
-        },
+        "peak_mib": {_key(r): r["peak_bytes"] / mib for r in runs},
         "runs": runs,
         "note": "peak resident size of one call (forward + backward) above its inputs, fresh processes; world 2: "
-        "the larger rank's. Timings only with --time.",
+        "the larger rank's (FSDP2 DTensors, or zero3: DeepSpeed ZeRO-3 partitions). Timings only with --time.",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _key(run: dict) -> str:
+    """``world2_chunk1024_S4``; ZeRO-3: ``world2_zero3_chunk1024_S4``."""
+    engine = "_zero3" if run.get("engine") == "zero3" else ""
+    return f"world{run['world']}{engine}_chunk{run['chunk_size']}_S{run['slices']}"
+
+
+def _merged(path: Path, runs: list[dict], same: dict) -> list[dict]:
+    """``runs`` with the runs of the results at ``path`` that they do not repeat, when those were measured with the
+    ``same`` sizes, device and threads (else ``runs`` alone)."""
+    if not path.exists():
+        return runs
+    old = json.loads(path.read_text())
+    if any(old.get(name) != value for name, value in same.items()):
+        return runs
+    new = {_key(r) for r in runs}
+    return [r for r in old["runs"] if _key(r) not in new] + runs
 
 
 if __name__ == "__main__":

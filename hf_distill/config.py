@@ -240,9 +240,10 @@ class DistillationConfig(TrainingArguments):
         default=1,
         metadata={
             "help": "Causal LMs, fused loss: read the student's and a live teacher's output embeddings in this many "
-            "vocabulary slices (hf_distill.vocab_slices.sliced_lm_losses), so FSDP2 gathers V / lm_vocab_slices "
-            "rows of a head at a time instead of the whole head; each head is then read 2 times a step (3 for "
-            "kd_loss='jsd'). 1 (default): the whole head, gathered once. Not under DeepSpeed ZeRO-3."
+            "vocabulary slices (hf_distill.vocab_slices.sliced_lm_losses), so FSDP2 or DeepSpeed ZeRO-3 gathers V / "
+            "lm_vocab_slices rows of a head at a time instead of the whole head (ZeRO-3 still holds the student "
+            "head's whole gradient in backward); each head is then read 2 times a step (3 for kd_loss='jsd'). 1 "
+            "(default): the whole head, gathered once. Not with ZeRO-3 parameters offloaded to NVMe or quantized."
         },
     )
     check_finite: bool = field(

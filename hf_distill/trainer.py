@@ -89,7 +89,7 @@ def _check_model_and_args(model, args) -> None:
 def _head_losses(hidden, student_embedding, teacher_side: dict[str, Any], labels, args):
     """The fused loss on the selected hidden states, with the heads read as the engine holds them: whole
     (:func:`chunked_lm_losses`, a ZeRO-3 or FSDP2 head gathered for this loss only), or one vocabulary slice at a
-    time (:func:`sliced_lm_losses`, ``args.lm_vocab_slices > 1``, FSDP2 or one process)."""
+    time (:func:`sliced_lm_losses`, ``args.lm_vocab_slices > 1``: one process, FSDP2 or ZeRO-3)."""
     settings = {"temperature": args.temperature, "labels": labels, "chunk_size": args.lm_chunk_size,
                 "kd_weight": args.alpha, "ce_weight": args.beta, "jsd_mixture": args.jsd_mixture}  # fmt: skip
     if args.lm_vocab_slices > 1:

@@ -81,13 +81,32 @@ def test_an_ensemble_names_the_partitioned_teacher(tmp_path):
         )
 
 
-def test_vocab_slices_are_refused_under_zero3_only():
-    """GatheredParameters gathers whole parameters: lm_vocab_slices > 1 is refused under ZeRO-3, naming the fix."""
-    zero3 = {"zero_optimization": {"stage": 3}}
+@pytest.mark.parametrize(
+    "unreadable",
+    [
+        {"offload_param": {"device": "nvme", "nvme_path": "/nvme"}},
+        {"zero_quantized_weights": True},
+        {"zero_quantized_nontrainable_weights": True},
+    ],
+    ids=["nvme", "quantized", "quantized-frozen"],
+)
+def test_vocab_slices_are_refused_under_zero3_where_the_partitions_are_not_plain(unreadable):
+    """ZeRO-3 heads are read from their partitions (Zero3HeadSlices), on the device or offloaded to the CPU; NVMe and
+    quantized partitions only DeepSpeed reads: lm_vocab_slices > 1 is refused there, naming the setting and the fix."""
+    (name,) = unreadable if "offload_param" not in unreadable else ["offload_param.device: nvme"]
+    config = {"zero_optimization": {"stage": 3, **unreadable}}
     with pytest.raises(
-        InputError, match=r"^lm_vocab_slices=4 cannot slice .* set lm_vocab_slices=1, or shard with"
+        InputError,
+        match=rf"^lm_vocab_slices=4 reads .* with {name}: set lm_vocab_slices=1, or turn it off\.$",
     ):
-        check_vocab_slices(zero3, 4)
-    check_vocab_slices(zero3, 1)
+        check_vocab_slices(config, 4)
+    check_vocab_slices(config, 1)
+    check_vocab_slices({"zero_optimization": {"stage": 2, **unreadable}}, 4)
+
+
+def test_vocab_slices_are_read_under_zero3_on_the_device_or_offloaded_to_the_cpu():
+    check_vocab_slices({"zero_optimization": {"stage": 3}}, 4)
+    check_vocab_slices({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, 4)
+    check_vocab_slices({"zero_optimization": {"stage": 3, "offload_param": None}}, 4)
     check_vocab_slices({"zero_optimization": {"stage": 2}}, 4)
     check_vocab_slices(None, 4)

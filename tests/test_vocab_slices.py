@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import config
+from sharded_slices import zero3_param
 from test_lm_trainer import batch_of, lm_rows, tiny_llama
 
 from hf_distill import DistillationTrainer
 from hf_distill.errors import InputError
+from hf_distill.sharding import head_slices, owned_parts, zero3_owners
 from hf_distill.vocab_losses import chunked_lm_losses, sample_teacher_tokens
 from hf_distill.vocab_slices import HEAD_READS, HeadSlices, slice_bounds, sliced_lm_losses
 
@@ -314,3 +317,72 @@ def test_vocab_slices_are_refused_on_the_dense_path(tmp_path):
         DistillationTrainer(
             model=tiny_llama(2), teacher_model=tiny_llama(1), args=args, train_dataset=lm_rows()
         )
+
+
+# ---- ZeRO-3 heads (hf_distill.sharding.Zero3HeadSlices): which ranks own which flat range of a slice -------------
+
+
+def test_zero3_owners_are_the_flat_partitions_without_the_padding():
+    """Rank r holds flat [r P, (r + 1) P) of the weight; the last partition is padded, a rank of padding only owns
+    nothing."""
+    assert zero3_owners(96 * 32, 1536, 2) == [(0, 0, 1536), (1, 1536, 3072)]
+    assert zero3_owners(23 * 5, 58, 2) == [(0, 0, 58), (1, 58, 115)]  # 115 elements, padded to 116
+    assert zero3_owners(5, 2, 4) == [(0, 0, 2), (1, 2, 4), (2, 4, 5)]  # rank 3: padding only
+    with pytest.raises(ValueError, match="2 partitions of 57 elements cannot hold 115"):
+        zero3_owners(115, 57, 2)
+
+
+def test_owned_parts_of_a_slice_straddling_a_partition_boundary():
+    owners = zero3_owners(23 * 5, 58, 2)  # the boundary falls inside row 11 (flat 55..60)
+    assert list(owned_parts(owners, 10 * 5, 14 * 5)) == [(0, 50, 58), (1, 58, 70)]
+    assert list(owned_parts(owners, 0, 5 * 5)) == [(0, 0, 25)]
+    assert list(owned_parts(owners, 18 * 5, 23 * 5)) == [(1, 90, 115)]
+
+
+@pytest.mark.parametrize(
+    ("rows", "width", "world", "num_slices"), [(23, 5, 2, 5), (96, 32, 2, 3), (7, 3, 4, 7)]
+)
+def test_owned_parts_tile_each_slice_in_order_within_their_owners(rows, width, world, num_slices):
+    numel = rows * width
+    partition = -(-numel // world)  # DeepSpeed pads the flat weight to a multiple of the world size
+    owners = zero3_owners(numel, partition, world)
+    held = {r: (a, b) for r, a, b in owners}
+    for v0, v1 in slice_bounds(rows, num_slices):
+        parts = list(owned_parts(owners, v0 * width, v1 * width))
+        assert [i for _, a, b in parts for i in range(a, b)] == list(range(v0 * width, v1 * width))
+        assert all(held[r][0] <= a < b <= held[r][1] for r, a, b in parts)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A 1-process gloo group, for the ZeRO-3 form's broadcasts in this process."""
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def test_zero3_head_slices_read_the_partition_and_give_the_whole_gradient_to_the_placeholder(one_rank_group):
+    """Read from ds_tensor a slice at a time, the loss and gradients equal the plain form's on the whole heads, and
+    the head's gradient reaches the placeholder parameter whole (V, D), where ZeRO-3's hook reduce-scatters it; the
+    placeholder is put back after the accumulation."""
+    x = _inputs()
+    param, teacher = (zero3_param(x[name], one_rank_group, 0, 1) for name in ("head", "teacher_head"))
+    kwargs = {"kd": "jsd", "labels": x["labels"], "chunk_size": 4, "temperature": 2.0, "num_slices": 5}
+    grads, kinds = [], []
+    for head, teacher_head in ((param, teacher), (x["head"].clone().requires_grad_(), x["teacher_head"])):
+        hidden = x["hidden"].clone().requires_grad_()
+        student, side = head_slices(_Holder(head)), {"teacher_head": head_slices(_Holder(teacher_head))}
+        out = sliced_lm_losses(hidden, student, teacher_hidden=x["teacher_hidden"], **kwargs, **side)
+        out.loss.backward()
+        grads.append((out.loss, hidden.grad, head.grad))
+        kinds.append(type(student).__name__)
+    assert kinds == ["Zero3HeadSlices", "HeadSlices"]
+    assert param.shape == (0,) and param.grad.shape == (V, D)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight

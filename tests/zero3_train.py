@@ -2,7 +2,7 @@
 ``accelerate launch`` (ZeRO-3 with tests/zero3_cpu.yaml, or one CPU process), then each step's loss and the
 student's full weights to ``<out>/student.pt``.
 
-    python tests/zero3_train.py OUT PER_DEVICE_BATCH {live,topk,sampled}
+    python tests/zero3_train.py OUT PER_DEVICE_BATCH {live,topk,sampled} [LM_VOCAB_SLICES [{tied,untied}]]
 
 One global batch is the whole dataset (4 rows of one length, every token labelled), so the launchers'
 shuffling cannot matter and the mean of the ranks' losses is the whole batch's loss.
@@ -23,7 +23,7 @@ from hf_distill.sharding import gathered_weight, is_zero3_partitioned
 from hf_distill.tasks import output_embedding
 
 
-def main(out: Path, per_device_batch: int, source: str) -> None:
+def main(out: Path, per_device_batch: int, source: str, slices: int = 1, head: str = "tied") -> None:
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, VOCAB, (4, 12), generator=g).tolist()
     rows = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 12] * 4, "labels": ids})
@@ -43,6 +43,7 @@ def main(out: Path, per_device_batch: int, source: str) -> None:
         alpha=0.6,
         beta=0.4,
         lm_chunk_size=7,
+        lm_vocab_slices=slices,
         report_to="none",
         use_cpu=True,
         save_strategy="no",
@@ -50,8 +51,12 @@ def main(out: Path, per_device_batch: int, source: str) -> None:
         seed=0,
         data_seed=0,
     )
+    if (
+        args.deepspeed_plugin is not None
+    ):  # partition every parameter: DeepSpeed keeps those under 1e5 elements whole
+        args.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     trainer = DistillationTrainer(
-        model=tiny_llama(2, layers=2),
+        model=tiny_llama(2, layers=2, tie=head == "tied"),
         teacher_model=teacher if source == "live" else None,
         args=args,
         train_dataset=rows,
@@ -78,6 +83,7 @@ def main(out: Path, per_device_batch: int, source: str) -> None:
                 "state": state,
                 "num_processes": trainer.accelerator.num_processes,
                 "sharded": sharded,
+                "persistent": sharded and trainer.model.lm_head.weight.ds_persist,
                 "teacher_sharded": teacher_sharded,
                 "offload": offload,
             },
@@ -92,4 +98,4 @@ class _Holder(torch.nn.Module):
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:5]), *sys.argv[5:6])
