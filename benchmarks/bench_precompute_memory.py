@@ -5,7 +5,7 @@ handed back and the peak resident size reset (as ``benchmarks/bench_lm_loss.py``
 :func:`hf_distill.teacher_cache.precompute_teacher_caches` writes the recipe's top-k and RS-KD caches (its
 ``cache_formats``) to an empty directory. Reported: the peak resident size during the pass minus the resident size
 before it (so above the teacher and the blocks), and the float32 logits of one forward (``tokens x V x 4``),
-which the default batch (:func:`hf_distill.teacher_cache.precompute.default_batch_tokens`) holds at 2 GiB. Memory
+which the default batch (:func:`hf_distill.teacher_cache.precompute.default_batch_tokens`) holds at 1 GiB. Memory
 does not depend on what else runs; time does, and is not reported.
 
     python benchmarks/bench_precompute_memory.py                       # the default batch only

@@ -170,10 +170,10 @@ def test_out_of_memory_halves_the_batch_until_it_fits(tmp_path):
         torch.testing.assert_close(row["teacher_logits"], ref, rtol=1e-4, atol=1e-5)
 
 
-def test_the_default_batch_keeps_one_forwards_float32_logits_within_2_gib():
-    assert default_batch_tokens(49_152) == 10_922 and 10_922 * 49_152 * 4 <= 2**31 < 10_923 * 49_152 * 4
+def test_the_default_batch_keeps_one_forwards_float32_logits_within_1_gib():
+    assert default_batch_tokens(49_152) == 5_461 and 5_461 * 49_152 * 4 <= 2**30 < 5_462 * 49_152 * 4
     assert default_batch_tokens(2) == 16_384  # a classifier: the cap
-    assert default_batch_tokens(2**24) == 256  # beyond 2**21 outputs: the floor
+    assert default_batch_tokens(2**24) == 256  # beyond 2**20 outputs: the floor
     with pytest.raises(ValueError, match="num_outputs must be >= 1, got 0"):
         default_batch_tokens(0)
 

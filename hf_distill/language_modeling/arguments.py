@@ -230,8 +230,8 @@ class DistillLMArguments:
         metadata={
             "help": "Tokens per teacher forward when caching (max_batch_tokens of precompute_teacher_logits). The "
             "teacher's (tokens x vocabulary) float32 logits are held at once, a few times over, so this bounds the "
-            "precompute's memory. Default: sized from the vocabulary so one copy takes at most 2 GiB "
-            "(teacher_cache.precompute.default_batch_tokens; 10,922 tokens at V = 49,152)."
+            "precompute's memory. Default: sized from the vocabulary so one copy takes at most 1 GiB and the pass "
+            "about 2 GiB (teacher_cache.precompute.default_batch_tokens; 5,461 tokens at V = 49,152)."
         },
     )
     cache_dir: str | None = field(

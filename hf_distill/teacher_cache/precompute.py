@@ -57,8 +57,9 @@ from .storage import (
 
 logger = logging.getLogger(__name__)
 
-# The default tokens per forward: one forward's float32 logits stay within LOGITS_BYTES (2 GiB).
-LOGITS_BYTES = 2**31
+# The default tokens per forward: one forward's float32 logits stay within LOGITS_BYTES (1 GiB), so that the
+# whole teacher pass stays within about 2 GiB above the teacher (benchmarks/bench_precompute_memory.py).
+LOGITS_BYTES = 2**30
 MIN_BATCH_TOKENS = 256
 MAX_BATCH_TOKENS = 16384
 
@@ -67,9 +68,11 @@ def default_batch_tokens(num_outputs: int) -> int:
     """Tokens per teacher forward by default: ``clip(LOGITS_BYTES // (4 * num_outputs), 256, 16384)``.
 
     ``num_outputs`` is the number of logits per token (the vocabulary ``V`` of a language model). One
-    forward's float32 logits ``[tokens, V]`` then take at most ``LOGITS_BYTES`` = 2 GiB (unless ``V`` is
-    beyond 2**21, where the 256-token floor holds): ``V = 49,152`` gives 10,922 tokens (2.0 GiB), where
-    16,384 would hold 3.0 GiB per copy of the logits. A classifier's few outputs get the 16,384 cap.
+    forward's float32 logits ``[tokens, V]`` then take at most ``LOGITS_BYTES`` = 1 GiB (unless ``V`` is
+    beyond 2**20, where the 256-token floor holds): ``V = 49,152`` gives 5,461 tokens. The pass holds about
+    1.5 times one forward's logits at its peak (the logits, and what each format computes from them), so the
+    default stays within about 2 GiB; the earlier 16,384 tokens held 3.0 GiB per copy of the logits. A
+    classifier's few outputs get the 16,384 cap.
     """
     if num_outputs < 1:
         raise ValueError(f"num_outputs must be >= 1, got {num_outputs}.")
@@ -141,7 +144,7 @@ def precompute_teacher_logits(
         autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run the teacher under ``torch.autocast``.
         max_batch_tokens: padded tokens per forward pass (rows times longest row); default
             :func:`default_batch_tokens` of the teacher's logits per token (its vocabulary for a
-            language model), so one forward's float32 logits take at most 2 GiB; halved on
+            language model), so one forward's float32 logits take at most 1 GiB; halved on
             out-of-memory (the window is run again; garbage is collected and the device cache
             emptied then only) until a batch fits.
         max_batch_size: rows per forward pass at most.
