@@ -37,8 +37,6 @@ POINTS: dict[str, dict[str, Any]] = {
     "d10_a08": {"alpha": 0.8, "beta": 0.2},
     "d10_a10": {"alpha": 1.0, "beta": 0.0},
     "d10_T2_a05": {"temperature": 2.0},
-    "d10_a065": {"alpha": 0.65, "beta": 0.35},
-    "d10_a09": {"alpha": 0.9, "beta": 0.1},
     "d6_a08": {"student_num_layers": 6, "alpha": 0.8, "beta": 0.2},
     "d15_a08": {"student_num_layers": 15, "alpha": 0.8, "beta": 0.2},
     "d10_lr1e-4_a08": {"learning_rate": 1e-4, "alpha": 0.8, "beta": 0.2},
