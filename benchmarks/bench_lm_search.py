@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lm import ROOT, _save  # noqa: E402  (bench_lm's atomic write of a results file)
+
 RECIPE = ROOT / "recipes/offline/smollm2.yaml"
 # Settings that change the CE-only student too: a point differing in one of them needs its own twin.
 TWIN_KEYS = ("student_num_layers", "learning_rate", "max_steps", "max_train_blocks")
@@ -128,8 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         # re-read: another search process may have written points meanwhile
         records = json.loads(args.out.read_text()) if args.out.is_file() else records
         records["points"][name] = record
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+        _save(args.out, records)
     if records["points"]:
         print(table(records))
 
