@@ -184,6 +184,7 @@ def _gkd_worker(
     from hf_distill import DistillationConfig, DistillationTrainer, build_student
     from hf_distill.language_modeling import LMRecipeParser
     from hf_distill.language_modeling.data import load_corpus, pack
+    from hf_distill.language_modeling.run import cache_formats
     from hf_distill.language_modeling.teacher import load_teacher
 
     # the recipe's corpus, blocks and teacher (so the seed runs' caches are hits), without its out-of-domain text
@@ -194,10 +195,9 @@ def _gkd_worker(
     teacher = load_teacher(script)
     splits, _ = load_corpus(script)
     blocks = pack(splits["train"], teacher.tokenizer, block_size, max_blocks=script.max_train_blocks)
-    rskd = {"num_samples": script.num_samples, "sample_temperature": recipe_args.temperature, "sample_seed": 42,
-            "sample_head": script.sample_head, "sample_proposal_temperature": script.sample_proposal_temperature,
-            "sample_counts": script.sample_counts}  # fmt: skip
-    sparse = {"KD, top-k cache": {"top_k": script.top_k}, "KD, RS-KD cache": rskd,
+    formats = cache_formats(script, recipe_args)  # the run's own caches (the recipe's seed, 42, for the draws)
+    rskd = formats["sampled"]
+    sparse = {"KD, top-k cache": formats["topk"], "KD, RS-KD cache": rskd,
               HEAD_VARIANT: {**rskd, "sample_head": head[0], "num_samples": head[1]}}  # fmt: skip
     if variant in sparse:
         from hf_distill.offline import cache_dir
