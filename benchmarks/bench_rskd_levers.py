@@ -31,11 +31,15 @@ from bench_lm import ROOT, _spread, run_seed  # noqa: E402  (the seed runs and t
 SPLITS = ("validation", "ood")
 
 
-def lever_name(sample_head: int, num_samples: int, proposal_temperature: float, counts: bool = True) -> str:
-    """The key of one lever: ``head4_n8``, ``head0_n12_tau1.5``, ``head3_n14_draws`` (draws stored without counts)."""
+def lever_name(
+    sample_head: int, num_samples: int, proposal_temperature: float, counts: bool = True, scheme: str = "iid"
+) -> str:
+    """The key of one lever: ``head4_n8``, ``head0_n12_tau1.5``, ``head3_n14_draws`` (draws stored without counts),
+    ``head3_n13_draws_systematic`` (systematic draws)."""
     name = f"head{sample_head}_n{num_samples}"
     name = name if proposal_temperature == 1.0 else f"{name}_tau{proposal_temperature:g}"
-    return name if counts else f"{name}_draws"
+    name = name if counts else f"{name}_draws"
+    return name if scheme == "iid" else f"{name}_{scheme}"
 
 
 def _row(summary: dict[str, Any], mode: str | None) -> dict[str, Any] | None:
@@ -98,6 +102,7 @@ def lever_flags(lever: dict[str, Any], with_ce: bool) -> list[str]:
         "--num_samples", str(lever["num_samples"]),
         "--sample_proposal_temperature", str(lever["proposal_temperature"]),
         "--sample_counts", str(lever.get("counts", True)).lower(),
+        "--sample_scheme", lever.get("scheme", "iid"),
         "--train_baseline", str(with_ce).lower(),
     ]  # fmt: skip
 
@@ -116,6 +121,10 @@ def main(argv: list[str] | None = None) -> None:
         help="false: the cache stores the draws themselves (2 bytes a draw), not distinct ids with counts",
     )  # fmt: skip
     parser.add_argument(
+        "--sample_scheme", choices=("iid", "systematic"), default="iid",
+        help="systematic: one uniform offset per token and evenly spaced points of the teacher's CDF",
+    )  # fmt: skip
+    parser.add_argument(
         "--with_ce", type=int, nargs="*", default=[], help="seeds that also train the CE twin"
     )
     parser.add_argument("--reference", type=Path, default=ROOT / "benchmarks/results/lm.json")
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     records = json.loads(args.out.read_text()) if args.out.is_file() else {"levers": {}, "runs": {}}
     lever = {"sample_head": args.sample_head, "num_samples": args.num_samples,
              "proposal_temperature": args.sample_proposal_temperature,
-             "counts": args.sample_counts == "true"}  # fmt: skip
+             "counts": args.sample_counts == "true", "scheme": args.sample_scheme}  # fmt: skip
     name = lever_name(**lever)
     for seed in args.seeds:
         if str(seed) not in reference:

@@ -28,6 +28,14 @@ LM_KD_LOSSES = ("kl", "reverse_kl", "jsd", "topk", "sampled")
 _DENSE_TEACHER = ("kl", "reverse_kl", "jsd")
 _SPARSE_TEACHER = ("topk", "sampled")
 IGNORE_INDEX = -100
+# How the n draws of an RS-KD cache are made: "iid", independent draws with replacement (the paper's); or
+# "systematic", one uniform offset u per row and the n points (u + i) / n of its cumulative distribution.
+SAMPLE_SCHEMES = ("iid", "systematic")
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SAMPLE_SCHEMES:
+        raise ValueError(f"scheme={scheme!r} must be one of {SAMPLE_SCHEMES}.")
 
 
 def _check_sampling(teacher_logits: torch.Tensor, num_samples: int, temperature: float) -> None:
@@ -47,6 +55,7 @@ def sample_teacher_tokens(
     num_samples: int,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    scheme: str = "iid",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``num_samples`` tokens per position from the teacher's softmax at ``T``, with replacement.
 
@@ -54,19 +63,41 @@ def sample_teacher_tokens(
     counts ``c_j = #{i : x_i = id_j}`` (so ``sum_j c_j = n``): the RS-KD cache of Anshumann et al.
     (ACL 2025), read back by ``chunked_lm_losses(kd="sampled")``.
 
+    ``scheme="systematic"`` draws them by systematic sampling (:func:`_draw`): the same expectation
+    ``E[c_j] = n p_j``, with each count ``floor(n p_j)`` or ``ceil(n p_j)``.
+
     Shapes: ``teacher_logits``: ``(N, V)``. Returns ``(ids, counts)``, both ``(N, num_samples)``
     int64: each row's distinct ids in ascending order, left-aligned, then padding slots with id 0 and
     count 0.
     """
     _check_sampling(teacher_logits, num_samples, temperature)
-    return _draw(F.softmax(teacher_logits.float() / temperature, dim=-1), num_samples, generator)
+    return _draw(F.softmax(teacher_logits.float() / temperature, dim=-1), num_samples, generator, scheme)
 
 
 def _draw(
-    probs: torch.Tensor, num_samples: int, generator: torch.Generator | None
+    probs: torch.Tensor, num_samples: int, generator: torch.Generator | None, scheme: str = "iid"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_samples`` draws per row of ``probs`` ``(N, V)`` (unnormalised), as distinct ids and counts."""
-    draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+    """``num_samples`` draws per row of ``probs`` ``(N, V)`` (unnormalised), as distinct ids and counts.
+
+    - ``"iid"``: ``x_1, ..., x_n ~ p`` independently (``torch.multinomial`` with replacement).
+    - ``"systematic"``: with ``F`` the row's cumulative distribution and one ``u ~ U[0, 1)`` per row,
+      ``x_i = F^{-1}((u + i) / n)`` for ``i = 0, ..., n - 1`` (systematic resampling, as particle filters
+      resample). Each point is uniform on its stratum, so ``E[c_j] = n p_j`` as for iid draws, and the
+      target ``c_j / n`` stays unbiased; but ``c_j`` is ``floor(n p_j)`` or ``ceil(n p_j)``, never
+      further off, so its variance is at most ``1/4`` against ``n p_j (1 - p_j)``. Tokens of zero
+      probability are never drawn.
+    """
+    _check_scheme(scheme)
+    if scheme == "systematic":
+        cdf = probs.cumsum(-1)  # non-decreasing in float32 too: a token of probability 0 repeats its left end
+        total = cdf[:, -1:]
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+        steps = torch.arange(num_samples, device=probs.device, dtype=cdf.dtype)
+        points = ((u + steps) / num_samples * total).minimum(total.nextafter(torch.zeros_like(total)))
+        # right=True: the first token whose cumulative mass passes the point, never one of probability 0
+        draws = torch.searchsorted(cdf, points.contiguous(), right=True).clamp_max(probs.shape[-1] - 1)
+    else:
+        draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
     draws, _ = draws.sort(dim=-1)
     starts = torch.ones_like(draws, dtype=torch.bool)
     starts[:, 1:] = draws[:, 1:] != draws[:, :-1]
@@ -83,6 +114,7 @@ def sample_head_and_tail(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     proposal_temperature: float = 1.0,
+    scheme: str = "iid",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """RS-KD with an exact head: the ``head`` most likely tokens kept exactly, ``num_samples`` draws from the rest.
 
@@ -93,7 +125,8 @@ def sample_head_and_tail(
     the draws is ``p`` exactly, and its variance is that of plain RS-KD restricted to the tail, scaled
     by ``m**2``. A row whose tail holds no mass (``m = 0`` in float32) draws uniformly: those draws
     weigh 0. With ``proposal_temperature != 1`` the tail is drawn from a tempered proposal and
-    ``tail_counts`` are float importance weights (:func:`sample_sparse_target`).
+    ``tail_counts`` are float importance weights (:func:`sample_sparse_target`). ``scheme``: how the
+    tail is drawn (:func:`_draw`).
 
     Shapes: ``teacher_logits``: ``(N, V)``. Returns ``(head_ids, head_probs, tail_ids, tail_counts)``:
     ``(N, head)`` int64 ids by decreasing probability and their float32 probabilities; ``(N,
@@ -119,9 +152,9 @@ def sample_head_and_tail(
     if bool(empty.any()):
         tail[empty] = 1.0
     if proposal_temperature != 1.0:  # tail weights in the counts' place (sample_sparse_target)
-        tail_ids, tail_weights = _draw_tempered(tail, num_samples, proposal_temperature, generator)
+        tail_ids, tail_weights = _draw_tempered(tail, num_samples, proposal_temperature, generator, scheme)
         return head_ids, head_probs, tail_ids, tail_weights
-    tail_ids, tail_counts = _draw(tail, num_samples, generator)
+    tail_ids, tail_counts = _draw(tail, num_samples, generator, scheme)
     return head_ids, head_probs, tail_ids, tail_counts
 
 
@@ -134,6 +167,7 @@ def sample_sparse_target(
     proposal_temperature: float = 1.0,
     generator: torch.Generator | None = None,
     counts: bool = True,
+    scheme: str = "iid",
 ) -> tuple[torch.Tensor, ...]:
     """The RS-KD cache's draws for one batch, in any of its forms: plain, exact head, tempered proposal, draws.
 
@@ -150,6 +184,7 @@ def sample_sparse_target(
       themselves (:func:`draws_of`), each weighing ``1 / n``: the same draws, the same target, stored in
       2 bytes per draw (a ``uint16`` id) instead of 3 per slot (id and ``uint8`` count), so that a byte
       budget holds more draws when most of them are distinct.
+    - ``scheme``: ``"iid"`` draws (the paper's) or ``"systematic"`` ones (:func:`_draw`), in any of these forms.
 
     Shapes: ``teacher_logits``: ``(N, V)``; every output ``(N, head)`` or ``(N, num_samples)``.
     """
@@ -162,18 +197,19 @@ def sample_sparse_target(
                 "need their importance weights: keep counts=True or proposal_temperature=1."
             )
         *rest, ids, draw_counts = sample_sparse_target(teacher_logits, num_samples, temperature, head=head,
-                                                       generator=generator)  # fmt: skip
+                                                       generator=generator, scheme=scheme)  # fmt: skip
         return *rest, draws_of(ids, draw_counts)
     if head:
         head_ids, head_probs, tail_ids, tail_counts = sample_head_and_tail(
-            teacher_logits, head, num_samples, temperature, generator, proposal_temperature
+            teacher_logits, head, num_samples, temperature, generator, proposal_temperature, scheme
         )
         return head_ids, head_probs, tail_ids, tail_counts
     if proposal_temperature == 1.0:
-        return sample_teacher_tokens(teacher_logits, num_samples, temperature, generator)
+        return sample_teacher_tokens(teacher_logits, num_samples, temperature, generator, scheme)
     _check_sampling(teacher_logits, num_samples, temperature)
     return _draw_tempered(
-        F.softmax(teacher_logits.float() / temperature, dim=-1), num_samples, proposal_temperature, generator
+        F.softmax(teacher_logits.float() / temperature, dim=-1), num_samples, proposal_temperature, generator,
+        scheme,
     )
 
 
@@ -192,14 +228,18 @@ def draws_of(ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def _draw_tempered(
-    target: torch.Tensor, num_samples: int, proposal_temperature: float, generator: torch.Generator | None
+    target: torch.Tensor,
+    num_samples: int,
+    proposal_temperature: float,
+    generator: torch.Generator | None,
+    scheme: str = "iid",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draws from ``q ∝ target**(1/tau)`` (``target`` ``(N, V)``, unnormalised), as distinct ids and their
     self-normalised importance weights ``c_j (target_j / q_j)``, summing to 1 per row."""
     log_target = target.log()
     log_q = log_target / proposal_temperature
     proposal = (log_q - log_q.amax(-1, keepdim=True)).exp()
-    ids, counts = _draw(proposal, num_samples, generator)
+    ids, counts = _draw(proposal, num_samples, generator, scheme)
     drawn = counts > 0
     log_ratio = torch.where(
         drawn, (1.0 - 1.0 / proposal_temperature) * log_target.gather(-1, ids), -torch.inf

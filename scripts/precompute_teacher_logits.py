@@ -74,6 +74,7 @@ from hf_distill.text_classification import (
     teacher_cache_settings,
 )
 from hf_distill.text_classification.offline import cache_dir, resolve_model_path
+from hf_distill.vocab_losses import SAMPLE_SCHEMES
 
 TASKS = (
     tasks.SEQUENCE_CLASSIFICATION,
@@ -160,6 +161,14 @@ class PrecomputeArguments:
             "instead of each distinct id with its count (3 bytes a slot)."
         },
     )
+    sample_scheme: str = field(
+        default="iid",
+        metadata={
+            "help": "With num_samples: iid draws (the paper's) or systematic ones (evenly spaced points of the "
+            "teacher's cumulative distribution from one uniform offset: unbiased, lower variance, same bytes).",
+            "choices": list(SAMPLE_SCHEMES),
+        },
+    )
     autocast_dtype: str | None = field(
         default=None,
         metadata={
@@ -180,6 +189,7 @@ SAMPLING_OPTIONS = {
     "sample_head": 0,
     "sample_proposal_temperature": 1.0,
     "sample_counts": True,
+    "sample_scheme": "iid",
 }
 
 
@@ -230,6 +240,7 @@ def cache_formats(options: PrecomputeArguments, args: DistillationConfig) -> dic
         "sample_head": options.sample_head,
         "sample_proposal_temperature": options.sample_proposal_temperature,
         "sample_counts": options.sample_counts,
+        "sample_scheme": options.sample_scheme,
     }
     if options.top_k is None:
         return {"sampled": sampled}

@@ -13,7 +13,13 @@ from conftest import load_module
 
 from hf_distill import losses
 from hf_distill.losses import chunked_lm_losses, sample_teacher_tokens
-from hf_distill.vocab_losses import draws_of, head_tail_weights, sample_head_and_tail, sample_sparse_target
+from hf_distill.vocab_losses import (
+    draws_of,
+    head_tail_weights,
+    normalised,
+    sample_head_and_tail,
+    sample_sparse_target,
+)
 
 N, D, DT, V = 13, 6, 5, 17  # 13 positions: chunk sizes 4 and 5 do not divide it, 13 and 64 hold it whole
 
@@ -889,6 +895,38 @@ def test_draws_without_counts_are_the_counted_draws_and_unbiased(head):
     assert ((mean - p_t).abs() <= 4 * standard_error + 1e-6).all()
     with pytest.raises(ValueError, match="counts=False stores the draws themselves"):
         sample_sparse_target(logits, n, T, proposal_temperature=2.0, counts=False)
+
+
+@pytest.mark.parametrize("head", [0, 3])
+def test_systematic_draws_are_unbiased_within_one_of_n_p_and_vary_less_than_iid(head):
+    """``scheme="systematic"``: over many rows of draws the mean target is the teacher's distribution (within 4
+    standard errors), every count is ``floor(n q_j)`` or ``ceil(n q_j)`` for the sampled distribution ``q``
+    (``p``, or the tail ``p / m``), no token of probability 0 is drawn, and the target's squared error
+    is smaller than iid draws' at the same ``n``."""
+    T, n, vocab, draws = 1.0, 9, 40, 3000
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(4))  # every p > 1e-3: each one drawn
+    logits[:, -5:] = -torch.inf  # probability 0: never drawn
+    p_t = F.softmax(logits / T, dim=-1)
+    targets = {}
+    for scheme in ("iid", "systematic"):
+        g = torch.Generator().manual_seed(6)
+        drawn = sample_sparse_target(logits.repeat(draws, 1), n, T, head=head, generator=g, scheme=scheme)
+        ids, counts = drawn[-2], drawn[-1]
+        weights = head_tail_weights(drawn[1], counts) if head else normalised(counts)
+        all_ids = torch.cat([drawn[0], ids], -1) if head else ids
+        targets[scheme] = torch.zeros(draws * 3, vocab).scatter_add_(-1, all_ids, weights).view(draws, 3, vocab)
+        if scheme == "systematic":
+            assert not (ids[counts > 0] >= vocab - 5).any()
+            q = p_t.scatter(-1, drawn[0][:3], 0.0) if head else p_t
+            q = (q / q.sum(-1, keepdim=True)).repeat(draws, 1)
+            per_token = torch.zeros(draws * 3, vocab).scatter_add_(-1, ids, counts.float())
+            assert ((per_token >= (n * q).floor() - 1e-4) & (per_token <= (n * q).ceil() + 1e-4)).all()
+    mean, standard_error = targets["systematic"].mean(0), targets["systematic"].std(0) / draws**0.5
+    assert ((mean - p_t).abs() <= 4 * standard_error + 1e-6).all()
+    error = {scheme: (t - p_t).pow(2).sum(-1).mean() for scheme, t in targets.items()}
+    assert error["systematic"] < 0.75 * error["iid"], error
+    with pytest.raises(ValueError, match=r"^scheme='sobol' must be one of \('iid', 'systematic'\)\.$"):
+        sample_sparse_target(logits, n, T, scheme="sobol")
 
 
 def test_draws_of_expands_distinct_ids_by_their_counts():

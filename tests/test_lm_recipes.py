@@ -104,3 +104,16 @@ def test_an_unknown_teacher_mode_is_an_argparse_error(capsys):
         LMRecipeParser().parse_recipe_and_args(["--teacher_modes", "dense", "--output_dir", "unused"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'dense'" in capsys.readouterr().err
+
+
+def test_the_sample_scheme_reaches_the_rs_kd_cache_format_and_a_bad_one_is_refused(tmp_path):
+    from hf_distill.language_modeling.run import cache_formats
+
+    script, args = LMRecipeParser().parse_recipe_and_args(
+        ["--sample_scheme", "systematic", "--teacher_modes", "sampled", "--output_dir", "unused"]
+    )[:2]
+    assert cache_formats(script, args)["sampled"]["sample_scheme"] == "systematic"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("dataset_name: offline:speeches\nsample_scheme: sobol\n")
+    with pytest.raises(InputError, match=r"recipe key 'sample_scheme' has 'sobol'.*one of \['iid', 'systematic'\]"):
+        LMRecipeParser().parse_recipe_and_args(["--config", str(recipe), "--output_dir", "unused"])

@@ -203,6 +203,8 @@ FORMATS = {
     "tempered": {"num_samples": 5, "sample_proposal_temperature": 2.0, "sample_seed": 3},
     "head, tempered": {"num_samples": 5, "sample_head": 1, "sample_proposal_temperature": 0.5},
     "head, draws": {"num_samples": 5, "sample_head": 2, "sample_seed": 3, "sample_counts": False},
+    "head, systematic draws": {"num_samples": 5, "sample_head": 2, "sample_seed": 3, "sample_counts": False,
+                               "sample_scheme": "systematic"},
 }
 _SAME = ("key", "columns", "num_rows", "top_k", "sampling", "teacher_bytes", "bytes_per_token")
 
@@ -287,10 +289,12 @@ def test_bad_formats_are_refused_in_one_line(tmp_path):
         precompute_teacher_caches(teacher, dataset, {"a": {"k": 3}}, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="at least one format"):
         precompute_teacher_caches(teacher, dataset, {}, cache_dir=tmp_path)
-    for shape in ({"sample_head": 2}, {"sample_proposal_temperature": 2.0}, {"sample_counts": False}):
+    shapes = ({"sample_head": 2}, {"sample_proposal_temperature": 2.0}, {"sample_counts": False},
+              {"sample_scheme": "systematic"})  # fmt: skip
+    for shape in shapes:
         with pytest.raises(
             ValueError,
-            match="sample_proposal_temperature and sample_counts shape the RS-KD draws: they need num_samples",
+            match="sample_counts and sample_scheme shape the RS-KD draws: they need num_samples",
         ):
             precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, **shape)
     for tau in (0.0, -1.0, float("inf")):
@@ -668,6 +672,32 @@ def test_draws_without_counts_hold_the_same_draws_in_fewer_bytes(tmp_path):
             sample_proposal_temperature=2.0,
             sample_counts=False,
         )
+
+
+def test_systematic_draws_are_their_own_cache_and_stay_within_one_of_n_p(tmp_path):
+    """``sample_scheme="systematic"``: the scheme is in the key and the provenance (an iid cache is never read as a
+    systematic one, nor the other way), the columns and bytes are those of iid draws, each token is drawn
+    ``floor(n p)`` or ``ceil(n p)`` times, and a scheme that does not exist is refused in one line."""
+    dataset, teacher = random_classification_dataset(6, seed=5), _gpt2(1)
+    spec = {"num_samples": 8, "sample_seed": 3}
+    out = precompute_teacher_caches(
+        teacher, dataset, {"iid": spec, "sys": {**spec, "sample_scheme": "systematic"}}, cache_dir=tmp_path
+    )
+    iid, sys_ = read_provenance(out["iid"]), read_provenance(out["sys"])
+    assert sys_["sampling"]["scheme"] == "systematic" and "scheme" not in iid["sampling"]
+    assert sys_["key"] != iid["key"] and sys_["teacher_bytes"] == iid["teacher_bytes"]
+    assert out["sys"].column_names == out["iid"].column_names
+    with torch.no_grad():
+        logits = teacher(input_ids=torch.tensor(out["sys"]["input_ids"][0])[None]).logits[0]
+    p = logits.float().softmax(-1)
+    for position, (ids, counts) in enumerate(
+        zip(out["sys"]["teacher_sample_ids"][0], out["sys"]["teacher_sample_counts"][0], strict=True)
+    ):
+        drawn = torch.zeros(p.shape[-1]).index_add_(0, torch.tensor(ids), torch.tensor(counts).float())
+        expected = 8 * p[position]
+        assert ((drawn >= expected.floor() - 1e-4) & (drawn <= expected.ceil() + 1e-4)).all(), position
+    with pytest.raises(ValueError, match=r"^sample_scheme must be one of iid, systematic .*, got 'sobol'\.$"):
+        precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, num_samples=4, sample_scheme="sobol")
 
 
 def test_packed_rows_are_read_without_a_gather_and_store_what_a_padded_batch_stores(monkeypatch):

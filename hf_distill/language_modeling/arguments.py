@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from ..config import DistillationConfig
 from ..errors import InputError
 from ..recipe import RecipeParser
+from ..vocab_losses import SAMPLE_SCHEMES
 from .instruct_data import OFFLINE_PROMPTS
 
 STUDENT_KINDS = ("layers", "checkpoint")
@@ -223,6 +224,15 @@ class DistillLMArguments:
             "help": "RS-KD cache layout: true stores each distinct drawn id with its count (3 bytes a slot); false "
             "stores the num_samples draws themselves, repeated ids included (2 bytes a draw), so the same bytes "
             "hold 1.5 times the draws when most are distinct. Not with sample_proposal_temperature != 1."
+        },
+    )
+    sample_scheme: str = field(
+        default="iid",
+        metadata={
+            "help": "How the RS-KD draws are made: iid (independent draws, as in the paper) or systematic (one "
+            "uniform offset per token and num_samples evenly spaced points of the teacher's cumulative "
+            "distribution: unbiased too, each token drawn floor(n p) or ceil(n p) times). Same bytes.",
+            "choices": list(SAMPLE_SCHEMES),
         },
     )
     precompute_batch_tokens: int | None = field(

@@ -74,6 +74,8 @@ def _plan(prepared: Prepared, script, args: DistillationConfig, blocks: dict[str
                 size += f" (proposal at tau = {script.sample_proposal_temperature:g}, importance-weighted)"
             if mode == "sampled" and not script.sample_counts:
                 size += " (the draws stored themselves, without counts)"
+            if mode == "sampled" and script.sample_scheme != "iid":
+                size += f" ({script.sample_scheme} draws)"
             lines.append(
                 f"hf_distill: plan: cache the teacher's {size} per token (reused when cached before)"
             )
@@ -117,7 +119,7 @@ def cache_formats(script, args) -> dict[str, dict[str, Any]]:
         "sampled": {"num_samples": script.num_samples, "sample_temperature": args.temperature,
                     "sample_seed": args.seed, "sample_head": script.sample_head,
                     "sample_proposal_temperature": script.sample_proposal_temperature,
-                    "sample_counts": script.sample_counts},
+                    "sample_counts": script.sample_counts, "sample_scheme": script.sample_scheme},
     }  # fmt: skip
     return {mode: spec for mode, spec in formats.items() if mode in script.teacher_modes}
 

@@ -220,8 +220,8 @@ class _TeacherLogits:
         other formats computed from the same forward. With ``sampling["head"] = h`` the ``h`` most
         likely tokens are kept exactly and the draws come from the rest, and with
         ``sampling["proposal_temperature"]`` from a tempered proposal, importance-weighted; with
-        ``sampling["counts"] = False`` the draws themselves are stored
-        (:func:`~hf_distill.vocab_losses.sample_sparse_target`).
+        ``sampling["counts"] = False`` the draws themselves are stored, and ``sampling["scheme"]`` says how
+        they are drawn (:func:`~hf_distill.vocab_losses.sample_sparse_target`).
         """
         # max and min propagate NaN, and are +-inf where any logit is: no (tokens x V) mask is made
         if not bool(torch.isfinite(torch.stack([logits.amax(), logits.amin()])).all()):
@@ -252,6 +252,7 @@ class _TeacherLogits:
                 proposal_temperature=proposal,
                 generator=generator,
                 counts=sampling.get("counts", True),
+                scheme=sampling.get("scheme", "iid"),
             )
             for name, value in zip(out, drawn, strict=True):
                 out[name][start:stop] = value

@@ -27,6 +27,7 @@ from .. import tasks
 from ..collator import teacher_sources
 from ..errors import InputError
 from ..tasks import base_model, forward_params, task_of
+from ..vocab_losses import SAMPLE_SCHEMES
 
 # 2: vocabulary ids stored as uint16 when the vocabulary fits (<= 65,536), and the sampled (RS-KD) format.
 # 3: an RS-KD cache with an exact head (teacher_head_ids / teacher_head_probs) or importance weights
@@ -150,8 +151,8 @@ def _resolve_sampling(
 ) -> dict[str, Any] | None:
     """The RS-KD sampling settings as stored in the key: ``num_samples``, ``temperature``, ``seed``;
     ``head`` when the cache keeps an exact head, ``proposal_temperature`` when the draws come from a
-    tempered proposal and ``counts: False`` when the draws are stored themselves (each left out at its
-    default, so plain RS-KD keys stay as they were)."""
+    tempered proposal, ``counts: False`` when the draws are stored themselves and ``scheme`` when they are
+    not iid (each left out at its default, so plain RS-KD keys stay as they were)."""
     if not sampling:
         return None
     if task not in tasks.VOCABULARY_TASKS:
@@ -188,9 +189,15 @@ def _resolve_sampling(
             f"(sample_proposal_temperature={proposal:g}) need their importance weights: keep sample_counts "
             "or a proposal temperature of 1."
         )
+    scheme = sampling.get("scheme", "iid")
+    if scheme not in SAMPLE_SCHEMES:
+        raise InputError(
+            f"sample_scheme must be one of {', '.join(SAMPLE_SCHEMES)} (how the draws are made), got {scheme!r}."
+        )
     resolved = {"num_samples": n, "temperature": temperature, "seed": int(sampling.get("seed", 0))}
     resolved |= {"head": int(head)} if head else {}
     resolved |= {"counts": False} if not counts else {}
+    resolved |= {"scheme": scheme} if scheme != "iid" else {}
     return resolved | ({"proposal_temperature": proposal} if proposal != 1.0 else {})
 
 

@@ -98,6 +98,7 @@ def precompute_teacher_logits(
     sample_head: int = 0,
     sample_proposal_temperature: float = 1.0,
     sample_counts: bool = True,
+    sample_scheme: str = "iid",
     autocast_dtype: str | None = None,
     max_batch_tokens: int | None = None,
     max_batch_size: int = 512,
@@ -141,6 +142,11 @@ def precompute_teacher_logits(
             num_samples`` (:func:`hf_distill.vocab_losses.draws_of`): 2 bytes per draw instead of 3, so a
             byte budget holds half as many draws again when most draws are distinct (a flat teacher at
             ``T = 2``). Not with a tempered proposal (its draws need their weights).
+        sample_scheme: with ``num_samples``: ``"iid"`` (default) draws independently, as the paper does;
+            ``"systematic"`` draws by systematic sampling, one uniform offset per token and the ``n``
+            evenly spaced points of its cumulative distribution (:func:`hf_distill.vocab_losses._draw`):
+            unbiased as well, with each token drawn ``floor(n p)`` or ``ceil(n p)`` times. Same columns
+            and bytes.
         autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run the teacher under ``torch.autocast``.
         max_batch_tokens: padded tokens per forward pass (rows times longest row); default
             :func:`default_batch_tokens` of the teacher's logits per token (its vocabulary for a
@@ -167,7 +173,7 @@ def precompute_teacher_logits(
     fmt = {"top_k": top_k, "num_samples": num_samples, "sample_temperature": sample_temperature,
            "sample_seed": sample_seed, "sample_head": sample_head,
            "sample_proposal_temperature": sample_proposal_temperature, "sample_counts": sample_counts,
-           "expected_key": expected_key}  # fmt: skip
+           "sample_scheme": sample_scheme, "expected_key": expected_key}  # fmt: skip
     return precompute_teacher_caches(
         teacher,
         dataset,
@@ -193,6 +199,7 @@ FORMAT_OPTIONS = (
     "sample_head",
     "sample_proposal_temperature",
     "sample_counts",
+    "sample_scheme",
     "expected_key",
 )
 
@@ -217,7 +224,7 @@ def precompute_teacher_caches(
     ``formats``: a name of your choice -> that cache's format, given by the arguments of
     :func:`precompute_teacher_logits` named in ``FORMAT_OPTIONS`` (``top_k``, ``num_samples``,
     ``sample_temperature``, ``sample_seed``, ``sample_head``, ``sample_proposal_temperature``,
-    ``sample_counts``, ``expected_key``), e.g. ``{"topk": {"top_k": 9}, "sampled": {"num_samples": 12}}``. The other
+    ``sample_counts``, ``sample_scheme``, ``expected_key``), e.g. ``{"topk": {"top_k": 9}, "sampled": {"num_samples": 12}}``. The other
     arguments are shared, as in :func:`precompute_teacher_logits`.
 
     Each format is its own cache, with its own key, files and provenance, exactly as
@@ -401,11 +408,11 @@ def _request(teacher, dataset, task, spec, tokenizer, preprocessing, dtype, auto
         sampling = {"num_samples": num_samples, "temperature": spec.get("sample_temperature", 1.0),
                     "seed": spec.get("sample_seed", 0), "head": spec.get("sample_head", 0),
                     "proposal_temperature": spec.get("sample_proposal_temperature", 1.0),
-                    "counts": spec.get("sample_counts", True)}  # fmt: skip
+                    "counts": spec.get("sample_counts", True), "scheme": spec.get("sample_scheme", "iid")}  # fmt: skip
     elif (spec.get("sample_head") or spec.get("sample_proposal_temperature", 1.0) != 1.0
-          or not spec.get("sample_counts", True)):  # fmt: skip
+          or not spec.get("sample_counts", True) or spec.get("sample_scheme", "iid") != "iid"):  # fmt: skip
         raise InputError(
-            "sample_head, sample_proposal_temperature and sample_counts shape the RS-KD draws: they need "
+            "sample_head, sample_proposal_temperature, sample_counts and sample_scheme shape the RS-KD draws: they need "
             "num_samples, got "
             f"{spec}."
         )
