@@ -67,15 +67,14 @@ def _plan(prepared: Prepared, script, args: DistillationConfig, blocks: dict[str
     ]
     for mode in CACHED_MODES:
         if mode in script.teacher_modes:
-            size = f"top {script.top_k} logits" if mode == "topk" else f"{script.num_samples} sampled tokens"
+            drawn = "sampled" if script.sample_scheme == "iid" else "drawn systematically"
+            size = f"top {script.top_k} logits" if mode == "topk" else f"{script.num_samples} tokens {drawn}"
             if mode == "sampled" and script.sample_head:
-                size = f"{script.sample_head} most likely tokens exactly and {script.num_samples} sampled from the rest"
+                size = f"{script.sample_head} most likely tokens exactly and {script.num_samples} {drawn} from the rest"
             if mode == "sampled" and script.sample_proposal_temperature != 1.0:
                 size += f" (proposal at tau = {script.sample_proposal_temperature:g}, importance-weighted)"
             if mode == "sampled" and not script.sample_counts:
                 size += " (the draws stored themselves, without counts)"
-            if mode == "sampled" and script.sample_scheme != "iid":
-                size += f" ({script.sample_scheme} draws)"
             lines.append(
                 f"hf_distill: plan: cache the teacher's {size} per token (reused when cached before)"
             )
