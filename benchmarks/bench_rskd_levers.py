@@ -32,11 +32,16 @@ SPLITS = ("validation", "ood")
 
 
 def lever_name(
-    sample_head: int, num_samples: int, proposal_temperature: float, counts: bool = True, scheme: str = "iid"
+    sample_head: int,
+    num_samples: int,
+    proposal_temperature: float,
+    counts: bool = True,
+    scheme: str = "iid",
+    head_quantized: bool = False,
 ) -> str:
     """The key of one lever: ``head4_n8``, ``head0_n12_tau1.5``, ``head3_n14_draws`` (draws stored without counts),
-    ``head3_n13_draws_systematic`` (systematic draws)."""
-    name = f"head{sample_head}_n{num_samples}"
+    ``head3_n13_draws_systematic`` (systematic draws), ``head3q8_n15_draws`` (the head in 8 bits)."""
+    name = f"head{sample_head}{'q8' if head_quantized else ''}_n{num_samples}"
     name = name if proposal_temperature == 1.0 else f"{name}_tau{proposal_temperature:g}"
     name = name if counts else f"{name}_draws"
     return name if scheme == "iid" else f"{name}_{scheme}"
@@ -103,6 +108,7 @@ def lever_flags(lever: dict[str, Any], with_ce: bool) -> list[str]:
         "--sample_proposal_temperature", str(lever["proposal_temperature"]),
         "--sample_counts", str(lever.get("counts", True)).lower(),
         "--sample_scheme", lever.get("scheme", "iid"),
+        "--sample_head_quantized", str(lever.get("head_quantized", False)).lower(),
         "--train_baseline", str(with_ce).lower(),
     ]  # fmt: skip
 
@@ -125,6 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         help="systematic: one uniform offset per token and evenly spaced points of the teacher's CDF",
     )  # fmt: skip
     parser.add_argument(
+        "--sample_head_quantized", choices=("true", "false"), default="false",
+        help="true: the head's probabilities in 8 bits, stochastically rounded (3 bytes a head token)",
+    )  # fmt: skip
+    parser.add_argument(
         "--with_ce", type=int, nargs="*", default=[], help="seeds that also train the CE twin"
     )
     parser.add_argument("--reference", type=Path, default=ROOT / "benchmarks/results/lm.json")
@@ -136,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     records = json.loads(args.out.read_text()) if args.out.is_file() else {"levers": {}, "runs": {}}
     lever = {"sample_head": args.sample_head, "num_samples": args.num_samples,
              "proposal_temperature": args.sample_proposal_temperature,
-             "counts": args.sample_counts == "true", "scheme": args.sample_scheme}  # fmt: skip
+             "counts": args.sample_counts == "true", "scheme": args.sample_scheme,
+             "head_quantized": args.sample_head_quantized == "true"}  # fmt: skip
     name = lever_name(**lever)
     for seed in args.seeds:
         if str(seed) not in reference:

@@ -24,6 +24,7 @@ TEACHER_SAMPLE_COUNTS = "teacher_sample_counts"
 TEACHER_SAMPLE_WEIGHTS = "teacher_sample_weights"  # a tempered proposal's importance weights, for the counts
 TEACHER_HEAD_IDS = "teacher_head_ids"  # an RS-KD cache with an exact head: its ids and probabilities
 TEACHER_HEAD_PROBS = "teacher_head_probs"
+TEACHER_HEAD_QUANTA = "teacher_head_quanta"  # the head's probabilities in 8 bits (k / 255), for the probs
 
 # Where the teacher's outputs come from -> the batch columns that hold them (none: the teacher runs).
 # In order of precedence: a dataset holding several caches is read as the first one listed.
@@ -33,13 +34,25 @@ TEACHER_SOURCES: dict[str, tuple[str, ...]] = {
     "topk": (TEACHER_TOPK_VALUES, TEACHER_TOPK_INDICES),
     "sampled": (TEACHER_SAMPLE_IDS,),  # with TEACHER_SAMPLE_COUNTS or _WEIGHTS, and optionally an exact head
 }
-_SAMPLED_EXTRAS = (TEACHER_SAMPLE_COUNTS, TEACHER_SAMPLE_WEIGHTS, TEACHER_HEAD_IDS, TEACHER_HEAD_PROBS)
+_SAMPLED_EXTRAS = (
+    TEACHER_SAMPLE_COUNTS,
+    TEACHER_SAMPLE_WEIGHTS,
+    TEACHER_HEAD_IDS,
+    TEACHER_HEAD_PROBS,
+    TEACHER_HEAD_QUANTA,
+)
 # Every precomputed column; and of those, the columns of integers (vocabulary ids and counts).
 TEACHER_LOGIT_COLUMNS = (
     *(column for columns in TEACHER_SOURCES.values() for column in columns),
     *_SAMPLED_EXTRAS,
 )
-INTEGER_COLUMNS = (TEACHER_TOPK_INDICES, TEACHER_SAMPLE_IDS, TEACHER_SAMPLE_COUNTS, TEACHER_HEAD_IDS)
+INTEGER_COLUMNS = (
+    TEACHER_TOPK_INDICES,
+    TEACHER_SAMPLE_IDS,
+    TEACHER_SAMPLE_COUNTS,
+    TEACHER_HEAD_IDS,
+    TEACHER_HEAD_QUANTA,
+)
 
 
 @dataclass
@@ -123,8 +136,9 @@ def sampled_target(inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     Plain RS-KD: ``teacher_sample_ids`` and their ``teacher_sample_counts`` (or, from a tempered proposal, their
     importance weights ``teacher_sample_weights``; or neither, when the ids are the draws themselves, each
     counted once). With an exact head (``teacher_head_ids`` and
-    ``teacher_head_probs``): the head ids then the tail's, weighted by
-    :func:`hf_distill.vocab_losses.head_tail_weights` (``p_i`` on each head id, ``m * c_j / n`` on the tail's).
+    ``teacher_head_probs``, or ``teacher_head_quanta``, the same in 8 bits, read as ``k / 255``): the head ids
+    then the tail's, weighted by :func:`hf_distill.vocab_losses.head_tail_weights` (``p_i`` on each head id,
+    ``m * c_j / n`` on the tail's).
     Either way the values are the target's weights, summing to 1 (counts: to ``n``, read as ``c / n``).
     """
     from . import vocab_losses
@@ -138,5 +152,8 @@ def sampled_target(inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         counts = torch.ones_like(ids, dtype=torch.float32)
     if inputs.get(TEACHER_HEAD_IDS) is None:
         return ids, counts
-    weights = vocab_losses.head_tail_weights(inputs[TEACHER_HEAD_PROBS], counts)
+    head_probs = inputs.get(TEACHER_HEAD_PROBS)
+    if head_probs is None:
+        head_probs = vocab_losses.dequantize_probs(inputs[TEACHER_HEAD_QUANTA])
+    weights = vocab_losses.head_tail_weights(head_probs, counts)
     return torch.cat([inputs[TEACHER_HEAD_IDS], ids], dim=-1), weights

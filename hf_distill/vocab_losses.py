@@ -248,6 +248,25 @@ def _draw_tempered(
     return ids, weights / weights.sum(-1, keepdim=True)
 
 
+HEAD_QUANTA = 255  # a quantized head probability is stored as k in 0..255 and read as k / 255
+
+
+def quantize_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Probabilities stored in 8 bits, stochastically rounded: ``k = floor(255 p + u)``, ``u ~ U[0, 1)`` each.
+
+    ``E[k / 255] = p`` exactly, so a head read back as ``k / 255`` (:func:`dequantize_probs`) and a tail mass
+    ``1 - sum k / 255`` keep the RS-KD target unbiased when ``u`` is drawn independently of the tail's draws;
+    the rounding adds a variance of at most ``1 / (4 * 255**2)`` per head token. Returns int64 in 0..255.
+    """
+    u = torch.rand(probs.shape, generator=generator, device=probs.device)
+    return (probs.float() * HEAD_QUANTA + u).floor().clamp(0, HEAD_QUANTA).long()
+
+
+def dequantize_probs(quanta: torch.Tensor) -> torch.Tensor:
+    """``k / 255`` in float32: the probabilities :func:`quantize_probs` stored."""
+    return quanta.float() / HEAD_QUANTA
+
+
 def head_tail_weights(head_probs: torch.Tensor, tail_counts: torch.Tensor) -> torch.Tensor:
     """The sparse target of :func:`sample_head_and_tail`: ``[p_head, m * c / n]`` with ``m = 1 - sum p_head``.
 

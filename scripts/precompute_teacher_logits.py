@@ -169,6 +169,13 @@ class PrecomputeArguments:
             "choices": list(SAMPLE_SCHEMES),
         },
     )
+    sample_head_quantized: bool = field(
+        default=False,
+        metadata={
+            "help": "With sample_head: the head's probabilities in 8 bits (k/255, stochastically rounded: unbiased), "
+            "3 bytes a head token instead of 4."
+        },
+    )
     autocast_dtype: str | None = field(
         default=None,
         metadata={
@@ -190,6 +197,7 @@ SAMPLING_OPTIONS = {
     "sample_proposal_temperature": 1.0,
     "sample_counts": True,
     "sample_scheme": "iid",
+    "sample_head_quantized": False,
 }
 
 
@@ -241,6 +249,7 @@ def cache_formats(options: PrecomputeArguments, args: DistillationConfig) -> dic
         "sample_proposal_temperature": options.sample_proposal_temperature,
         "sample_counts": options.sample_counts,
         "sample_scheme": options.sample_scheme,
+        "sample_head_quantized": options.sample_head_quantized,
     }
     if options.top_k is None:
         return {"sampled": sampled}

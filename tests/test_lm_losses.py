@@ -14,9 +14,11 @@ from conftest import load_module
 from hf_distill import losses
 from hf_distill.losses import chunked_lm_losses, sample_teacher_tokens
 from hf_distill.vocab_losses import (
+    dequantize_probs,
     draws_of,
     head_tail_weights,
     normalised,
+    quantize_probs,
     sample_head_and_tail,
     sample_sparse_target,
 )
@@ -927,6 +929,30 @@ def test_systematic_draws_are_unbiased_within_one_of_n_p_and_vary_less_than_iid(
     assert error["systematic"] < 0.75 * error["iid"], error
     with pytest.raises(ValueError, match=r"^scheme='sobol' must be one of \('iid', 'systematic'\)\.$"):
         sample_sparse_target(logits, n, T, scheme="sobol")
+
+
+def test_a_quantized_head_keeps_the_target_unbiased():
+    """Head probabilities stored in 8 bits by stochastic rounding (``k = floor(255 p + u)``): ``k`` is within one of
+    ``255 p``, ``E[k / 255] = p``, and the whole target, with the tail mass ``1 - sum k / 255`` spread over
+    systematic tail draws, has the teacher's distribution as its mean (within 4 standard errors); rounding to
+    nearest instead is biased, and the test sees it."""
+    T, n, vocab, draws, head = 1.0, 13, 40, 4000, 3
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(4))
+    p_t = F.softmax(logits / T, dim=-1)
+    g = torch.Generator().manual_seed(7)
+    head_ids, head_probs, tail_ids, counts = sample_sparse_target(
+        logits.repeat(draws, 1), n, T, head=head, generator=g, scheme="systematic"
+    )
+    quanta = quantize_probs(head_probs, g)
+    assert quanta.dtype == torch.int64 and 0 <= quanta.min() and quanta.max() <= 255
+    assert ((quanta - 255 * head_probs).abs() < 1).all()
+    for rounding, unbiased in ((dequantize_probs(quanta), True), ((255 * head_probs).round() / 255, False)):
+        weights = head_tail_weights(rounding, counts)
+        targets = torch.zeros(draws * 3, vocab).scatter_add_(-1, torch.cat([head_ids, tail_ids], -1), weights)
+        targets = targets.view(draws, 3, vocab)
+        mean, standard_error = targets.mean(0), targets.std(0) / draws**0.5
+        within = ((mean - p_t).abs() <= 4 * standard_error + 1e-6).all()
+        assert bool(within) == unbiased, rounding
 
 
 def test_draws_of_expands_distinct_ids_by_their_counts():

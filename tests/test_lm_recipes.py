@@ -117,3 +117,14 @@ def test_the_sample_scheme_reaches_the_rs_kd_cache_format_and_a_bad_one_is_refus
     recipe.write_text("dataset_name: offline:speeches\nsample_scheme: sobol\n")
     with pytest.raises(InputError, match=r"recipe key 'sample_scheme' has 'sobol'.*one of \['iid', 'systematic'\]"):
         LMRecipeParser().parse_recipe_and_args(["--config", str(recipe), "--output_dir", "unused"])
+
+
+def test_a_quantized_head_without_a_head_is_refused_at_parse_time():
+    with pytest.raises(InputError, match="^sample_head_quantized stores the exact head's .* but sample_head is 0"):
+        LMRecipeParser().parse_recipe_and_args(["--sample_head_quantized", "true", "--output_dir", "unused"])
+    script, args = LMRecipeParser().parse_recipe_and_args(
+        ["--sample_head", "3", "--sample_head_quantized", "true", "--output_dir", "unused"]
+    )[:2]
+    from hf_distill.language_modeling.run import cache_formats
+
+    assert cache_formats(script, args)["sampled"]["sample_head_quantized"] is True

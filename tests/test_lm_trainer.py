@@ -308,3 +308,38 @@ def test_draws_stored_without_counts_train_on_the_counted_caches_target(tmp_path
             trainer = DistillationTrainer(model=student, args=args, train_dataset=cached)
             losses.append(trainer.compute_loss(student, batch_of(cached, trainer)))
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
+
+
+def test_a_head_stored_in_8_bits_trains_on_its_rounded_probabilities(tmp_path):
+    """``sample_head_quantized``: the trainer reads ``teacher_head_quanta`` as ``k / 255`` and the loss is the one
+    of the float cache of the same seed with its head probabilities replaced by those rounded values (fused and
+    unfused), the same draws and head ids."""
+    from hf_distill.teacher_outputs import sampled_target
+    from hf_distill.vocab_losses import dequantize_probs
+
+    teacher, student, rows = tiny_llama(1, layers=3), tiny_llama(2), lm_rows()
+    spec = {"num_samples": 7, "sample_head": 2, "sample_temperature": 1.5, "sample_counts": False}
+    exact = precompute_teacher_logits(teacher, rows, cache_dir=tmp_path / "exact", **spec)
+    quantized = precompute_teacher_logits(
+        teacher, rows, cache_dir=tmp_path / "q8", sample_head_quantized=True, **spec
+    )
+    assert "teacher_head_probs" not in quantized.column_names
+    assert quantized["teacher_head_ids"] == exact["teacher_head_ids"]
+    assert quantized["teacher_sample_ids"] == exact["teacher_sample_ids"]
+    k = torch.tensor(quantized["teacher_head_quanta"][0]).float()
+    p = torch.tensor(exact["teacher_head_probs"][0]).float()
+    assert ((k - 255 * p).abs() < 1 + 1e-3).all() and not torch.equal(k, (255 * p).round())  # rounded up or down
+    rounded = exact.remove_columns("teacher_head_probs").add_column(
+        "teacher_head_probs", [dequantize_probs(torch.tensor(q)).tolist() for q in quantized["teacher_head_quanta"]]
+    )
+    student.train()
+    for chunk in (5, None):
+        args = config(tmp_path, temperature=1.5, alpha=1.0, beta=0.5, lm_chunk_size=chunk)
+        losses = []
+        for cached in (quantized, rounded):
+            trainer = DistillationTrainer(model=student, args=args, train_dataset=cached)
+            batch = batch_of(cached, trainer)
+            losses.append(trainer.compute_loss(student, batch))
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-7)
+    ids, weights = sampled_target(batch_of(quantized, trainer))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))

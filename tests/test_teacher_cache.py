@@ -205,6 +205,8 @@ FORMATS = {
     "head, draws": {"num_samples": 5, "sample_head": 2, "sample_seed": 3, "sample_counts": False},
     "head, systematic draws": {"num_samples": 5, "sample_head": 2, "sample_seed": 3, "sample_counts": False,
                                "sample_scheme": "systematic"},
+    "head in 8 bits, draws": {"num_samples": 5, "sample_head": 2, "sample_seed": 3, "sample_counts": False,
+                              "sample_head_quantized": True},
 }
 _SAME = ("key", "columns", "num_rows", "top_k", "sampling", "teacher_bytes", "bytes_per_token")
 
@@ -290,11 +292,11 @@ def test_bad_formats_are_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="at least one format"):
         precompute_teacher_caches(teacher, dataset, {}, cache_dir=tmp_path)
     shapes = ({"sample_head": 2}, {"sample_proposal_temperature": 2.0}, {"sample_counts": False},
-              {"sample_scheme": "systematic"})  # fmt: skip
+              {"sample_scheme": "systematic"}, {"sample_head_quantized": True})  # fmt: skip
     for shape in shapes:
         with pytest.raises(
             ValueError,
-            match="sample_counts and sample_scheme shape the RS-KD draws: they need num_samples",
+            match="sample_scheme and sample_head_quantized shape the RS-KD draws: they need num_samples",
         ):
             precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, **shape)
     for tau in (0.0, -1.0, float("inf")):
@@ -698,6 +700,29 @@ def test_systematic_draws_are_their_own_cache_and_stay_within_one_of_n_p(tmp_pat
         assert ((drawn >= expected.floor() - 1e-4) & (drawn <= expected.ceil() + 1e-4)).all(), position
     with pytest.raises(ValueError, match=r"^sample_scheme must be one of iid, systematic .*, got 'sobol'\.$"):
         precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, num_samples=4, sample_scheme="sobol")
+
+
+def test_a_head_in_8_bits_saves_a_byte_a_head_token_and_is_format_4(tmp_path):
+    """``sample_head_quantized``: the head's probabilities as uint8 ``teacher_head_quanta``, the same head ids and
+    draws as the float16 cache of the same seed, one byte less per head token, cache format 4 (a format-3 reader
+    refuses it), its own key; without a head it is refused in one line."""
+    dataset, teacher = random_classification_dataset(10, seed=7), _gpt2(1)
+    spec = {"num_samples": 6, "sample_head": 3, "sample_seed": 3, "sample_counts": False}
+    out = precompute_teacher_caches(
+        teacher, dataset, {"f16": spec, "q8": {**spec, "sample_head_quantized": True}}, cache_dir=tmp_path
+    )
+    f16, q8 = read_provenance(out["f16"]), read_provenance(out["q8"])
+    assert out["q8"].features["teacher_head_quanta"].feature.feature.dtype == "uint8"
+    assert out["q8"]["teacher_head_ids"] == out["f16"]["teacher_head_ids"]
+    assert out["q8"]["teacher_sample_ids"] == out["f16"]["teacher_sample_ids"]
+    for quanta, probs in zip(out["q8"]["teacher_head_quanta"], out["f16"]["teacher_head_probs"], strict=True):
+        assert (abs(torch.tensor(quanta).float() - 255 * torch.tensor(probs).float()) < 1 + 1e-2).all()
+    tokens = sum(len(row) for row in out["q8"]["teacher_sample_ids"])
+    assert f16["teacher_bytes"] - q8["teacher_bytes"] == 3 * tokens  # 3 head tokens, 1 byte each
+    assert (q8["format_version"], f16["format_version"]) == (4, 3) and q8["key"] != f16["key"]
+    assert q8["sampling"]["head_quantized"] is True and "head_quantized" not in f16["sampling"]
+    with pytest.raises(ValueError, match=r"^sample_head_quantized stores .* but sample_head is 0: give"):
+        precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, num_samples=4, sample_head_quantized=True)
 
 
 def test_packed_rows_are_read_without_a_gather_and_store_what_a_padded_batch_stores(monkeypatch):

@@ -235,6 +235,13 @@ class DistillLMArguments:
             "choices": list(SAMPLE_SCHEMES),
         },
     )
+    sample_head_quantized: bool = field(
+        default=False,
+        metadata={
+            "help": "With sample_head: the head's probabilities stored in 8 bits (k/255, stochastically rounded, so "
+            "the target stays unbiased): 3 bytes a head token instead of 4, leaving bytes for more draws."
+        },
+    )
     precompute_batch_tokens: int | None = field(
         default=None,
         metadata={
@@ -318,6 +325,11 @@ class DistillLMArguments:
                 "sample_counts=false stores the draws themselves (1/n each), but a tempered proposal's draws need "
                 f"their importance weights: drop sample_proposal_temperature={self.sample_proposal_temperature:g} "
                 "or keep sample_counts=true."
+            )
+        if self.sample_head_quantized and not self.sample_head:
+            raise InputError(
+                "sample_head_quantized stores the exact head's probabilities in 8 bits, but sample_head is 0: give "
+                "sample_head >= 1 or drop sample_head_quantized."
             )
         if not math.isfinite(self.validation_size):
             raise InputError(f"validation_size must be finite, got {self.validation_size}.")

@@ -73,6 +73,8 @@ def _plan(prepared: Prepared, script, args: DistillationConfig, blocks: dict[str
                 size = f"{script.sample_head} most likely tokens exactly and {script.num_samples} {drawn} from the rest"
             if mode == "sampled" and script.sample_proposal_temperature != 1.0:
                 size += f" (proposal at tau = {script.sample_proposal_temperature:g}, importance-weighted)"
+            if mode == "sampled" and script.sample_head_quantized:
+                size += " (the head's probabilities in 8 bits)"
             if mode == "sampled" and not script.sample_counts:
                 size += " (the draws stored themselves, without counts)"
             lines.append(
@@ -118,7 +120,8 @@ def cache_formats(script, args) -> dict[str, dict[str, Any]]:
         "sampled": {"num_samples": script.num_samples, "sample_temperature": args.temperature,
                     "sample_seed": args.seed, "sample_head": script.sample_head,
                     "sample_proposal_temperature": script.sample_proposal_temperature,
-                    "sample_counts": script.sample_counts, "sample_scheme": script.sample_scheme},
+                    "sample_counts": script.sample_counts, "sample_scheme": script.sample_scheme,
+                    "sample_head_quantized": script.sample_head_quantized},
     }  # fmt: skip
     return {mode: spec for mode, spec in formats.items() if mode in script.teacher_modes}
 

@@ -28,7 +28,7 @@ from ..ragged import (
     longest_first,
 )
 from ..tasks import output_logits
-from ..vocab_losses import sample_sparse_target
+from ..vocab_losses import quantize_probs, sample_sparse_target
 from .key import AUTOCAST_DTYPES
 from .storage import format_columns
 
@@ -221,7 +221,8 @@ class _TeacherLogits:
         likely tokens are kept exactly and the draws come from the rest, and with
         ``sampling["proposal_temperature"]`` from a tempered proposal, importance-weighted; with
         ``sampling["counts"] = False`` the draws themselves are stored, and ``sampling["scheme"]`` says how
-        they are drawn (:func:`~hf_distill.vocab_losses.sample_sparse_target`).
+        they are drawn (:func:`~hf_distill.vocab_losses.sample_sparse_target`); ``sampling["head_quantized"]``
+        stores the head's probabilities in 8 bits (:func:`~hf_distill.vocab_losses.quantize_probs`).
         """
         # max and min propagate NaN, and are +-inf where any logit is: no (tokens x V) mask is made
         if not bool(torch.isfinite(torch.stack([logits.amax(), logits.amin()])).all()):
@@ -254,6 +255,8 @@ class _TeacherLogits:
                 counts=sampling.get("counts", True),
                 scheme=sampling.get("scheme", "iid"),
             )
+            if sampling.get("head_quantized"):  # rounded after the draws: the same draws, independent of them
+                drawn = (drawn[0], quantize_probs(drawn[1], generator), *drawn[2:])
             for name, value in zip(out, drawn, strict=True):
                 out[name][start:stop] = value
             start = stop

@@ -33,8 +33,9 @@ from ..vocab_losses import SAMPLE_SCHEMES
 # 3: an RS-KD cache with an exact head (teacher_head_ids / teacher_head_probs) or importance weights
 #    (teacher_sample_weights). A format-2 reader would train on its draws alone, without a word; format 3 makes
 #    it refuse. Every other cache stays format 2, so its key (and every cache already written) is unchanged.
-CACHE_FORMAT_VERSION = 3
-READABLE_FORMAT_VERSIONS = (2, 3)
+# 4: an RS-KD head stored in 8 bits (teacher_head_quanta): a format-3 reader would train without its head.
+CACHE_FORMAT_VERSION = 4
+READABLE_FORMAT_VERSIONS = (2, 3, 4)
 # Stored k for masked and causal LMs when ``top_k`` is not given.
 DEFAULT_TOP_K = 64
 STORAGE_DTYPES = ("float16", "float32")
@@ -152,7 +153,8 @@ def _resolve_sampling(
     """The RS-KD sampling settings as stored in the key: ``num_samples``, ``temperature``, ``seed``;
     ``head`` when the cache keeps an exact head, ``proposal_temperature`` when the draws come from a
     tempered proposal, ``counts: False`` when the draws are stored themselves and ``scheme`` when they are
-    not iid (each left out at its default, so plain RS-KD keys stay as they were)."""
+    not iid, and ``head_quantized`` when the head's probabilities are stored in 8 bits (each left out at its
+    default, so plain RS-KD keys stay as they were)."""
     if not sampling:
         return None
     if task not in tasks.VOCABULARY_TASKS:
@@ -198,14 +200,25 @@ def _resolve_sampling(
     resolved |= {"head": int(head)} if head else {}
     resolved |= {"counts": False} if not counts else {}
     resolved |= {"scheme": scheme} if scheme != "iid" else {}
+    quantized = sampling.get("head_quantized", False)
+    if not isinstance(quantized, bool):
+        raise InputError(f"sample_head_quantized must be true or false, got {quantized!r}.")
+    if quantized and not head:
+        raise InputError(
+            "sample_head_quantized stores the exact head's probabilities in 8 bits, but sample_head is 0: give "
+            "sample_head >= 1 or drop sample_head_quantized."
+        )
+    resolved |= {"head_quantized": True} if quantized else {}
     return resolved | ({"proposal_temperature": proposal} if proposal != 1.0 else {})
 
 
 def format_version(sampling: Mapping[str, Any] | None) -> int:
-    """The cache format of these (resolved) RS-KD settings: 3 with an exact head, a tempered proposal or the draws
-    stored without counts (columns a format-2 reader cannot read), else 2."""
+    """The cache format of these (resolved) RS-KD settings: 4 with a head in 8 bits; 3 with an exact head, a
+    tempered proposal or the draws stored without counts (columns a format-2 reader cannot read); else 2."""
+    if sampling and sampling.get("head_quantized"):
+        return 4
     shaped = ("head", "proposal_temperature", "counts")
-    return CACHE_FORMAT_VERSION if sampling and any(name in sampling for name in shaped) else 2
+    return 3 if sampling and any(name in sampling for name in shaped) else 2
 
 
 def index_dtype(vocab_size: int) -> str:

@@ -99,6 +99,7 @@ def precompute_teacher_logits(
     sample_proposal_temperature: float = 1.0,
     sample_counts: bool = True,
     sample_scheme: str = "iid",
+    sample_head_quantized: bool = False,
     autocast_dtype: str | None = None,
     max_batch_tokens: int | None = None,
     max_batch_size: int = 512,
@@ -147,6 +148,10 @@ def precompute_teacher_logits(
             evenly spaced points of its cumulative distribution (:func:`hf_distill.vocab_losses._draw`):
             unbiased as well, with each token drawn ``floor(n p)`` or ``ceil(n p)`` times. Same columns
             and bytes.
+        sample_head_quantized: with ``sample_head``: the head's probabilities stored in 8 bits,
+            ``teacher_head_quanta`` (uint8 ``k``, read as ``k / 255``), stochastically rounded so that the
+            target stays unbiased (:func:`hf_distill.vocab_losses.quantize_probs`): 3 bytes a head token
+            instead of 4, so a byte budget holds more draws. Cache format 4.
         autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run the teacher under ``torch.autocast``.
         max_batch_tokens: padded tokens per forward pass (rows times longest row); default
             :func:`default_batch_tokens` of the teacher's logits per token (its vocabulary for a
@@ -173,7 +178,8 @@ def precompute_teacher_logits(
     fmt = {"top_k": top_k, "num_samples": num_samples, "sample_temperature": sample_temperature,
            "sample_seed": sample_seed, "sample_head": sample_head,
            "sample_proposal_temperature": sample_proposal_temperature, "sample_counts": sample_counts,
-           "sample_scheme": sample_scheme, "expected_key": expected_key}  # fmt: skip
+           "sample_scheme": sample_scheme, "sample_head_quantized": sample_head_quantized,
+           "expected_key": expected_key}  # fmt: skip
     return precompute_teacher_caches(
         teacher,
         dataset,
@@ -200,6 +206,7 @@ FORMAT_OPTIONS = (
     "sample_proposal_temperature",
     "sample_counts",
     "sample_scheme",
+    "sample_head_quantized",
     "expected_key",
 )
 
@@ -224,7 +231,7 @@ def precompute_teacher_caches(
     ``formats``: a name of your choice -> that cache's format, given by the arguments of
     :func:`precompute_teacher_logits` named in ``FORMAT_OPTIONS`` (``top_k``, ``num_samples``,
     ``sample_temperature``, ``sample_seed``, ``sample_head``, ``sample_proposal_temperature``,
-    ``sample_counts``, ``sample_scheme``, ``expected_key``), e.g. ``{"topk": {"top_k": 9}, "sampled": {"num_samples": 12}}``. The other
+    ``sample_counts``, ``sample_scheme``, ``sample_head_quantized``, ``expected_key``), e.g. ``{"topk": {"top_k": 9}, "sampled": {"num_samples": 12}}``. The other
     arguments are shared, as in :func:`precompute_teacher_logits`.
 
     Each format is its own cache, with its own key, files and provenance, exactly as
@@ -408,11 +415,14 @@ def _request(teacher, dataset, task, spec, tokenizer, preprocessing, dtype, auto
         sampling = {"num_samples": num_samples, "temperature": spec.get("sample_temperature", 1.0),
                     "seed": spec.get("sample_seed", 0), "head": spec.get("sample_head", 0),
                     "proposal_temperature": spec.get("sample_proposal_temperature", 1.0),
-                    "counts": spec.get("sample_counts", True), "scheme": spec.get("sample_scheme", "iid")}  # fmt: skip
+                    "counts": spec.get("sample_counts", True), "scheme": spec.get("sample_scheme", "iid"),
+                    "head_quantized": spec.get("sample_head_quantized", False)}  # fmt: skip
     elif (spec.get("sample_head") or spec.get("sample_proposal_temperature", 1.0) != 1.0
-          or not spec.get("sample_counts", True) or spec.get("sample_scheme", "iid") != "iid"):  # fmt: skip
+          or not spec.get("sample_counts", True) or spec.get("sample_scheme", "iid") != "iid"
+          or spec.get("sample_head_quantized")):  # fmt: skip
         raise InputError(
-            "sample_head, sample_proposal_temperature, sample_counts and sample_scheme shape the RS-KD draws: they need "
+            "sample_head, sample_proposal_temperature, sample_counts, sample_scheme and sample_head_quantized shape "
+            "the RS-KD draws: they need "
             "num_samples, got "
             f"{spec}."
         )

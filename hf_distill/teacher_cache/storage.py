@@ -37,14 +37,15 @@ def format_columns(
     ``teacher_topk_values`` + ``teacher_topk_indices`` (``k``); RS-KD ``teacher_sample_ids`` +
     ``teacher_sample_counts`` (``n`` draws; ``teacher_sample_weights``, importance weights, from a
     tempered proposal; no second column when the draws are stored themselves), preceded, with an exact head of ``h`` tokens, by ``teacher_head_ids`` +
-    ``teacher_head_probs`` (``h``).
+    ``teacher_head_probs`` (``h``; ``teacher_head_quanta``, uint8, with a quantized head).
     """
     config = base_model(teacher).config
     if task in tasks.VOCABULARY_TASKS:
         ids = index_dtype(config.vocab_size)
         if sampling:
             n, head = sampling["num_samples"], sampling.get("head", 0)
-            columns = {"teacher_head_ids": (ids, head), "teacher_head_probs": (dtype, head)} if head else {}
+            probs = ("teacher_head_quanta", "uint8") if sampling.get("head_quantized") else ("teacher_head_probs", dtype)
+            columns = {"teacher_head_ids": (ids, head), probs[0]: (probs[1], head)} if head else {}
             if not sampling.get("counts", True):  # the draws themselves, 1/n each
                 return columns | {"teacher_sample_ids": (ids, n)}
             if sampling.get("proposal_temperature", 1.0) != 1.0:  # importance weights, not counts
