@@ -253,13 +253,14 @@ def test_one_pass_computes_only_the_formats_missing(tmp_path):
     assert set(both["head"].column_names) > {"teacher_head_ids", "teacher_head_probs", "teacher_sample_ids"}
 
 
-def test_only_caches_an_older_reader_would_misread_are_format_3(tmp_path, monkeypatch):
+def test_only_caches_an_older_reader_would_misread_are_format_3_or_4(tmp_path, monkeypatch):
     dataset, teacher = random_classification_dataset(8, seed=6), _gpt2(1)
-    names = ("topk", "sampled", "head", "tempered", "head, draws")
+    names = ("topk", "sampled", "head", "tempered", "head, draws", "head, systematic draws", "head in 8 bits, draws")
     out = precompute_teacher_caches(teacher, dataset, {k: FORMATS[k] for k in names}, cache_dir=tmp_path)
     versions = {name: read_provenance(out[name])["format_version"] for name in names}
-    # plain caches keep their keys
-    assert versions == {"topk": 2, "sampled": 2, "head": 3, "tempered": 3, "head, draws": 3}
+    # plain caches keep their keys; systematic draws have the columns of iid ones; a head in 8 bits is format 4
+    assert versions == {"topk": 2, "sampled": 2, "head": 3, "tempered": 3, "head, draws": 3,
+                        "head, systematic draws": 3, "head in 8 bits, draws": 4}  # fmt: skip
     for name in names:
         assert load_teacher_cache(cache_paths(tmp_path, read_provenance(out[name])["key"])[0]).num_rows == 8
     # a reader of format 2 only (hf-distill before exact heads) reads the plain caches and refuses the others
@@ -269,6 +270,11 @@ def test_only_caches_an_older_reader_would_misread_are_format_3(tmp_path, monkey
         ValueError, match=r"^Teacher cache format 3 but this hf-distill reads formats 2: rebuild"
     ):
         load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head"])["key"])[0])
+    # a reader of formats 2 and 3 (before heads in 8 bits) refuses the head it would drop
+    monkeypatch.setattr(precompute_module, "READABLE_FORMAT_VERSIONS", (2, 3))
+    load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head"])["key"])[0])
+    with pytest.raises(ValueError, match=r"^Teacher cache format 4 but this hf-distill reads formats 2, 3: rebuild"):
+        load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head in 8 bits, draws"])["key"])[0])
 
 
 def test_one_pass_in_memory_equals_each_format_alone():
