@@ -252,14 +252,21 @@ HEAD_QUANTA = 255  # a quantized head probability is stored as k in 0..255 and r
 
 
 def quantize_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Probabilities stored in 8 bits, stochastically rounded: ``k = floor(255 p + u)``, ``u ~ U[0, 1)`` each.
+    """A row's probabilities ``(N, h)`` (summing to at most 1) stored in 8 bits by systematic rounding of their
+    running sum: with ``S_i = p_1 + ... + p_i`` and one ``u ~ U[0, 1)`` per row, ``K_i = floor(255 S_i + u)`` and
+    ``k_i = K_i - K_{i-1}`` (``K_0 = 0``).
 
-    ``E[k / 255] = p`` exactly, so a head read back as ``k / 255`` (:func:`dequantize_probs`) and a tail mass
-    ``1 - sum k / 255`` keep the RS-KD target unbiased when ``u`` is drawn independently of the tail's draws;
-    the rounding adds a variance of at most ``1 / (4 * 255**2)`` per head token. Returns int64 in 0..255.
+    - ``E[k_i] = 255 p_i`` exactly, and ``k_i`` is ``floor(255 p_i)`` or ``ceil(255 p_i)``: a head read back as
+      ``k / 255`` (:func:`dequantize_probs`) is unbiased, with a variance of at most ``1 / (4 * 255**2)`` a token;
+    - ``sum_i k_i = K_h <= 255``, so the tail mass ``1 - sum k / 255`` is never negative (rounding each
+      ``p_i`` on its own would push it below 0, and a clamp there would bias the target), and it is unbiased
+      too. Drawn independently of the tail's draws, ``u`` keeps the whole RS-KD target unbiased.
+
+    Returns int64 in 0..255.
     """
-    u = torch.rand(probs.shape, generator=generator, device=probs.device)
-    return (probs.float() * HEAD_QUANTA + u).floor().clamp(0, HEAD_QUANTA).long()
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+    running = (probs.float().cumsum(-1) * HEAD_QUANTA + u).floor().clamp(0, HEAD_QUANTA)
+    return running.diff(dim=-1, prepend=torch.zeros_like(running[:, :1])).long()
 
 
 def dequantize_probs(quanta: torch.Tensor) -> torch.Tensor:

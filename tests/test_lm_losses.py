@@ -932,8 +932,8 @@ def test_systematic_draws_are_unbiased_within_one_of_n_p_and_vary_less_than_iid(
 
 
 def test_a_quantized_head_keeps_the_target_unbiased():
-    """Head probabilities stored in 8 bits by stochastic rounding (``k = floor(255 p + u)``): ``k`` is within one of
-    ``255 p``, ``E[k / 255] = p``, and the whole target, with the tail mass ``1 - sum k / 255`` spread over
+    """Head probabilities stored in 8 bits by systematic rounding of their running sum: ``k`` is within one of
+    ``255 p``, ``sum k <= 255``, and the whole target, with the tail mass ``1 - sum k / 255`` spread over
     systematic tail draws, has the teacher's distribution as its mean (within 4 standard errors); rounding to
     nearest instead is biased, and the test sees it."""
     T, n, vocab, draws, head = 1.0, 13, 40, 4000, 3
@@ -945,7 +945,7 @@ def test_a_quantized_head_keeps_the_target_unbiased():
     )
     quanta = quantize_probs(head_probs, g)
     assert quanta.dtype == torch.int64 and 0 <= quanta.min() and quanta.max() <= 255
-    assert ((quanta - 255 * head_probs).abs() < 1).all()
+    assert ((quanta - 255 * head_probs).abs() < 1).all() and (quanta.sum(-1) <= 255).all()
     for rounding, unbiased in ((dequantize_probs(quanta), True), ((255 * head_probs).round() / 255, False)):
         weights = head_tail_weights(rounding, counts)
         targets = torch.zeros(draws * 3, vocab).scatter_add_(-1, torch.cat([head_ids, tail_ids], -1), weights)
@@ -953,6 +953,18 @@ def test_a_quantized_head_keeps_the_target_unbiased():
         mean, standard_error = targets.mean(0), targets.std(0) / draws**0.5
         within = ((mean - p_t).abs() <= 4 * standard_error + 1e-6).all()
         assert bool(within) == unbiased, rounding
+
+
+def test_a_quantized_head_holding_almost_all_the_mass_leaves_an_unbiased_tail_mass_never_below_0():
+    """Where the head holds all but 3.5e-5 of the mass, rounding each probability on its own would give a negative
+    tail mass about half the time; the running sum's rounding gives 0 or 1/255, with mean the true tail mass."""
+    logits = torch.full((1, 20), -12.0)
+    logits[0, :3] = torch.tensor([0.3, 0.0, -0.4])
+    probs = logits.softmax(-1).topk(3).values.repeat(200000, 1)
+    tail = 1 - dequantize_probs(quantize_probs(probs, torch.Generator().manual_seed(2))).sum(-1)
+    true_tail = 1 - probs[0].sum()
+    assert tail.min() >= 0 and set(torch.unique((tail * 255).round()).tolist()) <= {0.0, 1.0}
+    assert abs(tail.mean() - true_tail) <= 4 * tail.std() / 200000**0.5
 
 
 def test_draws_of_expands_distinct_ids_by_their_counts():
