@@ -90,3 +90,5 @@ def main(setup: str, out: str, resume: str | None = None) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    if torch.distributed.is_initialized():  # every rank leaves the group before it exits: no teardown race
+        torch.distributed.destroy_process_group()

@@ -120,3 +120,5 @@ def main(out: str, *steps: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    if torch.distributed.is_initialized():  # every rank leaves the group before it exits: no teardown race
+        torch.distributed.destroy_process_group()

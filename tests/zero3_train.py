@@ -99,3 +99,5 @@ class _Holder(torch.nn.Module):
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:5]), *sys.argv[5:6])
+    if torch.distributed.is_initialized():  # every rank leaves the group before it exits: no teardown race
+        torch.distributed.destroy_process_group()
