@@ -88,7 +88,7 @@ def table(records: dict[str, Any]) -> str:
     for name, seeds in records["levers"].items():
         got = list(seeds.values())
         share = {
-            split: _spread([100 * x for x in _values(got, split, "share_of_dense_gain")], "{:.0f}%")
+            split: _spread([100 * x for x in _values(got, split, "share_of_dense_gain")], "{:.1f}%")
             for split in SPLITS
         }
         ece = _values(got, "validation", "ece")

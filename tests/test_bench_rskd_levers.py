@@ -55,7 +55,9 @@ def test_the_table_gives_median_and_range_over_seeds_per_lever():
     seeds = {
         str(s): {"cache_bytes_per_token": 39.0, "validation": {"share_of_dense_gain": x, "ece": 0.01},
                  "ood": {"share_of_dense_gain": x - 0.1}}
-        for s, x in ((42, 0.9), (43, 0.95), (44, 0.91))
+        for s, x in ((42, 0.898), (43, 0.95), (44, 0.91))
     }  # fmt: skip
     table = bench.table({"levers": {"head4_n8": seeds}})
-    assert "| head4_n8 | 42, 43, 44 | 39.0 (39.0-39.0) | 91% (90%-95%) | 81% (80%-85%) | 0.010 (0.010-0.010) |" in table
+    # one decimal: a share of 89.8% is not printed as a 90% that meets the goal
+    row = "| head4_n8 | 42, 43, 44 | 39.0 (39.0-39.0) | 91.0% (89.8%-95.0%) | 81.0% (79.8%-85.0%) | 0.010 (0.010-0.010) |"
+    assert row in table
