@@ -120,5 +120,11 @@ def main(out: str, *steps: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    if torch.distributed.is_initialized():  # every rank leaves the group before it exits: no teardown race
+    if torch.distributed.is_initialized():  # every rank leaves the group before it exits
         torch.distributed.destroy_process_group()
+    # With deepspeed installed (CI installs it), about 1 run in 7 aborted in the interpreter's teardown, after
+    # all the work was written ("terminate called without an active exception"; 0 of 12 without deepspeed):
+    # leave without that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
