@@ -12,7 +12,6 @@ one process and two train on the same completions and their updates can be compa
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import config  # noqa: E402
 from instruct_fixtures import SPECIAL, WORDS, chat_tokenizer, tiny_llama  # noqa: E402
+from launch import leave_worker  # noqa: E402
 from test_on_policy import instruction_rows  # noqa: E402
 
 from hf_distill import DistillationTrainer  # noqa: E402
@@ -122,11 +122,4 @@ def main(out: str, per_device_batch: int, mode: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
-    if torch.distributed.is_initialized():  # every rank leaves the group before it exits
-        torch.distributed.destroy_process_group()
-    # With deepspeed installed (CI installs it), about 1 run in 7 aborted in the interpreter's teardown, after
-    # all the work was written ("terminate called without an active exception"; 0 of 12 without deepspeed):
-    # leave without that teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_worker()

@@ -22,6 +22,19 @@ class LaunchFailed(AssertionError):
     """An ``accelerate launch`` that exited non-zero; the message holds everything each rank wrote."""
 
 
+def leave_worker() -> None:
+    """End a launched test worker once its work is written: leave the process group, flush, and exit 0 without the
+    interpreter's teardown. With deepspeed installed (CI installs it), about 1 run in 7 aborted in that teardown
+    after all its work was done ("terminate called without an active exception"; 0 of 12 without deepspeed)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import VOCAB, config, random_classification_dataset, tiny_bert  # noqa: E402
+from launch import leave_worker  # noqa: E402
 from transformers import BertTokenizerFast, TrainerCallback  # noqa: E402
 
 from hf_distill import DistillationTrainer  # noqa: E402
@@ -90,11 +91,4 @@ def main(setup: str, out: str, resume: str | None = None) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    if torch.distributed.is_initialized():  # every rank leaves the group before it exits
-        torch.distributed.destroy_process_group()
-    # With deepspeed installed (CI installs it), about 1 run in 7 aborted in the interpreter's teardown, after
-    # all the work was written ("terminate called without an active exception"; 0 of 12 without deepspeed):
-    # leave without that teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_worker()

@@ -26,6 +26,7 @@ from accelerate import PartialState
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import random_classification_dataset, tiny_bert, tiny_bert_config  # noqa: E402
+from launch import leave_worker  # noqa: E402
 from transformers import BertForMaskedLM  # noqa: E402
 
 from hf_distill.teacher_cache import precompute_teacher_caches, precompute_teacher_logits  # noqa: E402
@@ -120,11 +121,4 @@ def main(out: str, *steps: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    if torch.distributed.is_initialized():  # every rank leaves the group before it exits
-        torch.distributed.destroy_process_group()
-    # With deepspeed installed (CI installs it), about 1 run in 7 aborted in the interpreter's teardown, after
-    # all the work was written ("terminate called without an active exception"; 0 of 12 without deepspeed):
-    # leave without that teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_worker()

@@ -11,12 +11,12 @@ shuffling cannot matter and the mean of the ranks' losses is the whole batch's l
 from __future__ import annotations
 
 import resource
-import os
 import sys
 from pathlib import Path
 
 import torch
 from datasets import Dataset
+from launch import leave_worker
 from lm_fixtures import VOCAB, tiny_llama
 
 from hf_distill import DistillationConfig, DistillationTrainer, precompute_teacher_logits
@@ -100,11 +100,4 @@ class _Holder(torch.nn.Module):
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:5]), *sys.argv[5:6])
-    if torch.distributed.is_initialized():  # every rank leaves the group before it exits
-        torch.distributed.destroy_process_group()
-    # With deepspeed installed (CI installs it), about 1 run in 7 aborted in the interpreter's teardown, after
-    # all the work was written ("terminate called without an active exception"; 0 of 12 without deepspeed):
-    # leave without that teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_worker()
