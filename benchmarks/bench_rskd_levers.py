@@ -28,6 +28,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lm import ROOT, _spread, run_seed  # noqa: E402  (the seed runs and the spread, as bench_lm makes them)
 
+from hf_distill.vocab_losses import SAMPLE_SCHEMES  # noqa: E402
+
 SPLITS = ("validation", "ood")
 
 
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         help="false: the cache stores the draws themselves (2 bytes a draw), not distinct ids with counts",
     )  # fmt: skip
     parser.add_argument(
-        "--sample_scheme", choices=("iid", "systematic"), default="iid",
+        "--sample_scheme", choices=SAMPLE_SCHEMES, default="iid",
         help="systematic: one uniform offset per token and evenly spaced points of the teacher's CDF",
     )  # fmt: skip
     parser.add_argument(

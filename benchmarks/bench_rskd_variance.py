@@ -57,8 +57,8 @@ def layout_bytes(head: int, draws: int, quantized: bool) -> int:
 def target_error(probs: torch.Tensor, head: int, draws: int, scheme: str, quantized: bool) -> torch.Tensor:
     """``E||t - p||^2`` per row of ``probs`` ``(N, V)`` for one layout (the module's formulas), ``(N,)`` float64."""
     p = probs.double()
-    top = p.topk(head, dim=-1).values if head else p[:, :0]
-    tail = p.scatter(-1, p.topk(head, dim=-1).indices, 0.0) if head else p
+    top, top_ids = p.topk(head, dim=-1)
+    tail = p.scatter(-1, top_ids, 0.0)
     m = (1.0 - top.sum(-1)).clamp_min(0.0)
     q = tail / m.clamp_min(1e-300)[:, None]
     if scheme == "iid":

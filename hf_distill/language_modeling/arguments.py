@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from ..config import DistillationConfig
 from ..errors import InputError
 from ..recipe import RecipeParser
+from ..teacher_cache.key import check_head_quantized
 from ..vocab_losses import SAMPLE_SCHEMES
 from .instruct_data import OFFLINE_PROMPTS
 
@@ -326,11 +327,7 @@ class DistillLMArguments:
                 f"their importance weights: drop sample_proposal_temperature={self.sample_proposal_temperature:g} "
                 "or keep sample_counts=true."
             )
-        if self.sample_head_quantized and not self.sample_head:
-            raise InputError(
-                "sample_head_quantized stores the exact head's probabilities in 8 bits, but sample_head is 0: give "
-                "sample_head >= 1 or drop sample_head_quantized."
-            )
+        check_head_quantized(self.sample_head, self.sample_head_quantized)
         if not math.isfinite(self.validation_size):
             raise InputError(f"validation_size must be finite, got {self.validation_size}.")
         self._check_instruct()

@@ -203,20 +203,25 @@ def _resolve_sampling(
     quantized = sampling.get("head_quantized", False)
     if not isinstance(quantized, bool):
         raise InputError(f"sample_head_quantized must be true or false, got {quantized!r}.")
+    check_head_quantized(head, quantized)
+    resolved |= {"head_quantized": True} if quantized else {}
+    return resolved | ({"proposal_temperature": proposal} if proposal != 1.0 else {})
+
+
+def check_head_quantized(head: int, quantized: bool) -> None:
+    """Refuse a head in 8 bits without a head (``sample_head_quantized`` with ``sample_head = 0``), in one line."""
     if quantized and not head:
         raise InputError(
             "sample_head_quantized stores the exact head's probabilities in 8 bits, but sample_head is 0: give "
             "sample_head >= 1 or drop sample_head_quantized."
         )
-    resolved |= {"head_quantized": True} if quantized else {}
-    return resolved | ({"proposal_temperature": proposal} if proposal != 1.0 else {})
 
 
 def format_version(sampling: Mapping[str, Any] | None) -> int:
     """The cache format of these (resolved) RS-KD settings: 4 with a head in 8 bits; 3 with an exact head, a
     tempered proposal or the draws stored without counts (columns a format-2 reader cannot read); else 2."""
     if sampling and sampling.get("head_quantized"):
-        return 4
+        return CACHE_FORMAT_VERSION
     shaped = ("head", "proposal_temperature", "counts")
     return 3 if sampling and any(name in sampling for name in shaped) else 2
 

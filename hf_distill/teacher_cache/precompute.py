@@ -422,9 +422,7 @@ def _request(teacher, dataset, task, spec, tokenizer, preprocessing, dtype, auto
           or spec.get("sample_head_quantized")):  # fmt: skip
         raise InputError(
             "sample_head, sample_proposal_temperature, sample_counts, sample_scheme and sample_head_quantized shape "
-            "the RS-KD draws: they need "
-            "num_samples, got "
-            f"{spec}."
+            f"the RS-KD draws: they need num_samples, got {spec}."
         )
     return teacher_cache_key(
         teacher,

@@ -44,8 +44,9 @@ def format_columns(
         ids = index_dtype(config.vocab_size)
         if sampling:
             n, head = sampling["num_samples"], sampling.get("head", 0)
-            probs = ("teacher_head_quanta", "uint8") if sampling.get("head_quantized") else ("teacher_head_probs", dtype)
-            columns = {"teacher_head_ids": (ids, head), probs[0]: (probs[1], head)} if head else {}
+            quantized = sampling.get("head_quantized")
+            probs, stored = ("teacher_head_quanta", "uint8") if quantized else ("teacher_head_probs", dtype)
+            columns = {"teacher_head_ids": (ids, head), probs: (stored, head)} if head else {}
             if not sampling.get("counts", True):  # the draws themselves, 1/n each
                 return columns | {"teacher_sample_ids": (ids, n)}
             if sampling.get("proposal_temperature", 1.0) != 1.0:  # importance weights, not counts
