@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lm import ROOT, _spread, run_seed  # noqa: E402  (the seed runs and the spread, as bench_lm makes them)
 
-from hf_distill.vocab_losses import SAMPLE_SCHEMES  # noqa: E402
+from hf_distill.vocab_losses import DRAW_ALLOCATIONS, SAMPLE_SCHEMES  # noqa: E402
 
 SPLITS = ("validation", "ood")
 
@@ -40,13 +40,16 @@ def lever_name(
     counts: bool = True,
     scheme: str = "iid",
     head_quantized: bool = False,
+    allocation: str = "even",
 ) -> str:
     """The key of one lever: ``head4_n8``, ``head0_n12_tau1.5``, ``head3_n14_draws`` (draws stored without counts),
-    ``head3_n13_draws_systematic`` (systematic draws), ``head3q8_n15_draws`` (the head in 8 bits)."""
+    ``head3_n13_draws_systematic`` (systematic draws), ``head3q8_n15_draws`` (the head in 8 bits),
+    ``head3_n13_draws_systematic_adaptive`` (draws allocated by need)."""
     name = f"head{sample_head}{'q8' if head_quantized else ''}_n{num_samples}"
     name = name if proposal_temperature == 1.0 else f"{name}_tau{proposal_temperature:g}"
     name = name if counts else f"{name}_draws"
-    return name if scheme == "iid" else f"{name}_{scheme}"
+    name = name if scheme == "iid" else f"{name}_{scheme}"
+    return name if allocation == "even" else f"{name}_{allocation}"
 
 
 def _row(summary: dict[str, Any], mode: str | None) -> dict[str, Any] | None:
@@ -111,6 +114,7 @@ def lever_flags(lever: dict[str, Any], with_ce: bool) -> list[str]:
         "--sample_counts", str(lever.get("counts", True)).lower(),
         "--sample_scheme", lever.get("scheme", "iid"),
         "--sample_head_quantized", str(lever.get("head_quantized", False)).lower(),
+        "--sample_allocation", lever.get("allocation", "even"),
         "--train_baseline", str(with_ce).lower(),
     ]  # fmt: skip
 
@@ -137,6 +141,10 @@ def main(argv: list[str] | None = None) -> None:
         help="true: the head's probabilities in 8 bits, stochastically rounded (3 bytes a head token)",
     )  # fmt: skip
     parser.add_argument(
+        "--sample_allocation", choices=DRAW_ALLOCATIONS, default="even",
+        help="adaptive: a block's draws shared among its tokens by need (1 byte a token for the counts)",
+    )  # fmt: skip
+    parser.add_argument(
         "--with_ce", type=int, nargs="*", default=[], help="seeds that also train the CE twin"
     )
     parser.add_argument("--reference", type=Path, default=ROOT / "benchmarks/results/lm.json")
@@ -149,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     lever = {"sample_head": args.sample_head, "num_samples": args.num_samples,
              "proposal_temperature": args.sample_proposal_temperature,
              "counts": args.sample_counts == "true", "scheme": args.sample_scheme,
-             "head_quantized": args.sample_head_quantized == "true"}  # fmt: skip
+             "head_quantized": args.sample_head_quantized == "true",
+             "allocation": args.sample_allocation}  # fmt: skip
     name = lever_name(**lever)
     for seed in args.seeds:
         if str(seed) not in reference:

@@ -14,7 +14,15 @@ from transformers import (
     default_data_collator,
 )
 
-from .teacher_outputs import INTEGER_COLUMNS, TEACHER_LOGIT_COLUMNS
+from .errors import InputError
+from .teacher_outputs import (
+    INTEGER_COLUMNS,
+    TEACHER_LOGIT_COLUMNS,
+    TEACHER_SAMPLE_COUNTS,
+    TEACHER_SAMPLE_IDS,
+    TEACHER_SAMPLE_LENGTHS,
+)
+from .vocab_losses import regroup_draws
 
 # The teacher's own tokenization, used when teacher and student tokenizers differ.
 TEACHER_INPUT_PREFIX = "teacher_"
@@ -44,7 +52,9 @@ class DistillationDataCollator:
       ``teacher_topk_indices`` ``(B, L, k)`` and ``teacher_sample_ids`` / ``teacher_sample_counts``
       ``(B, L, n)`` (ids and counts as int64; ``teacher_sample_weights`` in the counts' place from a
       tempered proposal), with ``teacher_head_ids`` / ``teacher_head_probs`` ``(B, L, h)`` for an RS-KD
-      cache with an exact head.
+      cache with an exact head. An RS-KD cache whose draws are allocated among a row's tokens (pooled, with
+      ``teacher_sample_lengths``) is regrouped first: each token's draws ``(B, L, n_max)`` with counts of 1,
+      and 0 in the padding slots.
 
     Without a ``base_collator``: ``DataCollatorForTokenClassification`` when the labels are lists,
     ``DataCollatorWithPadding`` for scalar labels, ``default_data_collator`` with no tokenizer.
@@ -71,6 +81,8 @@ class DistillationDataCollator:
         batch = dict(self._base(features)(features))
         if not teacher_features[0]:
             return batch
+        if TEACHER_SAMPLE_LENGTHS in teacher_features[0]:
+            _regroup_pooled_draws(teacher_features)
         left = self.tokenizer is not None and self.tokenizer.padding_side == "left"
         length = batch["input_ids"].shape[1] if "input_ids" in batch else None
         for key in teacher_features[0]:
@@ -85,6 +97,20 @@ class DistillationDataCollator:
                 pad = self.teacher_pad_token_id if key == "teacher_input_ids" else 0
                 batch[key] = _pad(rows, max(len(r) for r in rows), pad, left)
         return batch
+
+
+def _regroup_pooled_draws(features: list[dict[str, Any]]) -> None:
+    """Each example's pooled RS-KD draws and per-token counts (``sample_allocation: adaptive``) in place, as
+    ``teacher_sample_ids`` and ``teacher_sample_counts`` ``(L, n_max)`` per token (:func:`regroup_draws`), one
+    width for the batch."""
+    lengths = [torch.as_tensor(f.pop(TEACHER_SAMPLE_LENGTHS)).reshape(-1).long() for f in features]
+    width = max([int(own.max()) for own in lengths if own.numel()], default=1)
+    for feature, own in zip(features, lengths, strict=True):
+        try:
+            ids, counts = regroup_draws(torch.as_tensor(feature[TEACHER_SAMPLE_IDS]).long(), own, width)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        feature[TEACHER_SAMPLE_IDS], feature[TEACHER_SAMPLE_COUNTS] = ids, counts
 
 
 def _pad(rows: list[torch.Tensor], length: int, value: float, left: bool) -> torch.Tensor:

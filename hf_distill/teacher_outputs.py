@@ -25,6 +25,9 @@ TEACHER_SAMPLE_WEIGHTS = "teacher_sample_weights"  # a tempered proposal's impor
 TEACHER_HEAD_IDS = "teacher_head_ids"  # an RS-KD cache with an exact head: its ids and probabilities
 TEACHER_HEAD_PROBS = "teacher_head_probs"
 TEACHER_HEAD_QUANTA = "teacher_head_quanta"  # the head's probabilities in 8 bits (k / 255), for the probs
+# Each token's count of a row's pooled draws (sample_allocation: adaptive); the collator regroups them per token
+# (hf_distill.vocab_losses.regroup_draws), so no batch carries it.
+TEACHER_SAMPLE_LENGTHS = "teacher_sample_lengths"
 
 # Where the teacher's outputs come from -> the batch columns that hold them (none: the teacher runs).
 # In order of precedence: a dataset holding several caches is read as the first one listed.
@@ -40,6 +43,7 @@ _SAMPLED_EXTRAS = (
     TEACHER_HEAD_IDS,
     TEACHER_HEAD_PROBS,
     TEACHER_HEAD_QUANTA,
+    TEACHER_SAMPLE_LENGTHS,
 )
 # Every precomputed column; and of those, the columns of integers (vocabulary ids and counts).
 TEACHER_LOGIT_COLUMNS = (
@@ -52,6 +56,7 @@ INTEGER_COLUMNS = (
     TEACHER_SAMPLE_COUNTS,
     TEACHER_HEAD_IDS,
     TEACHER_HEAD_QUANTA,
+    TEACHER_SAMPLE_LENGTHS,
 )
 
 

@@ -31,6 +31,10 @@ IGNORE_INDEX = -100
 # How the n draws of an RS-KD cache are made: "iid", independent draws with replacement (the paper's); or
 # "systematic", one uniform offset u per row and the n points (u + i) / n of its cumulative distribution.
 SAMPLE_SCHEMES = ("iid", "systematic")
+# How an RS-KD cache's draws are shared among a row's tokens: "even", n each; or "adaptive", the row's n L draws
+# allocated to its tokens by need (:func:`allocate_draws`), stored pooled with each token's count.
+DRAW_ALLOCATIONS = ("even", "adaptive")
+MAX_DRAWS_PER_TOKEN = 255  # an adaptive allocation's per-token count is stored in 8 bits
 
 
 def _check_scheme(scheme: str) -> None:
@@ -107,6 +111,92 @@ def _draw(
     return ids, counts
 
 
+def allocate_draws(tail: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """How many of a row's ``num_samples * N`` draws each of its ``N`` tokens gets: ``n_t``, ``(N,)`` int64.
+
+    A token whose tail (``tail``, ``(N, V)``: the probabilities left to sample, the head's set to 0) has mass
+    ``m_t`` and shape ``q_t = tail_t / m_t`` gets a target whose squared error is ``m_t**2 (1 - ||q_t||**2) / n_t``
+    from ``n_t`` iid draws. Their sum over the row, for a fixed total ``sum_t n_t = n N``, is least at
+    ``n_t ∝ w_t = m_t sqrt(1 - ||q_t||**2) = sqrt(m_t**2 - ||tail_t||**2)`` (Lagrange, as Neyman allocates a
+    stratified sample): a confident token, whose tail is small or one token, needs few draws, an uncertain
+    one many. Here ``n_t = clip(lambda w_t, 1, 255)`` with ``lambda`` set by bisection so that they sum to
+    ``n N``, rounded by largest remainder. Every token keeps at least one draw, so each token's target stays
+    unbiased (the counts are a function of the teacher's probabilities, not of the draws); a row whose tails
+    are all one token shares the draws evenly.
+    """
+    tail = tail.double()
+    weight = ((tail.sum(-1) ** 2 - (tail**2).sum(-1)).clamp_min(0.0)).sqrt()
+    rows, total = tail.shape[0], num_samples * tail.shape[0]
+    if not bool((weight > 0).any()):
+        return torch.full((rows,), num_samples, dtype=torch.long, device=tail.device)
+    low, high = 0.0, float(MAX_DRAWS_PER_TOKEN) / weight[weight > 0].min().item()
+    for _ in range(100):  # sum_t clip(lambda w_t, 1, 255) grows with lambda from N to 255 N
+        middle = (low + high) / 2
+        if (middle * weight).clamp(1.0, MAX_DRAWS_PER_TOKEN).sum().item() < total:
+            low = middle
+        else:
+            high = middle
+    share = (high * weight).clamp(1.0, MAX_DRAWS_PER_TOKEN)
+    counts = share.floor().long()
+    left = total - int(counts.sum().item())  # 0 <= left < N: the largest remainders get one more
+    if left > 0:
+        remainder = torch.where(counts < MAX_DRAWS_PER_TOKEN, share - counts, -1.0)
+        counts[remainder.topk(left).indices] += 1
+    return counts
+
+
+def _draw_allocated(
+    probs: torch.Tensor, num_samples: int, generator: torch.Generator | None, scheme: str = "iid"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row's draws allocated among its tokens (:func:`allocate_draws`), each token's ``n_t`` drawn as
+    :func:`_draw` draws (iid, or systematic at ``(u + i) / n_t``) from ``probs`` ``(N, V)`` (unnormalised).
+
+    Returns ``(pooled, lengths)``: the ``n N`` draws, token after token, each token's ascending, laid out
+    ``(N, num_samples)`` row-major (so a token's draws may straddle slots of its neighbours), and ``n_t``
+    ``(N, 1)``. :func:`regroup_draws` gives each token its own.
+    """
+    _check_scheme(scheme)
+    lengths = allocate_draws(probs, num_samples)
+    width = int(lengths.max().item())
+    slots = torch.arange(width, device=probs.device)
+    if scheme == "systematic":
+        cdf = probs.cumsum(-1)
+        total = cdf[:, -1:]
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+        points = ((u + slots) / lengths[:, None] * total).minimum(total.nextafter(torch.zeros_like(total)))
+        draws = torch.searchsorted(cdf, points.to(cdf.dtype).contiguous(), right=True)
+        draws = draws.clamp_max(probs.shape[-1] - 1)
+    else:
+        draws = torch.multinomial(probs, width, replacement=True, generator=generator)
+    kept = slots < lengths[:, None]
+    draws, _ = torch.where(kept, draws, probs.shape[-1]).sort(dim=-1)  # a token's own draws first, ascending
+    return draws[kept].view(-1, num_samples), lengths[:, None]
+
+
+def regroup_draws(pooled: torch.Tensor, lengths: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's own draws from an adaptive allocation's pooled ones (:func:`_draw_allocated`).
+
+    ``pooled``: ``(L, n)``, the row's ``n L`` draws token after token; ``lengths``: ``(L,)`` or ``(L, 1)``, each
+    token's count ``n_t``. Returns ``(ids, counts)``, ``(L, width)`` each (``width``: at least the largest
+    ``n_t``): token ``t``'s ``n_t`` draws left-aligned with count 1, then id 0 with count 0, so that
+    :func:`head_tail_weights` gives each of its draws ``m_t / n_t``.
+    """
+    lengths = lengths.reshape(-1).long()
+    flat = pooled.reshape(-1)
+    if int(lengths.sum().item()) != flat.numel() or lengths.numel() != pooled.shape[0]:
+        raise ValueError(
+            f"An adaptive RS-KD row holds {flat.numel()} draws for {pooled.shape[0]} tokens, but its per-token "
+            f"counts ({lengths.numel()}) sum to {int(lengths.sum().item())}: the row was cut or its columns "
+            "mixed up; recompute the cache rather than slicing its rows."
+        )
+    width = int(lengths.max().item()) if width is None else width
+    slots = torch.arange(width, device=pooled.device)
+    kept = slots < lengths[:, None]
+    index = ((lengths.cumsum(0) - lengths)[:, None] + slots).clamp_max(max(flat.numel() - 1, 0))
+    ids = torch.where(kept, flat[index] if flat.numel() else torch.zeros_like(index), 0)
+    return ids, kept.long()
+
+
 def sample_head_and_tail(
     teacher_logits: torch.Tensor,
     head: int,
@@ -115,6 +205,7 @@ def sample_head_and_tail(
     generator: torch.Generator | None = None,
     proposal_temperature: float = 1.0,
     scheme: str = "iid",
+    allocation: str = "even",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """RS-KD with an exact head: the ``head`` most likely tokens kept exactly, ``num_samples`` draws from the rest.
 
@@ -126,7 +217,8 @@ def sample_head_and_tail(
     by ``m**2``. A row whose tail holds no mass (``m = 0`` in float32) draws uniformly: those draws
     weigh 0. With ``proposal_temperature != 1`` the tail is drawn from a tempered proposal and
     ``tail_counts`` are float importance weights (:func:`sample_sparse_target`). ``scheme``: how the
-    tail is drawn (:func:`_draw`).
+    tail is drawn (:func:`_draw`); ``allocation="adaptive"``: the row's ``n N`` tail draws shared by need
+    (:func:`_draw_allocated`), returned as the pooled draws and each token's count ``(N, 1)``.
 
     Shapes: ``teacher_logits``: ``(N, V)``. Returns ``(head_ids, head_probs, tail_ids, tail_counts)``:
     ``(N, head)`` int64 ids by decreasing probability and their float32 probabilities; ``(N,
@@ -154,6 +246,8 @@ def sample_head_and_tail(
     if proposal_temperature != 1.0:  # tail weights in the counts' place (sample_sparse_target)
         tail_ids, tail_weights = _draw_tempered(tail, num_samples, proposal_temperature, generator, scheme)
         return head_ids, head_probs, tail_ids, tail_weights
+    if allocation == "adaptive":
+        return head_ids, head_probs, *_draw_allocated(tail, num_samples, generator, scheme)
     tail_ids, tail_counts = _draw(tail, num_samples, generator, scheme)
     return head_ids, head_probs, tail_ids, tail_counts
 
@@ -168,6 +262,7 @@ def sample_sparse_target(
     generator: torch.Generator | None = None,
     counts: bool = True,
     scheme: str = "iid",
+    allocation: str = "even",
 ) -> tuple[torch.Tensor, ...]:
     """The RS-KD cache's draws for one batch, in any of its forms: plain, exact head, tempered proposal, draws.
 
@@ -185,11 +280,28 @@ def sample_sparse_target(
       2 bytes per draw (a ``uint16`` id) instead of 3 per slot (id and ``uint8`` count), so that a byte
       budget holds more draws when most of them are distinct.
     - ``scheme``: ``"iid"`` draws (the paper's) or ``"systematic"`` ones (:func:`_draw`), in any of these forms.
+    - ``allocation = "adaptive"`` (with ``counts = False``): the ``n N`` draws of the ``N`` rows (one block) shared
+      among them by need (:func:`allocate_draws`); the last output is then two, the pooled draws ``(N, n)`` and
+      each row's count ``(N, 1)`` (:func:`regroup_draws` reads them back).
 
     Shapes: ``teacher_logits``: ``(N, V)``; every output ``(N, head)`` or ``(N, num_samples)``.
     """
     if not 0 < proposal_temperature < float("inf"):
         raise ValueError(f"proposal_temperature={proposal_temperature} must be positive and finite.")
+    if allocation not in DRAW_ALLOCATIONS:
+        raise ValueError(f"allocation={allocation!r} must be one of {DRAW_ALLOCATIONS}.")
+    if allocation == "adaptive":
+        if counts or proposal_temperature != 1.0:
+            raise ValueError(
+                "allocation='adaptive' stores each token's draws themselves, pooled, 1/n_t each: it needs "
+                "counts=False and proposal_temperature=1."
+            )
+        if head:
+            return sample_head_and_tail(teacher_logits, head, num_samples, temperature, generator, scheme=scheme,
+                                        allocation=allocation)  # fmt: skip
+        _check_sampling(teacher_logits, num_samples, temperature)
+        return _draw_allocated(F.softmax(teacher_logits.float() / temperature, dim=-1), num_samples, generator,
+                               scheme)  # fmt: skip
     if not counts:
         if proposal_temperature != 1.0:
             raise ValueError(

@@ -74,7 +74,7 @@ from hf_distill.text_classification import (
     teacher_cache_settings,
 )
 from hf_distill.text_classification.offline import cache_dir, resolve_model_path
-from hf_distill.vocab_losses import SAMPLE_SCHEMES
+from hf_distill.vocab_losses import DRAW_ALLOCATIONS, SAMPLE_SCHEMES
 
 TASKS = (
     tasks.SEQUENCE_CLASSIFICATION,
@@ -176,6 +176,14 @@ class PrecomputeArguments:
             "3 bytes a head token instead of 4."
         },
     )
+    sample_allocation: str = field(
+        default="even",
+        metadata={
+            "help": "With num_samples and sample_counts false: even (num_samples draws a token) or adaptive (a "
+            "row's draws shared among its tokens by need, stored pooled with a 1-byte count a token).",
+            "choices": list(DRAW_ALLOCATIONS),
+        },
+    )
     autocast_dtype: str | None = field(
         default=None,
         metadata={
@@ -198,6 +206,7 @@ SAMPLING_OPTIONS = {
     "sample_counts": True,
     "sample_scheme": "iid",
     "sample_head_quantized": False,
+    "sample_allocation": "even",
 }
 
 
@@ -250,6 +259,7 @@ def cache_formats(options: PrecomputeArguments, args: DistillationConfig) -> dic
         "sample_counts": options.sample_counts,
         "sample_scheme": options.sample_scheme,
         "sample_head_quantized": options.sample_head_quantized,
+        "sample_allocation": options.sample_allocation,
     }
     if options.top_k is None:
         return {"sampled": sampled}

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from ..config import DistillationConfig
 from ..errors import InputError
 from ..recipe import RecipeParser
-from ..teacher_cache.key import check_head_quantized
-from ..vocab_losses import SAMPLE_SCHEMES
+from ..teacher_cache.key import check_allocation, check_head_quantized
+from ..vocab_losses import DRAW_ALLOCATIONS, SAMPLE_SCHEMES
 from .instruct_data import OFFLINE_PROMPTS
 
 STUDENT_KINDS = ("layers", "checkpoint")
@@ -243,6 +243,15 @@ class DistillLMArguments:
             "the target stays unbiased): 3 bytes a head token instead of 4, leaving bytes for more draws."
         },
     )
+    sample_allocation: str = field(
+        default="even",
+        metadata={
+            "help": "How a block's num_samples x L draws are shared among its tokens: even (num_samples each) or "
+            "adaptive (in proportion to each token's tail mass and spread, at least 1: least error for the same "
+            "bytes, plus 1 byte a token for its count). Needs sample_counts false.",
+            "choices": list(DRAW_ALLOCATIONS),
+        },
+    )
     precompute_batch_tokens: int | None = field(
         default=None,
         metadata={
@@ -328,6 +337,7 @@ class DistillLMArguments:
                 "or keep sample_counts=true."
             )
         check_head_quantized(self.sample_head, self.sample_head_quantized)
+        check_allocation(self.sample_allocation, self.sample_counts)
         if not math.isfinite(self.validation_size):
             raise InputError(f"validation_size must be finite, got {self.validation_size}.")
         self._check_instruct()

@@ -77,6 +77,8 @@ def _plan(prepared: Prepared, script, args: DistillationConfig, blocks: dict[str
                 size += " (the head's probabilities in 8 bits)"
             if mode == "sampled" and not script.sample_counts:
                 size += " (the draws stored themselves, without counts)"
+            if mode == "sampled" and script.sample_allocation != "even":
+                size += f" ({script.sample_allocation}: a block's draws shared by need, {script.num_samples} a token on average)"
             lines.append(
                 f"hf_distill: plan: cache the teacher's {size} per token (reused when cached before)"
             )
@@ -121,7 +123,8 @@ def cache_formats(script, args) -> dict[str, dict[str, Any]]:
                     "sample_seed": args.seed, "sample_head": script.sample_head,
                     "sample_proposal_temperature": script.sample_proposal_temperature,
                     "sample_counts": script.sample_counts, "sample_scheme": script.sample_scheme,
-                    "sample_head_quantized": script.sample_head_quantized},
+                    "sample_head_quantized": script.sample_head_quantized,
+                    "sample_allocation": script.sample_allocation},
     }  # fmt: skip
     return {mode: spec for mode, spec in formats.items() if mode in script.teacher_modes}
 

@@ -222,7 +222,8 @@ class _TeacherLogits:
         ``sampling["proposal_temperature"]`` from a tempered proposal, importance-weighted; with
         ``sampling["counts"] = False`` the draws themselves are stored, and ``sampling["scheme"]`` says how
         they are drawn (:func:`~hf_distill.vocab_losses.sample_sparse_target`); ``sampling["head_quantized"]``
-        stores the head's probabilities in 8 bits (:func:`~hf_distill.vocab_losses.quantize_probs`).
+        stores the head's probabilities in 8 bits (:func:`~hf_distill.vocab_losses.quantize_probs`), and
+        ``sampling["allocation"] = "adaptive"`` shares each row's draws among its tokens by need.
         """
         # max and min propagate NaN, and are +-inf where any logit is: no (tokens x V) mask is made
         if not bool(torch.isfinite(torch.stack([logits.amax(), logits.amin()])).all()):
@@ -254,6 +255,7 @@ class _TeacherLogits:
                 generator=generator,
                 counts=sampling.get("counts", True),
                 scheme=sampling.get("scheme", "iid"),
+                allocation=sampling.get("allocation", "even"),
             )
             if sampling.get("head_quantized"):  # rounded after the draws: the same draws, independent of them
                 drawn = (drawn[0], quantize_probs(drawn[1], generator), *drawn[2:])

@@ -27,15 +27,18 @@ from .. import tasks
 from ..collator import teacher_sources
 from ..errors import InputError
 from ..tasks import base_model, forward_params, task_of
-from ..vocab_losses import SAMPLE_SCHEMES
+from ..vocab_losses import DRAW_ALLOCATIONS, SAMPLE_SCHEMES
 
 # 2: vocabulary ids stored as uint16 when the vocabulary fits (<= 65,536), and the sampled (RS-KD) format.
 # 3: an RS-KD cache with an exact head (teacher_head_ids / teacher_head_probs) or importance weights
 #    (teacher_sample_weights). A format-2 reader would train on its draws alone, without a word; format 3 makes
 #    it refuse. Every other cache stays format 2, so its key (and every cache already written) is unchanged.
 # 4: an RS-KD head stored in 8 bits (teacher_head_quanta): a format-3 reader would train without its head.
-CACHE_FORMAT_VERSION = 4
-READABLE_FORMAT_VERSIONS = (2, 3, 4)
+# 5: RS-KD draws allocated among a row's tokens (teacher_sample_lengths): an older reader would give each token
+#    the pooled draws of its slots, its neighbours' among them.
+HEAD_QUANTIZED_FORMAT_VERSION = 4
+CACHE_FORMAT_VERSION = 5
+READABLE_FORMAT_VERSIONS = (2, 3, 4, 5)
 # Stored k for masked and causal LMs when ``top_k`` is not given.
 DEFAULT_TOP_K = 64
 STORAGE_DTYPES = ("float16", "float32")
@@ -153,8 +156,9 @@ def _resolve_sampling(
     """The RS-KD sampling settings as stored in the key: ``num_samples``, ``temperature``, ``seed``;
     ``head`` when the cache keeps an exact head, ``proposal_temperature`` when the draws come from a
     tempered proposal, ``counts: False`` when the draws are stored themselves and ``scheme`` when they are
-    not iid, and ``head_quantized`` when the head's probabilities are stored in 8 bits (each left out at its
-    default, so plain RS-KD keys stay as they were)."""
+    not iid, ``head_quantized`` when the head's probabilities are stored in 8 bits, and ``allocation`` when the
+    draws are shared among a row's tokens by need (each left out at its default, so plain RS-KD keys stay as
+    they were)."""
     if not sampling:
         return None
     if task not in tasks.VOCABULARY_TASKS:
@@ -205,6 +209,9 @@ def _resolve_sampling(
         raise InputError(f"sample_head_quantized must be true or false, got {quantized!r}.")
     check_head_quantized(head, quantized)
     resolved |= {"head_quantized": True} if quantized else {}
+    allocation = sampling.get("allocation", "even")
+    check_allocation(allocation, counts)
+    resolved |= {"allocation": allocation} if allocation != "even" else {}
     return resolved | ({"proposal_temperature": proposal} if proposal != 1.0 else {})
 
 
@@ -217,11 +224,28 @@ def check_head_quantized(head: int, quantized: bool) -> None:
         )
 
 
+def check_allocation(allocation: str, counts: bool) -> None:
+    """Refuse an unknown ``sample_allocation``, or an adaptive one with counts, in one line."""
+    if allocation not in DRAW_ALLOCATIONS:
+        raise InputError(
+            f"sample_allocation must be one of {', '.join(DRAW_ALLOCATIONS)} (how a block's draws are shared among "
+            f"its tokens), got {allocation!r}."
+        )
+    if allocation == "adaptive" and counts:
+        raise InputError(
+            "sample_allocation: adaptive stores each token's draws themselves (1/n_t each), pooled: set "
+            "sample_counts to false."
+        )
+
+
 def format_version(sampling: Mapping[str, Any] | None) -> int:
-    """The cache format of these (resolved) RS-KD settings: 4 with a head in 8 bits; 3 with an exact head, a
-    tempered proposal or the draws stored without counts (columns a format-2 reader cannot read); else 2."""
-    if sampling and sampling.get("head_quantized"):
+    """The cache format of these (resolved) RS-KD settings: 5 with draws allocated by need; 4 with a head in 8
+    bits; 3 with an exact head, a tempered proposal or the draws stored without counts (columns a format-2
+    reader cannot read); else 2."""
+    if sampling and sampling.get("allocation", "even") != "even":
         return CACHE_FORMAT_VERSION
+    if sampling and sampling.get("head_quantized"):
+        return HEAD_QUANTIZED_FORMAT_VERSION
     shaped = ("head", "proposal_temperature", "counts")
     return 3 if sampling and any(name in sampling for name in shaped) else 2
 

@@ -100,6 +100,7 @@ def precompute_teacher_logits(
     sample_counts: bool = True,
     sample_scheme: str = "iid",
     sample_head_quantized: bool = False,
+    sample_allocation: str = "even",
     autocast_dtype: str | None = None,
     max_batch_tokens: int | None = None,
     max_batch_size: int = 512,
@@ -152,6 +153,12 @@ def precompute_teacher_logits(
             ``teacher_head_quanta`` (uint8 ``k``, read as ``k / 255``), stochastically rounded so that the
             target stays unbiased (:func:`hf_distill.vocab_losses.quantize_probs`): 3 bytes a head token
             instead of 4, so a byte budget holds more draws. Cache format 4.
+        sample_allocation: with ``num_samples`` and ``sample_counts=False``: ``"even"`` (default), ``num_samples``
+            draws a token; ``"adaptive"``, each row's ``num_samples * L`` draws shared among its tokens in
+            proportion to ``m_t sqrt(1 - ||q_t||^2)`` (tail mass and spread; at least 1, at most 255 each:
+            :func:`hf_distill.vocab_losses.allocate_draws`), which minimises the row's summed error of iid
+            draws. Stored pooled in ``teacher_sample_ids`` ``[L, num_samples]`` with each token's count in
+            ``teacher_sample_lengths`` ``[L, 1]`` (uint8): 1 byte a token more. Cache format 5.
         autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run the teacher under ``torch.autocast``.
         max_batch_tokens: padded tokens per forward pass (rows times longest row); default
             :func:`default_batch_tokens` of the teacher's logits per token (its vocabulary for a
@@ -179,7 +186,7 @@ def precompute_teacher_logits(
            "sample_seed": sample_seed, "sample_head": sample_head,
            "sample_proposal_temperature": sample_proposal_temperature, "sample_counts": sample_counts,
            "sample_scheme": sample_scheme, "sample_head_quantized": sample_head_quantized,
-           "expected_key": expected_key}  # fmt: skip
+           "sample_allocation": sample_allocation, "expected_key": expected_key}  # fmt: skip
     return precompute_teacher_caches(
         teacher,
         dataset,
@@ -207,6 +214,7 @@ FORMAT_OPTIONS = (
     "sample_counts",
     "sample_scheme",
     "sample_head_quantized",
+    "sample_allocation",
     "expected_key",
 )
 
@@ -231,7 +239,7 @@ def precompute_teacher_caches(
     ``formats``: a name of your choice -> that cache's format, given by the arguments of
     :func:`precompute_teacher_logits` named in ``FORMAT_OPTIONS`` (``top_k``, ``num_samples``,
     ``sample_temperature``, ``sample_seed``, ``sample_head``, ``sample_proposal_temperature``,
-    ``sample_counts``, ``sample_scheme``, ``sample_head_quantized``, ``expected_key``), e.g. ``{"topk": {"top_k": 9}, "sampled": {"num_samples": 12}}``. The other
+    ``sample_counts``, ``sample_scheme``, ``sample_head_quantized``, ``sample_allocation``, ``expected_key``), e.g. ``{"topk": {"top_k": 9}, "sampled": {"num_samples": 12}}``. The other
     arguments are shared, as in :func:`precompute_teacher_logits`.
 
     Each format is its own cache, with its own key, files and provenance, exactly as
@@ -416,13 +424,14 @@ def _request(teacher, dataset, task, spec, tokenizer, preprocessing, dtype, auto
                     "seed": spec.get("sample_seed", 0), "head": spec.get("sample_head", 0),
                     "proposal_temperature": spec.get("sample_proposal_temperature", 1.0),
                     "counts": spec.get("sample_counts", True), "scheme": spec.get("sample_scheme", "iid"),
-                    "head_quantized": spec.get("sample_head_quantized", False)}  # fmt: skip
+                    "head_quantized": spec.get("sample_head_quantized", False),
+                    "allocation": spec.get("sample_allocation", "even")}  # fmt: skip
     elif (spec.get("sample_head") or spec.get("sample_proposal_temperature", 1.0) != 1.0
           or not spec.get("sample_counts", True) or spec.get("sample_scheme", "iid") != "iid"
-          or spec.get("sample_head_quantized")):  # fmt: skip
+          or spec.get("sample_head_quantized") or spec.get("sample_allocation", "even") != "even"):  # fmt: skip
         raise InputError(
-            "sample_head, sample_proposal_temperature, sample_counts, sample_scheme and sample_head_quantized shape "
-            f"the RS-KD draws: they need num_samples, got {spec}."
+            "sample_head, sample_proposal_temperature, sample_counts, sample_scheme, sample_head_quantized and "
+            f"sample_allocation shape the RS-KD draws: they need num_samples, got {spec}."
         )
     return teacher_cache_key(
         teacher,

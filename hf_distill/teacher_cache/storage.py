@@ -36,7 +36,8 @@ def format_columns(
     Dense ``teacher_logits`` (classes, 2 for question answering, or the vocabulary); top-k
     ``teacher_topk_values`` + ``teacher_topk_indices`` (``k``); RS-KD ``teacher_sample_ids`` +
     ``teacher_sample_counts`` (``n`` draws; ``teacher_sample_weights``, importance weights, from a
-    tempered proposal; no second column when the draws are stored themselves), preceded, with an exact head of ``h`` tokens, by ``teacher_head_ids`` +
+    tempered proposal; no second column when the draws are stored themselves; ``teacher_sample_lengths``,
+    uint8, each token's count, when a row's ``n L`` draws are allocated among its tokens and pooled), preceded, with an exact head of ``h`` tokens, by ``teacher_head_ids`` +
     ``teacher_head_probs`` (``h``; ``teacher_head_quanta``, uint8, with a quantized head).
     """
     config = base_model(teacher).config
@@ -47,6 +48,8 @@ def format_columns(
             quantized = sampling.get("head_quantized")
             probs, stored = ("teacher_head_quanta", "uint8") if quantized else ("teacher_head_probs", dtype)
             columns = {"teacher_head_ids": (ids, head), probs: (stored, head)} if head else {}
+            if sampling.get("allocation", "even") != "even":  # pooled draws and each token's count
+                return columns | {"teacher_sample_ids": (ids, n), "teacher_sample_lengths": ("uint8", 1)}
             if not sampling.get("counts", True):  # the draws themselves, 1/n each
                 return columns | {"teacher_sample_ids": (ids, n)}
             if sampling.get("proposal_temperature", 1.0) != 1.0:  # importance weights, not counts
