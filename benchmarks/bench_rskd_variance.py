@@ -1,6 +1,7 @@
 """How far an RS-KD cache's sparse target is from the teacher's distribution, per layout, on the LM default's teacher.
 
-For each layout (exact head ``h``, ``n`` tail draws, iid or systematic, the head in float16 or in 8 bits) and each
+For each layout (exact head ``h``, ``n`` tail draws, iid or systematic, the head in float16 or in 8 bits, the draws
+even or allocated by need within each block) and each
 training token of the recipe, the expected squared error of the sparse target ``t`` against the teacher's
 distribution ``p`` (the trace of its covariance: ``t`` is unbiased), in closed form from ``p`` (no draws):
 
@@ -12,9 +13,13 @@ distribution ``p`` (the trace of its covariance: ``t`` is unbiased), in closed f
   255`` varies by ``v = f (1 - f) / 255^2``, ``f = frac(255 sum_head p)``, independently of the draws:
   ``+ v (sum_j Var(c_j) / n^2 + ||q||^2)`` on the tail.
 
+With ``sample_allocation: adaptive`` token ``t`` has ``n_t`` draws instead of ``n``
+(:func:`hf_distill.vocab_losses.allocate_draws`, each block of the recipe's ``block_size`` tokens sharing ``n`` a
+token), and the same formulas hold with ``n_t``.
+
 The gradient of the KD loss with respect to the student's logits is ``p_s - t``, so this is the noise the sparse
 teacher adds to it, token by token. Bytes per token: 4 per float16 head token (uint16 id + float16), 3 in 8 bits,
-2 per draw stored as itself (``sample_counts: false``).
+2 per draw stored as itself (``sample_counts: false``), 1 for an adaptive allocation's count.
 
     python benchmarks/bench_rskd_variance.py --blocks 8
 
@@ -33,40 +38,56 @@ from typing import Any
 
 import torch
 
+from hf_distill.vocab_losses import allocate_draws
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/offline/smollm2.yaml"
-# (head, draws, scheme, head in 8 bits): the layouts of benchmarks/bench_rskd_levers.py at <= 40 bytes/token
+# (head, draws, scheme, head in 8 bits, allocation): the layouts of benchmarks/bench_rskd_levers.py at <= 40
+# bytes/token
 LAYOUTS = [
-    (0, 19, "iid", False),
-    (1, 17, "iid", False),
-    (2, 15, "iid", False),
-    (3, 13, "iid", False),
-    (4, 11, "iid", False),
-    (6, 7, "iid", False),
-    (3, 13, "systematic", False),
-    (3, 15, "systematic", True),
-    (3, 255, "iid", False),
+    (0, 19, "iid", False, "even"),
+    (1, 17, "iid", False, "even"),
+    (2, 15, "iid", False, "even"),
+    (3, 13, "iid", False, "even"),
+    (4, 11, "iid", False, "even"),
+    (6, 7, "iid", False, "even"),
+    (3, 13, "systematic", False, "even"),
+    (3, 15, "systematic", True, "even"),
+    (3, 14, "iid", True, "adaptive"),
+    (3, 14, "systematic", True, "adaptive"),
+    (3, 255, "iid", False, "even"),
 ]
 
 
-def layout_bytes(head: int, draws: int, quantized: bool) -> int:
-    """Bytes per token of a layout, without the lists' offsets: ``(3 or 4) h + 2 n``."""
-    return (3 if quantized else 4) * head + 2 * draws
+def layout_bytes(head: int, draws: int, quantized: bool, allocation: str = "even") -> int:
+    """Bytes per token of a layout, without the lists' offsets: ``(3 or 4) h + 2 n`` (``+ 1`` adaptive)."""
+    return (3 if quantized else 4) * head + 2 * draws + (allocation != "even")
 
 
-def target_error(probs: torch.Tensor, head: int, draws: int, scheme: str, quantized: bool) -> torch.Tensor:
-    """``E||t - p||^2`` per row of ``probs`` ``(N, V)`` for one layout (the module's formulas), ``(N,)`` float64."""
+def allocated_draws(probs: torch.Tensor, head: int, draws: int, block: int) -> torch.Tensor:
+    """Each row's ``n_t`` under ``sample_allocation: adaptive``, every ``block`` rows sharing ``n`` a row, ``(N,)``."""
+    top_ids = probs.topk(head, dim=-1).indices
+    tail = probs.float().scatter(-1, top_ids, 0.0)
+    return torch.cat([allocate_draws(tail[i : i + block], draws) for i in range(0, probs.shape[0], block)])
+
+
+def target_error(
+    probs: torch.Tensor, head: int, draws: int | torch.Tensor, scheme: str, quantized: bool
+) -> torch.Tensor:
+    """``E||t - p||^2`` per row of ``probs`` ``(N, V)`` for one layout (the module's formulas), ``(N,)`` float64.
+    ``draws``: ``n``, or each row's ``n_t`` ``(N,)`` (:func:`allocated_draws`)."""
     p = probs.double()
     top, top_ids = p.topk(head, dim=-1)
     tail = p.scatter(-1, top_ids, 0.0)
     m = (1.0 - top.sum(-1)).clamp_min(0.0)
     q = tail / m.clamp_min(1e-300)[:, None]
+    draws = torch.as_tensor(draws, dtype=torch.float64).reshape(-1, 1)
     if scheme == "iid":
         count_variance = (draws * q * (1.0 - q)).sum(-1)
     else:
         f = torch.frac(draws * q)
         count_variance = (f * (1.0 - f)).sum(-1)
-    tail_error = count_variance / draws**2
+    tail_error = count_variance / draws[:, 0] ** 2
     error = m**2 * tail_error
     if quantized and head:
         f = torch.frac(255.0 * top)
@@ -103,17 +124,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     probs = teacher_probs(args.blocks)
     rows = []
-    for head, draws, scheme, quantized in LAYOUTS:
-        error = target_error(probs, head, draws, scheme, quantized)
+    block = probs.shape[0] // args.blocks  # the recipe's block size: each block shares its draws
+    for head, draws, scheme, quantized, allocation in LAYOUTS:
+        own = allocated_draws(probs, head, draws, block) if allocation == "adaptive" else draws
+        error = target_error(probs, head, own, scheme, quantized)
         rows.append({"head": head, "draws": draws, "scheme": scheme, "head_in_8_bits": quantized,
-                     "bytes_per_token": layout_bytes(head, draws, quantized),
+                     "allocation": allocation, "bytes_per_token": layout_bytes(head, draws, quantized, allocation),
                      "mean_squared_error": error.mean().item()})  # fmt: skip
     results = {"tokens": probs.shape[0], "recipe": str(RECIPE.relative_to(ROOT)), "layouts": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     for row in rows:
         print(f"head {row['head']}{' (8 bits)' if row['head_in_8_bits'] else ''} + {row['draws']} {row['scheme']} "
-              f"draws, {row['bytes_per_token']} B/token: E||t - p||^2 = {row['mean_squared_error']:.5f}")  # fmt: skip
+              f"draws ({row['allocation']}), {row['bytes_per_token']} B/token: E||t - p||^2 = {row['mean_squared_error']:.5f}")  # fmt: skip
     return results
 
 

@@ -120,7 +120,7 @@ def allocate_draws(tail: torch.Tensor, num_samples: int) -> torch.Tensor:
     ``n_t ∝ w_t = m_t sqrt(1 - ||q_t||**2) = sqrt(m_t**2 - ||tail_t||**2)`` (Lagrange, as Neyman allocates a
     stratified sample): a confident token, whose tail is small or one token, needs few draws, an uncertain
     one many. Here ``n_t = clip(lambda w_t, 1, 255)`` with ``lambda`` set by bisection so that they sum to
-    ``n N``, rounded by largest remainder. Every token keeps at least one draw, so each token's target stays
+    ``n N``, rounded by largest remainder (what 255 a token cannot hold goes round the tokens below it). Every token keeps at least one draw, so each token's target stays
     unbiased (the counts are a function of the teacher's probabilities, not of the draws); a row whose tails
     are all one token shares the draws evenly.
     """
@@ -138,10 +138,12 @@ def allocate_draws(tail: torch.Tensor, num_samples: int) -> torch.Tensor:
             high = middle
     share = (high * weight).clamp(1.0, MAX_DRAWS_PER_TOKEN)
     counts = share.floor().long()
-    left = total - int(counts.sum().item())  # 0 <= left < N: the largest remainders get one more
-    if left > 0:
-        remainder = torch.where(counts < MAX_DRAWS_PER_TOKEN, share - counts, -1.0)
-        counts[remainder.topk(left).indices] += 1
+    left = total - int(counts.sum().item())  # the largest remainders get one more, then (when every token
+    while left > 0:  # with a tail to share is at 255) the rest go round the others
+        room = counts < MAX_DRAWS_PER_TOKEN
+        given = min(left, int(room.sum().item()))
+        counts[torch.where(room, share - counts, -torch.inf).topk(given).indices] += 1
+        left -= given
     return counts
 
 

@@ -52,6 +52,7 @@ def test_the_table_gives_median_and_range_over_seeds_per_lever():
     assert bench.lever_name(4, 8, 1.0) == "head4_n8" and bench.lever_name(0, 12, 1.5) == "head0_n12_tau1.5"
     assert bench.lever_name(3, 13, 1.0, counts=False, scheme="systematic") == "head3_n13_draws_systematic"
     assert bench.lever_name(3, 15, 1.0, counts=False, head_quantized=True) == "head3q8_n15_draws"
+    assert bench.lever_name(3, 14, 1.0, False, "systematic", True, "adaptive") == "head3q8_n14_draws_systematic_adaptive"
     seeds = {
         str(s): {"cache_bytes_per_token": 39.0, "validation": {"share_of_dense_gain": x, "ece": 0.01},
                  "ood": {"share_of_dense_gain": x - 0.1}}

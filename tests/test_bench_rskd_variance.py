@@ -45,3 +45,35 @@ def test_the_8_bit_heads_rounding_error_is_in_the_closed_form():
     quantized, exact = (bench.target_error(p, 3, 7, "iid", q)[0] for q in (True, False))
     assert quantized > 100 * exact  # the rounding dominates
     torch.testing.assert_close(measured, quantized, rtol=0.05, atol=0.0)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "systematic"])
+def test_the_closed_form_error_of_adaptive_draws_is_their_mean_squared_error(scheme):
+    """``sample_allocation: adaptive``: the closed form with each token's allocated ``n_t`` (:func:`allocated_draws`,
+    the library's allocation per block) against the library's pooled draws regrouped per token; and it is below
+    the even allocation's at the same bytes."""
+    from hf_distill.vocab_losses import regroup_draws
+
+    bench = load_module("benchmarks/bench_rskd_variance.py")
+    logits = torch.randn(6, 30, generator=torch.Generator().manual_seed(3)) * torch.tensor(
+        [0.2, 1.0, 3.0, 0.5, 2.0, 1.5]
+    )[:, None]
+    p = logits.softmax(-1)
+    head, draws, repeats, g = 2, 5, 8000, torch.Generator().manual_seed(5)
+    lengths = bench.allocated_draws(p, head, draws, block=3)  # two blocks of three tokens
+    assert lengths.view(2, 3).sum(-1).tolist() == [15, 15] and len(set(lengths.tolist())) > 1
+    targets = []
+    for _ in range(repeats):
+        blocks = [sample_sparse_target(logits[i : i + 3], draws, head=head, generator=g, counts=False, scheme=scheme,
+                                       allocation="adaptive") for i in (0, 3)]  # fmt: skip
+        for i, (head_ids, head_probs, pooled, own) in zip((0, 3), blocks, strict=True):
+            assert own.view(-1).tolist() == lengths[i : i + 3].tolist()
+            ids, counts = regroup_draws(pooled, own)
+            weights = head_tail_weights(head_probs, counts)
+            targets.append(torch.zeros(3, 30).scatter_add_(-1, torch.cat([head_ids, ids], -1), weights))
+    targets = torch.stack(targets).view(repeats, 6, 30)
+    measured = (targets - p).pow(2).sum(-1).mean(0).double()
+    expected = bench.target_error(p, head, lengths, scheme, False)
+    torch.testing.assert_close(measured, expected, rtol=0.06, atol=1e-6)
+    assert expected.sum() < bench.target_error(p, head, draws, scheme, False).sum()
+    assert bench.layout_bytes(head, draws, False, "adaptive") == 4 * head + 2 * draws + 1

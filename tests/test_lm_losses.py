@@ -14,11 +14,13 @@ from conftest import load_module
 from hf_distill import losses
 from hf_distill.losses import chunked_lm_losses, sample_teacher_tokens
 from hf_distill.vocab_losses import (
+    allocate_draws,
     dequantize_probs,
     draws_of,
     head_tail_weights,
     normalised,
     quantize_probs,
+    regroup_draws,
     sample_head_and_tail,
     sample_sparse_target,
 )
@@ -971,3 +973,82 @@ def test_draws_of_expands_distinct_ids_by_their_counts():
     ids = torch.tensor([[3, 7, 9, 0], [5, 0, 0, 0]])
     counts = torch.tensor([[1, 2, 1, 0], [4, 0, 0, 0]])
     assert draws_of(ids, counts).tolist() == [[3, 7, 7, 9], [5, 5, 5, 5]]
+
+
+def _row_error(tail: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The summed squared error of iid draws' targets over a row: ``sum_t (m_t**2 - ||tail_t||**2) / n_t``."""
+    tail = tail.double()
+    return ((tail.sum(-1) ** 2 - (tail**2).sum(-1)) / lengths.double()).sum()
+
+
+def test_adaptive_allocation_gives_uncertain_tokens_more_draws_for_less_error():
+    """:func:`allocate_draws`: a row's ``n N`` draws, each token at least 1 and at most 255, more to a token whose
+    tail is larger or flatter, within one of the clipped proportional share ``lambda w_t``; the row's summed iid
+    error is the least of any allocation one draw away (moving a draw between two tokens never lowers it) and
+    below an even allocation's; a row whose tails are each one token shares its draws evenly."""
+    n, vocab = 6, 30
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, vocab, generator=g) * torch.linspace(0.1, 8.0, 40)[:, None]  # flat to peaked
+    tail = F.softmax(logits, dim=-1) * torch.linspace(1.0, 0.02, 40)[:, None]  # and less mass left to sample
+    lengths = allocate_draws(tail, n)
+    assert lengths.dtype == torch.int64 and lengths.sum() == n * 40 and lengths.min() >= 1
+    weight = ((tail.double().sum(-1) ** 2 - (tail.double() ** 2).sum(-1)).clamp_min(0)).sqrt()
+    order = weight.argsort()
+    assert (lengths[order].diff() >= 0).all()  # more weight, never fewer draws
+    assert lengths.max() > 2 * n and lengths[weight.argmin()] < n
+    error = _row_error(tail, lengths)
+    assert error < 0.8 * _row_error(tail, torch.full((40,), n))
+    for give in range(40):
+        for take in range(40):
+            if give != take and lengths[give] > 1:
+                moved = lengths.clone()
+                moved[give] -= 1
+                moved[take] += 1
+                assert _row_error(tail, moved) >= error - 1e-12
+    one_token = torch.zeros(5, vocab).scatter_(-1, torch.arange(5)[:, None], 0.3)
+    assert allocate_draws(one_token, 7).tolist() == [7] * 5
+    capped = torch.cat([torch.full((1, vocab), 1.0 / vocab), one_token])  # one flat token, five single-token tails
+    assert allocate_draws(capped, 200).tolist() == [255, *[(6 * 200 - 255) // 5] * 5]
+
+
+@pytest.mark.parametrize("scheme", ["iid", "systematic"])
+@pytest.mark.parametrize("head", [0, 3])
+def test_adaptive_draws_are_unbiased_per_token_and_a_reader_of_even_draws_is_not(head, scheme):
+    """``allocation="adaptive"``: the row's pooled draws (``(N, n)``) and counts (``(N, 1)``, summing to ``n N``),
+    regrouped per token (:func:`regroup_draws`), give a target whose mean over many draws is the teacher's
+    distribution at every token (within 4 standard errors). Reading the pooled draws as if each token held ``n``
+    of its own (an older reader) is biased, and the test sees it."""
+    T, n, vocab, repeats = 1.0, 5, 24, 1500
+    g = torch.Generator().manual_seed(4)
+    spread = torch.tensor([0.9, 0.2, 0.5, 0.1, 0.3, 0.7])[:, None]  # the mass off each row's peak: unequal needs
+    peak = F.one_hot(torch.randint(vocab, (6,), generator=g), vocab)
+    p_t = (1 - spread) * peak + spread * F.softmax(0.5 * torch.randn(6, vocab, generator=g), dim=-1)
+    logits = p_t.log() * T  # every p above 1e-3: each token drawn
+    g = torch.Generator().manual_seed(6)
+    targets, naive = [], []
+    for _ in range(repeats):
+        drawn = sample_sparse_target(logits, n, T, head=head, generator=g, counts=False, scheme=scheme,
+                                     allocation="adaptive")  # fmt: skip
+        pooled, lengths = drawn[-2], drawn[-1]
+        assert pooled.shape == (6, n) and lengths.shape == (6, 1) and int(lengths.sum()) == 6 * n
+        for ids, counts in (regroup_draws(pooled, lengths), (pooled, torch.ones_like(pooled))):
+            weights = head_tail_weights(drawn[1], counts) if head else normalised(counts)
+            all_ids = torch.cat([drawn[0], ids], -1) if head else ids
+            target = torch.zeros(6, vocab).scatter_add_(-1, all_ids, weights)
+            (targets if counts is not None and len(naive) == len(targets) else naive).append(target)
+    for stacked, unbiased in ((torch.stack(targets), True), (torch.stack(naive), False)):
+        mean, standard_error = stacked.mean(0), stacked.std(0) / repeats**0.5
+        assert bool(((mean - p_t).abs() <= 4 * standard_error + 1e-6).all()) == unbiased
+    with pytest.raises(ValueError, match="allocation='adaptive' stores each token's draws themselves"):
+        sample_sparse_target(logits, n, T, allocation="adaptive")
+    with pytest.raises(ValueError, match=r"^allocation='fair' must be one of \('even', 'adaptive'\)\.$"):
+        sample_sparse_target(logits, n, T, counts=False, allocation="fair")
+
+
+def test_regroup_draws_gives_each_token_its_own_and_refuses_a_cut_row():
+    pooled = torch.tensor([[4, 7, 7], [1, 2, 3], [5, 6, 9]])  # 9 draws: 2, 1, 6 a token
+    ids, counts = regroup_draws(pooled, torch.tensor([[2], [1], [6]]), width=7)
+    assert ids.tolist() == [[4, 7, 0, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0, 0], [1, 2, 3, 5, 6, 9, 0]]
+    assert counts.tolist() == [[1, 1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0]]
+    with pytest.raises(ValueError, match="holds 6 draws for 2 tokens, but its per-token counts .* sum to 3"):
+        regroup_draws(pooled[:2], torch.tensor([2, 1]))

@@ -128,3 +128,14 @@ def test_a_quantized_head_without_a_head_is_refused_at_parse_time():
     from hf_distill.language_modeling.run import cache_formats
 
     assert cache_formats(script, args)["sampled"]["sample_head_quantized"] is True
+
+
+def test_an_adaptive_allocation_reaches_the_cache_format_and_needs_the_draws_themselves():
+    with pytest.raises(InputError, match=r"^sample_allocation: adaptive stores each token's draws .* set sample_counts to false"):
+        LMRecipeParser().parse_recipe_and_args(["--sample_allocation", "adaptive", "--output_dir", "unused"])
+    script, args = LMRecipeParser().parse_recipe_and_args(
+        ["--sample_allocation", "adaptive", "--sample_counts", "false", "--output_dir", "unused"]
+    )[:2]
+    from hf_distill.language_modeling.run import cache_formats
+
+    assert cache_formats(script, args)["sampled"]["sample_allocation"] == "adaptive"

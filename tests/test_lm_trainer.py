@@ -343,3 +343,42 @@ def test_a_head_stored_in_8_bits_trains_on_its_rounded_probabilities(tmp_path):
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-7)
     ids, weights = sampled_target(batch_of(quantized, trainer))
     torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+
+
+@pytest.mark.parametrize("head", [0, 2])
+def test_adaptive_draws_train_on_each_tokens_own_draws(tmp_path, head):
+    """``sample_allocation="adaptive"``: the trainer regroups a row's pooled draws by its per-token counts, and the
+    loss (fused and unfused) is the one of a counted cache holding, for each token, its own draws with count 1
+    (the same head): ``m_t / n_t`` on each. Read without the regrouping (an older reader's view) the targets
+    differ, and the test sees it."""
+    from hf_distill.teacher_outputs import sampled_target
+    from hf_distill.vocab_losses import normalised, regroup_draws
+
+    teacher, student, rows = tiny_llama(1, layers=3), tiny_llama(2), lm_rows()
+    with torch.no_grad():  # sharper logits: tokens whose tails differ, so their shares differ
+        teacher.get_output_embeddings().weight.mul_(4.0)
+    spec = {"num_samples": 4, "sample_head": head, "sample_temperature": 1.5, "sample_counts": False}
+    pooled = precompute_teacher_logits(teacher, rows, cache_dir=tmp_path / "adaptive", sample_allocation="adaptive",
+                                       **spec)  # fmt: skip
+    width = max(x for row in pooled["teacher_sample_lengths"] for [x] in row)
+    assert width > 4  # the draws are not shared evenly
+    regrouped = [regroup_draws(torch.tensor(ids), torch.tensor(lengths), width)
+                 for ids, lengths in zip(pooled["teacher_sample_ids"], pooled["teacher_sample_lengths"], strict=True)]  # fmt: skip
+    own = pooled.remove_columns(["teacher_sample_ids", "teacher_sample_lengths"])
+    own = own.add_column("teacher_sample_ids", [ids.tolist() for ids, _ in regrouped])
+    own = own.add_column("teacher_sample_counts", [counts.tolist() for _, counts in regrouped])
+    misread = pooled.remove_columns("teacher_sample_lengths")
+    student.train()
+    for chunk in (5, None):
+        args = config(tmp_path, temperature=1.5, alpha=1.0, beta=0.5, lm_chunk_size=chunk)
+        losses = []
+        for cached in (pooled, own, misread):
+            trainer = DistillationTrainer(model=student, args=args, train_dataset=cached)
+            losses.append(trainer.compute_loss(student, batch_of(cached, trainer)))
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-7)
+    targets = []
+    for cached in (pooled, own, misread):
+        ids, weights = sampled_target(batch_of(cached, trainer))
+        targets.append(torch.zeros(*ids.shape[:-1], VOCAB).scatter_add_(-1, ids, normalised(weights)))
+    torch.testing.assert_close(targets[0], targets[1])
+    assert (targets[2] - targets[0]).abs().amax() > 0.01  # each token given its neighbours' draws

@@ -207,6 +207,9 @@ FORMATS = {
                                "sample_scheme": "systematic"},
     "head in 8 bits, draws": {"num_samples": 5, "sample_head": 2, "sample_seed": 3, "sample_counts": False,
                               "sample_head_quantized": True},
+    "head in 8 bits, adaptive draws": {"num_samples": 5, "sample_head": 2, "sample_seed": 3, "sample_counts": False,
+                                       "sample_head_quantized": True, "sample_allocation": "adaptive",
+                                       "sample_scheme": "systematic"},
 }
 _SAME = ("key", "columns", "num_rows", "top_k", "sampling", "teacher_bytes", "bytes_per_token")
 
@@ -253,14 +256,16 @@ def test_one_pass_computes_only_the_formats_missing(tmp_path):
     assert set(both["head"].column_names) > {"teacher_head_ids", "teacher_head_probs", "teacher_sample_ids"}
 
 
-def test_only_caches_an_older_reader_would_misread_are_format_3_or_4(tmp_path, monkeypatch):
+def test_only_caches_an_older_reader_would_misread_are_format_3_4_or_5(tmp_path, monkeypatch):
     dataset, teacher = random_classification_dataset(8, seed=6), _gpt2(1)
-    names = ("topk", "sampled", "head", "tempered", "head, draws", "head, systematic draws", "head in 8 bits, draws")
+    names = ("topk", "sampled", "head", "tempered", "head, draws", "head, systematic draws", "head in 8 bits, draws",
+             "head in 8 bits, adaptive draws")
     out = precompute_teacher_caches(teacher, dataset, {k: FORMATS[k] for k in names}, cache_dir=tmp_path)
     versions = {name: read_provenance(out[name])["format_version"] for name in names}
     # plain caches keep their keys; systematic draws have the columns of iid ones; a head in 8 bits is format 4
     assert versions == {"topk": 2, "sampled": 2, "head": 3, "tempered": 3, "head, draws": 3,
-                        "head, systematic draws": 3, "head in 8 bits, draws": 4}  # fmt: skip
+                        "head, systematic draws": 3, "head in 8 bits, draws": 4,
+                        "head in 8 bits, adaptive draws": 5}  # fmt: skip
     for name in names:
         assert load_teacher_cache(cache_paths(tmp_path, read_provenance(out[name])["key"])[0]).num_rows == 8
     # a reader of format 2 only (hf-distill before exact heads) reads the plain caches and refuses the others
@@ -275,6 +280,11 @@ def test_only_caches_an_older_reader_would_misread_are_format_3_or_4(tmp_path, m
     load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head"])["key"])[0])
     with pytest.raises(ValueError, match=r"^Teacher cache format 4 but this hf-distill reads formats 2, 3: rebuild"):
         load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head in 8 bits, draws"])["key"])[0])
+    # a reader of formats 2 to 4 (before allocated draws) refuses pooled draws it would misread
+    monkeypatch.setattr(precompute_module, "READABLE_FORMAT_VERSIONS", (2, 3, 4))
+    load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head in 8 bits, draws"])["key"])[0])
+    with pytest.raises(ValueError, match=r"^Teacher cache format 5 but this hf-distill reads formats 2, 3, 4: rebuild"):
+        load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head in 8 bits, adaptive draws"])["key"])[0])
 
 
 def test_one_pass_in_memory_equals_each_format_alone():
@@ -298,11 +308,12 @@ def test_bad_formats_are_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="at least one format"):
         precompute_teacher_caches(teacher, dataset, {}, cache_dir=tmp_path)
     shapes = ({"sample_head": 2}, {"sample_proposal_temperature": 2.0}, {"sample_counts": False},
-              {"sample_scheme": "systematic"}, {"sample_head_quantized": True})  # fmt: skip
+              {"sample_scheme": "systematic"}, {"sample_head_quantized": True},
+              {"sample_allocation": "adaptive"})  # fmt: skip
     for shape in shapes:
         with pytest.raises(
             ValueError,
-            match="sample_scheme and sample_head_quantized shape the RS-KD draws: they need num_samples",
+            match="sample_head_quantized and sample_allocation shape the RS-KD draws: they need num_samples",
         ):
             precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, **shape)
     for tau in (0.0, -1.0, float("inf")):
@@ -729,6 +740,51 @@ def test_a_head_in_8_bits_saves_a_byte_a_head_token_and_is_format_4(tmp_path):
     assert q8["sampling"]["head_quantized"] is True and "head_quantized" not in f16["sampling"]
     with pytest.raises(ValueError, match=r"^sample_head_quantized stores .* but sample_head is 0: give"):
         precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, num_samples=4, sample_head_quantized=True)
+
+
+def test_adaptive_draws_are_pooled_a_byte_a_token_more_and_format_5(tmp_path):
+    """``sample_allocation="adaptive"``: each row's ``n L`` draws in ``teacher_sample_ids`` ``[L, n]`` with each
+    token's count in uint8 ``teacher_sample_lengths`` ``[L, 1]``, summing to ``n L`` a row and at least 1 each;
+    the same head as the even cache of the same seed; one byte a token more; format 5 and its own key; the
+    collator gives each token its own draws, every one a token its teacher gives probability. With counts, or an
+    unknown allocation, it is refused in one line."""
+    from hf_distill import DistillationDataCollator
+
+    dataset, teacher = random_classification_dataset(10, seed=7), _gpt2(1)
+    with torch.no_grad():  # sharper logits: tokens whose tails differ, so their shares differ
+        teacher.get_output_embeddings().weight.mul_(30.0)
+    spec = {"num_samples": 6, "sample_head": 2, "sample_seed": 3, "sample_counts": False}
+    out = precompute_teacher_caches(
+        teacher, dataset, {"even": spec, "adaptive": {**spec, "sample_allocation": "adaptive"}}, cache_dir=tmp_path
+    )
+    even, adaptive = read_provenance(out["even"]), read_provenance(out["adaptive"])
+    assert out["adaptive"].features["teacher_sample_lengths"].feature.feature.dtype == "uint8"
+    assert out["adaptive"]["teacher_head_ids"] == out["even"]["teacher_head_ids"]
+    for row, lengths in zip(out["adaptive"]["teacher_sample_ids"], out["adaptive"]["teacher_sample_lengths"],
+                            strict=True):  # fmt: skip
+        assert len(lengths) == len(row) and sum(x for [x] in lengths) == 6 * len(row) and min(lengths) >= [1]
+    assert len({x for rows in out["adaptive"]["teacher_sample_lengths"] for [x] in rows}) > 1  # not even
+    tokens = sum(len(row) for row in out["adaptive"]["teacher_sample_ids"])
+    rows = len(out["adaptive"])  # the counts: 1 byte a token, and their column's int32 offset a row
+    assert adaptive["teacher_bytes"] - even["teacher_bytes"] == tokens + 4 * rows
+    assert (adaptive["format_version"], even["format_version"]) == (5, 3) and adaptive["key"] != even["key"]
+    assert adaptive["sampling"]["allocation"] == "adaptive" and "allocation" not in even["sampling"]
+    features = [{k: v for k, v in out["adaptive"][i].items() if k.startswith("teacher_")} for i in range(2)]
+    width = max(len(f["teacher_head_ids"]) for f in features)  # rows of two lengths, padded to the longer
+    batch = DistillationDataCollator()([{"input_ids": [1] * width, **f} for f in features])
+    assert "teacher_sample_lengths" not in batch
+    counts = batch["teacher_sample_counts"]
+    for i, feature in enumerate(features):
+        assert counts[i].sum(-1)[: len(feature["teacher_head_ids"])].tolist() == [x for [x] in
+                                                                                  feature["teacher_sample_lengths"]]
+    logits = teacher(input_ids=torch.tensor([dataset[0]["input_ids"]])).logits[0]
+    probs = torch.softmax(logits.float(), -1).gather(-1, batch["teacher_sample_ids"][0][: logits.shape[0]])
+    assert (probs[counts[0][: logits.shape[0]] > 0] > 0).all()
+    with pytest.raises(ValueError, match=r"^sample_allocation: adaptive stores each token's draws .* set sample_counts"):
+        precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, num_samples=4, sample_allocation="adaptive")
+    with pytest.raises(ValueError, match=r"^sample_allocation must be one of even, adaptive .*got 'fair'"):
+        precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, num_samples=4, sample_counts=False,
+                                  sample_allocation="fair")  # fmt: skip
 
 
 def test_packed_rows_are_read_without_a_gather_and_store_what_a_padded_batch_stores(monkeypatch):
