@@ -93,13 +93,7 @@ def _draw(
     """
     _check_scheme(scheme)
     if scheme == "systematic":
-        cdf = probs.cumsum(-1)  # non-decreasing in float32 too: a token of probability 0 repeats its left end
-        total = cdf[:, -1:]
-        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
-        steps = torch.arange(num_samples, device=probs.device, dtype=cdf.dtype)
-        points = ((u + steps) / num_samples * total).minimum(total.nextafter(torch.zeros_like(total)))
-        # right=True: the first token whose cumulative mass passes the point, never one of probability 0
-        draws = torch.searchsorted(cdf, points.contiguous(), right=True).clamp_max(probs.shape[-1] - 1)
+        draws = _systematic_points(probs, num_samples, num_samples, generator)
     else:
         draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
     draws, _ = draws.sort(dim=-1)
@@ -109,6 +103,20 @@ def _draw(
     counts = torch.zeros_like(draws).scatter_add_(-1, slot, torch.ones_like(draws))
     ids = torch.zeros_like(draws).scatter_(-1, slot, draws)  # all draws of a slot carry the same id
     return ids, counts
+
+
+def _systematic_points(
+    probs: torch.Tensor, num_samples: int | torch.Tensor, width: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``x_i = F^{-1}((u + i) / n)`` for ``i < width``, one ``u ~ U[0, 1)`` per row of ``probs`` ``(N, V)``
+    (unnormalised, cumulative distribution ``F``); ``num_samples``: ``n``, or each row's ``(N, 1)``."""
+    cdf = probs.cumsum(-1)  # non-decreasing in float32 too: a token of probability 0 repeats its left end
+    total = cdf[:, -1:]
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+    steps = torch.arange(width, device=probs.device, dtype=cdf.dtype)
+    points = ((u + steps) / num_samples * total).to(cdf.dtype).minimum(total.nextafter(torch.zeros_like(total)))
+    # right=True: the first token whose cumulative mass passes the point, never one of probability 0
+    return torch.searchsorted(cdf, points.contiguous(), right=True).clamp_max(probs.shape[-1] - 1)
 
 
 def allocate_draws(tail: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -162,12 +170,7 @@ def _draw_allocated(
     width = int(lengths.max().item())
     slots = torch.arange(width, device=probs.device)
     if scheme == "systematic":
-        cdf = probs.cumsum(-1)
-        total = cdf[:, -1:]
-        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
-        points = ((u + slots) / lengths[:, None] * total).minimum(total.nextafter(torch.zeros_like(total)))
-        draws = torch.searchsorted(cdf, points.to(cdf.dtype).contiguous(), right=True)
-        draws = draws.clamp_max(probs.shape[-1] - 1)
+        draws = _systematic_points(probs, lengths[:, None], width, generator)
     else:
         draws = torch.multinomial(probs, width, replacement=True, generator=generator)
     kept = slots < lengths[:, None]
