@@ -68,6 +68,7 @@ def run_application(
     """
     argv = sys.argv[1:] if argv is None else argv
     script_args, training_args = parser.parse_recipe_and_args(argv)
+    check_process_group(training_args)
     summary = run(
         script_args, training_args, recipe=recipe_of(argv), launch_command=launch_line(script, argv)
     )
@@ -75,6 +76,22 @@ def run_application(
         print("\n" + format_table(summary) + "\n", flush=True)
         print(f"Results: {training_args.output_dir}/results.json", flush=True)
     return summary
+
+
+def check_process_group(training_args: Any) -> None:
+    """Refuse, in one line, processes that ``accelerate launch`` started but that form no process group.
+
+    On a machine without GPUs, ``accelerate launch --multi_gpu --num_processes N`` starts N processes that join a
+    gloo group only when the run asks for the CPU (``use_cpu``); otherwise each sees a world of one and runs the
+    whole job alone, and they overwrite one another's teacher, caches and results.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and training_args.world_size == 1:
+        raise InputError(
+            f"accelerate launch started {launched} processes, but they form no process group (no GPU, and "
+            "use_cpu is not set), so each would run the whole job alone over the same files: on CPUs pass "
+            "--use_cpu true (or use_cpu: true in the recipe), or run one process with python."
+        )
 
 
 def recipe_of(argv: list[str]) -> str | None:

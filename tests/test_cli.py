@@ -142,3 +142,18 @@ def test_precompute_of_an_untokenized_dataset(tmp_path, teacher_and_data, capsys
     message = _refused(_precompute().main, argv, capsys, "precompute_teacher_logits.py")
     assert "needs a tokenized dataset with an input_ids column, got columns ['text']" in message
     assert not (tmp_path / "l").exists() or not any((tmp_path / "l").iterdir())
+
+
+def test_launched_processes_that_form_no_group_are_refused_in_one_line(monkeypatch):
+    """``accelerate launch`` on CPUs without ``use_cpu``: WORLD_SIZE says 2, the training arguments a world of 1
+    (each rank would run the whole job alone over the same files): refused before anything runs."""
+    from types import SimpleNamespace
+
+    from hf_distill.cli import check_process_group
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match=r"^accelerate launch started 2 processes, but they form no process group .* pass --use_cpu true"):
+        check_process_group(SimpleNamespace(world_size=1))
+    check_process_group(SimpleNamespace(world_size=2))  # a real group
+    monkeypatch.delenv("WORLD_SIZE")
+    check_process_group(SimpleNamespace(world_size=1))  # one process, not launched
