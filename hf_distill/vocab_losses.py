@@ -35,6 +35,7 @@ SAMPLE_SCHEMES = ("iid", "systematic")
 # allocated to its tokens by need (:func:`allocate_draws`), stored pooled with each token's count.
 DRAW_ALLOCATIONS = ("even", "adaptive")
 MAX_DRAWS_PER_TOKEN = 255  # an adaptive allocation's per-token count is stored in 8 bits
+_WEIGHT_ROWS = 64  # rows of (64, V) float64 at a time for an allocation's weights: 25 MB at V = 49,152
 
 
 def _check_scheme(scheme: str) -> None:
@@ -132,8 +133,12 @@ def allocate_draws(tail: torch.Tensor, num_samples: int) -> torch.Tensor:
     unbiased (the counts are a function of the teacher's probabilities, not of the draws); a row whose tails
     are all one token shares the draws evenly.
     """
-    tail = tail.double()
-    weight = ((tail.sum(-1) ** 2 - (tail**2).sum(-1)).clamp_min(0.0)).sqrt()
+    # w_t in float64, a bounded block of rows at a time (no (N, V) float64 copy of a long row), then on the host:
+    # the bisection below reads it 100 times, and on a GPU each read would be a device sync
+    weight = torch.cat([
+        ((rows.sum(-1) ** 2 - (rows**2).sum(-1)).clamp_min(0.0)).sqrt()
+        for rows in (block.double() for block in tail.split(_WEIGHT_ROWS))
+    ]).cpu()  # fmt: skip
     rows, total = tail.shape[0], num_samples * tail.shape[0]
     if not bool((weight > 0).any()):
         return torch.full((rows,), num_samples, dtype=torch.long, device=tail.device)
@@ -152,7 +157,7 @@ def allocate_draws(tail: torch.Tensor, num_samples: int) -> torch.Tensor:
         given = min(left, int(room.sum().item()))
         counts[torch.where(room, share - counts, -torch.inf).topk(given).indices] += 1
         left -= given
-    return counts
+    return counts.to(tail.device)
 
 
 def _draw_allocated(
