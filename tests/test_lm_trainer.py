@@ -9,7 +9,12 @@ from conftest import config
 from datasets import Dataset
 from lm_fixtures import VOCAB, tiny_llama
 
-from hf_distill import DistillationTrainer, precompute_teacher_logits, read_provenance
+from hf_distill import (
+    DistillationDataCollator,
+    DistillationTrainer,
+    precompute_teacher_logits,
+    read_provenance,
+)
 from hf_distill import trainer as trainer_module
 
 
@@ -25,6 +30,17 @@ def lm_rows(n: int = 8, length: int = 12, seed: int = 3) -> Dataset:
 
 def batch_of(rows: Dataset, trainer: DistillationTrainer) -> dict:
     return trainer.data_collator([dict(r) for r in rows])
+
+
+def cache_losses(student, tmp_path, chunk: int | None, *caches: Dataset) -> list[torch.Tensor]:
+    """The trainer's loss on each cache's whole batch (T = 1.5, alpha 1, beta 0.5), fused in chunks of ``chunk``
+    positions or, with ``None``, unfused."""
+    args = config(tmp_path, temperature=1.5, alpha=1.0, beta=0.5, lm_chunk_size=chunk)
+    losses = []
+    for cached in caches:
+        trainer = DistillationTrainer(model=student, args=args, train_dataset=cached)
+        losses.append(trainer.compute_loss(student, batch_of(cached, trainer)))
+    return losses
 
 
 def dense_reference(student, batch, teacher_term) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,11 +318,7 @@ def test_draws_stored_without_counts_train_on_the_counted_caches_target(tmp_path
     assert "teacher_sample_counts" not in draws.column_names
     student.train()
     for chunk in (5, None):
-        args = config(tmp_path, temperature=1.5, alpha=1.0, beta=0.5, lm_chunk_size=chunk)
-        losses = []
-        for cached in (counted, draws):
-            trainer = DistillationTrainer(model=student, args=args, train_dataset=cached)
-            losses.append(trainer.compute_loss(student, batch_of(cached, trainer)))
+        losses = cache_losses(student, tmp_path, chunk, counted, draws)
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
 
 
@@ -334,14 +346,9 @@ def test_a_head_stored_in_8_bits_trains_on_its_rounded_probabilities(tmp_path):
     )
     student.train()
     for chunk in (5, None):
-        args = config(tmp_path, temperature=1.5, alpha=1.0, beta=0.5, lm_chunk_size=chunk)
-        losses = []
-        for cached in (quantized, rounded):
-            trainer = DistillationTrainer(model=student, args=args, train_dataset=cached)
-            batch = batch_of(cached, trainer)
-            losses.append(trainer.compute_loss(student, batch))
+        losses = cache_losses(student, tmp_path, chunk, quantized, rounded)
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-7)
-    ids, weights = sampled_target(batch_of(quantized, trainer))
+    ids, weights = sampled_target(DistillationDataCollator()([dict(r) for r in quantized]))
     torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
 
 
@@ -370,15 +377,11 @@ def test_adaptive_draws_train_on_each_tokens_own_draws(tmp_path, head):
     misread = pooled.remove_columns("teacher_sample_lengths")
     student.train()
     for chunk in (5, None):
-        args = config(tmp_path, temperature=1.5, alpha=1.0, beta=0.5, lm_chunk_size=chunk)
-        losses = []
-        for cached in (pooled, own, misread):
-            trainer = DistillationTrainer(model=student, args=args, train_dataset=cached)
-            losses.append(trainer.compute_loss(student, batch_of(cached, trainer)))
+        losses = cache_losses(student, tmp_path, chunk, pooled, own)
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-7)
     targets = []
     for cached in (pooled, own, misread):
-        ids, weights = sampled_target(batch_of(cached, trainer))
+        ids, weights = sampled_target(DistillationDataCollator()([dict(r) for r in cached]))
         targets.append(torch.zeros(*ids.shape[:-1], VOCAB).scatter_add_(-1, ids, normalised(weights)))
     torch.testing.assert_close(targets[0], targets[1])
     assert (targets[2] - targets[0]).abs().amax() > 0.01  # each token given its neighbours' draws
