@@ -19,7 +19,8 @@ token), and the same formulas hold with ``n_t``.
 
 The gradient of the KD loss with respect to the student's logits is ``p_s - t``, so this is the noise the sparse
 teacher adds to it, token by token. Bytes per token: 4 per float16 head token (uint16 id + float16), 3 in 8 bits,
-2 per draw stored as itself (``sample_counts: false``), 1 for an adaptive allocation's count.
+2 per draw stored as itself (``sample_counts: false``); an adaptive allocation's draws as the cache stores them, in
+a Rice code (measured on the library's own draws), and 1 for each token's count.
 
     python benchmarks/bench_rskd_variance.py --blocks 8
 
@@ -38,7 +39,8 @@ from typing import Any
 
 import torch
 
-from hf_distill.vocab_losses import allocate_draws
+from hf_distill.draw_code import encode_draws
+from hf_distill.vocab_losses import allocate_draws, sample_sparse_target
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/offline/smollm2.yaml"
@@ -55,13 +57,26 @@ LAYOUTS = [
     (3, 15, "systematic", True, "even"),
     (3, 14, "iid", True, "adaptive"),
     (3, 14, "systematic", True, "adaptive"),
+    (3, 19, "systematic", True, "adaptive"),
     (3, 255, "iid", False, "even"),
 ]
 
 
-def layout_bytes(head: int, draws: int, quantized: bool, allocation: str = "even") -> int:
-    """Bytes per token of a layout, without the lists' offsets: ``(3 or 4) h + 2 n`` (``+ 1`` adaptive)."""
-    return (3 if quantized else 4) * head + 2 * draws + (allocation != "even")
+def layout_bytes(head: int, draws: int, quantized: bool) -> int:
+    """Bytes per token of an even layout, without the lists' offsets: ``(3 or 4) h + 2 n``."""
+    return (3 if quantized else 4) * head + 2 * draws
+
+
+def coded_bytes(probs: torch.Tensor, head: int, draws: int, scheme: str, quantized: bool, block: int) -> float:
+    """Bytes per token of an adaptive layout, without the lists' offsets, as the cache stores it: ``(3 or 4) h``,
+    1 for each token's count, and each block's draws in their Rice code (:func:`hf_distill.draw_code.encode_draws`)
+    with its header, the draws made by the library (seed 0) from ``probs``."""
+    generator, code = torch.Generator().manual_seed(0), 0
+    for i in range(0, probs.shape[0], block):
+        *_, pooled, lengths = sample_sparse_target(probs[i : i + block].log(), draws, head=head, generator=generator,
+                                                   counts=False, scheme=scheme, allocation="adaptive")  # fmt: skip
+        code += encode_draws(pooled.reshape(-1).numpy(), lengths.reshape(-1).numpy(), probs.shape[-1]).size
+    return (3 if quantized else 4) * head + 1 + code / probs.shape[0]
 
 
 def allocated_draws(probs: torch.Tensor, head: int, draws: int, block: int) -> torch.Tensor:
@@ -129,7 +144,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         own = allocated_draws(probs, head, draws, block) if allocation == "adaptive" else draws
         error = target_error(probs, head, own, scheme, quantized)
         rows.append({"head": head, "draws": draws, "scheme": scheme, "head_in_8_bits": quantized,
-                     "allocation": allocation, "bytes_per_token": layout_bytes(head, draws, quantized, allocation),
+                     "allocation": allocation,
+                     "bytes_per_token": coded_bytes(probs, head, draws, scheme, quantized, block)
+                     if allocation == "adaptive" else layout_bytes(head, draws, quantized),
                      "mean_squared_error": error.mean().item()})  # fmt: skip
     results = {"tokens": probs.shape[0], "recipe": str(RECIPE.relative_to(ROOT)), "layouts": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

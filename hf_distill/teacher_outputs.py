@@ -28,6 +28,9 @@ TEACHER_HEAD_QUANTA = "teacher_head_quanta"  # the head's probabilities in 8 bit
 # Each token's count of a row's pooled draws (sample_allocation: adaptive); the collator regroups them per token
 # (hf_distill.vocab_losses.regroup_draws), so no batch carries it.
 TEACHER_SAMPLE_LENGTHS = "teacher_sample_lengths"
+# Those pooled draws as stored: one Rice code a row (hf_distill.draw_code), decoded by the collator into
+# TEACHER_SAMPLE_IDS; a dataset holding it is read as the "sampled" source.
+TEACHER_SAMPLE_CODE = "teacher_sample_code"
 
 # Where the teacher's outputs come from -> the batch columns that hold them (none: the teacher runs).
 # In order of precedence: a dataset holding several caches is read as the first one listed.
@@ -44,6 +47,7 @@ _SAMPLED_EXTRAS = (
     TEACHER_HEAD_PROBS,
     TEACHER_HEAD_QUANTA,
     TEACHER_SAMPLE_LENGTHS,
+    TEACHER_SAMPLE_CODE,
 )
 # Every precomputed column; and of those, the columns of integers (vocabulary ids and counts).
 TEACHER_LOGIT_COLUMNS = (
@@ -114,6 +118,7 @@ _FIELD_OF = {
 def teacher_source_of(columns: Iterable[str]) -> str | None:
     """The precomputed source whose columns are all in ``columns`` (first in precedence), else None."""
     present = set(columns)
+    present |= {TEACHER_SAMPLE_IDS} if TEACHER_SAMPLE_CODE in present else set()  # decoded by the collator
     for source, needed in TEACHER_SOURCES.items():
         if set(needed) <= present:
             return source

@@ -256,7 +256,7 @@ def test_one_pass_computes_only_the_formats_missing(tmp_path):
     assert set(both["head"].column_names) > {"teacher_head_ids", "teacher_head_probs", "teacher_sample_ids"}
 
 
-def test_only_caches_an_older_reader_would_misread_are_format_3_4_or_5(tmp_path, monkeypatch):
+def test_only_caches_an_older_reader_would_misread_are_format_3_to_6(tmp_path, monkeypatch):
     dataset, teacher = random_classification_dataset(8, seed=6), _gpt2(1)
     names = ("topk", "sampled", "head", "tempered", "head, draws", "head, systematic draws", "head in 8 bits, draws",
              "head in 8 bits, adaptive draws")
@@ -265,7 +265,7 @@ def test_only_caches_an_older_reader_would_misread_are_format_3_4_or_5(tmp_path,
     # plain caches keep their keys; systematic draws have the columns of iid ones; a head in 8 bits is format 4
     assert versions == {"topk": 2, "sampled": 2, "head": 3, "tempered": 3, "head, draws": 3,
                         "head, systematic draws": 3, "head in 8 bits, draws": 4,
-                        "head in 8 bits, adaptive draws": 5}  # fmt: skip
+                        "head in 8 bits, adaptive draws": 6}  # fmt: skip
     for name in names:
         assert load_teacher_cache(cache_paths(tmp_path, read_provenance(out[name])["key"])[0]).num_rows == 8
     # a reader of format 2 only (hf-distill before exact heads) reads the plain caches and refuses the others
@@ -283,7 +283,11 @@ def test_only_caches_an_older_reader_would_misread_are_format_3_4_or_5(tmp_path,
     # a reader of formats 2 to 4 (before allocated draws) refuses pooled draws it would misread
     monkeypatch.setattr(precompute_module, "READABLE_FORMAT_VERSIONS", (2, 3, 4))
     load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head in 8 bits, draws"])["key"])[0])
-    with pytest.raises(ValueError, match=r"^Teacher cache format 5 but this hf-distill reads formats 2, 3, 4: rebuild"):
+    with pytest.raises(ValueError, match=r"^Teacher cache format 6 but this hf-distill reads formats 2, 3, 4: rebuild"):
+        load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head in 8 bits, adaptive draws"])["key"])[0])
+    # a reader of formats 2 to 5 (pooled draws as uint16 ids) refuses the Rice code it cannot read
+    monkeypatch.setattr(precompute_module, "READABLE_FORMAT_VERSIONS", (2, 3, 4, 5))
+    with pytest.raises(ValueError, match=r"^Teacher cache format 6 but this hf-distill reads formats 2, 3, 4, 5: "):
         load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head in 8 bits, adaptive draws"])["key"])[0])
 
 
@@ -742,13 +746,15 @@ def test_a_head_in_8_bits_saves_a_byte_a_head_token_and_is_format_4(tmp_path):
         precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, num_samples=4, sample_head_quantized=True)
 
 
-def test_adaptive_draws_are_pooled_a_byte_a_token_more_and_format_5(tmp_path):
-    """``sample_allocation="adaptive"``: each row's ``n L`` draws in ``teacher_sample_ids`` ``[L, n]`` with each
-    token's count in uint8 ``teacher_sample_lengths`` ``[L, 1]``, summing to ``n L`` a row and at least 1 each;
-    the same head as the even cache of the same seed; one byte a token more; format 5 and its own key; the
+def test_adaptive_draws_are_pooled_in_a_rice_code_and_format_6(tmp_path):
+    """``sample_allocation="adaptive"``: each row's ``n L`` draws in one Rice code a row, ``teacher_sample_code``
+    (uint8), with each token's count in uint8 ``teacher_sample_lengths`` ``[L, 1]``, summing to ``n L`` a row and
+    at least 1 each; the same head as the even cache of the same seed; the code in fewer bytes than the even
+    cache's uint16 draws (its size is the code's and the counts' bytes, exactly); format 6 and its own key; the
     collator gives each token its own draws, every one a token its teacher gives probability. With counts, or an
     unknown allocation, it is refused in one line."""
     from hf_distill import DistillationDataCollator
+    from hf_distill.draw_code import decode_draws
 
     dataset, teacher = random_classification_dataset(10, seed=7), _gpt2(1)
     with torch.no_grad():  # sharper logits: tokens whose tails differ, so their shares differ
@@ -758,21 +764,28 @@ def test_adaptive_draws_are_pooled_a_byte_a_token_more_and_format_5(tmp_path):
         teacher, dataset, {"even": spec, "adaptive": {**spec, "sample_allocation": "adaptive"}}, cache_dir=tmp_path
     )
     even, adaptive = read_provenance(out["even"]), read_provenance(out["adaptive"])
+    assert "teacher_sample_ids" not in out["adaptive"].column_names
     assert out["adaptive"].features["teacher_sample_lengths"].feature.feature.dtype == "uint8"
+    assert out["adaptive"].features["teacher_sample_code"].feature.dtype == "uint8"
     assert out["adaptive"]["teacher_head_ids"] == out["even"]["teacher_head_ids"]
-    for row, lengths in zip(out["adaptive"]["teacher_sample_ids"], out["adaptive"]["teacher_sample_lengths"],
-                            strict=True):  # fmt: skip
-        assert len(lengths) == len(row) and sum(x for [x] in lengths) == 6 * len(row) and min(lengths) >= [1]
+    vocab = teacher.config.vocab_size
+    for code, lengths in zip(out["adaptive"]["teacher_sample_code"], out["adaptive"]["teacher_sample_lengths"],
+                             strict=True):  # fmt: skip
+        assert sum(x for [x] in lengths) == 6 * len(lengths) and min(lengths) >= [1]
+        assert 0 <= decode_draws(np.array(code, dtype=np.uint8), np.array(lengths)).max() < vocab
     assert len({x for rows in out["adaptive"]["teacher_sample_lengths"] for [x] in rows}) > 1  # not even
-    tokens = sum(len(row) for row in out["adaptive"]["teacher_sample_ids"])
-    rows = len(out["adaptive"])  # the counts: 1 byte a token, and their column's int32 offset a row
-    assert adaptive["teacher_bytes"] - even["teacher_bytes"] == tokens + 4 * rows
-    assert (adaptive["format_version"], even["format_version"]) == (5, 3) and adaptive["key"] != even["key"]
+    tokens = sum(len(row) for row in out["adaptive"]["teacher_sample_lengths"])
+    rows, code_bytes = len(out["adaptive"]), sum(len(code) for code in out["adaptive"]["teacher_sample_code"])
+    assert code_bytes < 2 * 6 * tokens  # fewer bytes than the uint16 draws
+    # the even cache's draws (uint16) against the code and the counts (1 byte a token), each an int32 offset a row
+    assert adaptive["teacher_bytes"] - even["teacher_bytes"] == code_bytes + 4 * rows + tokens + 4 * rows - (
+        2 * 6 * tokens + 4 * rows)
+    assert (adaptive["format_version"], even["format_version"]) == (6, 3) and adaptive["key"] != even["key"]
     assert adaptive["sampling"]["allocation"] == "adaptive" and "allocation" not in even["sampling"]
     features = [{k: v for k, v in out["adaptive"][i].items() if k.startswith("teacher_")} for i in range(2)]
     width = max(len(f["teacher_head_ids"]) for f in features)  # rows of two lengths, padded to the longer
     batch = DistillationDataCollator()([{"input_ids": [1] * width, **f} for f in features])
-    assert "teacher_sample_lengths" not in batch
+    assert "teacher_sample_lengths" not in batch and "teacher_sample_code" not in batch
     counts = batch["teacher_sample_counts"]
     for i, feature in enumerate(features):
         assert counts[i].sum(-1)[: len(feature["teacher_head_ids"])].tolist() == [x for [x] in
@@ -780,6 +793,9 @@ def test_adaptive_draws_are_pooled_a_byte_a_token_more_and_format_5(tmp_path):
     logits = teacher(input_ids=torch.tensor([dataset[0]["input_ids"]])).logits[0]
     probs = torch.softmax(logits.float(), -1).gather(-1, batch["teacher_sample_ids"][0][: logits.shape[0]])
     assert (probs[counts[0][: logits.shape[0]] > 0] > 0).all()
+    cut = dict(features[0], teacher_sample_code=features[0]["teacher_sample_code"][:-3])
+    with pytest.raises(ValueError, match=r"^An RS-KD draw code of \d+ bytes does not hold the \d+ draws"):
+        DistillationDataCollator()([{"input_ids": [1] * width, **cut}])
     with pytest.raises(ValueError, match=r"^sample_allocation: adaptive stores each token's draws .* set sample_counts"):
         precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, num_samples=4, sample_allocation="adaptive")
     with pytest.raises(ValueError, match=r"^sample_allocation must be one of even, adaptive .*got 'fair'"):

@@ -248,7 +248,8 @@ class DistillLMArguments:
         metadata={
             "help": "How a block's num_samples x L draws are shared among its tokens: even (num_samples each) or "
             "adaptive (in proportion to each token's tail mass and spread, at least 1: least error for the same "
-            "bytes, plus 1 byte a token for its count). Needs sample_counts false.",
+            "draws, plus 1 byte a token for its count; stored in a Rice code, about 12 bits a draw instead of 16). "
+            "Needs sample_counts false.",
             "choices": list(DRAW_ALLOCATIONS),
         },
     )

@@ -78,7 +78,8 @@ def _plan(prepared: Prepared, script, args: DistillationConfig, blocks: dict[str
             if mode == "sampled" and not script.sample_counts:
                 size += " (the draws stored themselves, without counts)"
             if mode == "sampled" and script.sample_allocation != "even":
-                size += f" ({script.sample_allocation}: a block's draws shared by need, {script.num_samples} a token on average)"
+                size += (f" ({script.sample_allocation}: a block's draws shared by need, {script.num_samples} a token on "
+                         "average, Rice-coded)")  # fmt: skip
             lines.append(
                 f"hf_distill: plan: cache the teacher's {size} per token (reused when cached before)"
             )

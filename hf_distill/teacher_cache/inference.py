@@ -18,6 +18,7 @@ from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from torch import nn
 
 from .. import tasks
+from ..draw_code import encode_draws
 from ..errors import InputError
 from ..ragged import (
     BatchLayout,
@@ -27,7 +28,7 @@ from ..ragged import (
     lists_of_fixed_size_lists,
     longest_first,
 )
-from ..tasks import output_logits
+from ..tasks import base_model, output_logits
 from ..vocab_losses import quantize_probs, sample_sparse_target
 from .key import AUTOCAST_DTYPES
 from .storage import format_columns
@@ -137,7 +138,24 @@ class _TeacherLogits:
             self._collect(pending, out)
         if self.task == tasks.SEQUENCE_CLASSIFICATION:
             return {key: fixed_size_lists(values) for key, values in out.items()}
-        return {key: lists_of_fixed_size_lists(values, offsets) for key, values in out.items()}
+        arrays = {}
+        for key, values in out.items():  # a row's pooled draws (with their tokens' counts): one code a row
+            lengths = key.removesuffix("teacher_sample_ids") + "teacher_sample_lengths"
+            if key.endswith("teacher_sample_ids") and lengths in out:
+                arrays[key.removesuffix("_ids") + "_code"] = self._code(values, out[lengths], offsets)
+            else:
+                arrays[key] = lists_of_fixed_size_lists(values, offsets)
+        return arrays
+
+    def _code(self, pooled: np.ndarray, lengths: np.ndarray, offsets: np.ndarray) -> pa.Array:
+        """Each row's pooled draws (``pooled`` ``(tokens, n)``, token after token) as its Rice code
+        (:func:`~hf_distill.draw_code.encode_draws`): one uint8 list a row, stored as ``teacher_sample_code``."""
+        vocab_size = max(int(base_model(self.teacher).config.vocab_size), int(pooled.max(initial=0)) + 1)
+        rows = [encode_draws(pooled[start:stop].reshape(-1), lengths[start:stop], vocab_size)
+                for start, stop in zip(offsets[:-1], offsets[1:], strict=True)]  # fmt: skip
+        ends = np.cumsum([0] + [row.size for row in rows]).astype(np.int32)
+        values = np.concatenate(rows) if rows else np.zeros(0, np.uint8)
+        return pa.ListArray.from_arrays(pa.array(ends), pa.array(values, type=pa.uint8()))
 
     def _allocate(self, rows: int, tokens: int) -> dict[str, np.ndarray]:
         """The window's outputs in its original order: one row per example or per token."""

@@ -53,6 +53,7 @@ from .storage import (
     check_finite_logits,
     format_columns,
     provenance_shards,
+    stored_columns,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,8 +158,9 @@ def precompute_teacher_logits(
             draws a token; ``"adaptive"``, each row's ``num_samples * L`` draws shared among its tokens in
             proportion to ``m_t sqrt(1 - ||q_t||^2)`` (tail mass and spread; at least 1, at most 255 each:
             :func:`hf_distill.vocab_losses.allocate_draws`), which minimises the row's summed error of iid
-            draws. Stored pooled in ``teacher_sample_ids`` ``[L, num_samples]`` with each token's count in
-            ``teacher_sample_lengths`` ``[L, 1]`` (uint8): 1 byte a token more. Cache format 5.
+            draws. Stored pooled, one Rice code a row (``teacher_sample_code``, uint8, about 12 bits a draw
+            instead of 16: :mod:`hf_distill.draw_code`), with each token's count in
+            ``teacher_sample_lengths`` ``[L, 1]`` (uint8). Cache format 6.
         autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run the teacher under ``torch.autocast``.
         max_batch_tokens: padded tokens per forward pass (rows times longest row); default
             :func:`default_batch_tokens` of the teacher's logits per token (its vocabulary for a
@@ -290,7 +292,8 @@ def precompute_teacher_caches(
     columns = next(iter(requests.values()))["input_columns"]
     pad_token_id = (tokenizer.pad_token_id if tokenizer is not None else None) or 0
     teacher_columns = {
-        key: format_columns(teacher, task, dtype, c["top_k"], c["sampling"]) for key, c in requests.items()
+        key: stored_columns(format_columns(teacher, task, dtype, c["top_k"], c["sampling"]))
+        for key, c in requests.items()
     }
     computers: dict[tuple[str, ...], _TeacherLogits] = {}  # kept, so each keeps its out-of-memory budget
 

@@ -62,12 +62,23 @@ def format_columns(
     return {"teacher_logits": (dtype, 2 if task == tasks.QUESTION_ANSWERING else config.num_labels)}
 
 
-def _features(dataset: Dataset, task: str, columns: Mapping[str, tuple[str, int]]):
-    """``dataset``'s features with the teacher ``columns`` (:func:`format_columns`) added."""
+def stored_columns(columns: Mapping[str, tuple[str, int]]) -> dict[str, tuple[str, int | None]]:
+    """The columns a cache stores for the drawn ``columns`` (:func:`format_columns`): the same, except that a
+    row's pooled draws (with ``teacher_sample_lengths``) are stored as one Rice code a row,
+    ``teacher_sample_code`` (uint8, of any length: width None; :mod:`hf_distill.draw_code`)."""
+    if "teacher_sample_lengths" not in columns:
+        return dict(columns)
+    return {("teacher_sample_code" if name == "teacher_sample_ids" else name):
+            (("uint8", None) if name == "teacher_sample_ids" else spec) for name, spec in columns.items()}  # fmt: skip
+
+
+def _features(dataset: Dataset, task: str, columns: Mapping[str, tuple[str, int | None]]):
+    """``dataset``'s features with the teacher ``columns`` (:func:`stored_columns`) added: per token a list of
+    ``width`` values, or per example one list of any length (width None)."""
     features = dataset.features.copy()
     for name, (dtype, width) in columns.items():
-        row = List(Value(dtype), length=width)
-        features[name] = row if task == tasks.SEQUENCE_CLASSIFICATION else List(row)
+        row = List(Value(dtype), length=-1 if width is None else width)
+        features[name] = row if task == tasks.SEQUENCE_CLASSIFICATION or width is None else List(row)
     return features
 
 
@@ -167,7 +178,8 @@ def _storage_size(dataset: Dataset, task: str) -> dict[str, float]:
     total = sum(dataset.data.column(c).nbytes for c in columns)
     size = {"teacher_bytes": total, "bytes_per_example": total / max(len(dataset), 1)}
     if task != tasks.SEQUENCE_CLASSIFICATION:
-        tokens = pc.sum(pc.list_value_length(dataset.data.column(columns[0]))).as_py()
+        per_token = [c for c in columns if c != "teacher_sample_code"]  # the code: one list a row
+        tokens = pc.sum(pc.list_value_length(dataset.data.column(per_token[0]))).as_py()
         size["bytes_per_token"] = total / max(tokens, 1)
     return size
 
