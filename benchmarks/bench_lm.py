@@ -181,7 +181,7 @@ def _gkd_worker(
     import torch
     from transformers import TrainerCallback, default_data_collator
 
-    from hf_distill import DistillationConfig, DistillationTrainer, build_student
+    from hf_distill import DistillationConfig, DistillationDataCollator, DistillationTrainer, build_student
     from hf_distill.language_modeling import LMRecipeParser
     from hf_distill.language_modeling.data import load_corpus, pack
     from hf_distill.language_modeling.run import cache_formats
@@ -249,9 +249,9 @@ def _gkd_worker(
             "alpha": 0.0 if variant == "CE only" else recipe_args.alpha, "beta": 1.0 if variant == "CE only" else recipe_args.beta}  # fmt: skip
         config = DistillationConfig(**common, **weights, temperature=1.0, kd_loss="kl")
         live = variant in (GKD_TWIN, "KD, live teacher", "CE only")
-        trainer = DistillationTrainer(
+        trainer = DistillationTrainer(  # the library's collator: an adaptive cache's draws decoded and regrouped
             model=student, teacher_model=teacher.model if live else None, args=config, train_dataset=blocks,
-            processing_class=teacher.tokenizer, data_collator=default_data_collator, callbacks=[timer],
+            processing_class=teacher.tokenizer, data_collator=DistillationDataCollator(), callbacks=[timer],
         )  # fmt: skip
     torch.manual_seed(0)
     trainer.train()
