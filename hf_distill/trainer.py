@@ -50,6 +50,8 @@ from .teacher_cache import check_finite_logits
 from .teacher_outputs import (
     LIVE,
     TEACHER_LOGIT_COLUMNS,
+    TEACHER_SAMPLE_CODE,
+    TEACHER_SAMPLE_LENGTHS,
     TeacherOutput,
     read_teacher_outputs,
 )
@@ -220,6 +222,14 @@ class DistillationTrainer(Trainer):
         check_vocab_slices(deepspeed_config(args), args.lm_vocab_slices)
         self.rollouts = choose_rollouts(args, self.spec, self.loss_path.teacher, columns, processing_class)
         if data_collator is not None:
+            pooled = {TEACHER_SAMPLE_CODE, TEACHER_SAMPLE_LENGTHS} & set(columns or ())
+            if pooled and not isinstance(data_collator, DistillationDataCollator):
+                raise InputError(
+                    f"The training dataset holds an adaptive RS-KD cache ({', '.join(sorted(pooled))}: each block's "
+                    f"draws pooled), which only DistillationDataCollator gives back token by token, but data_collator "
+                    f"is {getattr(data_collator, '__name__', type(data_collator).__name__)}: pass "
+                    "DistillationDataCollator(tokenizer), or none."
+                )
             return data_collator
         if self.rollouts is not None:
             return InstructionDataCollator(self.rollouts.pad_token_id)

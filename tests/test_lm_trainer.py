@@ -389,3 +389,14 @@ def test_adaptive_draws_train_on_each_tokens_own_draws(tmp_path, head):
         targets.append(torch.zeros(*ids.shape[:-1], VOCAB).scatter_add_(-1, ids, normalised(weights)))
     torch.testing.assert_close(targets[0], targets[1])
     assert (targets[2] - targets[0]).abs().amax() > 0.01  # each token given its neighbours' draws
+    # a collator that would not regroup them (the Trainer's default_data_collator) is refused in one line
+    from transformers import default_data_collator
+
+    from hf_distill.errors import InputError
+
+    with pytest.raises(InputError, match=r"^The training dataset holds an adaptive RS-KD cache \(teacher_sample_code, "
+                                         r"teacher_sample_lengths: .* but data_collator is default_data_collator: pass Distil"):
+        DistillationTrainer(model=student, args=config(tmp_path, temperature=1.5), train_dataset=pooled,
+                            data_collator=default_data_collator)  # fmt: skip
+    DistillationTrainer(model=student, args=config(tmp_path, temperature=1.5), train_dataset=pooled,
+                        data_collator=DistillationDataCollator())  # fmt: skip
