@@ -793,6 +793,12 @@ def test_adaptive_draws_are_pooled_in_a_rice_code_and_format_6(tmp_path):
     logits = teacher(input_ids=torch.tensor([dataset[0]["input_ids"]])).logits[0]
     probs = torch.softmax(logits.float(), -1).gather(-1, batch["teacher_sample_ids"][0][: logits.shape[0]])
     assert (probs[counts[0][: logits.shape[0]] > 0] > 0).all()
+    # a format-5 row (the same pooled draws as uint16 ids, [L, n]) is read to the same batch
+    as_ids = [{k: v for k, v in f.items() if k != "teacher_sample_code"} | {"teacher_sample_ids": decode_draws(
+        np.array(f["teacher_sample_code"], dtype=np.uint8), np.array(f["teacher_sample_lengths"])).reshape(-1, 6).tolist()}
+        for f in features]  # fmt: skip
+    old = DistillationDataCollator()([{"input_ids": [1] * width, **f} for f in as_ids])
+    assert old.keys() == batch.keys() and all(torch.equal(old[k], batch[k]) for k in batch)
     cut = dict(features[0], teacher_sample_code=features[0]["teacher_sample_code"][:-3])
     with pytest.raises(ValueError, match=r"^An RS-KD draw code of \d+ bytes does not hold the \d+ draws"):
         DistillationDataCollator()([{"input_ids": [1] * width, **cut}])
