@@ -31,7 +31,7 @@ from ..ragged import (
 from ..tasks import base_model, output_logits
 from ..vocab_losses import quantize_probs, sample_sparse_target
 from .key import AUTOCAST_DTYPES
-from .storage import format_columns
+from .storage import format_columns, stored_columns
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +81,15 @@ class _TeacherLogits:
             prefix: (spec.get("top_k"), dict(spec["sampling"]) if spec.get("sampling") else None)
             for prefix, spec in formats.items()
         }
-        # prefix + column name -> (stored dtype, values per token or example)
-        self.outputs = {
-            prefix + name: (np.dtype(stored), width)
-            for prefix, (top_k, sampling) in self.formats.items()
-            for name, (stored, width) in format_columns(teacher, task, dtype, top_k, sampling).items()
-        }
+        # prefix + column name -> (stored dtype, values per token or example), as drawn; and the drawn columns that
+        # are stored otherwise (stored_columns): pooled draws -> (their code's column, their tokens' counts' column)
+        self.outputs, self.coded = {}, {}
+        for prefix, (top_k, sampling) in self.formats.items():
+            drawn = format_columns(teacher, task, dtype, top_k, sampling)
+            self.outputs |= {prefix + name: (np.dtype(stored), width) for name, (stored, width) in drawn.items()}
+            if "teacher_sample_code" in stored_columns(drawn):
+                self.coded[prefix + "teacher_sample_ids"] = (prefix + "teacher_sample_code",
+                                                             prefix + "teacher_sample_lengths")  # fmt: skip
         self.torch_dtype = getattr(torch, dtype)
         self.autocast_dtype = AUTOCAST_DTYPES.get(autocast_dtype) if autocast_dtype else None
         self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
@@ -139,10 +142,10 @@ class _TeacherLogits:
         if self.task == tasks.SEQUENCE_CLASSIFICATION:
             return {key: fixed_size_lists(values) for key, values in out.items()}
         arrays = {}
-        for key, values in out.items():  # a row's pooled draws (with their tokens' counts): one code a row
-            lengths = key.removesuffix("teacher_sample_ids") + "teacher_sample_lengths"
-            if key.endswith("teacher_sample_ids") and lengths in out:
-                arrays[key.removesuffix("_ids") + "_code"] = self._code(values, out[lengths], offsets)
+        for key, values in out.items():
+            if key in self.coded:  # a row's pooled draws (with their tokens' counts): one code a row
+                code, lengths = self.coded[key]
+                arrays[code] = self._code(values, out[lengths], offsets)
             else:
                 arrays[key] = lists_of_fixed_size_lists(values, offsets)
         return arrays
