@@ -20,7 +20,7 @@ token), and the same formulas hold with ``n_t``.
 The gradient of the KD loss with respect to the student's logits is ``p_s - t``, so this is the noise the sparse
 teacher adds to it, token by token. Bytes per token: 4 per float16 head token (uint16 id + float16), 3 in 8 bits,
 2 per draw stored as itself (``sample_counts: false``); an adaptive allocation's draws as the cache stores them, in
-a Rice code (measured on the library's own draws), and 1 for each token's count.
+their interpolative code (measured on the library's own draws), and 1 for each token's count.
 
     python benchmarks/bench_rskd_variance.py --blocks 8
 
@@ -58,6 +58,7 @@ LAYOUTS = [
     (3, 14, "iid", True, "adaptive"),
     (3, 14, "systematic", True, "adaptive"),
     (3, 19, "systematic", True, "adaptive"),
+    (3, 23, "systematic", True, "adaptive"),
     (3, 255, "iid", False, "even"),
 ]
 
@@ -69,7 +70,7 @@ def layout_bytes(head: int, draws: int, quantized: bool) -> int:
 
 def coded_bytes(probs: torch.Tensor, head: int, draws: int, scheme: str, quantized: bool, block: int) -> float:
     """Bytes per token of an adaptive layout, without the lists' offsets, as the cache stores it: ``(3 or 4) h``,
-    1 for each token's count, and each block's draws in their Rice code (:func:`hf_distill.draw_code.encode_draws`)
+    1 for each token's count, and each block's draws in their code (:func:`hf_distill.draw_code.encode_draws`)
     with its header, the draws made by the library (seed 0) from ``probs``."""
     generator, code = torch.Generator().manual_seed(0), 0
     for i in range(0, probs.shape[0], block):

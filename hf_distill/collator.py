@@ -56,7 +56,7 @@ class DistillationDataCollator:
       ``(B, L, n)`` (ids and counts as int64; ``teacher_sample_weights`` in the counts' place from a
       tempered proposal), with ``teacher_head_ids`` / ``teacher_head_probs`` ``(B, L, h)`` for an RS-KD
       cache with an exact head. An RS-KD cache whose draws are allocated among a row's tokens (pooled, with
-      ``teacher_sample_lengths``, and stored as one Rice code a row, ``teacher_sample_code``) is decoded and
+      ``teacher_sample_lengths``, and stored as one code a row, ``teacher_sample_code``) is decoded and
       regrouped first: each token's draws ``(B, L, n_max)`` with counts of 1, and 0 in the padding slots.
 
     Without a ``base_collator``: ``DataCollatorForTokenClassification`` when the labels are lists,
@@ -105,13 +105,13 @@ class DistillationDataCollator:
 def _regroup_pooled_draws(features: list[dict[str, Any]]) -> None:
     """Each example's pooled RS-KD draws and per-token counts (``sample_allocation: adaptive``) in place, as
     ``teacher_sample_ids`` and ``teacher_sample_counts`` ``(L, n_max)`` per token (:func:`regroup_draws`), one
-    width for the batch; draws stored as a Rice code (``teacher_sample_code``) are decoded first
+    width for the batch; draws stored as a code (``teacher_sample_code``) are decoded first
     (:func:`~hf_distill.draw_code.decode_draws`)."""
     lengths = [torch.as_tensor(f.pop(TEACHER_SAMPLE_LENGTHS)).reshape(-1).long() for f in features]
     width = max([int(own.max()) for own in lengths if own.numel()], default=1)
     for feature, own in zip(features, lengths, strict=True):
         try:
-            if TEACHER_SAMPLE_CODE in feature:  # the draws as stored: one Rice code a row
+            if TEACHER_SAMPLE_CODE in feature:  # the draws as stored: one code a row
                 draws = decode_draws(np.asarray(feature.pop(TEACHER_SAMPLE_CODE)), own.numpy())
                 feature[TEACHER_SAMPLE_IDS] = draws.reshape(own.numel(), -1) if own.numel() else draws
             ids, counts = regroup_draws(torch.as_tensor(feature[TEACHER_SAMPLE_IDS]).long(), own, width)

@@ -28,7 +28,7 @@ TEACHER_HEAD_QUANTA = "teacher_head_quanta"  # the head's probabilities in 8 bit
 # Each token's count of a row's pooled draws (sample_allocation: adaptive); the collator regroups them per token
 # (hf_distill.vocab_losses.regroup_draws), so no batch carries it.
 TEACHER_SAMPLE_LENGTHS = "teacher_sample_lengths"
-# Those pooled draws as stored: one Rice code a row (hf_distill.draw_code), decoded by the collator into
+# Those pooled draws as stored: one code a row (hf_distill.draw_code), decoded by the collator into
 # TEACHER_SAMPLE_IDS; a dataset holding it is read as the "sampled" source.
 TEACHER_SAMPLE_CODE = "teacher_sample_code"
 

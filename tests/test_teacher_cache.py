@@ -265,7 +265,7 @@ def test_only_caches_an_older_reader_would_misread_are_format_3_to_6(tmp_path, m
     # plain caches keep their keys; systematic draws have the columns of iid ones; a head in 8 bits is format 4
     assert versions == {"topk": 2, "sampled": 2, "head": 3, "tempered": 3, "head, draws": 3,
                         "head, systematic draws": 3, "head in 8 bits, draws": 4,
-                        "head in 8 bits, adaptive draws": 6}  # fmt: skip
+                        "head in 8 bits, adaptive draws": 7}  # fmt: skip
     for name in names:
         assert load_teacher_cache(cache_paths(tmp_path, read_provenance(out[name])["key"])[0]).num_rows == 8
     # a reader of format 2 only (hf-distill before exact heads) reads the plain caches and refuses the others
@@ -283,12 +283,13 @@ def test_only_caches_an_older_reader_would_misread_are_format_3_to_6(tmp_path, m
     # a reader of formats 2 to 4 (before allocated draws) refuses pooled draws it would misread
     monkeypatch.setattr(precompute_module, "READABLE_FORMAT_VERSIONS", (2, 3, 4))
     load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head in 8 bits, draws"])["key"])[0])
-    with pytest.raises(ValueError, match=r"^Teacher cache format 6 but this hf-distill reads formats 2, 3, 4: rebuild"):
+    with pytest.raises(ValueError, match=r"^Teacher cache format 7 but this hf-distill reads formats 2, 3, 4: rebuild"):
         load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head in 8 bits, adaptive draws"])["key"])[0])
-    # a reader of formats 2 to 5 (pooled draws as uint16 ids) refuses the Rice code it cannot read
-    monkeypatch.setattr(precompute_module, "READABLE_FORMAT_VERSIONS", (2, 3, 4, 5))
-    with pytest.raises(ValueError, match=r"^Teacher cache format 6 but this hf-distill reads formats 2, 3, 4, 5: "):
-        load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head in 8 bits, adaptive draws"])["key"])[0])
+    # readers of formats 2 to 5 (pooled draws as uint16 ids) and 2 to 6 (a Rice code) refuse the interpolative code
+    for readable in [(2, 3, 4, 5), (2, 3, 4, 5, 6)]:
+        monkeypatch.setattr(precompute_module, "READABLE_FORMAT_VERSIONS", readable)
+        with pytest.raises(ValueError, match=rf"^Teacher cache format 7 but this hf-distill reads formats {', '.join(map(str, readable))}: "):
+            load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head in 8 bits, adaptive draws"])["key"])[0])
 
 
 def test_one_pass_in_memory_equals_each_format_alone():
@@ -746,15 +747,16 @@ def test_a_head_in_8_bits_saves_a_byte_a_head_token_and_is_format_4(tmp_path):
         precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, num_samples=4, sample_head_quantized=True)
 
 
-def test_adaptive_draws_are_pooled_in_a_rice_code_and_format_6(tmp_path):
-    """``sample_allocation="adaptive"``: each row's ``n L`` draws in one Rice code a row, ``teacher_sample_code``
+def test_adaptive_draws_are_pooled_in_one_code_a_row_and_format_7(tmp_path):
+    """``sample_allocation="adaptive"``: each row's ``n L`` draws in one interpolative code a row, ``teacher_sample_code``
     (uint8), with each token's count in uint8 ``teacher_sample_lengths`` ``[L, 1]``, summing to ``n L`` a row and
     at least 1 each; the same head as the even cache of the same seed; the code in fewer bytes than the even
-    cache's uint16 draws (its size is the code's and the counts' bytes, exactly); format 6 and its own key; the
-    collator gives each token its own draws, every one a token its teacher gives probability. With counts, or an
+    cache's uint16 draws (its size is the code's and the counts' bytes, exactly); format 7 and its own key; the
+    collator gives each token its own draws, every one a token its teacher gives probability, and reads a format-5
+    row (uint16 draws) and a format-6 row (a Rice code) of the same draws to the same batch. With counts, or an
     unknown allocation, it is refused in one line."""
     from hf_distill import DistillationDataCollator
-    from hf_distill.draw_code import decode_draws
+    from hf_distill.draw_code import decode_draws, encode_draws
 
     dataset, teacher = random_classification_dataset(10, seed=7), _gpt2(1)
     with torch.no_grad():  # sharper logits: tokens whose tails differ, so their shares differ
@@ -780,7 +782,7 @@ def test_adaptive_draws_are_pooled_in_a_rice_code_and_format_6(tmp_path):
     # the even cache's draws (uint16) against the code and the counts (1 byte a token), each an int32 offset a row
     assert adaptive["teacher_bytes"] - even["teacher_bytes"] == code_bytes + 4 * rows + tokens + 4 * rows - (
         2 * 6 * tokens + 4 * rows)
-    assert (adaptive["format_version"], even["format_version"]) == (6, 3) and adaptive["key"] != even["key"]
+    assert (adaptive["format_version"], even["format_version"]) == (7, 3) and adaptive["key"] != even["key"]
     assert adaptive["sampling"]["allocation"] == "adaptive" and "allocation" not in even["sampling"]
     features = [{k: v for k, v in out["adaptive"][i].items() if k.startswith("teacher_")} for i in range(2)]
     width = max(len(f["teacher_head_ids"]) for f in features)  # rows of two lengths, padded to the longer
@@ -799,6 +801,12 @@ def test_adaptive_draws_are_pooled_in_a_rice_code_and_format_6(tmp_path):
         for f in features]  # fmt: skip
     old = DistillationDataCollator()([{"input_ids": [1] * width, **f} for f in as_ids])
     assert old.keys() == batch.keys() and all(torch.equal(old[k], batch[k]) for k in batch)
+    # a format-6 row (the same draws in a Rice code) too
+    as_rice = [dict(f, teacher_sample_code=encode_draws(np.array(g["teacher_sample_ids"]).reshape(-1), np.array(
+        f["teacher_sample_lengths"]), vocab, "rice").tolist()) for f, g in zip(features, as_ids, strict=True)]  # fmt: skip
+    assert as_rice[0]["teacher_sample_code"] != features[0]["teacher_sample_code"]
+    rice = DistillationDataCollator()([{"input_ids": [1] * width, **f} for f in as_rice])
+    assert rice.keys() == batch.keys() and all(torch.equal(rice[k], batch[k]) for k in batch)
     cut = dict(features[0], teacher_sample_code=features[0]["teacher_sample_code"][:-3])
     with pytest.raises(ValueError, match=r"^An RS-KD draw code of \d+ bytes does not hold the \d+ draws"):
         DistillationDataCollator()([{"input_ids": [1] * width, **cut}])

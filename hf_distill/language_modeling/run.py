@@ -79,7 +79,7 @@ def _plan(prepared: Prepared, script, args: DistillationConfig, blocks: dict[str
                 size += " (the draws stored themselves, without counts)"
             if mode == "sampled" and script.sample_allocation != "even":
                 size += (f" ({script.sample_allocation}: a block's draws shared by need, {script.num_samples} a token on "
-                         "average, Rice-coded)")  # fmt: skip
+                         "average, in an interpolative code)")  # fmt: skip
             lines.append(
                 f"hf_distill: plan: cache the teacher's {size} per token (reused when cached before)"
             )

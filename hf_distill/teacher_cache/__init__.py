@@ -19,8 +19,8 @@ the teacher's outputs as columns (the contract of :class:`hf_distill.Distillatio
   with ``sample_head=h`` also ``teacher_head_ids`` + ``teacher_head_probs`` ``[L, h]``, the ``h`` most
   likely tokens kept exactly, the draws coming from the rest
   (:func:`hf_distill.vocab_losses.sample_head_and_tail`); with ``sample_allocation="adaptive"`` the row's
-  ``n L`` draws are shared among its tokens by need and stored pooled, one Rice code a row in
-  ``teacher_sample_code`` (about 12 bits a draw: :mod:`hf_distill.draw_code`), with each token's count in
+  ``n L`` draws are shared among its tokens by need and stored pooled, one code a row in
+  ``teacher_sample_code`` (about 10.3 bits a draw: :mod:`hf_distill.draw_code`), with each token's count in
   ``teacher_sample_lengths`` ``[L, 1]`` (:func:`hf_distill.vocab_losses.allocate_draws`).
 
 ``L`` is each example's own length (``len(input_ids)``): nothing is stored for padding. The

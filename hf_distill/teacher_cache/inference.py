@@ -151,7 +151,7 @@ class _TeacherLogits:
         return arrays
 
     def _code(self, pooled: np.ndarray, lengths: np.ndarray, offsets: np.ndarray) -> pa.Array:
-        """Each row's pooled draws (``pooled`` ``(tokens, n)``, token after token) as its Rice code
+        """Each row's pooled draws (``pooled`` ``(tokens, n)``, token after token) as its code
         (:func:`~hf_distill.draw_code.encode_draws`): one uint8 list a row, stored as ``teacher_sample_code``."""
         vocab_size = max(int(base_model(self.teacher).config.vocab_size), int(pooled.max(initial=0)) + 1)
         rows = [encode_draws(pooled[start:stop].reshape(-1), lengths[start:stop], vocab_size)

@@ -37,10 +37,13 @@ from ..vocab_losses import DRAW_ALLOCATIONS, SAMPLE_SCHEMES
 # 5: RS-KD draws allocated among a row's tokens (teacher_sample_lengths): an older reader would give each token
 #    the pooled draws of its slots, its neighbours' among them.
 # 6: those pooled draws stored as one Rice code a row (teacher_sample_code, hf_distill.draw_code): about 12 bits a
-#    draw instead of 16. Format 5 caches are still read; adaptive caches are written in format 6.
+#    draw instead of 16. Format 5 caches are still read.
+# 7: those pooled draws in a binary interpolative code (the code's header says which): about 10.3 bits a draw. A
+#    format-6 reader would take it for a Rice code. Formats 5 and 6 are still read; adaptive caches are written in
+#    format 7.
 HEAD_QUANTIZED_FORMAT_VERSION = 4
-CACHE_FORMAT_VERSION = 6
-READABLE_FORMAT_VERSIONS = (2, 3, 4, 5, 6)
+CACHE_FORMAT_VERSION = 7
+READABLE_FORMAT_VERSIONS = (2, 3, 4, 5, 6, 7)
 # Stored k for masked and causal LMs when ``top_k`` is not given.
 DEFAULT_TOP_K = 64
 STORAGE_DTYPES = ("float16", "float32")
@@ -241,7 +244,7 @@ def check_allocation(allocation: str, counts: bool) -> None:
 
 
 def format_version(sampling: Mapping[str, Any] | None) -> int:
-    """The cache format of these (resolved) RS-KD settings: 6 with draws allocated by need (Rice-coded); 4 with a head in 8
+    """The cache format of these (resolved) RS-KD settings: 7 with draws allocated by need (in a code); 4 with a head in 8
     bits; 3 with an exact head, a tempered proposal or the draws stored without counts (columns a format-2
     reader cannot read); else 2."""
     if sampling and sampling.get("allocation", "even") != "even":

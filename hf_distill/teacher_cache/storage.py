@@ -64,7 +64,7 @@ def format_columns(
 
 def stored_columns(columns: Mapping[str, tuple[str, int]]) -> dict[str, tuple[str, int | None]]:
     """The columns a cache stores for the drawn ``columns`` (:func:`format_columns`): the same, except that a
-    row's pooled draws (with ``teacher_sample_lengths``) are stored as one Rice code a row,
+    row's pooled draws (with ``teacher_sample_lengths``) are stored as one code a row,
     ``teacher_sample_code`` (uint8, of any length: width None; :mod:`hf_distill.draw_code`)."""
     if "teacher_sample_lengths" not in columns:
         return dict(columns)
