@@ -139,3 +139,14 @@ def test_an_adaptive_allocation_reaches_the_cache_format_and_needs_the_draws_the
     from hf_distill.language_modeling.run import cache_formats
 
     assert cache_formats(script, args)["sampled"]["sample_allocation"] == "adaptive"
+
+
+def test_the_draws_seed_is_the_runs_unless_sample_seed_is_given():
+    from hf_distill.language_modeling.run import cache_formats
+
+    script, args = LMRecipeParser().parse_recipe_and_args(["--seed", "48", "--output_dir", "unused"])[:2]
+    assert cache_formats(script, args)["sampled"]["sample_seed"] == 48
+    script, args = LMRecipeParser().parse_recipe_and_args(
+        ["--seed", "48", "--sample_seed", "7", "--output_dir", "unused"]
+    )[:2]
+    assert (cache_formats(script, args)["sampled"]["sample_seed"], args.seed) == (7, 48)

@@ -211,6 +211,13 @@ class DistillLMArguments:
             "0 for plain RS-KD. At least 0 and below the teacher's vocabulary size."
         },
     )
+    sample_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the RS-KD cache's draws (default: the run's seed, so each seed of a run draws its own "
+            "cache). Set it to vary the draws alone, with the training seed fixed."
+        },
+    )
     sample_proposal_temperature: float = field(
         default=1.0,
         metadata={

@@ -117,11 +117,12 @@ def _row(
 
 def cache_formats(script, args) -> dict[str, dict[str, Any]]:
     """The teacher caches of ``script``'s cached modes (``topk``, ``sampled``) as
-    :func:`~hf_distill.teacher_cache.precompute_teacher_caches` formats: the RS-KD draws at the run's T and seed."""
+    :func:`~hf_distill.teacher_cache.precompute_teacher_caches` formats: the RS-KD draws at the run's T and seed (or ``sample_seed``)."""
     formats = {
         "topk": {"top_k": script.top_k},
         "sampled": {"num_samples": script.num_samples, "sample_temperature": args.temperature,
-                    "sample_seed": args.seed, "sample_head": script.sample_head,
+                    "sample_seed": args.seed if script.sample_seed is None else script.sample_seed,
+                    "sample_head": script.sample_head,
                     "sample_proposal_temperature": script.sample_proposal_temperature,
                     "sample_counts": script.sample_counts, "sample_scheme": script.sample_scheme,
                     "sample_head_quantized": script.sample_head_quantized,
