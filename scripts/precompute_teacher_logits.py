@@ -58,6 +58,7 @@ from hf_distill.config import DistillationConfig
 from hf_distill.errors import InputError
 from hf_distill.teacher_cache import (
     AUTOCAST_DTYPES,
+    SAMPLING_DEFAULTS,
     STORAGE_DTYPES,
     cache_paths,
     precompute_teacher_caches,
@@ -198,17 +199,9 @@ class PrecomputeArguments:
     sort_window: int = field(default=4096, metadata={"help": "Examples sorted by length together."})
 
 
-# The settings that shape the RS-KD draws, and their values when not given.
-SAMPLING_OPTIONS = {
-    "sample_temperature": None,
-    "sample_seed": None,
-    "sample_head": 0,
-    "sample_proposal_temperature": 1.0,
-    "sample_counts": True,
-    "sample_scheme": "iid",
-    "sample_head_quantized": False,
-    "sample_allocation": "even",
-}
+# The settings that shape the RS-KD draws, and their values when not given: the library's, except the temperature and
+# seed, which default to the run's.
+SAMPLING_OPTIONS = SAMPLING_DEFAULTS | {"sample_temperature": None, "sample_seed": None}
 
 
 def check_cache_options(options: PrecomputeArguments, task: str) -> None:

@@ -853,3 +853,24 @@ def test_sampling_refuses_a_non_finite_logit_anywhere(bad):
     dataset = random_classification_dataset(3, seed=2)
     with pytest.raises(InputError, match="NaN or inf, so no tokens can be sampled"):
         precompute_teacher_caches(teacher, dataset, {"sampled": FORMATS["sampled"]}, max_batch_tokens=1024)
+
+
+def test_one_table_holds_the_draws_defaults_for_the_library_and_the_script():
+    """precompute_teacher_logits' arguments, a format of precompute_teacher_caches that leaves a setting out, and the
+    script's flags (but for the temperature and seed, the run's there) all take the draws' defaults from
+    SAMPLING_DEFAULTS: a format spelling every default out draws what one leaving them out draws."""
+    import inspect
+
+    from conftest import load_module
+
+    from hf_distill.teacher_cache import SAMPLING_DEFAULTS
+
+    signature = inspect.signature(precompute_teacher_logits).parameters
+    assert {name: signature[name].default for name in SAMPLING_DEFAULTS} == SAMPLING_DEFAULTS
+    script = load_module("scripts/precompute_teacher_logits.py")
+    assert script.SAMPLING_OPTIONS == SAMPLING_DEFAULTS | {"sample_temperature": None, "sample_seed": None}
+    dataset, teacher = random_classification_dataset(4, seed=3), _gpt2(1)
+    out = precompute_teacher_caches(
+        teacher, dataset, {"bare": {"num_samples": 3}, "spelled": {"num_samples": 3, **SAMPLING_DEFAULTS}}
+    )
+    assert out["bare"]["teacher_sample_ids"] == out["spelled"]["teacher_sample_ids"]

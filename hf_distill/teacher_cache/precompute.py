@@ -205,20 +205,20 @@ def precompute_teacher_logits(
     )["cache"]
 
 
+# The settings that shape the RS-KD draws, and their values when a format leaves them out (the key's sampling
+# fields are these names without "sample_"). All but the temperature and seed need num_samples.
+SAMPLING_DEFAULTS = {
+    "sample_temperature": 1.0,
+    "sample_seed": 0,
+    "sample_head": 0,
+    "sample_proposal_temperature": 1.0,
+    "sample_counts": True,
+    "sample_scheme": "iid",
+    "sample_head_quantized": False,
+    "sample_allocation": "even",
+}
 # What a format of precompute_teacher_caches may set: precompute_teacher_logits' arguments of that name.
-FORMAT_OPTIONS = (
-    "top_k",
-    "num_samples",
-    "sample_temperature",
-    "sample_seed",
-    "sample_head",
-    "sample_proposal_temperature",
-    "sample_counts",
-    "sample_scheme",
-    "sample_head_quantized",
-    "sample_allocation",
-    "expected_key",
-)
+FORMAT_OPTIONS = ("top_k", "num_samples", *SAMPLING_DEFAULTS, "expected_key")
 
 
 def precompute_teacher_caches(
@@ -423,19 +423,15 @@ def _request(teacher, dataset, task, spec, tokenizer, preprocessing, dtype, auto
     top_k, num_samples = spec.get("top_k"), spec.get("num_samples")
     sampling = None
     if num_samples is not None:  # 0 too: refused by the key's range check, never taken as "no sampling"
-        sampling = {"num_samples": num_samples, "temperature": spec.get("sample_temperature", 1.0),
-                    "seed": spec.get("sample_seed", 0), "head": spec.get("sample_head", 0),
-                    "proposal_temperature": spec.get("sample_proposal_temperature", 1.0),
-                    "counts": spec.get("sample_counts", True), "scheme": spec.get("sample_scheme", "iid"),
-                    "head_quantized": spec.get("sample_head_quantized", False),
-                    "allocation": spec.get("sample_allocation", "even")}  # fmt: skip
-    elif (spec.get("sample_head") or spec.get("sample_proposal_temperature", 1.0) != 1.0
-          or not spec.get("sample_counts", True) or spec.get("sample_scheme", "iid") != "iid"
-          or spec.get("sample_head_quantized") or spec.get("sample_allocation", "even") != "even"):  # fmt: skip
-        raise InputError(
-            "sample_head, sample_proposal_temperature, sample_counts, sample_scheme, sample_head_quantized and "
-            f"sample_allocation shape the RS-KD draws: they need num_samples, got {spec}."
-        )
+        sampling = {"num_samples": num_samples} | {
+            name.removeprefix("sample_"): spec.get(name, default) for name, default in SAMPLING_DEFAULTS.items()
+        }
+    else:
+        shaping = [name for name in SAMPLING_DEFAULTS if name not in ("sample_temperature", "sample_seed")]
+        if any(spec.get(name, SAMPLING_DEFAULTS[name]) != SAMPLING_DEFAULTS[name] for name in shaping):
+            raise InputError(
+                f"{', '.join(shaping[:-1])} and {shaping[-1]} shape the RS-KD draws: they need num_samples, got {spec}."
+            )
     return teacher_cache_key(
         teacher,
         dataset,
