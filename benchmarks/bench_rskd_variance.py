@@ -59,6 +59,7 @@ LAYOUTS = [
     (3, 14, "systematic", True, "adaptive"),
     (3, 19, "systematic", True, "adaptive"),
     (3, 23, "systematic", True, "adaptive"),
+    (3, 24, "systematic", True, "adaptive"),
     (3, 255, "iid", False, "even"),
 ]
 
