@@ -163,6 +163,8 @@ def decode_draws(code: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     header = int(code[:HEADER_BYTES].view("<u4")[0])
     decode = _decode_interpolative if header & _INTERPOLATIVE else _decode_rice
     vocab_size = header & ~_INTERPOLATIVE
+    if vocab_size < 1 and lengths.sum():  # no id fits a vocabulary of none
+        raise cut
     bits = np.unpackbits(code[HEADER_BYTES:])
     ids, end = decode(bits, lengths, vocab_size, cut)
     if not end <= bits.size < end + 8 or bits[end:].any() or (ids.size and int(ids.max()) >= vocab_size):
@@ -174,8 +176,6 @@ def _decode_interpolative(bits: np.ndarray, lengths: np.ndarray, vocab_size: int
     ids = np.zeros(int(lengths.sum()), dtype=np.int64)
     cursor = 0
     start, n, lo, hi = _roots(lengths, vocab_size)
-    if n.size and vocab_size < 1:
-        raise cut
     while n.size:
         k, u = _truncated_binary(hi - lo + 1)
         end = cursor + int(k.sum())

@@ -58,6 +58,7 @@ from hf_distill.config import DistillationConfig
 from hf_distill.errors import InputError
 from hf_distill.teacher_cache import (
     AUTOCAST_DTYPES,
+    SAMPLE_SHAPE_OPTIONS,
     SAMPLING_DEFAULTS,
     STORAGE_DTYPES,
     cache_paths,
@@ -248,12 +249,7 @@ def cache_formats(options: PrecomputeArguments, args: DistillationConfig) -> dic
         "num_samples": options.num_samples,
         "sample_temperature": temperature,
         "sample_seed": args.seed if options.sample_seed is None else options.sample_seed,
-        "sample_head": options.sample_head,
-        "sample_proposal_temperature": options.sample_proposal_temperature,
-        "sample_counts": options.sample_counts,
-        "sample_scheme": options.sample_scheme,
-        "sample_head_quantized": options.sample_head_quantized,
-        "sample_allocation": options.sample_allocation,
+        **{name: getattr(options, name) for name in SAMPLE_SHAPE_OPTIONS},
     }
     if options.top_k is None:
         return {"sampled": sampled}

@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..model_card import count_parameters
 from ..offline import cache_dir
 from ..sharding import gathered_model
-from ..teacher_cache import precompute_teacher_caches, read_provenance, weights_hash
+from ..teacher_cache import SAMPLE_SHAPE_OPTIONS, precompute_teacher_caches, read_provenance, weights_hash
 from .data import check_block_size, load_corpus, pack
 from .evaluation import forward_speed, greedy_samples, perplexity
 from .instruct_run import run_instruct
@@ -122,11 +122,7 @@ def cache_formats(script, args) -> dict[str, dict[str, Any]]:
         "topk": {"top_k": script.top_k},
         "sampled": {"num_samples": script.num_samples, "sample_temperature": args.temperature,
                     "sample_seed": args.seed if script.sample_seed is None else script.sample_seed,
-                    "sample_head": script.sample_head,
-                    "sample_proposal_temperature": script.sample_proposal_temperature,
-                    "sample_counts": script.sample_counts, "sample_scheme": script.sample_scheme,
-                    "sample_head_quantized": script.sample_head_quantized,
-                    "sample_allocation": script.sample_allocation},
+                    **{name: getattr(script, name) for name in SAMPLE_SHAPE_OPTIONS}},
     }  # fmt: skip
     return {mode: spec for mode, spec in formats.items() if mode in script.teacher_modes}
 

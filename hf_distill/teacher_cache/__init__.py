@@ -60,6 +60,7 @@ from .key import (
 )
 from .precompute import (
     FORMAT_OPTIONS,
+    SAMPLE_SHAPE_OPTIONS,
     SAMPLING_DEFAULTS,
     load_teacher_cache,
     precompute_teacher_caches,
@@ -72,6 +73,7 @@ __all__ = [
     "CACHE_FORMAT_VERSION",
     "DEFAULT_TOP_K",
     "FORMAT_OPTIONS",
+    "SAMPLE_SHAPE_OPTIONS",
     "SAMPLING_DEFAULTS",
     "STORAGE_DTYPES",
     "TEACHER_COLUMNS",

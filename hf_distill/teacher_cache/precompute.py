@@ -217,6 +217,8 @@ SAMPLING_DEFAULTS = {
     "sample_head_quantized": False,
     "sample_allocation": "even",
 }
+# Those that shape the draws, all but the temperature and seed: a format that sets them needs num_samples.
+SAMPLE_SHAPE_OPTIONS = tuple(name for name in SAMPLING_DEFAULTS if name not in ("sample_temperature", "sample_seed"))
 # What a format of precompute_teacher_caches may set: precompute_teacher_logits' arguments of that name.
 FORMAT_OPTIONS = ("top_k", "num_samples", *SAMPLING_DEFAULTS, "expected_key")
 
@@ -426,12 +428,9 @@ def _request(teacher, dataset, task, spec, tokenizer, preprocessing, dtype, auto
         sampling = {"num_samples": num_samples} | {
             name.removeprefix("sample_"): spec.get(name, default) for name, default in SAMPLING_DEFAULTS.items()
         }
-    else:
-        shaping = [name for name in SAMPLING_DEFAULTS if name not in ("sample_temperature", "sample_seed")]
-        if any(spec.get(name, SAMPLING_DEFAULTS[name]) != SAMPLING_DEFAULTS[name] for name in shaping):
-            raise InputError(
-                f"{', '.join(shaping[:-1])} and {shaping[-1]} shape the RS-KD draws: they need num_samples, got {spec}."
-            )
+    elif any(spec.get(name, SAMPLING_DEFAULTS[name]) != SAMPLING_DEFAULTS[name] for name in SAMPLE_SHAPE_OPTIONS):
+        *names, last = SAMPLE_SHAPE_OPTIONS
+        raise InputError(f"{', '.join(names)} and {last} shape the RS-KD draws: they need num_samples, got {spec}.")
     return teacher_cache_key(
         teacher,
         dataset,
