@@ -19,8 +19,9 @@ token), and the same formulas hold with ``n_t``.
 
 The gradient of the KD loss with respect to the student's logits is ``p_s - t``, so this is the noise the sparse
 teacher adds to it, token by token. Bytes per token: 4 per float16 head token (uint16 id + float16), 3 in 8 bits,
-2 per draw stored as itself (``sample_counts: false``); an adaptive allocation's draws as the cache stores them, in
-their interpolative code (measured on the library's own draws), and 1 for each token's count.
+2 per draw stored as itself (``sample_counts: false``); an adaptive allocation's draws and head ids as the cache
+stores them, in one interpolative code (format 8, measured on the library's own draws), 1 or 2 per head probability,
+and 1 for each token's count.
 
     python benchmarks/bench_rskd_variance.py --blocks 8
 
@@ -60,6 +61,10 @@ LAYOUTS = [
     (3, 19, "systematic", True, "adaptive"),
     (3, 23, "systematic", True, "adaptive"),
     (3, 24, "systematic", True, "adaptive"),
+    (3, 28, "systematic", True, "adaptive"),
+    (3, 29, "systematic", True, "adaptive"),
+    (3, 30, "systematic", True, "adaptive"),
+    (3, 31, "systematic", True, "adaptive"),
     (3, 255, "iid", False, "even"),
 ]
 
@@ -70,15 +75,19 @@ def layout_bytes(head: int, draws: int, quantized: bool) -> int:
 
 
 def coded_bytes(probs: torch.Tensor, head: int, draws: int, scheme: str, quantized: bool, block: int) -> float:
-    """Bytes per token of an adaptive layout, without the lists' offsets, as the cache stores it: ``(3 or 4) h``,
-    1 for each token's count, and each block's draws in their code (:func:`hf_distill.draw_code.encode_draws`)
-    with its header, the draws made by the library (seed 0) from ``probs``."""
+    """Bytes per token of an adaptive layout, without the lists' offsets, as the cache stores it (format 8): ``(1
+    or 2) h`` for the head's probabilities, 1 for each token's count, and each block's draws with its head's ids in
+    their code (:func:`hf_distill.draw_code.encode_draws`), with its header, the draws made by the library (seed
+    0) from ``probs``."""
     generator, code = torch.Generator().manual_seed(0), 0
     for i in range(0, probs.shape[0], block):
-        *_, pooled, lengths = sample_sparse_target(probs[i : i + block].log(), draws, head=head, generator=generator,
-                                                   counts=False, scheme=scheme, allocation="adaptive")  # fmt: skip
-        code += encode_draws(pooled.reshape(-1).numpy(), lengths.reshape(-1).numpy(), probs.shape[-1]).size
-    return (3 if quantized else 4) * head + 1 + code / probs.shape[0]
+        drawn = sample_sparse_target(probs[i : i + block].log(), draws, head=head, generator=generator,
+                                     counts=False, scheme=scheme, allocation="adaptive")  # fmt: skip
+        pooled, lengths = drawn[-2:]
+        head_ids = drawn[0].sort(-1).values.numpy() if head else None
+        code += encode_draws(pooled.reshape(-1).numpy(), lengths.reshape(-1).numpy(), probs.shape[-1],
+                             head=head_ids).size  # fmt: skip
+    return (1 if quantized else 2) * head + 1 + code / probs.shape[0]
 
 
 def allocated_draws(probs: torch.Tensor, head: int, draws: int, block: int) -> torch.Tensor:

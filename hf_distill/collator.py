@@ -15,10 +15,11 @@ from transformers import (
     default_data_collator,
 )
 
-from .draw_code import decode_draws
+from .draw_code import decode_row
 from .errors import InputError
 from .teacher_outputs import (
     INTEGER_COLUMNS,
+    TEACHER_HEAD_IDS,
     TEACHER_LOGIT_COLUMNS,
     TEACHER_SAMPLE_CODE,
     TEACHER_SAMPLE_COUNTS,
@@ -105,15 +106,17 @@ class DistillationDataCollator:
 def _regroup_pooled_draws(features: list[dict[str, Any]]) -> None:
     """Each example's pooled RS-KD draws and per-token counts (``sample_allocation: adaptive``) in place, as
     ``teacher_sample_ids`` and ``teacher_sample_counts`` ``(L, n_max)`` per token (:func:`regroup_draws`), one
-    width for the batch; draws stored as a code (``teacher_sample_code``) are decoded first
-    (:func:`~hf_distill.draw_code.decode_draws`)."""
+    width for the batch; draws stored as a code (``teacher_sample_code``) are decoded first, with the head's ids
+    ``teacher_head_ids`` where the code holds them (:func:`~hf_distill.draw_code.decode_row`)."""
     lengths = [torch.as_tensor(f.pop(TEACHER_SAMPLE_LENGTHS)).reshape(-1).long() for f in features]
     width = max([int(own.max()) for own in lengths if own.numel()], default=1)
     for feature, own in zip(features, lengths, strict=True):
         try:
-            if TEACHER_SAMPLE_CODE in feature:  # the draws as stored: one code a row
-                draws = decode_draws(np.asarray(feature.pop(TEACHER_SAMPLE_CODE)), own.numpy())
+            if TEACHER_SAMPLE_CODE in feature:  # the draws as stored: one code a row (format 8: with the head ids)
+                head, draws = decode_row(np.asarray(feature.pop(TEACHER_SAMPLE_CODE)), own.numpy())
                 feature[TEACHER_SAMPLE_IDS] = draws.reshape(own.numel(), -1) if own.numel() else draws
+                if head is not None:
+                    feature[TEACHER_HEAD_IDS] = head
             ids, counts = regroup_draws(torch.as_tensor(feature[TEACHER_SAMPLE_IDS]).long(), own, width)
         except ValueError as err:
             raise InputError(str(err)) from None

@@ -1,10 +1,10 @@
-"""The codes of an adaptive RS-KD cache's pooled draws (hf_distill.draw_code): interpolative (written) and Rice
-(format 6, read)."""
+"""The codes of an adaptive RS-KD cache's pooled draws (hf_distill.draw_code): interpolative with the head's ids
+(format 8, written), interpolative alone (format 7, read) and Rice (format 6, read)."""
 
 import numpy as np
 import pytest
 
-from hf_distill.draw_code import CODES, HEADER_BYTES, decode_draws, encode_draws, rice_parameters
+from hf_distill.draw_code import CODES, HEADER_BYTES, decode_draws, decode_row, encode_draws, rice_parameters
 
 
 def _sorted_by_token(ids, lengths):
@@ -92,3 +92,70 @@ def test_a_cut_garbled_or_mismatched_code_is_refused_in_one_line(kind):
         encode_draws(np.zeros(16, dtype=np.int64), np.array([15]), 1000)
     with pytest.raises(ValueError, match=r"^draws must be ids in 0\.\.999"):
         encode_draws(np.array([1000]), np.array([1]), 1000)
+
+
+def _heads(rng, tokens, h, vocab_size, probs=None):
+    """Each token's ``h`` distinct head ids, ascending (from ``probs`` when given)."""
+    rows = [np.sort(rng.choice(vocab_size, size=h, replace=False, p=probs)) for _ in range(tokens)]
+    return np.array(rows, dtype=np.int64).reshape(tokens, h)
+
+
+def test_the_code_with_the_head_gives_back_both_and_a_code_without_gives_none():
+    """Random rows (tokens without draws, draws equal to head ids and to ids no head holds, ids at both ends of the
+    vocabulary, heads of 1 to 8): the format-8 code gives back each token's head ids and its draws, ascending,
+    and :func:`decode_draws` the same draws; a code without a head gives None for it. The header's second bit says
+    a head is held."""
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        tokens, h = int(rng.integers(0, 30)), int(rng.integers(1, 9))
+        vocab_size = int(rng.choice([8, 9, 1000, 49_152, 151_936]))
+        lengths = rng.integers(0, int(rng.choice([4, 40])), size=tokens)
+        head = _heads(rng, tokens, h, vocab_size)
+        ids = rng.integers(0, vocab_size, size=int(lengths.sum()))
+        if ids.size and tokens:  # some draws are ids of the row's heads, some the vocabulary's ends
+            ids[rng.integers(0, ids.size, size=ids.size // 2)] = rng.choice(head.reshape(-1), size=ids.size // 2)
+            ids[rng.integers(0, ids.size, size=2)] = [0, vocab_size - 1]
+        code = encode_draws(ids, lengths, vocab_size, head=head)
+        assert int(code[:HEADER_BYTES].view("<u4")[0]) == vocab_size | 2**31 | 2**30
+        got_head, draws = decode_row(code, lengths)
+        np.testing.assert_array_equal(got_head, head)
+        np.testing.assert_array_equal(draws, _sorted_by_token(ids, lengths))
+        np.testing.assert_array_equal(decode_draws(code, lengths), draws)
+        assert decode_row(encode_draws(ids, lengths, vocab_size), lengths)[0] is None
+
+
+def test_the_head_and_draws_take_fewer_bytes_coded_together_than_apart():
+    """A Zipf-like teacher's rows (256 tokens, a head of 3 from the likely ids, 24 draws from the same
+    distribution): the code with the head, whose distinct ids become the draws' dictionary, takes at least 10%
+    fewer bytes than the uint16 head ids and the draws' format-7 code."""
+    rng = np.random.default_rng(5)
+    vocab_size = 49_152
+    probs = 1.0 / np.arange(1, vocab_size + 1) ** 1.1
+    probs = probs[rng.permutation(vocab_size)] / probs.sum()  # the likely ids anywhere in the vocabulary
+    lengths = np.full(256, 24)
+    head = _heads(rng, 256, 3, vocab_size, probs)
+    ids = rng.choice(vocab_size, size=lengths.sum(), p=probs)
+    together = encode_draws(ids, lengths, vocab_size, head=head).size
+    apart = 2 * head.size + encode_draws(ids, lengths, vocab_size).size
+    assert together < 0.9 * apart, (together, apart)
+
+
+def test_a_bad_head_is_refused_and_a_cut_or_garbled_head_code_too():
+    rng = np.random.default_rng(6)
+    lengths = np.array([3, 5, 1, 7])
+    head = _heads(rng, 4, 2, 1000)
+    code = encode_draws(rng.integers(0, 1000, size=16), lengths, 1000, head=head)
+    message = r"^An RS-KD draw code of \d+ bytes does not hold the \d+ draws its tokens' counts give: .*recompute"
+    garbled_size, garbled_h = code.copy(), code.copy()
+    garbled_size[HEADER_BYTES:2 * HEADER_BYTES] = np.array([4 * 2 + 1], dtype="<u4").view(np.uint8)  # > L h ids
+    garbled_h[2 * HEADER_BYTES] = 0
+    for bad, counts in [(code[:-2], lengths), (code[:6], lengths), (code, np.array([3, 5, 1, 9])),
+                        (code, np.array([3, 5, 1, 7, 0])), (garbled_size, lengths), (garbled_h, lengths)]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            decode_row(bad, counts)
+    for bad_head, why in [(head[:, ::-1], "distinct and ascending"), (np.array([[1, 1]] * 4), "distinct and ascending"),
+                          (np.array([[1, 1000]] * 4), r"in 0\.\.999"), (head[:3], r"one row per token \(4\)")]:  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^head .*{why}"):
+            encode_draws(rng.integers(0, 1000, size=16), lengths, 1000, head=bad_head)
+    with pytest.raises(ValueError, match=r"^Only the interpolative code holds a head: pass"):
+        encode_draws(rng.integers(0, 1000, size=16), lengths, 1000, "rice", head=head)

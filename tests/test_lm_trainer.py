@@ -359,7 +359,7 @@ def test_adaptive_draws_train_on_each_tokens_own_draws(tmp_path, head):
     loss (fused and unfused) is the one of a counted cache holding, for each token, its own draws with count 1
     (the same head): ``m_t / n_t`` on each. Read without the regrouping (an older reader's view) the targets
     differ, and the test sees it."""
-    from hf_distill.draw_code import decode_draws
+    from hf_distill.draw_code import decode_row
     from hf_distill.teacher_outputs import sampled_target
     from hf_distill.vocab_losses import normalised, regroup_draws
 
@@ -371,11 +371,15 @@ def test_adaptive_draws_train_on_each_tokens_own_draws(tmp_path, head):
                                        **spec)  # fmt: skip
     width = max(x for row in pooled["teacher_sample_lengths"] for [x] in row)
     assert width > 4  # the draws are not shared evenly
-    draws = [torch.from_numpy(decode_draws(np.array(code, dtype=np.uint8), np.array(lengths))).reshape(len(lengths), 4)
-             for code, lengths in zip(pooled["teacher_sample_code"], pooled["teacher_sample_lengths"], strict=True)]  # fmt: skip
+    decoded = [decode_row(np.array(code, dtype=np.uint8), np.array(lengths))
+               for code, lengths in zip(pooled["teacher_sample_code"], pooled["teacher_sample_lengths"], strict=True)]  # fmt: skip
+    assert all((h is None) == (head == 0) for h, _ in decoded)  # the code holds the head's ids (format 8)
+    draws = [torch.from_numpy(ids).reshape(-1, 4) for _, ids in decoded]
     regrouped = [regroup_draws(ids, torch.tensor(lengths), width)
                  for ids, lengths in zip(draws, pooled["teacher_sample_lengths"], strict=True)]  # fmt: skip
     own = pooled.remove_columns(["teacher_sample_code", "teacher_sample_lengths"])
+    if head:
+        own = own.add_column("teacher_head_ids", [h.tolist() for h, _ in decoded])
     misread = own.add_column("teacher_sample_ids", [ids.tolist() for ids in draws])  # the pooled draws, ungrouped
     own = own.add_column("teacher_sample_ids", [ids.tolist() for ids, _ in regrouped])
     own = own.add_column("teacher_sample_counts", [counts.tolist() for _, counts in regrouped])

@@ -210,6 +210,7 @@ FORMATS = {
     "head in 8 bits, adaptive draws": {"num_samples": 5, "sample_head": 2, "sample_seed": 3, "sample_counts": False,
                                        "sample_head_quantized": True, "sample_allocation": "adaptive",
                                        "sample_scheme": "systematic"},
+    "adaptive draws": {"num_samples": 5, "sample_seed": 3, "sample_counts": False, "sample_allocation": "adaptive"},
 }
 _SAME = ("key", "columns", "num_rows", "top_k", "sampling", "teacher_bytes", "bytes_per_token")
 
@@ -256,16 +257,16 @@ def test_one_pass_computes_only_the_formats_missing(tmp_path):
     assert set(both["head"].column_names) > {"teacher_head_ids", "teacher_head_probs", "teacher_sample_ids"}
 
 
-def test_only_caches_an_older_reader_would_misread_are_format_3_to_6(tmp_path, monkeypatch):
+def test_only_caches_an_older_reader_would_misread_are_format_3_to_8(tmp_path, monkeypatch):
     dataset, teacher = random_classification_dataset(8, seed=6), _gpt2(1)
     names = ("topk", "sampled", "head", "tempered", "head, draws", "head, systematic draws", "head in 8 bits, draws",
-             "head in 8 bits, adaptive draws")
+             "head in 8 bits, adaptive draws", "adaptive draws")
     out = precompute_teacher_caches(teacher, dataset, {k: FORMATS[k] for k in names}, cache_dir=tmp_path)
     versions = {name: read_provenance(out[name])["format_version"] for name in names}
     # plain caches keep their keys; systematic draws have the columns of iid ones; a head in 8 bits is format 4
     assert versions == {"topk": 2, "sampled": 2, "head": 3, "tempered": 3, "head, draws": 3,
                         "head, systematic draws": 3, "head in 8 bits, draws": 4,
-                        "head in 8 bits, adaptive draws": 7}  # fmt: skip
+                        "head in 8 bits, adaptive draws": 8, "adaptive draws": 7}  # fmt: skip
     for name in names:
         assert load_teacher_cache(cache_paths(tmp_path, read_provenance(out[name])["key"])[0]).num_rows == 8
     # a reader of format 2 only (hf-distill before exact heads) reads the plain caches and refuses the others
@@ -284,11 +285,17 @@ def test_only_caches_an_older_reader_would_misread_are_format_3_to_6(tmp_path, m
     monkeypatch.setattr(precompute_module, "READABLE_FORMAT_VERSIONS", (2, 3, 4))
     load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head in 8 bits, draws"])["key"])[0])
     with pytest.raises(ValueError, match=r"^Teacher cache format 7 but this hf-distill reads formats 2, 3, 4: rebuild"):
-        load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head in 8 bits, adaptive draws"])["key"])[0])
-    # readers of formats 2 to 5 (pooled draws as uint16 ids) and 2 to 6 (a Rice code) refuse the interpolative code
-    for readable in [(2, 3, 4, 5), (2, 3, 4, 5, 6)]:
+        load_teacher_cache(cache_paths(tmp_path, read_provenance(out["adaptive draws"])["key"])[0])
+    # readers of formats 2 to 5 (pooled draws as uint16 ids) and 2 to 6 (a Rice code) refuse the interpolative code;
+    # with those, 2 to 7 (head ids stored apart) refuse a head coded with the draws
+    for readable in [(2, 3, 4, 5), (2, 3, 4, 5, 6), (2, 3, 4, 5, 6, 7)]:
         monkeypatch.setattr(precompute_module, "READABLE_FORMAT_VERSIONS", readable)
-        with pytest.raises(ValueError, match=rf"^Teacher cache format 7 but this hf-distill reads formats {', '.join(map(str, readable))}: "):
+        if 7 in readable:
+            load_teacher_cache(cache_paths(tmp_path, read_provenance(out["adaptive draws"])["key"])[0])
+        else:
+            with pytest.raises(ValueError, match=rf"^Teacher cache format 7 but this hf-distill reads formats {', '.join(map(str, readable))}: "):
+                load_teacher_cache(cache_paths(tmp_path, read_provenance(out["adaptive draws"])["key"])[0])
+        with pytest.raises(ValueError, match=rf"^Teacher cache format 8 but this hf-distill reads formats {', '.join(map(str, readable))}: "):
             load_teacher_cache(cache_paths(tmp_path, read_provenance(out["head in 8 bits, adaptive draws"])["key"])[0])
 
 
@@ -747,16 +754,18 @@ def test_a_head_in_8_bits_saves_a_byte_a_head_token_and_is_format_4(tmp_path):
         precompute_teacher_logits(teacher, dataset, cache_dir=tmp_path, num_samples=4, sample_head_quantized=True)
 
 
-def test_adaptive_draws_are_pooled_in_one_code_a_row_and_format_7(tmp_path):
+def test_adaptive_draws_are_pooled_in_one_code_a_row_with_the_head_format_8(tmp_path):
     """``sample_allocation="adaptive"``: each row's ``n L`` draws in one interpolative code a row, ``teacher_sample_code``
     (uint8), with each token's count in uint8 ``teacher_sample_lengths`` ``[L, 1]``, summing to ``n L`` a row and
-    at least 1 each; the same head as the even cache of the same seed; the code in fewer bytes than the even
-    cache's uint16 draws (its size is the code's and the counts' bytes, exactly); format 7 and its own key; the
-    collator gives each token its own draws, every one a token its teacher gives probability, and reads a format-5
-    row (uint16 draws) and a format-6 row (a Rice code) of the same draws to the same batch. With counts, or an
-    unknown allocation, it is refused in one line."""
+    at least 1 each; the code holds the head's ids too (no ``teacher_head_ids`` column): the same head as the even
+    cache of the same seed, each token's ids ascending and its probabilities in their order; the code in fewer
+    bytes than the even cache's uint16 head ids and draws (its size is the code's and the counts' bytes, exactly);
+    format 8 and its own key; the collator gives each token its own draws, every one a token its teacher gives
+    probability, and reads a format-5 row (uint16 draws), a format-6 row (a Rice code) and a format-7 row (the
+    interpolative code, head ids apart) of the same draws to the same batch. With counts, or an unknown
+    allocation, it is refused in one line."""
     from hf_distill import DistillationDataCollator
-    from hf_distill.draw_code import decode_draws, encode_draws
+    from hf_distill.draw_code import decode_draws, decode_row, encode_draws
 
     dataset, teacher = random_classification_dataset(10, seed=7), _gpt2(1)
     with torch.no_grad():  # sharper logits: tokens whose tails differ, so their shares differ
@@ -766,47 +775,60 @@ def test_adaptive_draws_are_pooled_in_one_code_a_row_and_format_7(tmp_path):
         teacher, dataset, {"even": spec, "adaptive": {**spec, "sample_allocation": "adaptive"}}, cache_dir=tmp_path
     )
     even, adaptive = read_provenance(out["even"]), read_provenance(out["adaptive"])
-    assert "teacher_sample_ids" not in out["adaptive"].column_names
+    assert not {"teacher_sample_ids", "teacher_head_ids"} & set(out["adaptive"].column_names)
     assert out["adaptive"].features["teacher_sample_lengths"].feature.feature.dtype == "uint8"
     assert out["adaptive"].features["teacher_sample_code"].feature.dtype == "uint8"
-    assert out["adaptive"]["teacher_head_ids"] == out["even"]["teacher_head_ids"]
     vocab = teacher.config.vocab_size
-    for code, lengths in zip(out["adaptive"]["teacher_sample_code"], out["adaptive"]["teacher_sample_lengths"],
-                             strict=True):  # fmt: skip
+    rows = zip(out["adaptive"]["teacher_sample_code"], out["adaptive"]["teacher_sample_lengths"],
+               out["adaptive"]["teacher_head_probs"], out["even"]["teacher_head_ids"], out["even"]["teacher_head_probs"],
+               strict=True)  # fmt: skip
+    for code, lengths, probs, even_ids, even_probs in rows:
         assert sum(x for [x] in lengths) == 6 * len(lengths) and min(lengths) >= [1]
-        assert 0 <= decode_draws(np.array(code, dtype=np.uint8), np.array(lengths)).max() < vocab
+        head, draws = decode_row(np.array(code, dtype=np.uint8), np.array(lengths))
+        assert 0 <= draws.max() < vocab and head.shape == (len(lengths), 2)
+        order = np.argsort(even_ids, axis=1)
+        np.testing.assert_array_equal(head, np.take_along_axis(np.array(even_ids), order, axis=1))
+        np.testing.assert_array_equal(probs, np.take_along_axis(np.array(even_probs), order, axis=1))
     assert len({x for rows in out["adaptive"]["teacher_sample_lengths"] for [x] in rows}) > 1  # not even
     tokens = sum(len(row) for row in out["adaptive"]["teacher_sample_lengths"])
     rows, code_bytes = len(out["adaptive"]), sum(len(code) for code in out["adaptive"]["teacher_sample_code"])
-    assert code_bytes < 2 * 6 * tokens  # fewer bytes than the uint16 draws
-    # the even cache's draws (uint16) against the code and the counts (1 byte a token), each an int32 offset a row
+    assert code_bytes < 2 * (6 + 2) * tokens  # fewer bytes than the uint16 draws and head ids
+    # the even cache's draws and head ids (uint16) against the code and the counts (1 byte a token), each an int32
+    # offset a row
     assert adaptive["teacher_bytes"] - even["teacher_bytes"] == code_bytes + 4 * rows + tokens + 4 * rows - (
-        2 * 6 * tokens + 4 * rows)
-    assert (adaptive["format_version"], even["format_version"]) == (7, 3) and adaptive["key"] != even["key"]
+        2 * 6 * tokens + 4 * rows + 2 * 2 * tokens + 4 * rows)
+    assert (adaptive["format_version"], even["format_version"]) == (8, 3) and adaptive["key"] != even["key"]
     assert adaptive["sampling"]["allocation"] == "adaptive" and "allocation" not in even["sampling"]
     features = [{k: v for k, v in out["adaptive"][i].items() if k.startswith("teacher_")} for i in range(2)]
-    width = max(len(f["teacher_head_ids"]) for f in features)  # rows of two lengths, padded to the longer
+    width = max(len(f["teacher_sample_lengths"]) for f in features)  # rows of two lengths, padded to the longer
     batch = DistillationDataCollator()([{"input_ids": [1] * width, **f} for f in features])
     assert "teacher_sample_lengths" not in batch and "teacher_sample_code" not in batch
     counts = batch["teacher_sample_counts"]
     for i, feature in enumerate(features):
-        assert counts[i].sum(-1)[: len(feature["teacher_head_ids"])].tolist() == [x for [x] in
-                                                                                  feature["teacher_sample_lengths"]]
+        assert counts[i].sum(-1)[: len(feature["teacher_sample_lengths"])].tolist() == [
+            x for [x] in feature["teacher_sample_lengths"]]  # fmt: skip
     logits = teacher(input_ids=torch.tensor([dataset[0]["input_ids"]])).logits[0]
     probs = torch.softmax(logits.float(), -1).gather(-1, batch["teacher_sample_ids"][0][: logits.shape[0]])
     assert (probs[counts[0][: logits.shape[0]] > 0] > 0).all()
-    # a format-5 row (the same pooled draws as uint16 ids, [L, n]) is read to the same batch
-    as_ids = [{k: v for k, v in f.items() if k != "teacher_sample_code"} | {"teacher_sample_ids": decode_draws(
-        np.array(f["teacher_sample_code"], dtype=np.uint8), np.array(f["teacher_sample_lengths"])).reshape(-1, 6).tolist()}
-        for f in features]  # fmt: skip
+    # a format-5 row (the same pooled draws as uint16 ids, [L, n], the head ids apart) is read to the same batch
+    decoded = [decode_row(np.array(f["teacher_sample_code"], dtype=np.uint8), np.array(f["teacher_sample_lengths"]))
+               for f in features]  # fmt: skip
+    apart = [{k: v for k, v in f.items() if k != "teacher_sample_code"} | {"teacher_head_ids": head.tolist()}
+             for f, (head, _) in zip(features, decoded, strict=True)]  # fmt: skip
+    as_ids = [f | {"teacher_sample_ids": draws.reshape(-1, 6).tolist()} for f, (_, draws) in zip(apart, decoded,
+                                                                                                    strict=True)]  # fmt: skip
     old = DistillationDataCollator()([{"input_ids": [1] * width, **f} for f in as_ids])
     assert old.keys() == batch.keys() and all(torch.equal(old[k], batch[k]) for k in batch)
-    # a format-6 row (the same draws in a Rice code) too
-    as_rice = [dict(f, teacher_sample_code=encode_draws(np.array(g["teacher_sample_ids"]).reshape(-1), np.array(
-        f["teacher_sample_lengths"]), vocab, "rice").tolist()) for f, g in zip(features, as_ids, strict=True)]  # fmt: skip
-    assert as_rice[0]["teacher_sample_code"] != features[0]["teacher_sample_code"]
-    rice = DistillationDataCollator()([{"input_ids": [1] * width, **f} for f in as_rice])
-    assert rice.keys() == batch.keys() and all(torch.equal(rice[k], batch[k]) for k in batch)
+    # a format-6 row (the same draws in a Rice code) and a format-7 row (the interpolative code) too
+    for kind in ("rice", "interpolative"):
+        coded = [f | {"teacher_sample_code": encode_draws(draws, np.array(f["teacher_sample_lengths"]), vocab,
+                                                          kind).tolist()}
+                 for f, (_, draws) in zip(apart, decoded, strict=True)]  # fmt: skip
+        assert coded[0]["teacher_sample_code"] != features[0]["teacher_sample_code"]
+        again = DistillationDataCollator()([{"input_ids": [1] * width, **f} for f in coded])
+        assert again.keys() == batch.keys() and all(torch.equal(again[k], batch[k]) for k in batch)
+    assert decode_draws(np.array(features[0]["teacher_sample_code"], dtype=np.uint8),
+                        np.array(features[0]["teacher_sample_lengths"])).tolist() == decoded[0][1].tolist()  # fmt: skip
     cut = dict(features[0], teacher_sample_code=features[0]["teacher_sample_code"][:-3])
     with pytest.raises(ValueError, match=r"^An RS-KD draw code of \d+ bytes does not hold the \d+ draws"):
         DistillationDataCollator()([{"input_ids": [1] * width, **cut}])

@@ -82,14 +82,17 @@ class _TeacherLogits:
             for prefix, spec in formats.items()
         }
         # prefix + column name -> (stored dtype, values per token or example), as drawn; and the drawn columns that
-        # are stored otherwise (stored_columns): pooled draws -> (their code's column, their tokens' counts' column)
+        # are stored otherwise (stored_columns): pooled draws -> (their code's column, their tokens' counts' column,
+        # and with an exact head its ids' column, coded with them, and its probabilities' column)
         self.outputs, self.coded = {}, {}
         for prefix, (top_k, sampling) in self.formats.items():
             drawn = format_columns(teacher, task, dtype, top_k, sampling)
             self.outputs |= {prefix + name: (np.dtype(stored), width) for name, (stored, width) in drawn.items()}
             if "teacher_sample_code" in stored_columns(drawn):
+                head = [prefix + name for name in ("teacher_head_ids", "teacher_head_quanta", "teacher_head_probs")
+                        if name in drawn]  # fmt: skip
                 self.coded[prefix + "teacher_sample_ids"] = (prefix + "teacher_sample_code",
-                                                             prefix + "teacher_sample_lengths")  # fmt: skip
+                                                             prefix + "teacher_sample_lengths", *head)  # fmt: skip
         self.torch_dtype = getattr(torch, dtype)
         self.autocast_dtype = AUTOCAST_DTYPES.get(autocast_dtype) if autocast_dtype else None
         self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
@@ -141,20 +144,25 @@ class _TeacherLogits:
             self._collect(pending, out)
         if self.task == tasks.SEQUENCE_CLASSIFICATION:
             return {key: fixed_size_lists(values) for key, values in out.items()}
-        arrays = {}
-        for key, values in out.items():
-            if key in self.coded:  # a row's pooled draws (with their tokens' counts): one code a row
-                code, lengths = self.coded[key]
-                arrays[code] = self._code(values, out[lengths], offsets)
-            else:
-                arrays[key] = lists_of_fixed_size_lists(values, offsets)
-        return arrays
+        coded = {}  # a row's pooled draws (and head ids): one code a row, in the draws' place
+        for key, (code, lengths, *head) in self.coded.items():
+            if head:  # each token's head ids ascending, its probabilities in the same order
+                order = np.argsort(out[head[0]], axis=1, kind="stable")
+                for name in head:
+                    out[name] = np.take_along_axis(out[name], order, axis=1)
+            coded[key] = (code, self._code(out[key], out[lengths], offsets, out[head[0]] if head else None))
+        dropped = {head[0] for _, _, *head in self.coded.values() if head}
+        return dict(coded[key] if key in coded else (key, lists_of_fixed_size_lists(values, offsets))
+                    for key, values in out.items() if key not in dropped)  # fmt: skip
 
-    def _code(self, pooled: np.ndarray, lengths: np.ndarray, offsets: np.ndarray) -> pa.Array:
-        """Each row's pooled draws (``pooled`` ``(tokens, n)``, token after token) as its code
-        (:func:`~hf_distill.draw_code.encode_draws`): one uint8 list a row, stored as ``teacher_sample_code``."""
-        vocab_size = max(int(base_model(self.teacher).config.vocab_size), int(pooled.max(initial=0)) + 1)
-        rows = [encode_draws(pooled[start:stop].reshape(-1), lengths[start:stop], vocab_size)
+    def _code(self, values: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, head: np.ndarray | None) -> pa.Array:
+        """Each row's pooled draws (``values`` ``(tokens, n)``, token after token), with its tokens' head ids
+        (``head`` ``(tokens, h)``, each ascending) if any, as its code (:func:`~hf_distill.draw_code.encode_draws`):
+        one uint8 list a row, stored as ``teacher_sample_code``."""
+        largest = max(int(values.max(initial=0)), int(head.max(initial=0)) if head is not None else 0)
+        vocab_size = max(int(base_model(self.teacher).config.vocab_size), largest + 1)
+        rows = [encode_draws(values[start:stop].reshape(-1), lengths[start:stop], vocab_size,
+                             head=None if head is None else head[start:stop])
                 for start, stop in zip(offsets[:-1], offsets[1:], strict=True)]  # fmt: skip
         ends = np.cumsum([0] + [row.size for row in rows]).astype(np.int32)
         values = np.concatenate(rows) if rows else np.zeros(0, np.uint8)

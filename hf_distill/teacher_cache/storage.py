@@ -64,12 +64,14 @@ def format_columns(
 
 def stored_columns(columns: Mapping[str, tuple[str, int]]) -> dict[str, tuple[str, int | None]]:
     """The columns a cache stores for the drawn ``columns`` (:func:`format_columns`): the same, except that a
-    row's pooled draws (with ``teacher_sample_lengths``) are stored as one code a row,
-    ``teacher_sample_code`` (uint8, of any length: width None; :mod:`hf_distill.draw_code`)."""
+    row's pooled draws (with ``teacher_sample_lengths``) are stored as one code a row, ``teacher_sample_code``
+    (uint8, of any length: width None; :mod:`hf_distill.draw_code`), which holds the head's ids too
+    (``teacher_head_ids`` not stored; its probabilities are, each token's in the order of its ids)."""
     if "teacher_sample_lengths" not in columns:
         return dict(columns)
     return {("teacher_sample_code" if name == "teacher_sample_ids" else name):
-            (("uint8", None) if name == "teacher_sample_ids" else spec) for name, spec in columns.items()}  # fmt: skip
+            (("uint8", None) if name == "teacher_sample_ids" else spec)
+            for name, spec in columns.items() if name != "teacher_head_ids"}  # fmt: skip
 
 
 def _features(dataset: Dataset, task: str, columns: Mapping[str, tuple[str, int | None]]):
