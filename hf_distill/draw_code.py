@@ -1,5 +1,5 @@
-"""The RS-KD cache's pooled draws in a code, with the exact head's ids: about 9.2 bits a draw where a ``uint16`` id
-takes 16, and about 9.5 bits a head id.
+"""The RS-KD cache's pooled draws in a code, with the exact head's ids: about 8.8 bits a draw where a ``uint16`` id
+takes 16, and about 9.4 bits a head id (the LM default's cache, 29 draws and a head of 3 a token).
 
 A row of an adaptive RS-KD cache (``sample_allocation: adaptive``) holds its tokens' draws one token after
 another, ``n_t`` for token ``t`` (``teacher_sample_lengths``). Within a token the order of the draws does not
@@ -12,8 +12,8 @@ in its low 30 bits, in its top bit which code follows, and in the next whether t
   ``a_m`` (``m = n // 2``) in ``[lo, hi]``, then the left half in ``[lo, a_m]`` and the right half in
   ``[a_m, hi]``, recursively. A value among ``r = hi - lo + 1`` takes ``floor(log2 r)`` or one bit more (a
   truncated binary code), so draws that cluster (the likely tokens, drawn again and again) cost few bits, and a
-  repeat in a range of one value costs none: 9.8 bits a draw on the LM default's 24-draw cache, against 12.0 for
-  the Rice code and 16 for a uint16 id. The row's tokens are coded together, level by level of the recursion (at
+  repeat in a range of one value costs none: 9.8 bits a draw on a 24-draw cache of the LM default's teacher, against
+  12.0 for the Rice code and 16 for a uint16 id. The row's tokens are coded together, level by level of the recursion (at
   most 8 levels for ``n_t <= 255``): each level's ``floor(log2 r)``-bit parts, then the extra bits of the values
   that need one.
 - **Interpolative with the head** (top bits 1 and 1; cache format 8, what the library writes). The tokens' exact
@@ -22,8 +22,9 @@ in its low 30 bits, in its top bit which code follows, and in the next whether t
   list in ``[0, V - 1]``), each token's head as its ``h`` ascending indices into ``D`` (in ``[0, |D| - 1]``),
   and the draws renumbered with ``D`` first (``D[j] -> j``, every other id after them in order,
   :func:`_to_dictionary`). A tail draw is most often an id that heads another token of the row, so renumbered
-  the draws cluster near 0: on the LM default's cache (24 draws, a head of 3) the head's ids and the draws take
-  31.0 bytes a token, against 35.5 as uint16 head ids and the format-7 code.
+  the draws cluster near 0: on a 24-draw cache with a head of 3 the head's ids and the draws take 31.0 bytes a
+  token, against 35.5 as uint16 head ids and the format-7 code; on the LM default's (29 draws) 8.8 bits a draw
+  against 9.4 in format 7.
 - **Rice** (top bit 0; cache format 6, still read). Each sorted draw is stored as its gap ``d`` to the one
   before (to 0 for the first) in a Rice code with parameter ``k_t = max(0, bit_length(V // (n_t + 1)) - 2)``
   (about ``log2(V / n_t) - 1``, from ``n_t`` alone): ``d = q 2**k_t + r``, the unary parts (``q`` ones and a

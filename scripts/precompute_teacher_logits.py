@@ -182,7 +182,7 @@ class PrecomputeArguments:
         default="even",
         metadata={
             "help": "With num_samples and sample_counts false: even (num_samples draws a token) or adaptive (a "
-            "row's draws shared among its tokens by need, stored pooled in an interpolative code with the head's ids, about 9.2 bits a draw, with "
+            "row's draws shared among its tokens by need, stored pooled in an interpolative code with the head's ids, about 8.8 bits a draw, with "
             "a 1-byte count a token).",
             "choices": list(DRAW_ALLOCATIONS),
         },

@@ -255,7 +255,7 @@ class DistillLMArguments:
         metadata={
             "help": "How a block's num_samples x L draws are shared among its tokens: even (num_samples each) or "
             "adaptive (in proportion to each token's tail mass and spread, at least 1: least error for the same "
-            "draws, plus 1 byte a token for its count; stored in an interpolative code with the head's ids, about 9.2 bits a draw instead of 16). "
+            "draws, plus 1 byte a token for its count; stored in an interpolative code with the head's ids, about 8.8 bits a draw instead of 16). "
             "Needs sample_counts false.",
             "choices": list(DRAW_ALLOCATIONS),
         },

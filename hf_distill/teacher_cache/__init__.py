@@ -20,7 +20,7 @@ the teacher's outputs as columns (the contract of :class:`hf_distill.Distillatio
   likely tokens kept exactly, the draws coming from the rest
   (:func:`hf_distill.vocab_losses.sample_head_and_tail`); with ``sample_allocation="adaptive"`` the row's
   ``n L`` draws are shared among its tokens by need and stored pooled, one code a row in
-  ``teacher_sample_code`` (about 9.2 bits a draw, with the head's ids in it: no ``teacher_head_ids`` column;
+  ``teacher_sample_code`` (about 8.8 bits a draw, with the head's ids in it: no ``teacher_head_ids`` column;
   :mod:`hf_distill.draw_code`), with each token's count in ``teacher_sample_lengths`` ``[L, 1]``
   (:func:`hf_distill.vocab_losses.allocate_draws`).
 

@@ -158,7 +158,7 @@ def precompute_teacher_logits(
             draws a token; ``"adaptive"``, each row's ``num_samples * L`` draws shared among its tokens in
             proportion to ``m_t sqrt(1 - ||q_t||^2)`` (tail mass and spread; at least 1, at most 255 each:
             :func:`hf_distill.vocab_losses.allocate_draws`), which minimises the row's summed error of iid
-            draws. Stored pooled, one interpolative code a row (``teacher_sample_code``, uint8, about 9.2 bits a draw
+            draws. Stored pooled, one interpolative code a row (``teacher_sample_code``, uint8, about 8.8 bits a draw
             instead of 16: :mod:`hf_distill.draw_code`), with each token's count in ``teacher_sample_lengths``
             ``[L, 1]`` (uint8). With a head its ids go in the code too (each token's ascending, its probabilities
             stored in their order; no ``teacher_head_ids`` column): cache format 8; without one, format 7.
