@@ -113,8 +113,13 @@ def _check_draws(ids: np.ndarray, lengths: np.ndarray, vocab_size: int) -> np.nd
         raise ValueError(f"{ids.size} draws but the tokens' counts sum to {int(lengths.sum())}.")
     if not 0 < vocab_size < _HEAD or (ids.size and not 0 <= int(ids.min()) <= int(ids.max()) < vocab_size):
         raise ValueError(f"draws must be ids in 0..{vocab_size - 1} (and the vocabulary below 2**30).")
+    return _by_token(ids, lengths)
+
+
+def _by_token(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The pooled ``ids`` (``lengths[t]`` for token ``t``, token after token) ascending within each token."""
     token = np.repeat(np.arange(lengths.size), lengths)
-    return ids[np.lexsort((ids, token))]  # ascending within each token
+    return ids[np.lexsort((ids, token))]
 
 
 def encode_draws(
@@ -155,7 +160,7 @@ def _encode_with_head(ids: np.ndarray, lengths: np.ndarray, vocab_size: int, hea
     tokens, h = head.shape
     words = np.unique(head)  # the row's dictionary: every id that heads one of its tokens
     index = np.searchsorted(words, head).reshape(-1)
-    remapped = _check_draws(_to_dictionary(ids, words), lengths, vocab_size)  # re-sorted within each token
+    remapped = _by_token(_to_dictionary(ids, words), lengths)  # re-sorted within each token
     header = np.array([vocab_size | _INTERPOLATIVE | _HEAD, words.size], dtype="<u4").view(np.uint8)
     bits = [
         _encode_interpolative(words, np.array([words.size]), vocab_size),
@@ -260,9 +265,7 @@ def _decode_with_head(code: np.ndarray, lengths: np.ndarray, vocab_size: int, cu
         raise cut
     cursor += used
     remapped, used = _decode_interpolative(bits[cursor:], lengths, vocab_size, cut)
-    token = np.repeat(np.arange(tokens), lengths)
-    ids = _from_dictionary(remapped, words)
-    return words[index] if size else index, ids[np.lexsort((ids, token))], cursor + used, bits
+    return words[index], _by_token(_from_dictionary(remapped, words), lengths), cursor + used, bits
 
 
 def _decode_interpolative(bits: np.ndarray, lengths: np.ndarray, vocab_size: int, cut: ValueError):
