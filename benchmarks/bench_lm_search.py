@@ -31,7 +31,7 @@ from bench_lm import ROOT, _save  # noqa: E402  (bench_lm's atomic write of a re
 
 RECIPE = ROOT / "recipes/offline/smollm2.yaml"
 # Settings that change the CE-only student too: a point differing in one of them needs its own twin.
-TWIN_KEYS = ("student_num_layers", "learning_rate", "max_steps", "max_train_blocks")
+TWIN_KEYS = ("student_num_layers", "learning_rate", "max_steps", "max_train_blocks", "lr_scheduler_type")
 
 # name -> the flags over the recipe (its T 1, alpha/beta 0.5/0.5, 10 layers, lr 2e-4, 50 steps of 2 blocks)
 POINTS: dict[str, dict[str, Any]] = {
@@ -44,6 +44,10 @@ POINTS: dict[str, dict[str, Any]] = {
     "d10_lr1e-4_a08": {"learning_rate": 1e-4, "alpha": 0.8, "beta": 0.2},
     "d10_lr4e-4_a08": {"learning_rate": 4e-4, "alpha": 0.8, "beta": 0.2},
     "d10_s75_a08": {"max_steps": 75, "max_train_blocks": 150, "alpha": 0.8, "beta": 0.2},
+    # the learning rate decayed linearly to 0 after the warm-up instead of held (added after the first search)
+    "d10_lin_lr4e-4_a08": {"lr_scheduler_type": "linear", "learning_rate": 4e-4, "alpha": 0.8, "beta": 0.2},
+    "d10_lin_a08": {"lr_scheduler_type": "linear", "alpha": 0.8, "beta": 0.2},
+    "d10_lin_lr8e-4_a08": {"lr_scheduler_type": "linear", "learning_rate": 8e-4, "alpha": 0.8, "beta": 0.2},
 }
 
 
