@@ -33,7 +33,10 @@ RECIPE = ROOT / "recipes/offline/smollm2.yaml"
 # Settings that change the CE-only student too: a point differing in one of them needs its own twin.
 TWIN_KEYS = ("student_num_layers", "learning_rate", "max_steps", "max_train_blocks", "lr_scheduler_type")
 
-# name -> the flags over the recipe (its T 1, alpha/beta 0.5/0.5, 10 layers, lr 2e-4, 50 steps of 2 blocks)
+# What every point starts from over the recipe: the rate as the search found it, 2e-4 held after the warm-up (the
+# recipe now decays it from 8e-4, the schedule points' winner), so that each point runs as it ran.
+SEARCH_BASE: dict[str, Any] = {"learning_rate": 2e-4, "lr_scheduler_type": "constant_with_warmup"}
+# name -> the flags over SEARCH_BASE and the recipe (T 1, alpha/beta 0.5/0.5 then, 10 layers, 50 steps of 2 blocks)
 POINTS: dict[str, dict[str, Any]] = {
     "d10_a05": {},
     "d10_a08": {"alpha": 0.8, "beta": 0.2},
@@ -60,7 +63,7 @@ def command(name: str, flags: dict[str, Any], runs_dir: Path, with_twin: bool) -
     cmd = [sys.executable, "scripts/distill_lm.py", "--config", str(RECIPE.relative_to(ROOT)),
            "--teacher_modes", "live", "--train_baseline", str(with_twin).lower(),
            "--output_dir", str(runs_dir / name)]  # fmt: skip
-    for key, value in flags.items():
+    for key, value in {**SEARCH_BASE, **flags}.items():
         cmd += [f"--{key}", str(value)]
     return cmd
 

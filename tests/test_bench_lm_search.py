@@ -39,6 +39,7 @@ def test_points_with_one_twin_key_train_the_same_ce_student(bench):
         "max_train_blocks",
         "seed",
         "warmup_steps",
+        "lr_scheduler_type",
     )
     by_twin = {}
     for name, flags in bench.POINTS.items():
@@ -82,3 +83,13 @@ def test_gain_is_over_the_twin_of_its_key_and_the_table_orders_by_validation(ben
     # ordered by validation gain, although deep has the lowest validation loss and base the best OOD gain
     assert body == ["alpha", "base", "deep"]
     assert table.splitlines()[2].endswith("| +0.400 | +0.100 |  |")
+
+
+def test_points_run_over_the_rate_the_search_held_not_the_recipes_current_one(bench):
+    """The recipe now decays its rate from 8e-4; a point that sets no rate still runs as it ran, at 2e-4 held."""
+    recipe = LMRecipeParser().parse_recipe_and_args(["--config", str(bench.RECIPE), "--output_dir", "unused"])
+    assert (_value(recipe, "learning_rate"), _value(recipe, "lr_scheduler_type")) == (8e-4, "linear")
+    held = _parse(bench, bench.POINTS["d10_a08"])
+    assert (_value(held, "learning_rate"), _value(held, "lr_scheduler_type")) == (2e-4, "constant_with_warmup")
+    decayed = _parse(bench, bench.POINTS["d10_lin_lr8e-4_a08"])
+    assert (_value(decayed, "learning_rate"), _value(decayed, "lr_scheduler_type")) == (8e-4, "linear")
