@@ -3,8 +3,8 @@
 Each seed runs ``scripts/distill_lm.py`` on the LM recipe with ``--teacher_modes sampled`` and the lever's cache
 settings (``--sample_head``, ``--num_samples``, ``--sample_proposal_temperature``, ``--sample_counts``), so that only the RS-KD student
 is trained. Its held-out loss is set against the CE twin and the dense (live-teacher) student **of the same seed**
-in a reference file written by ``benchmarks/bench_lm.py`` (same recipe, blocks and initialisation; training on
-CPU is deterministic):
+in a reference file written by ``benchmarks/bench_lm.py`` (same recipe, blocks and initialisation, and the rate and
+schedule the reference rows were trained with, :func:`reference_training_flags`; training on CPU is deterministic):
 
     share = (loss_CE - loss_lever) / (loss_CE - loss_dense)
 
@@ -119,6 +119,18 @@ def lever_flags(lever: dict[str, Any], with_ce: bool) -> list[str]:
     ]  # fmt: skip
 
 
+def reference_training_flags(reference: dict[str, Any]) -> list[str]:
+    """The rate and schedule that trained a seed's reference rows (its ``settings``), as ``scripts/distill_lm.py``
+    flags: the lever trains as its CE and dense rows did, whatever the recipe says now. Files written before the
+    schedule was recorded (2026-12-07) were all trained at a rate held after 5 warm-up steps."""
+    settings = reference["settings"]
+    return [
+        "--learning_rate", str(settings["learning_rate"]),
+        "--lr_scheduler_type", settings.get("lr_scheduler_type", "constant_with_warmup"),
+        "--warmup_steps", str(settings.get("warmup_steps", 5)),
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -165,7 +177,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(
                 f"bench_rskd_levers: seed {seed} is not in {args.reference}; run bench_lm.py --seeds {seed}"
             )
-        summary = run_seed(seed, args.runs_dir / name, [*lever_flags(lever, seed in args.with_ce), *extra])
+        flags = [
+            *lever_flags(lever, seed in args.with_ce),
+            *reference_training_flags(reference[str(seed)]),
+            *extra,
+        ]
+        summary = run_seed(seed, args.runs_dir / name, flags)
         # read again before writing: another lever's run may have written since this one started
         records = json.loads(args.out.read_text()) if args.out.is_file() else {"levers": {}, "runs": {}}
         records["levers"].setdefault(name, {})[str(seed)] = shares(reference[str(seed)], summary)

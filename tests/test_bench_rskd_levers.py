@@ -22,7 +22,12 @@ REFERENCE = {"rows": [_row("teacher", None, 2.0), _row("layers", None, 5.0), _ro
 
 def test_the_share_is_taken_against_the_reference_twin_and_dense_run():
     bench = _bench()
-    run = {"rows": [_row("teacher", None, 2.0), _row("layers", "sampled", 4.08, ece=0.02, cache_bytes_per_token=39.5)]}
+    run = {
+        "rows": [
+            _row("teacher", None, 2.0),
+            _row("layers", "sampled", 4.08, ece=0.02, cache_bytes_per_token=39.5),
+        ]
+    }
     out = bench.shares(REFERENCE, run)
     assert out["validation"]["share_of_dense_gain"] == pytest.approx(0.92)
     assert out["validation"]["gain"] == pytest.approx(0.92)
@@ -52,7 +57,10 @@ def test_the_table_gives_median_and_range_over_seeds_per_lever():
     assert bench.lever_name(4, 8, 1.0) == "head4_n8" and bench.lever_name(0, 12, 1.5) == "head0_n12_tau1.5"
     assert bench.lever_name(3, 13, 1.0, counts=False, scheme="systematic") == "head3_n13_draws_systematic"
     assert bench.lever_name(3, 15, 1.0, counts=False, head_quantized=True) == "head3q8_n15_draws"
-    assert bench.lever_name(3, 14, 1.0, False, "systematic", True, "adaptive") == "head3q8_n14_draws_systematic_adaptive"
+    assert (
+        bench.lever_name(3, 14, 1.0, False, "systematic", True, "adaptive")
+        == "head3q8_n14_draws_systematic_adaptive"
+    )
     seeds = {
         str(s): {"cache_bytes_per_token": 39.0, "validation": {"share_of_dense_gain": x, "ece": 0.01},
                  "ood": {"share_of_dense_gain": x - 0.1}}
@@ -62,3 +70,20 @@ def test_the_table_gives_median_and_range_over_seeds_per_lever():
     # one decimal: a share of 89.8% is not printed as a 90% that meets the goal
     row = "| head4_n8 | 42, 43, 44 | 39.0 (39.0-39.0) | 91.0% (89.8%-95.0%) | 81.0% (79.8%-85.0%) | 0.010 (0.010-0.010) |"
     assert row in table
+
+
+def test_a_lever_trains_at_the_rate_and_schedule_of_its_reference_rows():
+    """Not the recipe's current ones: a held-rate reference (its file written before the schedule was recorded)
+    gives a held-rate lever, a decayed one a decayed lever."""
+    from hf_distill.language_modeling import LMRecipeParser
+
+    bench = _bench()
+    old = {"settings": {"learning_rate": 2e-4}}
+    new = {"settings": {"learning_rate": 8e-4, "lr_scheduler_type": "linear", "warmup_steps": 3}}
+    for reference, expected in ((old, (2e-4, "constant_with_warmup", 5)), (new, (8e-4, "linear", 3))):
+        flags = bench.reference_training_flags(reference)
+        parsed = LMRecipeParser().parse_recipe_and_args(
+            ["--config", str(bench.ROOT / "recipes/offline/smollm2.yaml"), "--output_dir", "unused", *flags]
+        )
+        args = next(part for part in parsed if hasattr(part, "lr_scheduler_type"))
+        assert (args.learning_rate, args.lr_scheduler_type, args.warmup_steps) == expected

@@ -115,6 +115,17 @@ def finished_run(tmp_path_factory):
     return tmp, teacher, data, summary
 
 
+def test_results_record_the_rate_and_its_schedule(finished_run):
+    """What trained the rows, so that a later run set against them (benchmarks/bench_rskd_levers.py) trains alike."""
+    tmp, _, _, _ = finished_run
+    settings = json.loads((tmp / "out" / "results.json").read_text())["settings"]
+    assert (settings["learning_rate"], settings["lr_scheduler_type"], settings["warmup_steps"]) == (
+        1e-2,
+        "linear",
+        5,
+    )
+
+
 def test_results_hold_perplexities_of_teacher_and_every_student(finished_run):
     tmp, _, _, summary = finished_run
     saved = json.loads((tmp / "out" / "results.json").read_text())

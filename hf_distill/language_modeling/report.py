@@ -92,12 +92,14 @@ def summary(
 def _training_settings(args: DistillationConfig) -> dict[str, Any]:
     keys = (
         "learning_rate",
+        "warmup_steps",
         "per_device_train_batch_size",
         "gradient_accumulation_steps",
         "max_steps",
         "seed",
     )
-    return {k: getattr(args, k) for k in keys} | {"num_train_epochs": args.num_train_epochs}
+    schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)  # a SchedulerType or its name
+    return {k: getattr(args, k) for k in keys} | {"num_train_epochs": args.num_train_epochs, "lr_scheduler_type": schedule}  # fmt: skip
 
 
 def write_summary(summary: dict[str, Any], output_dir: str | Path) -> None:
