@@ -37,19 +37,24 @@ import heapq
 import json
 import math
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rskd_variance import RECIPE, ROOT, target_error  # noqa: E402
+from bench_rskd_variance import (  # noqa: E402
+    RECIPE,
+    ROOT,
+    allocate_by_block,
+    count_variance,
+    recipe_teacher,
+    target_error,
+)
 
 import hf_distill.vocab_losses as vocab_losses  # noqa: E402
-from hf_distill.vocab_losses import allocate_draws  # noqa: E402
 
-HEAD, DRAWS, BLOCK = 3, 29, 256
+HEAD, DRAWS = 3, 29
 # the default cache's measured rates (format 8, README "RS-KD levers"), bits
 HEAD_ID_BITS, HEAD_PROB_BITS, DRAW_BITS, COUNT_BITS, HEAD_SIZE_BITS = 9.4, 8.0, 8.8, 8.0, 4.0
 
@@ -148,11 +153,20 @@ def plan_bytes(k: torch.Tensor, n: torch.Tensor) -> float:
     return (bits / 8).mean().item()
 
 
+def layout_bytes(draws: int) -> float:
+    """Bytes per token of the default's layout (``HEAD`` exact tokens, ``draws`` a token) at the module's bit rates."""
+    return (COUNT_BITS + HEAD * (HEAD_ID_BITS + HEAD_PROB_BITS) + draws * DRAW_BITS) / 8
+
+
 def target_error_of_tail(tail: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """The systematic error of sampling ``tail`` ``(N, V)`` (the rest stored exactly) with ``draws`` ``(N,)``."""
     mass = tail.sum(-1)
-    f = torch.frac(draws[:, None].double() * tail / mass.clamp_min(1e-300)[:, None])
-    return mass**2 * (f * (1.0 - f)).sum(-1) / draws.double() ** 2
+    draws = draws[:, None].double()
+    return (
+        mass**2
+        * count_variance(tail / mass.clamp_min(1e-300)[:, None], draws, "systematic")
+        / draws[:, 0] ** 2
+    )
 
 
 def head_error(probs: torch.Tensor, k: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -214,29 +228,13 @@ def sparse_target(logits: torch.Tensor, order: torch.Tensor | None, seed: int) -
 def teacher_blocks(blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """The default teacher's logits ``(L, V)`` and next-token labels ``(L,)`` on the recipe's first ``blocks``
     training blocks (each block's last position, which has no label, dropped), and its output embeddings."""
-    from hf_distill.language_modeling import LMRecipeParser
-    from hf_distill.language_modeling.data import load_corpus, pack
-    from hf_distill.language_modeling.teacher import load_teacher
-
-    with tempfile.TemporaryDirectory() as tmp:
-        script = LMRecipeParser().parse_recipe_and_args(["--config", str(RECIPE), "--output_dir", tmp])[0]
-    script.ood_dataset_name = None
-    teacher = load_teacher(script)
-    splits, _ = load_corpus(script)
-    rows = pack(splits["train"], teacher.tokenizer, script.block_size, max_blocks=blocks)
+    teacher, rows, _ = recipe_teacher(blocks)  # the recipe's T is 1: the logits are its distribution's
     logits, labels = [], []
     with torch.no_grad():
-        for row in rows["input_ids"]:
+        for row in rows:
             logits.append(teacher.model(input_ids=torch.tensor([row])).logits[0, :-1].float())
             labels.append(torch.tensor(row[1:]))
     return logits, labels, teacher.model.get_output_embeddings().weight.detach().float()
-
-
-def neyman(tail: torch.Tensor, draws: int, block: int) -> torch.Tensor:
-    """The shipped allocation, every ``block`` rows sharing ``draws`` a row."""
-    return torch.cat(
-        [allocate_draws(tail[i : i + block].float(), draws) for i in range(0, tail.shape[0], block)]
-    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -259,11 +257,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append({"lever": name, "bytes_per_token": round(bytes_per_token, 2),
                      "mean_squared_error": error.mean().item(), **extra})  # fmt: skip
 
-    default_bytes = (COUNT_BITS + HEAD * (HEAD_ID_BITS + HEAD_PROB_BITS) + DRAWS * DRAW_BITS) / 8
+    default_bytes = layout_bytes(DRAWS)
     for draws in (DRAWS, 46):
-        error = target_error(probs, HEAD, neyman(tail, draws, block), "systematic", False)
-        name = "default" if draws == DRAWS else "46 draws"
-        row(name, (COUNT_BITS + HEAD * (HEAD_ID_BITS + HEAD_PROB_BITS) + draws * DRAW_BITS) / 8, error)
+        error = target_error(probs, HEAD, allocate_by_block(tail, draws, block), "systematic", False)
+        row("default" if draws == DRAWS else "46 draws", layout_bytes(draws), error)
     errors = systematic_errors(tail, 160)
     greedy = torch.cat([greedy_allocation(errors[i : i + block], DRAWS * min(block, errors.shape[0] - i))
                         for i in range(0, errors.shape[0], block)])  # fmt: skip
@@ -275,13 +272,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     row("head per token", plan_bytes(k, n), head_error(probs, k, n),
         mean_head=k.double().mean().item(), mean_draws=n.double().mean().item())  # fmt: skip
     labelled = tail.scatter(-1, label[:, None], 0.0)
-    row("label exact", default_bytes, target_error_of_tail(labelled, neyman(labelled, DRAWS - 1, block)),
+    row("label exact", default_bytes, target_error_of_tail(labelled, allocate_by_block(labelled, DRAWS - 1, block)),
         label_in_head=(head_ids == label[:, None]).any(-1).double().mean().item())  # fmt: skip
     order = embedding_order(weight)
     for name, permutation in (("default", None), ("CDF by embedding", order)):
         squared, hidden = 0.0, 0.0
         for b, block_logits in enumerate(logits):
-            p = torch.softmax(block_logits.double(), -1)
+            p = probs[b * block : (b + 1) * block]
             for r in range(args.repeats):
                 difference = sparse_target(block_logits, permutation, seed=1000 * b + r) - p
                 squared += (difference**2).sum().item()

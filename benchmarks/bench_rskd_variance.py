@@ -90,11 +90,25 @@ def coded_bytes(probs: torch.Tensor, head: int, draws: int, scheme: str, quantiz
     return (1 if quantized else 2) * head + 1 + code / probs.shape[0]
 
 
+def allocate_by_block(tail: torch.Tensor, draws: int, block: int) -> torch.Tensor:
+    """Each row's ``n_t`` for sampling ``tail`` ``(N, V)`` (what is left to sample) under ``sample_allocation:
+    adaptive``, every ``block`` rows sharing ``n`` a row, ``(N,)``."""
+    return torch.cat([allocate_draws(tail[i : i + block].float(), draws) for i in range(0, tail.shape[0], block)])
+
+
 def allocated_draws(probs: torch.Tensor, head: int, draws: int, block: int) -> torch.Tensor:
     """Each row's ``n_t`` under ``sample_allocation: adaptive``, every ``block`` rows sharing ``n`` a row, ``(N,)``."""
     top_ids = probs.topk(head, dim=-1).indices
-    tail = probs.float().scatter(-1, top_ids, 0.0)
-    return torch.cat([allocate_draws(tail[i : i + block], draws) for i in range(0, probs.shape[0], block)])
+    return allocate_by_block(probs.float().scatter(-1, top_ids, 0.0), draws, block)
+
+
+def count_variance(q: torch.Tensor, draws: torch.Tensor, scheme: str) -> torch.Tensor:
+    """``sum_j Var(c_j)`` of ``n`` draws from each row's shape ``q`` ``(N, V)`` (``draws``: ``n`` per row, ``(N, 1)``
+    float64): ``n q_j (1 - q_j)`` for iid draws, ``f_j (1 - f_j)`` with ``f_j = frac(n q_j)`` for systematic ones."""
+    if scheme == "iid":
+        return (draws * q * (1.0 - q)).sum(-1)
+    f = torch.frac(draws * q)
+    return (f * (1.0 - f)).sum(-1)
 
 
 def target_error(
@@ -108,12 +122,7 @@ def target_error(
     m = (1.0 - top.sum(-1)).clamp_min(0.0)
     q = tail / m.clamp_min(1e-300)[:, None]
     draws = torch.as_tensor(draws, dtype=torch.float64).reshape(-1, 1)
-    if scheme == "iid":
-        count_variance = (draws * q * (1.0 - q)).sum(-1)
-    else:
-        f = torch.frac(draws * q)
-        count_variance = (f * (1.0 - f)).sum(-1)
-    tail_error = count_variance / draws[:, 0] ** 2
+    tail_error = count_variance(q, draws, scheme) / draws[:, 0] ** 2
     error = m**2 * tail_error
     if quantized and head:
         f = torch.frac(255.0 * top)
@@ -123,8 +132,9 @@ def target_error(
     return error
 
 
-def teacher_probs(blocks: int) -> torch.Tensor:
-    """The offline default teacher's next-token distributions on the recipe's first ``blocks`` training blocks."""
+def recipe_teacher(blocks: int) -> tuple[Any, list[list[int]], float]:
+    """The offline default's teacher, the input ids of the recipe's first ``blocks`` training blocks, and its
+    training T."""
     from hf_distill.language_modeling import LMRecipeParser
     from hf_distill.language_modeling.data import load_corpus, pack
     from hf_distill.language_modeling.teacher import load_teacher
@@ -135,11 +145,17 @@ def teacher_probs(blocks: int) -> torch.Tensor:
     teacher = load_teacher(script)
     splits, _ = load_corpus(script)
     rows = pack(splits["train"], teacher.tokenizer, script.block_size, max_blocks=blocks)
+    return teacher, rows["input_ids"], args.temperature
+
+
+def teacher_probs(blocks: int) -> torch.Tensor:
+    """The offline default teacher's next-token distributions on the recipe's first ``blocks`` training blocks."""
+    teacher, rows, temperature = recipe_teacher(blocks)
     out = []
     with torch.no_grad():
-        for row in rows["input_ids"]:
+        for row in rows:
             logits = teacher.model(input_ids=torch.tensor([row])).logits[0].float()
-            out.append(torch.softmax(logits / args.temperature, dim=-1))  # the draws' T is the training T
+            out.append(torch.softmax(logits / temperature, dim=-1))  # the draws' T is the training T
     return torch.cat(out)
 
 
